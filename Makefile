@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench checkpoints clean
+
+# The venv is (re)installed when setup.cfg changes; otherwise `make test` starts testing at once.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the local CPU build (an unpinned torch pulls several GB of CUDA wheels).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[render,models,test,bench]'
+	# gTTS pins click<8.2, which clashes with huggingface-hub; the library itself works with newer click.
+	$(PY) -m pip install -q --no-deps gTTS==2.5.4
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dhbatch build manifests/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+checkpoints: $(STAMP)
+	$(PY) -m renderer.checkpoints --dest checkpoints
+
+clean:
+	rm -rf build

@@ -1,0 +1,191 @@
+"""Content-addressed step cache under build/cache/: atomic entries, a record written last, a lock per key.
+
+Layout: steps/<stage>/<key[:2]>/<key>/ holds a step's outputs and `step.json`. An entry is a hit only when its record
+parses, names its key, and every listed output exists with the recorded size: a half-written or corrupt entry is a
+warning and a miss, never a hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from batch.hashing import FileHasher, canonical_json
+
+logger = logging.getLogger(__name__)
+
+RECORD = "step.json"
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.steps = root / "steps"
+        self.tmp = root / "tmp"
+        self.locks = root / "locks"
+        self.hasher = FileHasher(root / "hashes.json")
+        self._hits: dict[str, dict[str, Any]] = {}
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.steps / stage / key[:2] / key
+
+    def output(self, stage: str, key: str, name: str) -> Path:
+        return self.entry(stage, key) / name
+
+    def record(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The step's record if the entry is complete and sound, else None (corrupt entries warn)."""
+        if key in self._hits:
+            return self._hits[key]
+        folder = self.entry(stage, key)
+        try:
+            raw = (folder / RECORD).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.warning("cache entry %s unreadable (%s): rebuilding it", folder, exc)
+            return None
+        try:
+            rec = json.loads(raw)
+            outputs = rec["outputs"]
+            ok = rec["key"] == key and all((folder / n).stat().st_size == size for n, size in outputs.items())
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            logger.warning("cache entry %s is corrupt (%s): rebuilding it", folder, exc.__class__.__name__)
+            return None
+        if not ok:
+            logger.warning("cache entry %s is incomplete or does not match its record: rebuilding it", folder)
+            return None
+        self._hits[key] = rec
+        return rec
+
+    def is_cached(self, stage: str, key: str) -> bool:
+        return self.record(stage, key) is not None
+
+    def forget(self, key: str) -> None:
+        self._hits.pop(key, None)
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def new_tmp(self, key: str) -> Path:
+        """An empty private folder for a step to write into (named with our pid, so stale ones can be swept)."""
+        folder = self.tmp / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def commit(self, stage: str, key: str, tmp: Path, outputs: tuple[str, ...], optional: tuple[str, ...],
+               record: Mapping[str, Any]) -> dict[str, Any]:
+        """Move a finished tmp folder into place, then write the record last (that marks the entry complete)."""
+        sizes = {}
+        for name in outputs:
+            p = tmp / name
+            if not p.is_file() or p.stat().st_size == 0:
+                raise FileNotFoundError(f"stage {stage} did not write {name}")
+            sizes[name] = p.stat().st_size
+        for name in optional:
+            if (tmp / name).is_file():
+                sizes[name] = (tmp / name).stat().st_size
+        final = self.entry(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a stale, incomplete entry (no valid record): replace it
+            stale = final.with_name(f"{final.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        for p in tmp.iterdir():
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        rec = {**record, "key": key, "stage": stage, "outputs": sizes}
+        write_atomic(final / RECORD, canonical_json(rec).encode("utf-8"))
+        self._hits[key] = rec
+        return rec
+
+    @contextlib.contextmanager
+    def locked(self, keys: list[str]) -> Iterator[None]:
+        """Hold the lock of every key (sorted, so two processes never deadlock). The OS drops a dead process's
+        locks (flock), so a killed run never blocks the next one."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        held: list[FileLock] = []
+        try:
+            for key in sorted(set(keys)):
+                lock = FileLock(str(self.locks / f"{key}.lock"))
+                lock.acquire()
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+
+    def sweep_tmp(self) -> int:
+        """Remove temporary folders left by processes that no longer run."""
+        removed = 0
+        if not self.tmp.is_dir():
+            return 0
+        for folder in self.tmp.iterdir():
+            parts = folder.name.split(".")
+            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            if pid == os.getpid():
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def entries(self) -> Iterator[tuple[str, str, Path]]:
+        """Every (stage, key, folder) in the cache."""
+        if not self.steps.is_dir():
+            return
+        for stage_dir in sorted(self.steps.iterdir()):
+            for shard in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+                for folder in sorted(p for p in shard.iterdir() if p.is_dir()):
+                    yield stage_dir.name, folder.name, folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, os.replace: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(src: Path, dest: Path) -> None:
+    """Place a finished output at its public path atomically (a copy: editing it can never touch the cache)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,207 @@
+"""Command line: `dhbatch plan|build|gc|validate`. The only place that prints and exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from batch import __version__
+from batch.cache import Cache
+from batch.errors import DHBatchError, ManifestError, UsageError
+from batch.manifest import Manifest, display_path, load_manifest
+from batch.plan import Plan, Planner, select_videos
+from batch.stages import ORDER
+
+logger = logging.getLogger("batch")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def project_root(manifest: Path) -> Path:
+    """The folder holding build/ and checkpoints/: the nearest ancestor of the manifest with .git, else its folder."""
+    start = manifest.resolve().parent
+    for folder in (start, *start.parents):
+        if (folder / ".git").exists() or (folder / "checkpoints").is_dir():
+            return folder
+    return start
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dhbatch", description="Turn YAML manifests into talking-head videos, rebuilding only what changed.")
+    p.add_argument("--version", action="version", version=f"dhbatch {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, many: bool = False) -> None:
+        if many:
+            sp.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
+        else:
+            sp.add_argument("manifest", type=Path, metavar="MANIFEST")
+        sp.add_argument("--build-dir", type=Path, help="outputs and cache (default: build/ beside the project's checkpoints/ or .git)")
+        sp.add_argument("--checkpoints", type=Path, help="weights folder (default: checkpoints/ in the project root)")
+
+    def selection(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--only", nargs="+", default=[], metavar="ID", help="only these video ids")
+        sp.add_argument("--force", nargs="?", const="all", action="append", default=[], metavar="STAGE",
+                        help=f"rebuild even if cached: every step, or one stage ({', '.join(ORDER)})")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("plan", help="show what a build would do and why (exit 0: up to date, 1: something to build)")
+    common(sp)
+    selection(sp)
+
+    sp = sub.add_parser("build", help="build the videos whose inputs changed")
+    common(sp)
+    selection(sp)
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+    sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
+    sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
+
+    sp = sub.add_parser("gc", help="remove cache entries that none of the given manifests reaches")
+    common(sp, many=True)
+    sp.add_argument("--yes", action="store_true", help="delete (without it, only show)")
+
+    sp = sub.add_parser("validate", help="check a manifest and exit")
+    common(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate}[args.command](args)
+    except ManifestError as exc:
+        print(f"error: invalid manifest ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except DHBatchError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Path, Path, Cache]:
+    manifest = load_manifest(manifest_path)
+    root = project_root(manifest_path)
+    build_dir = (args.build_dir or root / "build").resolve()
+    checkpoints = (args.checkpoints or root / "checkpoints").resolve()
+    return manifest, build_dir, checkpoints, Cache(build_dir / "cache")
+
+
+def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
+    for f in args.force:
+        if f not in (*ORDER, "all"):
+            raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
+    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
+    planner = Planner(manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher,
+                      is_cached=cache.is_cached, force=args.force)
+    return planner.plan(select_videos(manifest, args.only)), cache, checkpoints
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    print(f"{display_path(manifest.path)}: ok — {len(manifest.characters)} characters, {len(manifest.scripts)} scripts, {len(manifest.videos)} videos")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan, _, _ = _plan(args)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print_plan(plan)
+    return EXIT_FAILED if plan.stale else EXIT_OK
+
+
+def print_plan(plan: Plan) -> None:
+    runs = sum(not d.cached for v in plan.videos for d in v.decisions)
+    for v in plan.videos:
+        mark = "stale" if v.stale else "up to date"
+        print(f"{v.video.id} ({v.renderer}): {mark}")
+        for d in v.decisions:
+            print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
+    print(f"{len(plan.videos)} videos, {runs} steps to run" if runs else f"{len(plan.videos)} videos, all cached")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from batch.report import write_report, write_state
+    from batch.run import Runner
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    plan, cache, checkpoints = _plan(args)
+    if not args.quiet and not args.json:
+        for v in plan.videos:
+            for d in v.decisions:
+                if not d.cached:
+                    logger.info("%s: %s will run (%s)", v.video.id, d.stage, d.reason)
+    runner = Runner(plan, cache, checkpoints=checkpoints, device=args.device, fail_fast=args.fail_fast,
+                    jobs=args.jobs, force=args.force, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        result = runner.run()
+    finally:
+        write_state(plan, cache.is_cached)
+        cache.hasher.save()
+    report = write_report(plan, result)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    elif not args.quiet:
+        for v in result.videos:
+            ran = [s.stage for s in v.steps if not s.cached and s.error is None]
+            detail = f"ran {', '.join(ran)}" if ran else "all steps cached"
+            if v.status in ("failed", "skipped"):
+                print(f"FAILED  {v.id}: {v.error}")
+            else:
+                print(f"{v.status:<7} {v.id}: {display_path(Path(v.output))} ({detail}, renderer {v.renderer})")
+        ok = sum(v.status in ("built", "cached") for v in result.videos)
+        print(f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s — report: {display_path(report.with_suffix('.html'))}")
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    reachable: set[str] = set()
+    caches: dict[Path, Cache] = {}
+    for path in args.manifests:
+        manifest, build_dir, checkpoints, cache = _setup(args, path)
+        caches.setdefault(cache.root, cache)
+        planner = Planner(manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher, is_cached=cache.is_cached)
+        plan = planner.plan(manifest.videos)
+        reachable |= {s.key for v in plan.videos for s in v.steps}
+    doomed = [(stage, key, folder) for cache in caches.values() for stage, key, folder in cache.entries() if key not in reachable]
+    size = sum(f.stat().st_size for _, _, folder in doomed for f in folder.rglob("*") if f.is_file())
+    for stage, key, _ in doomed:
+        print(f"{'remove' if args.yes else 'would remove'} {stage} {key[:12]}")
+    if args.yes:
+        for _, _, folder in doomed:
+            shutil.rmtree(folder, ignore_errors=True)
+        for cache in caches.values():
+            cache.sweep_tmp()
+    verb = "removed" if args.yes else "unreachable"
+    print(f"{len(doomed)} cache entries {verb} ({size / 1e6:.1f} MB)" + ("" if args.yes or not doomed else "; run again with --yes to delete"))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Content hashes: canonical-JSON step keys and file digests memoised on (inode, size, mtime_ns)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Version of the key derivation itself; bump it when the fingerprint layout changes.
+KEY_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def step_key(stage: str, fingerprint: dict[str, Any]) -> str:
+    """sha256 over canonical JSON of the key format, the stage name and its fingerprint."""
+    payload = {"format": KEY_FORMAT, "stage": stage, **fingerprint}
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class FileHasher:
+    """sha256 of files, each read once: digests are remembered by (inode, size, mtime_ns) in a JSON memo."""
+
+    def __init__(self, memo_path: Path | None) -> None:
+        self.memo_path = memo_path
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._memo: dict[str, list] = {}
+        if memo_path is not None and memo_path.is_file():
+            try:
+                loaded = json.loads(memo_path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self._memo = loaded
+            except (OSError, ValueError) as exc:
+                logger.warning("ignoring unreadable hash memo %s (%s)", memo_path, exc)
+
+    def digest(self, path: Path) -> str:
+        st = path.stat()
+        ident = [st.st_ino, st.st_size, st.st_mtime_ns]
+        name = str(path.resolve())
+        with self._lock:
+            hit = self._memo.get(name)
+            if hit is not None and hit[:3] == ident:
+                return hit[3]
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self._memo[name] = [*ident, digest]
+            self._dirty = True
+        return digest
+
+    def folder_digest(self, folder: Path, patterns: tuple[str, ...] = ("*",)) -> str:
+        """One digest for a folder of weights: names and digests of its files, recursively."""
+        files = sorted({p for pat in patterns for p in folder.rglob(pat) if p.is_file()})
+        parts = [[str(p.relative_to(folder)), self.digest(p)] for p in files]
+        return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
+
+    def save(self) -> None:
+        """Write the memo atomically (a lost race just costs a re-hash later)."""
+        if self.memo_path is None or not self._dirty:
+            return
+        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(canonical_json(self._memo), encoding="utf-8")
+        os.replace(tmp, self.memo_path)
+        self._dirty = False

@@ -1,0 +1,369 @@
+"""Manifest format version 1: load, validate (all problems at once, located), resolve into frozen data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+
+from batch.errors import ManifestError, Problem
+from batch.templates import TemplateError, compile_template
+from batch.yamlfile import Located, dotted, load_yaml
+
+SECTIONS = ("llm", "image", "voice", "video")
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The JSON schema that ships inside the package."""
+    return json.loads(resources.files("batch").joinpath("schema/manifest.schema.json").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema())
+    return cls(schema())
+
+
+@functools.lru_cache(maxsize=1)
+def section_defaults() -> Mapping[str, Mapping[str, Any]]:
+    """Defaults of every settings section, read from the schema (the one place they are written)."""
+    defs = schema()["$defs"]
+    return MappingProxyType(
+        {s: MappingProxyType({k: v.get("default") for k, v in defs[s]["properties"].items()}) for s in SECTIONS}
+    )
+
+
+def freeze(value: Any) -> Any:
+    """Deep read-only copy of plain data (dict → MappingProxyType, list → tuple)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Inverse of freeze, for JSON output."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Character:
+    id: str
+    name: str
+    description: str | None
+    image: Path | None
+    seed: int
+    #: Per-section overrides (voice included), merged over the manifest's defaults.
+    overrides: Mapping[str, Mapping[str, Any]]
+    location: Location
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    id: str
+    #: Jinja source of the text (from `text` or `text_file`), None for an audio script.
+    text: str | None
+    text_file: Path | None
+    audio: Path | None
+    vars: Mapping[str, Any]
+    location: Location
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    id: str
+    character: str
+    script: str
+    overrides: Mapping[str, Mapping[str, Any]]
+    location: Location
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    path: Path
+    #: Name of the output folder: build/<name>/.
+    name: str
+    root: Path
+    defaults: Mapping[str, Mapping[str, Any]]
+    vars: Mapping[str, Any]
+    characters: Mapping[str, Character]
+    scripts: Mapping[str, Script]
+    videos: tuple[Video, ...]
+    #: The manifest and every file it includes, for hashing and messages.
+    files: tuple[Path, ...]
+
+    def settings(self, video: Video) -> Mapping[str, Mapping[str, Any]]:
+        """Resolved settings of every section for a video: schema defaults ← defaults ← character ← video."""
+        character = self.characters[video.character]
+        out = {}
+        for section in SECTIONS:
+            merged = dict(section_defaults()[section])
+            for layer in (self.defaults, character.overrides, video.overrides):
+                merged.update(layer.get(section, {}))
+            out[section] = MappingProxyType(merged)
+        return MappingProxyType(out)
+
+
+def display_path(path: Path) -> str:
+    """How a path is shown in messages: relative to the current folder when below it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, doc: Located, path: tuple, message: str) -> None:
+        self.problems.append(doc.problem(path, message))
+
+
+def _inside(root: Path, candidate: Path) -> bool:
+    try:
+        candidate.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_path(root: Path, base: Path, rel: str) -> Path:
+    """`rel` resolved against `base`, symlinks followed; ValueError when it leaves `root`."""
+    p = Path(rel)
+    if p.is_absolute():
+        raise ValueError("absolute paths are not allowed; give a path relative to the manifest's folder")
+    full = (base / p).resolve()
+    if not _inside(root, full):
+        raise ValueError(f"{rel!r} points outside the manifest's folder {display_path(root)}")
+    return full
+
+
+def load_manifest(path: Path | str) -> Manifest:
+    """Load and validate a manifest and its includes; raise ManifestError listing every problem found."""
+    path = Path(path)
+    display = display_path(path)
+    if not path.is_file():
+        raise ManifestError([Problem(display, 0, 0, "", "no such manifest file")], "check the path")
+    top = path.resolve()
+    root = top.parent
+    problems = _Collector()
+    docs: list[tuple[Located, Path]] = []
+    _load_tree(top, root, display, problems, docs, stack=())
+    if problems.problems:
+        raise ManifestError(problems.problems)
+    return _assemble(top, root, docs, problems)
+
+
+def _load_tree(
+    file: Path, root: Path, display: str, problems: _Collector, docs: list, stack: tuple[Path, ...]
+) -> None:
+    doc = load_yaml(file, display)
+    if not isinstance(doc.data, dict):
+        raise ManifestError([Problem(display, 1, 1, "", "a manifest is a mapping that starts with `version: 1`")])
+    errors = sorted(_validator().iter_errors(doc.data), key=lambda e: (doc.where(tuple(e.absolute_path)), e.message))
+    for err in errors:
+        problems.add(doc, tuple(err.absolute_path), _schema_message(err))
+    if errors:
+        return
+    docs.append((doc, file))
+    for i, rel in enumerate(doc.data.get("include", [])):
+        try:
+            inc = resolve_path(root, file.parent, rel)
+        except ValueError as exc:
+            problems.add(doc, ("include", i), str(exc))
+            continue
+        if inc in stack or inc == file:
+            chain = " → ".join(display_path(p) for p in (*stack, file, inc))
+            problems.add(doc, ("include", i), f"include cycle: {chain}")
+            continue
+        if not inc.is_file():
+            problems.add(doc, ("include", i), f"included file {rel!r} does not exist")
+            continue
+        try:
+            _load_tree(inc, root, display_path(inc), problems, docs, (*stack, file))
+        except ManifestError as exc:
+            problems.problems.extend(exc.problems)
+
+
+def _schema_message(err: jsonschema.ValidationError) -> str:
+    """Shorter, user-facing messages for the common schema failures."""
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        allowed = ", ".join(sorted(err.schema.get("properties", {})))
+        return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} (allowed: {allowed})"
+    if err.validator == "const" and err.absolute_path and list(err.absolute_path) == ["version"]:
+        return f"unsupported manifest version {err.instance!r}; this tool reads version 1"
+    if err.validator == "oneOf" and isinstance(err.instance, dict) and {"text", "text_file", "audio"} & set(
+        err.schema.get("properties", {})
+    ):
+        given = [k for k in ("text", "text_file", "audio") if k in err.instance]
+        return f"a script needs exactly one of text, text_file or audio (given: {', '.join(given) or 'none'})"
+    if err.validator == "anyOf" and "description" in err.schema.get("properties", {}):
+        return "a character needs a description (to draw it) or an image (a portrait file)"
+    if err.validator == "propertyNames":
+        return f"{err.instance!r} is not a valid id: use letters, digits, '-', '_' and '.', at most 64 characters"
+    if err.validator == "pattern" and err.schema.get("pattern", "").startswith("^[A-Za-z0-9]"):
+        return f"{err.instance!r} is not a valid id: use letters, digits, '-', '_' and '.', at most 64 characters"
+    return err.message
+
+
+def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems: _Collector) -> Manifest:
+    # docs[0] is the top manifest; includes follow in depth-first order. The top file wins for defaults and vars.
+    defaults: dict[str, dict[str, Any]] = {}
+    variables: dict[str, Any] = {}
+    for doc, _ in reversed(docs):
+        for section, values in doc.data.get("defaults", {}).items():
+            defaults.setdefault(section, {}).update(values)
+        variables.update(doc.data.get("vars", {}))
+
+    characters: dict[str, Character] = {}
+    char_where: dict[str, Location] = {}
+    scripts: dict[str, Script] = {}
+    script_where: dict[str, Location] = {}
+    for doc, file in docs:
+        for cid, c in doc.data.get("characters", {}).items():
+            loc = _loc(doc, ("characters", cid))
+            if cid in characters:
+                problems.add(doc, ("characters", cid), f"character {cid!r} is already defined at {char_where[cid]}")
+                continue
+            image = _file(doc, root, file, ("characters", cid, "image"), c.get("image"), problems)
+            overrides = copy.deepcopy(c.get("overrides", {}))
+            if "voice" in c:
+                overrides["voice"] = {**overrides.get("voice", {}), **c["voice"]}
+            characters[cid] = Character(
+                cid, c.get("name", cid), c.get("description"), image, int(c.get("seed", 0)), freeze(overrides), loc
+            )
+            char_where[cid] = loc
+        for sid, s in doc.data.get("scripts", {}).items():
+            loc = _loc(doc, ("scripts", sid))
+            if sid in scripts:
+                problems.add(doc, ("scripts", sid), f"script {sid!r} is already defined at {script_where[sid]}")
+                continue
+            text = s.get("text")
+            text_file = _file(doc, root, file, ("scripts", sid, "text_file"), s.get("text_file"), problems)
+            if text_file is not None:
+                try:
+                    text = text_file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.add(doc, ("scripts", sid, "text_file"), f"cannot read the text file: {exc}")
+            audio = _file(doc, root, file, ("scripts", sid, "audio"), s.get("audio"), problems)
+            if text is not None:
+                field = "text_file" if text_file else "text"
+                try:
+                    compile_template(text, f"scripts.{sid}.{field}")
+                except TemplateError as exc:
+                    problems.add(doc, ("scripts", sid, field), exc.message.split(": ", 1)[1])
+            scripts[sid] = Script(sid, text, text_file, audio, freeze(s.get("vars", {})), loc)
+            script_where[sid] = loc
+
+    videos: list[Video] = []
+    seen: dict[str, Location] = {}
+
+    def add_video(doc: Located, path: tuple, vid: str, char: str, script: str, overrides: Any) -> None:
+        loc = _loc(doc, path)
+        ok = True
+        if char not in characters:
+            problems.add(doc, (*path, "character"), f"unknown character {char!r} (known: {_known(characters)})")
+            ok = False
+        if script not in scripts:
+            problems.add(doc, (*path, "script"), f"unknown script {script!r} (known: {_known(scripts)})")
+            ok = False
+        if vid in seen:
+            problems.add(doc, (*path, "id") if path[0] == "videos" else path, f"duplicate video id {vid!r} (first at {seen[vid]})")
+            ok = False
+        if ok:
+            seen[vid] = loc
+            videos.append(Video(vid, char, script, freeze(overrides or {}), loc))
+
+    for doc, _ in docs:
+        for i, v in enumerate(doc.data.get("videos", [])):
+            add_video(doc, ("videos", i), v["id"], v["character"], v["script"], v.get("overrides"))
+        matrices = doc.data.get("matrix", [])
+        for j, m in enumerate(matrices if isinstance(matrices, list) else [matrices]):
+            mpath = ("matrix", j) if isinstance(matrices, list) else ("matrix",)
+            chars = list(characters) if m["characters"] == "all" else m["characters"]
+            scrs = list(scripts) if m["scripts"] == "all" else m["scripts"]
+            pattern = m.get("id", "{character}-{script}")
+            for c in chars:
+                for s in scrs:
+                    vid = pattern.replace("{character}", c).replace("{script}", s)
+                    add_video(doc, mpath, vid, c, s, m.get("overrides"))
+    for doc, _ in docs[:1]:
+        if not videos and not problems.problems:
+            problems.add(doc, (), "the manifest makes no videos: add `videos:` or a `matrix:`")
+    if problems.problems:
+        raise ManifestError(problems.problems)
+    return Manifest(
+        path=top,
+        name=top.stem,
+        root=root,
+        defaults=freeze(defaults),
+        vars=freeze(variables),
+        characters=MappingProxyType(characters),
+        scripts=MappingProxyType(scripts),
+        videos=tuple(videos),
+        files=tuple(f for _, f in docs),
+    )
+
+
+def _known(ids: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(ids)) or "none"
+
+
+def _loc(doc: Located, path: tuple) -> Location:
+    line, col = doc.where(path)
+    return Location(doc.file, line, col)
+
+
+def _file(doc: Located, root: Path, file: Path, path: tuple, rel: str | None, problems: _Collector) -> Path | None:
+    if rel is None:
+        return None
+    try:
+        full = resolve_path(root, file.parent, rel)
+    except ValueError as exc:
+        problems.add(doc, path, str(exc))
+        return None
+    if not full.is_file():
+        problems.add(doc, path, f"file {rel!r} does not exist (looked in {display_path(file.parent)})")
+        return None
+    return full
+
+
+__all__ = [
+    "Character",
+    "Location",
+    "Manifest",
+    "Script",
+    "Video",
+    "dotted",
+    "freeze",
+    "load_manifest",
+    "section_defaults",
+    "thaw",
+]

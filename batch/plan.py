@@ -1,0 +1,338 @@
+"""Planning: a pure function of manifest + cache + last run's state → steps, keys and a reason for each decision."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from batch.errors import ManifestError, Problem, UsageError
+from batch.hashing import FileHasher, step_key, text_digest
+from batch.manifest import Manifest, Video, thaw
+from batch.stages import ORDER, STAGES, keyed_settings, sadtalker_available, weights_identity
+from batch.templates import TemplateError, prompt_template, render
+
+logger = logging.getLogger(__name__)
+
+PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    """A step's input: a user file, or a named output of an upstream step."""
+
+    name: str
+    path: Path | None = None
+    stage: str = ""
+    key: str = ""
+    filename: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    stage: str
+    key: str
+    #: What the key hashes (besides stage name and key format); the plan diffs it against the last run.
+    fingerprint: Mapping[str, Any]
+    #: Full resolved settings of the stage's section, handed to the stage.
+    settings: Mapping[str, Any]
+    inputs: tuple[StepInput, ...]
+    text: str
+    seed: int
+    label: str
+    target: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    stage: str
+    key: str
+    cached: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "key": self.key, "cached": self.cached, "reason": self.reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    video: Video
+    output: Path
+    renderer: str
+    steps: tuple[Step, ...]
+    decisions: tuple[Decision, ...]
+
+    @property
+    def stale(self) -> bool:
+        return any(not d.cached for d in self.decisions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    manifest: Manifest
+    build_dir: Path
+    videos: tuple[VideoPlan, ...]
+
+    @property
+    def stale(self) -> bool:
+        return any(v.stale for v in self.videos)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "manifest": str(self.manifest.path),
+            "build_dir": str(self.build_dir),
+            "stale": self.stale,
+            "videos": [
+                {
+                    "id": v.video.id,
+                    "output": str(v.output),
+                    "renderer": v.renderer,
+                    "stale": v.stale,
+                    "steps": [d.as_dict() for d in v.decisions],
+                }
+                for v in self.videos
+            ],
+        }
+
+
+def state_path(build_dir: Path, manifest: Manifest) -> Path:
+    return build_dir / manifest.name / "state.json"
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Fingerprints of the last run, per video and stage; unreadable state only costs better reasons."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable %s (%s)", path, exc)
+        return {}
+
+
+class Planner:
+    """Builds the plan. Keeps per-run memos so a thousand videos sharing characters plan quickly."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        build_dir: Path,
+        checkpoints: Path,
+        hasher: FileHasher,
+        is_cached: Any,
+        force: Iterable[str] = (),
+    ) -> None:
+        self.manifest = manifest
+        self.build_dir = build_dir
+        self.checkpoints = checkpoints
+        self.hasher = hasher
+        self.is_cached = is_cached
+        self.force = set(force)
+        self._weights: dict[tuple, dict[str, str]] = {}
+        self._prompts: dict[str, tuple[str, Path]] = {}
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _weights_for(self, stage: str, settings: Mapping[str, Any]) -> dict[str, str]:
+        memo = (stage, tuple(sorted((k, str(v)) for k, v in settings.items())))
+        if memo not in self._weights:
+            self._weights[memo] = weights_identity(stage, settings, self.checkpoints, self.hasher, self.manifest.root)
+        return self._weights[memo]
+
+    def _template(self, name: str) -> tuple[str, Path]:
+        if name not in self._prompts:
+            self._prompts[name] = prompt_template(name, (self.manifest.root / "prompts", PROJECT_PROMPTS))
+        return self._prompts[name]
+
+    def _step(
+        self,
+        stage: str,
+        settings: Mapping[str, Any],
+        inputs: tuple[StepInput, ...],
+        input_ids: dict[str, str],
+        *,
+        text: str = "",
+        seed: int | None = None,
+        label: str,
+        target: str,
+    ) -> Step:
+        keyed = keyed_settings(stage, settings) if STAGES[stage].section else {}
+        if seed is not None:
+            keyed["seed"] = seed
+        fingerprint = {
+            "version": STAGES[stage].version,
+            "settings": keyed,
+            "inputs": input_ids,
+            "weights": self._weights_for(stage, settings) if stage in ("prompt", "image", "voice", "animate", "enhance") else {},
+        }
+        return Step(stage, step_key(stage, fingerprint), fingerprint, settings, inputs, text, seed or 0, label, target)
+
+    # -- per video ------------------------------------------------------------------------------------------------
+    def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
+        m = self.manifest
+        settings = m.settings(video)
+        character = m.characters[video.character]
+        script = m.scripts[video.script]
+        steps: list[Step] = []
+        clabel, slabel = f"characters.{character.id}", f"scripts.{script.id}"
+
+        # Portrait: a given file, or prompt → image.
+        if character.image is not None:
+            portrait = StepInput("portrait", path=character.image)
+            portrait_id = self.hasher.digest(character.image)
+        else:
+            llm = dict(settings["llm"])
+            template_name = llm["template"] or ("image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2")
+            source, tpath = self._template(template_name)
+            request = render(
+                source,
+                str(tpath.name),
+                {"description": character.description, "engine": llm["engine"], "character": _char_ctx(character)},
+            ).strip()
+            prompt = self._step(
+                "prompt", llm, (), {"request": text_digest(request)}, text=request,
+                seed=None if llm["engine"] == "none" else character.seed, label=clabel, target="renderer.llm:run",
+            )
+            image = self._step(
+                "image", settings["image"], (StepInput("prompt", stage="prompt", key=prompt.key, filename="prompt.txt"),),
+                {"prompt": prompt.key}, seed=character.seed, label=clabel, target="renderer.portrait:run",
+            )
+            steps += [prompt, image]
+            portrait = StepInput("portrait", stage="image", key=image.key, filename="portrait.png")
+            portrait_id = image.key
+
+        # Speech: a given audio file (converted), or synthesis from the rendered script text.
+        if script.audio is not None:
+            speech = self._step(
+                "audio", {}, (StepInput("audio", path=script.audio),), {"audio": self.hasher.digest(script.audio)},
+                label=slabel, target="renderer.voice:run_convert",
+            )
+        else:
+            context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
+            field = "text_file" if script.text_file else "text"
+            text = render(script.text or "", f"{slabel}.{field}", context)
+            speech = self._step(
+                "voice", settings["voice"], (), {"text": text_digest(text)}, text=text, label=slabel,
+                target="renderer.voice:run",
+            )
+        steps.append(speech)
+        audio_in = StepInput("audio", stage=speech.stage, key=speech.key, filename="speech.wav")
+
+        video_settings = dict(settings["video"])
+        renderer = video_settings["renderer"]
+        if renderer == "auto":
+            ok = sadtalker_available(self.checkpoints, video_settings["size"], video_settings["preprocess"])
+            renderer = "sadtalker" if ok else "puppet"
+        video_settings["renderer"] = renderer
+        anim_inputs = [portrait, audio_in]
+        if speech.stage == "voice":
+            anim_inputs.append(StepInput("phonemes", stage="voice", key=speech.key, filename="phonemes.json"))
+        animate = self._step(
+            "animate", video_settings, tuple(anim_inputs), {"portrait": portrait_id, "audio": speech.key},
+            seed=character.seed, label=f"videos.{video.id}", target=f"renderer.{'sadtalker.pipeline' if renderer == 'sadtalker' else 'puppet'}:run",
+        )
+        steps.append(animate)
+        last = animate
+        if video_settings["enhancer"] != "none":
+            last = self._step(
+                "enhance", video_settings, (StepInput("video", stage="animate", key=animate.key, filename="video.mp4"),),
+                {"video": animate.key}, label=f"videos.{video.id}", target="renderer.enhance:run",
+            )
+            steps.append(last)
+        mux = self._step(
+            "mux", {}, (StepInput("video", stage=last.stage, key=last.key, filename="video.mp4"), audio_in),
+            {"video": last.key, "audio": speech.key}, label=f"videos.{video.id}", target="renderer.encode:run_mux",
+        )
+        steps.append(mux)
+        return renderer, tuple(steps)
+
+    def plan(self, videos: Iterable[Video]) -> Plan:
+        previous = load_state(state_path(self.build_dir, self.manifest)).get("videos", {})
+        out: list[VideoPlan] = []
+        problems: list[Problem] = []
+        for video in videos:
+            try:
+                renderer, steps = self.steps_for(video)
+            except TemplateError as exc:
+                loc = video.location
+                problems.append(Problem(loc.file, loc.line, loc.column, f"videos.{video.id}", str(exc)))
+                continue
+            before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
+            decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
+            out.append(VideoPlan(video, self.build_dir / self.manifest.name / f"{video.id}.mp4", renderer, steps, decisions))
+        if problems:
+            raise ManifestError(problems)
+        self.hasher.save()
+        return Plan(self.manifest, self.build_dir, tuple(out))
+
+    def _decide(self, step: Step, before: Mapping[str, Any] | None) -> Decision:
+        forced = "all" in self.force or step.stage in self.force
+        if forced:
+            return Decision(step.stage, step.key, False, "forced (--force)")
+        if self.is_cached(step.stage, step.key):
+            return Decision(step.stage, step.key, True, "unchanged")
+        return Decision(step.stage, step.key, False, explain(before, step))
+
+
+_INPUT_WORDS = {
+    "text": "script text changed",
+    "request": "character description or prompt template changed",
+    "prompt": "prompt changed",
+    "portrait": "portrait changed",
+    "audio": "audio changed",
+    "video": "video changed",
+}
+
+
+def explain(before: Mapping[str, Any] | None, step: Step) -> str:
+    """Why a step that is not cached must run: what differs from the last run's fingerprint."""
+    if not before or not isinstance(before, Mapping) or "fingerprint" not in before:
+        return "new"
+    old = before["fingerprint"]
+    new = thaw(step.fingerprint)
+    if not isinstance(old, Mapping):
+        return "new"
+    reasons: list[str] = []
+    if old.get("version") != new["version"]:
+        reasons.append(f"stage version {old.get('version')} → {new['version']}")
+    section = STAGES[step.stage].section
+    old_s, new_s = old.get("settings", {}), new["settings"]
+    for name in sorted(set(old_s) | set(new_s)):
+        if old_s.get(name) != new_s.get(name):
+            label = name if name == "seed" or not section else f"{section}.{name}"
+            reasons.append(f"{label} {_show(old_s.get(name))} → {_show(new_s.get(name))}")
+    old_i, new_i = old.get("inputs", {}), new["inputs"]
+    for name in sorted(set(old_i) | set(new_i)):
+        if old_i.get(name) != new_i.get(name):
+            reasons.append(_INPUT_WORDS.get(name, f"{name} changed"))
+    if old.get("weights") != new["weights"]:
+        reasons.append("weights changed")
+    return "; ".join(reasons) if reasons else "output missing"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:37] + "...")
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _char_ctx(character: Any) -> dict[str, Any]:
+    return {"id": character.id, "name": character.name, "description": character.description}
+
+
+def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:
+    """Videos named by --only (all when empty); an unknown id is a usage error listing the known ones."""
+    only = list(only)
+    if not only:
+        return manifest.videos
+    known = {v.id: v for v in manifest.videos}
+    unknown = [i for i in only if i not in known]
+    if unknown:
+        raise UsageError(f"unknown video id(s) {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
+    return tuple(known[i] for i in only)

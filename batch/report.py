@@ -1,0 +1,109 @@
+"""What a run leaves beside the videos: report.json (machines), report.html (people), state.json (next plan)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from batch.cache import write_atomic
+from batch.manifest import thaw
+from batch.plan import Plan, load_state, state_path
+from batch.run import RunResult
+
+logger = logging.getLogger(__name__)
+
+
+def write_state(plan: Plan, is_cached: Any) -> None:
+    """Remember the fingerprint of every step now in the cache, so the next plan can say what changed."""
+    path = state_path(plan.build_dir, plan.manifest)
+    state = load_state(path)
+    videos = state.get("videos") if isinstance(state.get("videos"), dict) else {}
+    for vp in plan.videos:
+        entry = videos.get(vp.video.id)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        for step in vp.steps:
+            if is_cached(step.stage, step.key):
+                entry[step.stage] = {"key": step.key, "fingerprint": thaw(step.fingerprint)}
+        videos[vp.video.id] = entry
+    write_atomic(path, json.dumps({"format": 1, "videos": videos}, indent=1, sort_keys=True).encode())
+
+
+def write_report(plan: Plan, result: RunResult) -> Path:
+    out_dir = plan.build_dir / plan.manifest.name
+    data = result.as_dict()
+    write_atomic(out_dir / "report.json", json.dumps(data, indent=2, sort_keys=True).encode())
+    thumbs = {}
+    for v in result.videos:
+        if v.output:
+            thumb = _thumbnail(Path(v.output), out_dir / "thumbs" / f"{v.id}.png")
+            if thumb is not None:
+                thumbs[v.id] = thumb.relative_to(out_dir).as_posix()
+    write_atomic(out_dir / "report.html", render_html(data, thumbs, out_dir).encode("utf-8"))
+    return out_dir / "report.json"
+
+
+def _thumbnail(video: Path, dest: Path) -> Path | None:
+    """A frame from the middle of the video, refreshed when the video is newer (needs the renderer's decoder)."""
+    try:
+        if dest.is_file() and dest.stat().st_mtime_ns >= video.stat().st_mtime_ns:
+            return dest
+        from PIL import Image
+
+        from renderer.encode import probe, read_frames
+
+        middle = max(0, probe(video).frames // 2)
+        frame = None
+        for i, f in enumerate(read_frames(video)):
+            frame = f
+            if i >= middle:
+                break
+        if frame is None:
+            return None
+        img = Image.fromarray(frame)
+        img.thumbnail((256, 256))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp.png")
+        img.save(tmp)
+        tmp.replace(dest)
+        return dest
+    except Exception as exc:  # noqa: BLE001 - a missing thumbnail must never fail a build
+        logger.debug("no thumbnail for %s: %s", video, exc)
+        return None
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+h1{font-size:1.4em} .sum span{margin-right:1.2em}
+table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}
+.built{color:#0a6} .cached{color:#357} .failed,.skipped{color:#c22} img{width:128px;border-radius:4px}
+.steps{font-size:.85em;color:#555} .steps b{color:#222} code{font-size:.85em}
+"""
+
+
+def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> str:
+    e = html.escape
+    rows = []
+    for v in data["videos"]:
+        thumb = f'<img src="{e(thumbs[v["id"]])}" alt="frame of {e(v["id"])}">' if v["id"] in thumbs else ""
+        link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>' if v["output"] else ""
+        steps = "<br>".join(
+            f"<b>{e(s['stage'])}</b> {'cached' if s['cached'] else 'ran'} · {e(s['reason'])} · {s['seconds']:.2f}s"
+            + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
+            + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")
+            for s in v["steps"]
+        )
+        err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""
+        rows.append(
+            f"<tr><td>{thumb}</td><td><b>{e(v['id'])}</b><br>{link}<br>renderer: {e(v['renderer'])}</td>"
+            f"<td class={e(v['status'])}>{e(v['status'])}{err}</td><td class=steps>{steps}</td></tr>"
+        )
+    summary = " ".join(f"<span class={k}>{k}: {n}</span>" for k, n in data["summary"].items())
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>Digital Human Batch — {e(Path(data['manifest']).name)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{e(Path(data['manifest']).name)}</h1>"
+        f"<p class=sum>{summary} <span>time: {data['seconds']:.1f}s</span> <span>device: {e(data['device'])}</span></p>"
+        f"<table><tr><th></th><th>video</th><th>status</th><th>steps</th></tr>{''.join(rows)}</table></body></html>"
+    )

@@ -1,0 +1,335 @@
+"""Execution: stage-major over a plan, one warm copy of each model, atomic outputs, per-video failure policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from batch.cache import Cache, publish
+from batch.plan import Plan, Step, VideoPlan
+from batch.stages import ORDER, STAGES
+
+logger = logging.getLogger(__name__)
+
+#: A stage function: (jobs, pool) -> one info dict or RenderError per job (the renderer contract).
+StageFn = Callable[[Sequence[Any], Any], list[Any]]
+
+
+@dataclasses.dataclass
+class StepOutcome:
+    stage: str
+    key: str
+    cached: bool
+    reason: str
+    seconds: float = 0.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class VideoResult:
+    id: str
+    status: str  # built | cached | failed | skipped
+    output: str | None
+    renderer: str
+    steps: list[StepOutcome]
+    error: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["steps"] = [s.as_dict() for s in self.steps]
+        return d
+
+
+@dataclasses.dataclass
+class RunResult:
+    manifest: str
+    videos: list[VideoResult]
+    seconds: float
+    device: str
+    model_loads: dict[str, int]
+
+    @property
+    def failed(self) -> list[VideoResult]:
+        return [v for v in self.videos if v.status in ("failed", "skipped")]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "manifest": self.manifest,
+            "seconds": round(self.seconds, 3),
+            "device": self.device,
+            "model_loads": self.model_loads,
+            "summary": {s: sum(v.status == s for v in self.videos) for s in ("built", "cached", "failed", "skipped")},
+            "videos": [v.as_dict() for v in self.videos],
+        }
+
+
+class _StopRun(Exception):
+    """--fail-fast: the first failure stops the run."""
+
+
+class Runner:
+    """Runs a plan. `stages` maps a target ("renderer.voice:run") to its function; by default targets are imported."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        cache: Cache,
+        *,
+        checkpoints: Path,
+        device: str = "auto",
+        fail_fast: bool = False,
+        jobs: int = 1,
+        force: Sequence[str] = (),
+        progress: bool = True,
+        stages: Mapping[str, StageFn] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.cache = cache
+        self.checkpoints = checkpoints
+        self.device_spec = device
+        self.fail_fast = fail_fast
+        self.jobs = max(1, jobs)
+        self.force = set(force)
+        self.progress = progress
+        self._stages = dict(stages or {})
+        self._device: str | None = None
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self.outcomes: dict[str, StepOutcome] = {}
+        self.failed: dict[str, str] = {}  # step key -> error
+        self._reasons: dict[str, str] = {}
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+    def _fn(self, target: str) -> StageFn:
+        if target not in self._stages:
+            module, _, name = target.partition(":")
+            self._stages[target] = getattr(importlib.import_module(module), name)
+        return self._stages[target]
+
+    def _pool_(self) -> Any:
+        if self._pool is None:
+            from renderer.base import ModelPool
+
+            self._pool = ModelPool()
+        return self._pool
+
+    def device(self) -> str:
+        if self._device is None:
+            if self.device_spec == "cpu":
+                self._device = "cpu"
+            else:
+                from renderer.base import resolve_device
+
+                self._device = resolve_device(self.device_spec)
+        return self._device
+
+    def _forced(self, step: Step) -> bool:
+        return "all" in self.force or step.stage in self.force
+
+    def _input_paths(self, step: Step) -> dict[str, Path]:
+        paths = {}
+        for inp in step.inputs:
+            p = inp.path if inp.path is not None else self.cache.output(inp.stage, inp.key, inp.filename)
+            if p.is_file():
+                paths[inp.name] = p
+        return paths
+
+    # -- execution ------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t0 = time.perf_counter()
+        self.cache.sweep_tmp()
+        users: dict[str, list[VideoPlan]] = defaultdict(list)
+        steps: dict[str, Step] = {}
+        for vp in self.plan.videos:
+            for s in vp.steps:
+                users[s.key].append(vp)
+                steps.setdefault(s.key, s)
+        self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
+        stopped = False
+        try:
+            for stage in ORDER:
+                todo = [s for s in steps.values() if s.stage == stage and not self._blocked(s, steps)]
+                if todo:
+                    self._run_stage(stage, todo)
+                if self._pool is not None:
+                    self._pool.release()
+        except _StopRun:
+            stopped = True
+        results = [self._video_result(vp, stopped) for vp in self.plan.videos]
+        loads = {}
+        if self._pool is not None:
+            loads = {"/".join(k): n for k, n in self._pool.loads.items()}
+        return RunResult(
+            str(self.plan.manifest.path), results, time.perf_counter() - t0, self._device or "not used", loads
+        )
+
+    def _blocked(self, step: Step, steps: Mapping[str, Step]) -> bool:
+        """A step whose upstream failed is not run; it inherits the failure."""
+        for inp in step.inputs:
+            if inp.key and inp.key in self.failed:
+                self.failed[step.key] = self.failed[inp.key]
+                return True
+        return False
+
+    def _run_stage(self, stage: str, todo: list[Step]) -> None:
+        spec = STAGES[stage]
+        pending: list[Step] = []
+        for s in todo:
+            rec = None if self._forced(s) else self.cache.record(stage, s.key)
+            if rec is not None:
+                self.outcomes[s.key] = StepOutcome(stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
+            else:
+                pending.append(s)
+        if not pending:
+            return
+        groups: dict[str, list[Step]] = defaultdict(list)
+        for s in pending:
+            groups[s.target].append(s)
+        chunks: list[list[Step]] = []
+        for group in groups.values():
+            size = spec.chunk
+            if stage == "image":
+                size = int(group[0].settings.get("batch_size", spec.chunk))
+            chunks += [group[i : i + size] for i in range(0, len(group), size)]
+        bar = _progress(stage, len(pending), self.progress)
+        try:
+            if spec.parallel and self.jobs > 1 and len(chunks) > 1:
+                import joblib
+
+                joblib.Parallel(n_jobs=self.jobs, backend="threading")(
+                    joblib.delayed(self._run_chunk)(stage, c, bar) for c in chunks
+                )
+            else:
+                for c in chunks:
+                    self._run_chunk(stage, c, bar)
+        finally:
+            bar.close()
+
+    def _run_chunk(self, stage: str, chunk: list[Step], bar: Any) -> None:
+        from renderer.base import RenderError, StepJob
+
+        spec = STAGES[stage]
+        with self.cache.locked([s.key for s in chunk]):
+            misses = []
+            for s in chunk:
+                if not self._forced(s):
+                    self.cache.forget(s.key)
+                    rec = self.cache.record(stage, s.key)
+                    if rec is not None:  # another run built it while we waited for the lock
+                        self.outcomes[s.key] = StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {}))
+                        bar.update(1)
+                        continue
+                misses.append(s)
+            if not misses:
+                return
+            tmps = [self.cache.new_tmp(s.key) for s in misses]
+            try:
+                jobs = [
+                    StepJob(
+                        stage=stage, key=s.key, settings=s.settings, inputs=self._input_paths(s), out_dir=tmp,
+                        text=s.text, device=self.device(), seed=s.seed, checkpoints=self.checkpoints, label=s.label,
+                    )
+                    for s, tmp in zip(misses, tmps, strict=True)
+                ]
+                t0 = time.perf_counter()
+                try:
+                    results = list(self._fn(misses[0].target)(jobs, self._pool_()))
+                    if len(results) != len(jobs):
+                        raise RuntimeError(f"stage {stage} returned {len(results)} results for {len(jobs)} jobs")
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except RenderError as exc:  # a stage that raised instead of returning: the whole chunk failed
+                    results = [exc] * len(jobs)
+                except Exception as exc:  # noqa: BLE001 - a bug in a stage must not take the other videos down
+                    logger.debug("stage %s crashed", stage, exc_info=True)
+                    results = [RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")] * len(jobs)
+                seconds = (time.perf_counter() - t0) / len(jobs)
+                any_failed = False
+                for s, tmp, res in zip(misses, tmps, results, strict=True):
+                    reason = self._reasons[s.key]
+                    if isinstance(res, BaseException):
+                        msg = str(res)
+                        self.failed[s.key] = msg
+                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, {}, msg)
+                        logger.error("%s: %s failed: %s", s.label, stage, msg)
+                        any_failed = True
+                        continue
+                    info = dict(res or {})
+                    try:
+                        self.cache.commit(
+                            stage, s.key, tmp, spec.outputs, spec.optional,
+                            {"fingerprint": _thaw(s.fingerprint), "info": info, "seconds": round(seconds, 3),
+                             "label": s.label, "created": time.time()},
+                        )
+                    except FileNotFoundError as exc:
+                        self.failed[s.key] = str(exc)
+                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info, str(exc))
+                        any_failed = True
+                        continue
+                    self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info)
+                    bar.update(1)
+            finally:
+                for tmp in tmps:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+        if any_failed and self.fail_fast:
+            raise _StopRun()
+
+    def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
+        outcomes = []
+        error = None
+        for s in vp.steps:
+            o = self.outcomes.get(s.key)
+            if o is None:
+                reason = next(d.reason for d in vp.decisions if d.key == s.key)
+                o = StepOutcome(s.stage, s.key, False, reason, 0.0, {}, self.failed.get(s.key) and "not run: upstream failed")
+            outcomes.append(o)
+            if error is None and s.key in self.failed:
+                error = f"{s.stage}: {self.failed[s.key]}"
+        final = vp.steps[-1]
+        if error is None and final.key in self.outcomes and self.outcomes[final.key].error is None:
+            src = self.cache.output(final.stage, final.key, STAGES[final.stage].outputs[0])
+            publish(src, vp.output)
+            status = "cached" if all(o.cached for o in outcomes) else "built"
+            return VideoResult(vp.video.id, status, str(vp.output), vp.renderer, outcomes, None,
+                               round(sum(o.seconds for o in outcomes), 3))
+        if error is None:
+            error = "not run: the run stopped at the first failure (--fail-fast)" if stopped else "not run"
+            return VideoResult(vp.video.id, "skipped", None, vp.renderer, outcomes, error)
+        return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
+
+
+def _thaw(value: Any) -> Any:
+    from batch.manifest import thaw
+
+    return thaw(value)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(stage: str, total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{stage:>8}", unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)

@@ -1,0 +1,141 @@
+"""What every stage shares: the job it runs, typed errors, and the warm model pool.
+
+This module must stay light (no torch at import): the runner imports it before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+#: Video frame rate of every animated video (SadTalker's rate).
+FPS = 25
+#: Sample rate of every speech WAV handed to the animators (SadTalker's rate).
+SAMPLE_RATE = 16_000
+#: Audio samples per video frame: frame count = floor(samples / SAMPLES_PER_FRAME).
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
+
+T = TypeVar("T")
+
+
+class RenderError(Exception):
+    """A stage could not produce its output; the runner reports it for the affected videos.
+
+    `message` says what failed and where, `hint` what to do about it.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} — {self.hint}" if self.hint else self.message
+
+
+class MissingWeightsError(RenderError):
+    """Model weights are absent; the hint names the files and `make checkpoints`."""
+
+
+class BadInputError(RenderError):
+    """An input is unusable: no face in a portrait, unreadable image, corrupt audio, empty text."""
+
+
+class BackendError(RenderError):
+    """A service or library failed: server unreachable, network needed, model not pulled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepJob:
+    """One step for a stage to run.
+
+    The runner creates `out_dir` (an empty temporary folder); the stage writes its outputs there under the
+    file names its stage documents, and the runner moves the folder into the cache atomically.
+    """
+
+    stage: str
+    key: str
+    #: Resolved settings of the stage's manifest section (e.g. the `voice` or `video` mapping).
+    settings: Mapping[str, Any]
+    #: Named input files, e.g. {"portrait": ..., "audio": ...}.
+    inputs: Mapping[str, Path]
+    out_dir: Path
+    #: Text input: the rendered prompt request (prompt), the script text (voice).
+    text: str = ""
+    device: str = "cpu"
+    seed: int = 0
+    #: Root of the weights folder (`checkpoints/`).
+    checkpoints: Path = Path("checkpoints")
+    #: Where in the manifest this step comes from, for messages ("characters.ceo", "videos[2]").
+    label: str = ""
+
+
+class ModelPool:
+    """Keeps one warm copy of each model for a whole run, keyed by model id, device and dtype."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str, str], Any] = {}
+        #: How many times each key was loaded (tests and the report read it).
+        self.loads: dict[tuple[str, str, str], int] = {}
+        self._lock = threading.RLock()
+
+    def get(self, model_id: str, device: str, dtype: str, loader: Callable[[], T]) -> T:
+        """Return the pooled model, calling `loader()` only the first time this key is asked for."""
+        key = (model_id, device, dtype)
+        with self._lock:  # parallel CPU steps (--jobs) must not load the same model twice
+            if key not in self._models:
+                logger.info("loading %s on %s (%s)", model_id, device, dtype)
+                self._models[key] = loader()
+                self.loads[key] = self.loads.get(key, 0) + 1
+            return self._models[key]
+
+    def release(self, device_prefix: str = "") -> None:
+        """Drop pooled models (those on devices starting with `device_prefix`) and free GPU caches."""
+        for key in [k for k in self._models if k[1].startswith(device_prefix)]:
+            del self._models[key]
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __contains__(self, model_id: str) -> bool:
+        return any(k[0] == model_id for k in self._models)
+
+
+def resolve_device(spec: str) -> str:
+    """Turn `auto|cpu|cuda[:N]|mps` into a concrete torch device string (imports torch)."""
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {spec!r} was asked for but CUDA is not available", "use --device cpu or auto")
+    return spec
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and os.replace, so readers never see half a file."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,127 @@
+"""Face box and 68 landmarks with dlib, shared by the puppet animator and the SadTalker helper.
+
+dlib and the landmark model load lazily (through the model pool when one is given), so importing this module is
+cheap. The landmark file ships in the `face_recognition_models` package; it is located without importing that
+package, whose `__init__` needs `pkg_resources` (gone from current setuptools).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from renderer.base import BadInputError, MissingWeightsError, ModelPool
+
+logger = logging.getLogger(__name__)
+
+#: Model ids under which the pool keeps dlib's detector and shape predictor.
+DETECTOR_ID = "dlib-frontal-face"
+PREDICTOR_ID = "dlib-shape-68"
+#: dlib upsamples the image once before detecting, so faces down to ~40 px are found.
+UPSAMPLE = 1
+_LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
+_NO_FACE_HINT = "use a portrait with one clear, frontal, well-lit face (at least ~80 px wide)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One detected face: box (left, top, right, bottom) in pixels, detector score, iBUG-68 landmarks (x, y)."""
+
+    box: tuple[int, int, int, int]
+    score: float
+    landmarks: np.ndarray
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3), with EXIF orientation applied and alpha/gray converted."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Composite transparent parts on white, as a viewer would show them.
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, rgba)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInputError(
+            f"cannot read image {path}: {exc}", "give a PNG or JPEG portrait that opens in an image viewer"
+        ) from exc
+    if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
+        raise BadInputError(f"image {path} is empty ({rgb.shape})", "give a PNG or JPEG portrait")
+    return np.ascontiguousarray(rgb)
+
+
+def landmark_model_path() -> Path:
+    """Path of dlib's 68-point model inside the installed `face_recognition_models` package (not imported)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / "models" / _LANDMARK_FILE
+        if candidate.is_file():
+            return candidate
+    raise MissingWeightsError(
+        f"dlib landmark model {_LANDMARK_FILE} not found (package face_recognition_models)",
+        "install it: pip install face-recognition-models==0.3.0 (or `make setup`)",
+    )
+
+
+def _load_detector() -> Any:
+    import dlib
+
+    return dlib.get_frontal_face_detector()
+
+
+def _load_predictor() -> Any:
+    import dlib
+
+    return dlib.shape_predictor(str(landmark_model_path()))
+
+
+def _models(pool: ModelPool | None) -> tuple[Any, Any]:
+    if pool is None:
+        return _load_detector(), _load_predictor()
+    detector = pool.get(DETECTOR_ID, "cpu", "float32", _load_detector)
+    predictor = pool.get(PREDICTOR_ID, "cpu", "float32", _load_predictor)
+    return detector, predictor
+
+
+def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None) -> Face:
+    """Find the best-scoring face and its 68 landmarks; several faces → warning, none → BadInputError."""
+    import dlib
+
+    where = source or "the image"
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
+    detector, predictor = _models(pool)
+    image = np.ascontiguousarray(image)
+    # Upsample once and keep the best score: at upsample 1 dlib also reports weak false positives (notes §5).
+    rects, scores, _ = detector.run(image, UPSAMPLE, 0.0)
+    if not rects:
+        raise BadInputError(f"no face found in {where}", _NO_FACE_HINT)
+    order = np.argsort(scores)[::-1]
+    best = int(order[0])
+    strong = [s for s in scores if s >= 0.5]
+    if len(strong) > 1:
+        logger.warning(
+            "%d faces found in %s; animating the one with the best score (%.2f)", len(strong), where, scores[best]
+        )
+    rect = rects[best]
+    shape = predictor(image, dlib.rectangle(rect.left(), rect.top(), rect.right(), rect.bottom()))
+    landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+    height, width = image.shape[:2]
+    box = (
+        int(max(rect.left(), 0)),
+        int(max(rect.top(), 0)),
+        int(min(rect.right(), width - 1)),
+        int(min(rect.bottom(), height - 1)),
+    )
+    return Face(box=box, score=float(scores[best]), landmarks=landmarks)

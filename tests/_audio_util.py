@@ -1,0 +1,66 @@
+"""Audio fixtures shared by the encode, voice and gTTS tests: WAV writing/reading and real encoded files."""
+
+from __future__ import annotations
+
+import io
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, amplitude: float = 0.5, channels: int = 1) -> np.ndarray:
+    """A sine (float32, shape (samples, channels)) with a slow amplitude wobble so it is not a pure steady tone."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    mono = amplitude * np.sin(2 * np.pi * freq * t) * (0.75 + 0.25 * np.sin(2 * np.pi * 1.5 * t))
+    return np.repeat(mono[:, None], channels, axis=1).astype(np.float32)
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
+    """Write float (-1..1) or int16 samples, shape (samples,) or (samples, channels), as 16-bit PCM."""
+    if audio.ndim == 1:
+        audio = audio[:, None]
+    if audio.dtype != np.int16:
+        audio = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(audio.shape[1])
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(audio.tobytes())
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int, int, int]:
+    """Return (int16 samples of shape (samples, channels), sample rate, channels, sample width in bytes)."""
+    with wave.open(str(path), "rb") as src:
+        rate, channels, width = src.getframerate(), src.getnchannels(), src.getsampwidth()
+        data = src.readframes(src.getnframes())
+    return np.frombuffer(data, dtype=np.int16).reshape(-1, channels), rate, channels, width
+
+
+def encode_audio(audio: np.ndarray, rate: int, fmt: str, codec: str) -> bytes:
+    """Encode float samples (samples, channels) into a real compressed file (e.g. fmt "mp3", codec "libmp3lame")."""
+    import av
+
+    channels = audio.shape[1]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono" if channels == 1 else "stereo"
+        planar = np.ascontiguousarray(audio.T.astype(np.float32))
+        block = 1152
+        for start in range(0, planar.shape[1], block):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planar[:, start : start + block]), format="fltp", layout=stream.layout.name
+            )
+            frame.sample_rate = rate
+            frame.pts = start
+            frame.time_base = Fraction(1, rate)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def rms(samples: np.ndarray) -> float:
+    """Root mean square of int16 samples, as a fraction of full scale."""
+    return float(np.sqrt(np.mean((samples.astype(np.float64) / 32768) ** 2)))

@@ -1,0 +1,104 @@
+"""dlib face box and landmarks on bundled pictures (skimage's astronaut), and the error paths users hit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from renderer.base import BadInputError, ModelPool
+from renderer.faces import Face, detect_face, landmark_model_path, load_image
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def pool() -> ModelPool:
+    return ModelPool()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skimage_data.astronaut()
+
+
+def test_landmark_model_path_points_at_the_dat_file() -> None:
+    path = landmark_model_path()
+    assert path.name == "shape_predictor_68_face_landmarks.dat"
+    assert path.stat().st_size > 90_000_000
+
+
+def test_detect_face_landmarks_land_on_the_astronaut_face(astronaut: np.ndarray, pool: ModelPool) -> None:
+    face = detect_face(astronaut, "astronaut.png", pool)
+    assert isinstance(face, Face)
+    left, top, right, bottom = face.box
+    # The face sits around x 175..265, y 75..170 in the 512×512 picture (the mission patch is at lower right).
+    assert 150 < left < 200 and 220 < right < 290 and 50 < top < 110 and 140 < bottom < 200
+    assert face.landmarks.shape == (68, 2) and face.landmarks.dtype == np.float64
+    inside = (
+        (face.landmarks[:, 0] >= left - 15)
+        & (face.landmarks[:, 0] <= right + 15)
+        & (face.landmarks[:, 1] >= top - 30)
+        & (face.landmarks[:, 1] <= bottom + 25)
+    )
+    assert inside.all()
+    # iBUG order: eyes (36..47) above the nose tip (33) above the mouth (48..67); left eye left of right eye.
+    eye_y = face.landmarks[36:48, 1].mean()
+    assert eye_y < face.landmarks[33, 1] < face.landmarks[48:68, 1].mean()
+    assert face.landmarks[36:42, 0].mean() < face.landmarks[42:48, 0].mean()
+    assert face.score > 0.5
+
+
+def test_detect_face_loads_models_once_through_the_pool(astronaut: np.ndarray) -> None:
+    pool = ModelPool()
+    first = detect_face(astronaut, "a", pool)
+    second = detect_face(astronaut, "b", pool)
+    assert np.array_equal(first.landmarks, second.landmarks)
+    assert pool.loads == {("dlib-frontal-face", "cpu", "float32"): 1, ("dlib-shape-68", "cpu", "float32"): 1}
+
+
+def test_detect_face_no_face_names_the_source(pool: ModelPool) -> None:
+    with pytest.raises(BadInputError, match="coffee.png") as info:
+        detect_face(skimage_data.coffee(), "coffee.png", pool)
+    assert info.value.hint
+
+
+def test_detect_face_flat_image_raises(pool: ModelPool) -> None:
+    with pytest.raises(BadInputError, match="flat.png"):
+        detect_face(np.full((240, 320, 3), 128, np.uint8), "flat.png", pool)
+
+
+def test_detect_face_warns_when_several_faces(astronaut: np.ndarray, pool: ModelPool, caplog) -> None:
+    face_crop = astronaut[40:220, 130:310]
+    twins = np.concatenate([face_crop, face_crop[:, ::-1]], axis=1)
+    with caplog.at_level(logging.WARNING, logger="renderer.faces"):
+        detect_face(np.ascontiguousarray(twins), "twins.png", pool)
+    assert any("twins.png" in r.getMessage() for r in caplog.records)
+
+
+def test_load_image_converts_rgba_gray_and_applies_exif(tmp_path: Path, astronaut: np.ndarray) -> None:
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    assert np.array_equal(load_image(tmp_path / "a.png"), astronaut)
+
+    Image.fromarray(astronaut[:, :, 0], "L").save(tmp_path / "g.png")
+    gray = load_image(tmp_path / "g.png")
+    assert gray.shape == (512, 512, 3) and gray.dtype == np.uint8
+
+    # EXIF orientation 6 = "rotate 90° clockwise to display": a 40×20 stored picture shows as 20×40.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").shape == (40, 20, 3)
+
+
+def test_load_image_unreadable_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(BadInputError, match="broken.png"):
+        load_image(bad)
+    with pytest.raises(BadInputError, match="missing.jpg"):
+        load_image(tmp_path / "missing.jpg")
