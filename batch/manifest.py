@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import dataclasses
 import functools
 import json
@@ -92,6 +93,8 @@ class Script:
     audio: Path | None
     vars: Mapping[str, Any]
     location: Location
+    #: Where the text (or text_file key) is, for template errors.
+    text_location: Location | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +163,7 @@ def resolve_path(root: Path, base: Path, rel: str) -> Path:
         raise ValueError("absolute paths are not allowed; give a path relative to the manifest's folder")
     full = (base / p).resolve()
     if not _inside(root, full):
-        raise ValueError(f"{rel!r} points outside the manifest's folder {display_path(root)}")
+        raise ValueError(f"{rel!r} points outside the manifest's folder; keep files beside or below the manifest")
     return full
 
 
@@ -188,7 +191,11 @@ def _load_tree(
         raise ManifestError([Problem(display, 1, 1, "", "a manifest is a mapping that starts with `version: 1`")])
     errors = sorted(_validator().iter_errors(doc.data), key=lambda e: (doc.where(tuple(e.absolute_path)), e.message))
     for err in errors:
-        problems.add(doc, tuple(err.absolute_path), _schema_message(err))
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties":  # point at the unknown key itself
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            path = (*path, extra[0]) if extra else path
+        problems.add(doc, path, _schema_message(err))
     if errors:
         return
     docs.append((doc, file))
@@ -211,12 +218,17 @@ def _load_tree(
             problems.problems.extend(exc.problems)
 
 
+_BAD_ID = "{!r} is not a valid id: use letters, digits, '-', '_' and '.' (no '..'), at most 64 characters"
+
+
 def _schema_message(err: jsonschema.ValidationError) -> str:
     """Shorter, user-facing messages for the common schema failures."""
     if err.validator == "additionalProperties":
-        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-        allowed = ", ".join(sorted(err.schema.get("properties", {})))
-        return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} (allowed: {allowed})"
+        known = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(known))
+        guesses = [g for x in extra for g in difflib.get_close_matches(x, known, n=1)]
+        maybe = f"; did you mean {', '.join(map(repr, guesses))}?" if guesses else ""
+        return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} (allowed: {', '.join(known)}){maybe}"
     if err.validator == "const" and err.absolute_path and list(err.absolute_path) == ["version"]:
         return f"unsupported manifest version {err.instance!r}; this tool reads version 1"
     if err.validator == "oneOf" and isinstance(err.instance, dict) and {"text", "text_file", "audio"} & set(
@@ -227,9 +239,9 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     if err.validator == "anyOf" and "description" in err.schema.get("properties", {}):
         return "a character needs a description (to draw it) or an image (a portrait file)"
     if err.validator == "propertyNames":
-        return f"{err.instance!r} is not a valid id: use letters, digits, '-', '_' and '.', at most 64 characters"
-    if err.validator == "pattern" and err.schema.get("pattern", "").startswith("^[A-Za-z0-9]"):
-        return f"{err.instance!r} is not a valid id: use letters, digits, '-', '_' and '.', at most 64 characters"
+        return _BAD_ID.format(err.instance)
+    if err.validator == "pattern" and err.schema.get("pattern") == schema()["$defs"]["id"]["pattern"]:
+        return _BAD_ID.format(err.instance)
     return err.message
 
 
@@ -273,13 +285,14 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.add(doc, ("scripts", sid, "text_file"), f"cannot read the text file: {exc}")
             audio = _file(doc, root, file, ("scripts", sid, "audio"), s.get("audio"), problems)
+            field = "text_file" if "text_file" in s else "text"
             if text is not None:
-                field = "text_file" if text_file else "text"
                 try:
                     compile_template(text, f"scripts.{sid}.{field}")
                 except TemplateError as exc:
-                    problems.add(doc, ("scripts", sid, field), exc.message.split(": ", 1)[1])
-            scripts[sid] = Script(sid, text, text_file, audio, freeze(s.get("vars", {})), loc)
+                    problems.add(doc, ("scripts", sid, field), exc.message.removeprefix(f"scripts.{sid}.{field}: "))
+            tloc = _loc(doc, ("scripts", sid, field)) if field in s else None
+            scripts[sid] = Script(sid, text, text_file, audio, freeze(s.get("vars", {})), loc, tloc)
             script_where[sid] = loc
 
     videos: list[Video] = []
@@ -350,7 +363,7 @@ def _file(doc: Located, root: Path, file: Path, path: tuple, rel: str | None, pr
         problems.add(doc, path, str(exc))
         return None
     if not full.is_file():
-        problems.add(doc, path, f"file {rel!r} does not exist (looked in {display_path(file.parent)})")
+        problems.add(doc, path, f"file {rel!r} does not exist ({display_path(full)})")
         return None
     return full
 

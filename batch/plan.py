@@ -258,8 +258,11 @@ class Planner:
             try:
                 renderer, steps = self.steps_for(video)
             except TemplateError as exc:
-                loc = video.location
-                problems.append(Problem(loc.file, loc.line, loc.column, f"videos.{video.id}", str(exc)))
+                script = self.manifest.scripts[video.script]
+                loc = script.text_location or script.location
+                problem = Problem(loc.file, loc.line, loc.column, "", str(exc))
+                if problem not in problems:
+                    problems.append(problem)
                 continue
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
             decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
@@ -301,15 +304,16 @@ def explain(before: Mapping[str, Any] | None, step: Step) -> str:
         reasons.append(f"stage version {old.get('version')} → {new['version']}")
     section = STAGES[step.stage].section
     old_s, new_s = old.get("settings", {}), new["settings"]
-    for name in sorted(set(old_s) | set(new_s)):
-        if old_s.get(name) != new_s.get(name):
-            label = name if name == "seed" or not section else f"{section}.{name}"
-            reasons.append(f"{label} {_show(old_s.get(name))} → {_show(new_s.get(name))}")
+    changed = sorted(n for n in set(old_s) | set(new_s) if old_s.get(n) != new_s.get(n))
+    switched = [n for n in changed if n in ("engine", "renderer")]
+    for name in (switched or changed):  # after an engine switch, the other differences follow from it
+        label = name if name == "seed" or not section else f"{section}.{name}"
+        reasons.append(f"{label} {_show(old_s.get(name))} → {_show(new_s.get(name))}")
     old_i, new_i = old.get("inputs", {}), new["inputs"]
     for name in sorted(set(old_i) | set(new_i)):
         if old_i.get(name) != new_i.get(name):
             reasons.append(_INPUT_WORDS.get(name, f"{name} changed"))
-    if old.get("weights") != new["weights"]:
+    if old.get("weights") != new["weights"] and not switched:
         reasons.append("weights changed")
     return "; ".join(reasons) if reasons else "output missing"
 

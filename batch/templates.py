@@ -33,7 +33,7 @@ def compile_template(source: str, name: str) -> jinja2.Template:
     try:
         return environment().from_string(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"{name}:{exc.lineno}: template syntax error: {exc.message}") from exc
+        raise TemplateError(f"{name}: line {exc.lineno}: template syntax error: {exc.message}") from exc
 
 
 def render(source: str, name: str, context: Mapping[str, Any]) -> str:
@@ -42,11 +42,11 @@ def render(source: str, name: str, context: Mapping[str, Any]) -> str:
     try:
         return template.render(**context)
     except jinja2.UndefinedError as exc:
-        raise TemplateError(f"{name}:{_error_line(exc)}: {exc.message}", "define it under `vars:`") from exc
+        raise TemplateError(f"{name}: line {_error_line(exc)}: {exc.message}", "define it under `vars:`") from exc
     except jinja2.exceptions.SecurityError as exc:
         raise TemplateError(f"{name}: unsafe template operation: {exc}") from exc
     except jinja2.TemplateError as exc:
-        raise TemplateError(f"{name}:{_error_line(exc)}: {exc}") from exc
+        raise TemplateError(f"{name}: line {_error_line(exc)}: {exc}") from exc
 
 
 def _error_line(exc: BaseException) -> int:

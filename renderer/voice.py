@@ -139,7 +139,7 @@ class WavSink:
     def _emit(self, audio: np.ndarray) -> None:
         if not len(audio):
             return
-        pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
+        pcm = np.clip(np.round(audio * 32768), -32768, 32767).astype("<i2")  # FFmpeg's s16 ↔ float scale
         self._wav.writeframes(pcm.tobytes())
         self.samples += len(pcm)
         self.peak = max(self.peak, float(np.max(np.abs(audio))))
@@ -191,12 +191,14 @@ def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndar
         with av.open(source) as container:
             if not container.streams.audio:
                 raise BadInputError(f"{name} has no audio stream", "pass a wav, mp3, flac, ogg or m4a file")
-            resampler = av.AudioResampler(format="flt", layout="mono")
+            # Planar float, channels kept: the mean of the channels is the mono signal. (FFmpeg's own stereo →
+            # mono downmix adds the channels at -3 dB each, which makes a centred voice 3 dB louder and can clip.)
+            resampler = av.AudioResampler(format="fltp")
             for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
-                    yield out.to_ndarray().reshape(-1), out.sample_rate
+                    yield out.to_ndarray().mean(axis=0, dtype=np.float32), out.sample_rate
             for out in resampler.resample(None):
-                yield out.to_ndarray().reshape(-1), out.sample_rate
+                yield out.to_ndarray().mean(axis=0, dtype=np.float32), out.sample_rate
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as exc:
         raise BadInputError(f"cannot decode audio {name}: {exc}", "pass a readable wav, mp3, flac, ogg or m4a file") from exc
 
@@ -284,7 +286,7 @@ def clean_text(text: str) -> str:
     )
 
 
-def _split_long(phonemes: list[str], limit: int = _MAX_PHONEMES) -> list[list[str]]:
+def split_phonemes(phonemes: list[str], limit: int = _MAX_PHONEMES) -> list[list[str]]:
     """Split a sentence's phonemes at word breaks into runs of at most `limit` (a word longer than that is cut)."""
     runs: list[list[str]] = []
     while len(phonemes) > limit:
@@ -339,7 +341,7 @@ def synthesize_piper(voice: Any, text: str, out_wav: Path, settings: PiperSettin
         noise_w_scale=settings.noise_w_scale,
     )
     # 1. Phonemize: cheap, and it tells us where the sentences are.
-    sentences = [run for sentence in voice.phonemize(text) for run in _split_long(sentence) if run]
+    sentences = [run for sentence in voice.phonemize(text) for run in split_phonemes(sentence) if run]
     silence = np.zeros(int(round(settings.sentence_silence * in_rate)), np.float32)
     timeline: list[list] = []  # [phoneme, samples at in_rate]
     aligned = True
@@ -398,7 +400,7 @@ class _NothingToSay(Exception):
 
 
 @functools.cache
-def _gtts_class() -> type:
+def gtts_class() -> type:
     """gTTS with a replaceable endpoint; built on first use so importing this module does not import gtts."""
     from gtts import gTTS
 
@@ -434,7 +436,7 @@ def fetch_gtts_mp3(
     """
     from gtts import gTTSError
 
-    cls = _gtts_class()
+    cls = gtts_class()
     for attempt in range(retries + 1):
         buffer = io.BytesIO()
         try:

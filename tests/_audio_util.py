@@ -38,13 +38,15 @@ def read_wav(path: Path) -> tuple[np.ndarray, int, int, int]:
     return np.frombuffer(data, dtype=np.int16).reshape(-1, channels), rate, channels, width
 
 
-def encode_audio(audio: np.ndarray, rate: int, fmt: str, codec: str) -> bytes:
+def encode_audio(
+    audio: np.ndarray, rate: int, fmt: str, codec: str, container_options: dict[str, str] | None = None
+) -> bytes:
     """Encode float samples (samples, channels) into a real compressed file (e.g. fmt "mp3", codec "libmp3lame")."""
     import av
 
     channels = audio.shape[1]
     buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as out:
+    with av.open(buf, "w", format=fmt, container_options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.layout = "mono" if channels == 1 else "stereo"
         planar = np.ascontiguousarray(audio.T.astype(np.float32))

@@ -1,0 +1,56 @@
+"""Light stand-ins for the model stages, used to test the runner's scheduling, caching and failure policy.
+
+They honour the renderer contract (outputs named per stage, one result per job, RenderError for a bad input) and
+write content derived from their inputs, so cache reuse and rebuilds are observable. Real stages are tested in the
+renderer test files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batch.stages import STAGES, TARGETS
+from renderer.base import BadInputError, ModelPool, StepJob
+
+
+def _digest(job: StepJob) -> bytes:
+    h = hashlib.sha256(job.key.encode())
+    for name in sorted(job.inputs):
+        h.update(Path(job.inputs[name]).read_bytes())
+    h.update(job.text.encode())
+    return h.hexdigest().encode()
+
+
+def make_registry(log: Path | None = None, delay: float = 0.0, chunk_delay: float = 0.0) -> dict[str, Any]:
+    """Stage functions keyed by target. `log` gets one line per step built; `delay` sleeps mid-write."""
+
+    def stage_fn(jobs: Sequence[StepJob], pool: ModelPool) -> list[Any]:
+        pool.get(f"fake-{jobs[0].stage}", jobs[0].device, "float32", lambda: object())
+        out: list[Any] = []
+        for job in jobs:
+            if "FAIL" in job.text:
+                out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL"))
+                continue
+            spec = STAGES[job.stage]
+            for name in spec.outputs:
+                with open(job.out_dir / name, "wb") as fh:
+                    fh.write(_digest(job)[:32])
+                    fh.flush()
+                    if delay:
+                        time.sleep(delay)
+                    fh.write(_digest(job)[32:])
+            if log is not None:
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, f"{job.stage} {job.key} {os.getpid()}\n".encode())
+                os.close(fd)
+            out.append({"fake": True})
+        if chunk_delay:
+            time.sleep(chunk_delay)
+        return out
+
+    return {target: stage_fn for target in TARGETS.values()}

@@ -1,0 +1,110 @@
+"""Edit-and-replan: exactly the steps whose inputs changed run again, each with the reason users would expect."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from batch.hashing import step_key
+from tests._fake_stages import make_registry
+from tests._project import build, plan, stale_steps, write_project
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Path:
+    write_project(tmp_path)
+    result = build(tmp_path, make_registry())
+    assert [v.status for v in result.videos] == ["built"] * 5
+    return tmp_path
+
+
+def test_plan_first_run_is_new_with_expected_steps(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    p, _ = plan(tmp_path)
+    steps = {v.video.id: [d.stage for d in v.decisions] for v in p.videos}
+    assert steps["ceo-hello"] == ["prompt", "image", "voice", "animate", "mux"]
+    assert steps["cto-hello"] == ["voice", "animate", "mux"]  # a given portrait skips prompt and image
+    assert steps["cto-recorded"] == ["audio", "animate", "mux"]  # a given audio file skips voice
+    assert all(d.reason == "new" for v in p.videos for d in v.decisions)
+    assert p.stale
+
+
+def test_plan_nothing_changed_all_cached(built: Path) -> None:
+    p, _ = plan(built)
+    assert stale_steps(p) == {}
+    assert not p.stale
+
+
+def test_plan_script_text_edit_reruns_only_its_videos(built: Path) -> None:
+    write_project(built, hello="Hello, I am the new boss.")
+    p, _ = plan(built)
+    reason = {"voice": "script text changed", "animate": "audio changed", "mux": "audio changed; video changed"}
+    assert stale_steps(p) == {"ceo-hello": reason, "cto-hello": reason}
+
+
+def test_plan_description_edit_reruns_prompt_image_and_downstream(built: Path) -> None:
+    write_project(built, ceo="a calm CEO in his sixties")
+    p, _ = plan(built)
+    expected = {
+        "prompt": "character description or prompt template changed",
+        "image": "prompt changed",
+        "animate": "portrait changed",
+        "mux": "video changed",
+    }
+    assert stale_steps(p) == {"ceo-hello": expected, "ceo-bye": expected}
+
+
+def test_plan_default_setting_change_reruns_steps_that_use_it(built: Path) -> None:
+    write_project(built, rate=1.5)
+    p, _ = plan(built)
+    stale = stale_steps(p)
+    assert set(stale) == {"ceo-hello", "ceo-bye", "cto-hello", "cto-bye"}  # cto-recorded uses no synthesis
+    assert all(s["voice"] == "voice.rate 1.0 → 1.5" for s in stale.values())
+    assert all(set(s) == {"voice", "animate", "mux"} for s in stale.values())
+
+
+def test_plan_cosmetic_setting_change_reruns_nothing(built: Path) -> None:
+    write_project(built, batch=32)
+    p, _ = plan(built)
+    assert stale_steps(p) == {}
+
+
+def test_plan_engine_change_names_old_and_new(built: Path) -> None:
+    path = built / "m.yaml"
+    path.write_text(path.read_text().replace("engine: piper", "engine: gtts"))
+    p, _ = plan(built)
+    assert stale_steps(p)["cto-bye"]["voice"] == "voice.engine piper → gtts"
+
+
+def test_plan_deleted_cache_entry_is_output_missing(built: Path) -> None:
+    p, cache = plan(built)
+    mux = next(d for d in p.videos[0].decisions if d.stage == "mux")
+    shutil.rmtree(cache.entry("mux", mux.key))
+    p, _ = plan(built)
+    assert stale_steps(p) == {p.videos[0].video.id: {"mux": "output missing"}}
+
+
+def test_plan_portrait_file_change_reruns_its_videos(built: Path) -> None:
+    (built / "face.png").write_bytes(b"another portrait")
+    p, _ = plan(built)
+    assert set(stale_steps(p)) == {"cto-hello", "cto-bye", "cto-recorded"}
+    assert stale_steps(p)["cto-bye"]["animate"] == "portrait changed"
+
+
+def test_plan_force_stage_reruns_that_stage(built: Path) -> None:
+    p, _ = plan(built, force=("mux",))
+    stale = stale_steps(p)
+    assert len(stale) == 5 and all(s == {"mux": "forced (--force)"} for s in stale.values())
+
+
+def test_plan_keys_are_pinned(tmp_path: Path) -> None:
+    """Keys that depend on nothing installed are pinned: an accidental change of derivation fails here."""
+    write_project(tmp_path)
+    p, _ = plan(tmp_path)
+    by_id = {v.video.id: {s.stage: s.key for s in v.steps} for v in p.videos}
+    assert by_id["cto-recorded"]["audio"] == "deb8de6b1dbe472723cc4e6f4c0b732f88a3b1eef5714522b4fc5f506a5d9447"
+    assert step_key("mux", {"version": 1, "settings": {}, "inputs": {"video": "a", "audio": "b"}, "weights": {}}) == (
+        "6e42c59520df0268d159407bdd00e4bdc6dc63033736f28cd654f825a66aea0a"
+    )

@@ -1,0 +1,163 @@
+"""The runner: stage-major execution, warm models, cache hits, atomic outputs, failure policy, concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batch.cache import Cache
+from tests._fake_stages import make_registry
+from tests._project import build, plan, write_project
+
+SCRIPT = Path(__file__).parent / "_build_script.py"
+
+
+def test_run_builds_all_videos_and_reports_each_step(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    result = build(tmp_path, make_registry())
+    assert sorted(v.status for v in result.videos) == ["built"] * 5
+    for v in result.videos:
+        assert Path(v.output).is_file() and Path(v.output).parent == tmp_path / "build" / "m"
+    report = json.loads((tmp_path / "build" / "m" / "report.json").read_text())
+    assert report["summary"] == {"built": 5, "cached": 0, "failed": 0, "skipped": 0}
+    step = report["videos"][0]["steps"][0]
+    assert set(step) >= {"stage", "key", "cached", "reason", "seconds"} and step["reason"] == "new"
+    assert (tmp_path / "build" / "m" / "report.html").read_text().count("<tr>") == 6
+
+
+def test_run_loads_each_model_once_per_run(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    result = build(tmp_path, make_registry())
+    assert result.model_loads and all(n == 1 for n in result.model_loads.values())
+    assert len(result.model_loads) == 6  # prompt, image, voice, audio, animate, mux: once each for 5 videos
+
+
+def test_run_second_run_is_all_cached_and_calls_no_stage(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    build(tmp_path, make_registry())
+    log = tmp_path / "log"
+    result = build(tmp_path, make_registry(log=log))
+    assert [v.status for v in result.videos] == ["cached"] * 5
+    assert not log.exists()
+
+
+def test_run_shared_steps_are_built_once(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    log = tmp_path / "log"
+    build(tmp_path, make_registry(log=log))
+    lines = log.read_text().splitlines()
+    keys = [line.split()[1] for line in lines]
+    assert len(keys) == len(set(keys))
+    # ceo's prompt and image serve two videos; "bye" is the same text for both characters.
+    assert sum(line.startswith("image ") for line in lines) == 1
+    assert sum(line.startswith("voice ") for line in lines) == 2
+
+
+def test_run_failing_video_does_not_stop_the_others(tmp_path: Path) -> None:
+    write_project(tmp_path, hello="Please FAIL here.")
+    result = build(tmp_path, make_registry())
+    status = {v.id: v.status for v in result.videos}
+    assert status == {"ceo-hello": "failed", "cto-hello": "failed", "ceo-bye": "built", "cto-bye": "built",
+                      "cto-recorded": "built"}
+    failed = next(v for v in result.videos if v.id == "cto-hello")
+    assert failed.error == "voice: scripts.hello: the text asks to fail — remove FAIL"
+    assert not (tmp_path / "build" / "m" / "cto-hello.mp4").exists()
+
+
+def test_run_fail_fast_stops_at_first_failure(tmp_path: Path) -> None:
+    write_project(tmp_path, hello="Please FAIL here.")
+    result = build(tmp_path, make_registry(), fail_fast=True)
+    status = {v.id: v.status for v in result.videos}
+    assert status["ceo-hello"] == "failed" and status["ceo-bye"] == "skipped"
+    assert all(s != "built" for s in status.values())
+
+
+def test_run_failed_video_is_retried_next_run(tmp_path: Path) -> None:
+    write_project(tmp_path, hello="Please FAIL here.")
+    build(tmp_path, make_registry())
+    write_project(tmp_path, hello="All good now.")
+    result = build(tmp_path, make_registry())
+    assert {v.id: v.status for v in result.videos}["cto-hello"] == "built"
+
+
+def test_run_corrupt_record_is_a_miss_not_a_crash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_project(tmp_path)
+    build(tmp_path, make_registry())
+    p, cache = plan(tmp_path)
+    mux = p.videos[0].steps[-1]
+    (cache.entry("mux", mux.key) / "step.json").write_text("{not json")
+    p, cache = plan(tmp_path)
+    assert "corrupt" in caplog.text
+    assert not p.videos[0].decisions[-1].cached
+    result = build(tmp_path, make_registry())
+    assert result.videos[0].status == "built"
+
+
+def test_run_truncated_output_is_a_miss(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    build(tmp_path, make_registry())
+    p, cache = plan(tmp_path)
+    mux = p.videos[0].steps[-1]
+    out = cache.output("mux", mux.key, "video.mp4")
+    out.write_bytes(out.read_bytes()[:10])
+    p, _ = plan(tmp_path)
+    assert p.videos[0].decisions[-1].reason == "output missing"
+
+
+def test_run_killed_mid_write_leaves_no_hit_and_resumes(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    log = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(log), "30", "0"])
+    tmp_dir = tmp_path / "build" / "cache" / "tmp"
+    deadline = time.time() + 60
+    partial = []
+    while time.time() < deadline and not partial:
+        partial = [p for p in tmp_dir.rglob("*") if p.is_file() and p.stat().st_size > 0] if tmp_dir.exists() else []
+        time.sleep(0.05)
+    assert partial, "the build never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    p, cache = plan(tmp_path)
+    assert not any(d.cached for v in p.videos for d in v.decisions)
+    assert not list((tmp_path / "build" / "cache").rglob("step.json"))
+    result = build(tmp_path, make_registry())
+    assert [v.status for v in result.videos] == ["built"] * 5
+    assert not any(tmp_dir.iterdir())  # the dead run's temporary folder was swept
+
+
+def test_run_two_processes_build_each_step_once(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    log = tmp_path / "log"
+    procs = [
+        subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(log), "0", "0.15"]) for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    keys = [line.split()[1] for line in log.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 15
+    p, _ = plan(tmp_path)
+    assert not p.stale
+
+
+def test_run_lock_of_killed_process_is_recovered(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\nfrom batch.cache import Cache\n"
+        "c = Cache(Path(%r))\n"
+        "with c.locked(['k1']):\n    print('held', flush=True); time.sleep(60)\n"
+    ) % (str(Path(__file__).resolve().parent.parent), str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    t0 = time.time()
+    with cache.locked(["k1"]):
+        pass
+    assert time.time() - t0 < 5
