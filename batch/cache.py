@@ -80,8 +80,15 @@ class Cache:
         folder.mkdir(parents=True)
         return folder
 
-    def commit(self, stage: str, key: str, tmp: Path, outputs: tuple[str, ...], optional: tuple[str, ...],
-               record: Mapping[str, Any]) -> dict[str, Any]:
+    def commit(
+        self,
+        stage: str,
+        key: str,
+        tmp: Path,
+        outputs: tuple[str, ...],
+        optional: tuple[str, ...],
+        record: Mapping[str, Any],
+    ) -> dict[str, Any]:
         """Move a finished tmp folder into place, then write the record last (that marks the entry complete)."""
         sizes = {}
         for name in outputs:

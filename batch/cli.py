@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -34,7 +33,9 @@ def project_root(manifest: Path) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dhbatch", description="Turn YAML manifests into talking-head videos, rebuilding only what changed.")
+    p = argparse.ArgumentParser(
+        prog="dhbatch", description="Turn YAML manifests into talking-head videos, rebuilding only what changed."
+    )
     p.add_argument("--version", action="version", version=f"dhbatch {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
@@ -45,13 +46,24 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
         else:
             sp.add_argument("manifest", type=Path, metavar="MANIFEST")
-        sp.add_argument("--build-dir", type=Path, help="outputs and cache (default: build/ beside the project's checkpoints/ or .git)")
+        sp.add_argument(
+            "--build-dir",
+            type=Path,
+            help="outputs and cache (default: build/ beside the project's checkpoints/ or .git)",
+        )
         sp.add_argument("--checkpoints", type=Path, help="weights folder (default: checkpoints/ in the project root)")
 
     def selection(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--only", nargs="+", default=[], metavar="ID", help="only these video ids")
-        sp.add_argument("--force", nargs="?", const="all", action="append", default=[], metavar="STAGE",
-                        help=f"rebuild even if cached: every step, or one stage ({', '.join(ORDER)})")
+        sp.add_argument(
+            "--force",
+            nargs="?",
+            const="all",
+            action="append",
+            default=[],
+            metavar="STAGE",
+            help=f"rebuild even if cached: every step, or one stage ({', '.join(ORDER)})",
+        )
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = sub.add_parser("plan", help="show what a build would do and why (exit 0: up to date, 1: something to build)")
@@ -82,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate}[args.command](args)
     except ManifestError as exc:
-        print(f"error: invalid manifest ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        print(
+            f"error: invalid manifest ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):",
+            file=sys.stderr,
+        )
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         if exc.hint:
@@ -115,14 +130,22 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
         if f not in (*ORDER, "all"):
             raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
-    planner = Planner(manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher,
-                      is_cached=cache.is_cached, force=args.force)
+    planner = Planner(
+        manifest,
+        build_dir=build_dir,
+        checkpoints=checkpoints,
+        hasher=cache.hasher,
+        is_cached=cache.is_cached,
+        force=args.force,
+    )
     return planner.plan(select_videos(manifest, args.only)), cache, checkpoints
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    print(f"{display_path(manifest.path)}: ok — {len(manifest.characters)} characters, {len(manifest.scripts)} scripts, {len(manifest.videos)} videos")
+    print(
+        f"{display_path(manifest.path)}: ok — {len(manifest.characters)} characters, {len(manifest.scripts)} scripts, {len(manifest.videos)} videos"
+    )
     return EXIT_OK
 
 
@@ -157,8 +180,16 @@ def cmd_build(args: argparse.Namespace) -> int:
             for d in v.decisions:
                 if not d.cached:
                     logger.info("%s: %s will run (%s)", v.video.id, d.stage, d.reason)
-    runner = Runner(plan, cache, checkpoints=checkpoints, device=args.device, fail_fast=args.fail_fast,
-                    jobs=args.jobs, force=args.force, progress=not args.quiet and sys.stderr.isatty())
+    runner = Runner(
+        plan,
+        cache,
+        checkpoints=checkpoints,
+        device=args.device,
+        fail_fast=args.fail_fast,
+        jobs=args.jobs,
+        force=args.force,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     try:
         result = runner.run()
     finally:
@@ -176,7 +207,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             else:
                 print(f"{v.status:<7} {v.id}: {display_path(Path(v.output))} ({detail}, renderer {v.renderer})")
         ok = sum(v.status in ("built", "cached") for v in result.videos)
-        print(f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s — report: {display_path(report.with_suffix('.html'))}")
+        print(
+            f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s — report: {display_path(report.with_suffix('.html'))}"
+        )
     return EXIT_FAILED if result.failed else EXIT_OK
 
 
@@ -186,10 +219,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for path in args.manifests:
         manifest, build_dir, checkpoints, cache = _setup(args, path)
         caches.setdefault(cache.root, cache)
-        planner = Planner(manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher, is_cached=cache.is_cached)
+        planner = Planner(
+            manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher, is_cached=cache.is_cached
+        )
         plan = planner.plan(manifest.videos)
         reachable |= {s.key for v in plan.videos for s in v.steps}
-    doomed = [(stage, key, folder) for cache in caches.values() for stage, key, folder in cache.entries() if key not in reachable]
+    doomed = [
+        (stage, key, folder)
+        for cache in caches.values()
+        for stage, key, folder in cache.entries()
+        if key not in reachable
+    ]
     size = sum(f.stat().st_size for _, _, folder in doomed for f in folder.rglob("*") if f.is_file())
     for stage, key, _ in doomed:
         print(f"{'remove' if args.yes else 'would remove'} {stage} {key[:12]}")
@@ -199,7 +239,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         for cache in caches.values():
             cache.sweep_tmp()
     verb = "removed" if args.yes else "unreachable"
-    print(f"{len(doomed)} cache entries {verb} ({size / 1e6:.1f} MB)" + ("" if args.yes or not doomed else "; run again with --yes to delete"))
+    print(
+        f"{len(doomed)} cache entries {verb} ({size / 1e6:.1f} MB)"
+        + ("" if args.yes or not doomed else "; run again with --yes to delete")
+    )
     return EXIT_OK
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -183,9 +183,7 @@ def load_manifest(path: Path | str) -> Manifest:
     return _assemble(top, root, docs, problems)
 
 
-def _load_tree(
-    file: Path, root: Path, display: str, problems: _Collector, docs: list, stack: tuple[Path, ...]
-) -> None:
+def _load_tree(file: Path, root: Path, display: str, problems: _Collector, docs: list, stack: tuple[Path, ...]) -> None:
     doc = load_yaml(file, display)
     if not isinstance(doc.data, dict):
         raise ManifestError([Problem(display, 1, 1, "", "a manifest is a mapping that starts with `version: 1`")])
@@ -231,8 +229,10 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} (allowed: {', '.join(known)}){maybe}"
     if err.validator == "const" and err.absolute_path and list(err.absolute_path) == ["version"]:
         return f"unsupported manifest version {err.instance!r}; this tool reads version 1"
-    if err.validator == "oneOf" and isinstance(err.instance, dict) and {"text", "text_file", "audio"} & set(
-        err.schema.get("properties", {})
+    if (
+        err.validator == "oneOf"
+        and isinstance(err.instance, dict)
+        and {"text", "text_file", "audio"} & set(err.schema.get("properties", {}))
     ):
         given = [k for k in ("text", "text_file", "audio") if k in err.instance]
         return f"a script needs exactly one of text, text_file or audio (given: {', '.join(given) or 'none'})"
@@ -308,7 +308,11 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
             problems.add(doc, (*path, "script"), f"unknown script {script!r} (known: {_known(scripts)})")
             ok = False
         if vid in seen:
-            problems.add(doc, (*path, "id") if path[0] == "videos" else path, f"duplicate video id {vid!r} (first at {seen[vid]})")
+            problems.add(
+                doc,
+                (*path, "id") if path[0] == "videos" else path,
+                f"duplicate video id {vid!r} (first at {seen[vid]})",
+            )
             ok = False
         if ok:
             seen[vid] = loc

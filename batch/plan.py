@@ -12,7 +12,7 @@ from typing import Any
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
 from batch.manifest import Manifest, Video, thaw
-from batch.stages import ORDER, STAGES, keyed_settings, sadtalker_available, weights_identity
+from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,9 @@ class Planner:
             "version": STAGES[stage].version,
             "settings": keyed,
             "inputs": input_ids,
-            "weights": self._weights_for(stage, settings) if stage in ("prompt", "image", "voice", "animate", "enhance") else {},
+            "weights": self._weights_for(stage, settings)
+            if stage in ("prompt", "image", "voice", "animate", "enhance")
+            else {},
         }
         return Step(stage, step_key(stage, fingerprint), fingerprint, settings, inputs, text, seed or 0, label, target)
 
@@ -186,7 +188,9 @@ class Planner:
             portrait_id = self.hasher.digest(character.image)
         else:
             llm = dict(settings["llm"])
-            template_name = llm["template"] or ("image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2")
+            template_name = llm["template"] or (
+                "image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2"
+            )
             source, tpath = self._template(template_name)
             request = render(
                 source,
@@ -194,12 +198,23 @@ class Planner:
                 {"description": character.description, "engine": llm["engine"], "character": _char_ctx(character)},
             ).strip()
             prompt = self._step(
-                "prompt", llm, (), {"request": text_digest(request)}, text=request,
-                seed=None if llm["engine"] == "none" else character.seed, label=clabel, target="renderer.llm:run",
+                "prompt",
+                llm,
+                (),
+                {"request": text_digest(request)},
+                text=request,
+                seed=None if llm["engine"] == "none" else character.seed,
+                label=clabel,
+                target="renderer.llm:run",
             )
             image = self._step(
-                "image", settings["image"], (StepInput("prompt", stage="prompt", key=prompt.key, filename="prompt.txt"),),
-                {"prompt": prompt.key}, seed=character.seed, label=clabel, target="renderer.portrait:run",
+                "image",
+                settings["image"],
+                (StepInput("prompt", stage="prompt", key=prompt.key, filename="prompt.txt"),),
+                {"prompt": prompt.key},
+                seed=character.seed,
+                label=clabel,
+                target="renderer.portrait:run",
             )
             steps += [prompt, image]
             portrait = StepInput("portrait", stage="image", key=image.key, filename="portrait.png")
@@ -208,15 +223,24 @@ class Planner:
         # Speech: a given audio file (converted), or synthesis from the rendered script text.
         if script.audio is not None:
             speech = self._step(
-                "audio", {}, (StepInput("audio", path=script.audio),), {"audio": self.hasher.digest(script.audio)},
-                label=slabel, target="renderer.voice:run_convert",
+                "audio",
+                {},
+                (StepInput("audio", path=script.audio),),
+                {"audio": self.hasher.digest(script.audio)},
+                label=slabel,
+                target="renderer.voice:run_convert",
             )
         else:
             context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
             field = "text_file" if script.text_file else "text"
             text = render(script.text or "", f"{slabel}.{field}", context)
             speech = self._step(
-                "voice", settings["voice"], (), {"text": text_digest(text)}, text=text, label=slabel,
+                "voice",
+                settings["voice"],
+                (),
+                {"text": text_digest(text)},
+                text=text,
+                label=slabel,
                 target="renderer.voice:run",
             )
         steps.append(speech)
@@ -232,20 +256,33 @@ class Planner:
         if speech.stage == "voice":
             anim_inputs.append(StepInput("phonemes", stage="voice", key=speech.key, filename="phonemes.json"))
         animate = self._step(
-            "animate", video_settings, tuple(anim_inputs), {"portrait": portrait_id, "audio": speech.key},
-            seed=character.seed, label=f"videos.{video.id}", target=f"renderer.{'sadtalker.pipeline' if renderer == 'sadtalker' else 'puppet'}:run",
+            "animate",
+            video_settings,
+            tuple(anim_inputs),
+            {"portrait": portrait_id, "audio": speech.key},
+            seed=character.seed,
+            label=f"videos.{video.id}",
+            target=f"renderer.{'sadtalker.pipeline' if renderer == 'sadtalker' else 'puppet'}:run",
         )
         steps.append(animate)
         last = animate
         if video_settings["enhancer"] != "none":
             last = self._step(
-                "enhance", video_settings, (StepInput("video", stage="animate", key=animate.key, filename="video.mp4"),),
-                {"video": animate.key}, label=f"videos.{video.id}", target="renderer.enhance:run",
+                "enhance",
+                video_settings,
+                (StepInput("video", stage="animate", key=animate.key, filename="video.mp4"),),
+                {"video": animate.key},
+                label=f"videos.{video.id}",
+                target="renderer.enhance:run",
             )
             steps.append(last)
         mux = self._step(
-            "mux", {}, (StepInput("video", stage=last.stage, key=last.key, filename="video.mp4"), audio_in),
-            {"video": last.key, "audio": speech.key}, label=f"videos.{video.id}", target="renderer.encode:run_mux",
+            "mux",
+            {},
+            (StepInput("video", stage=last.stage, key=last.key, filename="video.mp4"), audio_in),
+            {"video": last.key, "audio": speech.key},
+            label=f"videos.{video.id}",
+            target="renderer.encode:run_mux",
         )
         steps.append(mux)
         return renderer, tuple(steps)
@@ -266,7 +303,9 @@ class Planner:
                 continue
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
             decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
-            out.append(VideoPlan(video, self.build_dir / self.manifest.name / f"{video.id}.mp4", renderer, steps, decisions))
+            out.append(
+                VideoPlan(video, self.build_dir / self.manifest.name / f"{video.id}.mp4", renderer, steps, decisions)
+            )
         if problems:
             raise ManifestError(problems)
         self.hasher.save()
@@ -306,7 +345,7 @@ def explain(before: Mapping[str, Any] | None, step: Step) -> str:
     old_s, new_s = old.get("settings", {}), new["settings"]
     changed = sorted(n for n in set(old_s) | set(new_s) if old_s.get(n) != new_s.get(n))
     switched = [n for n in changed if n in ("engine", "renderer")]
-    for name in (switched or changed):  # after an engine switch, the other differences follow from it
+    for name in switched or changed:  # after an engine switch, the other differences follow from it
         label = name if name == "seed" or not section else f"{section}.{name}"
         reasons.append(f"{label} {_show(old_s.get(name))} → {_show(new_s.get(name))}")
     old_i, new_i = old.get("inputs", {}), new["inputs"]

@@ -230,7 +230,9 @@ class Runner:
                     self.cache.forget(s.key)
                     rec = self.cache.record(stage, s.key)
                     if rec is not None:  # another run built it while we waited for the lock
-                        self.outcomes[s.key] = StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {}))
+                        self.outcomes[s.key] = StepOutcome(
+                            stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
+                        )
                         bar.update(1)
                         continue
                 misses.append(s)
@@ -240,8 +242,16 @@ class Runner:
             try:
                 jobs = [
                     StepJob(
-                        stage=stage, key=s.key, settings=s.settings, inputs=self._input_paths(s), out_dir=tmp,
-                        text=s.text, device=self.device(), seed=s.seed, checkpoints=self.checkpoints, label=s.label,
+                        stage=stage,
+                        key=s.key,
+                        settings=s.settings,
+                        inputs=self._input_paths(s),
+                        out_dir=tmp,
+                        text=s.text,
+                        device=self.device(),
+                        seed=s.seed,
+                        checkpoints=self.checkpoints,
+                        label=s.label,
                     )
                     for s, tmp in zip(misses, tmps, strict=True)
                 ]
@@ -256,7 +266,9 @@ class Runner:
                     results = [exc] * len(jobs)
                 except Exception as exc:  # noqa: BLE001 - a bug in a stage must not take the other videos down
                     logger.debug("stage %s crashed", stage, exc_info=True)
-                    results = [RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")] * len(jobs)
+                    results = [RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")] * len(
+                        jobs
+                    )
                 seconds = (time.perf_counter() - t0) / len(jobs)
                 any_failed = False
                 for s, tmp, res in zip(misses, tmps, results, strict=True):
@@ -271,9 +283,18 @@ class Runner:
                     info = dict(res or {})
                     try:
                         self.cache.commit(
-                            stage, s.key, tmp, spec.outputs, spec.optional,
-                            {"fingerprint": _thaw(s.fingerprint), "info": info, "seconds": round(seconds, 3),
-                             "label": s.label, "created": time.time()},
+                            stage,
+                            s.key,
+                            tmp,
+                            spec.outputs,
+                            spec.optional,
+                            {
+                                "fingerprint": _thaw(s.fingerprint),
+                                "info": info,
+                                "seconds": round(seconds, 3),
+                                "label": s.label,
+                                "created": time.time(),
+                            },
                         )
                     except FileNotFoundError as exc:
                         self.failed[s.key] = str(exc)
@@ -296,7 +317,9 @@ class Runner:
             o = self.outcomes.get(s.key)
             if o is None:
                 reason = next(d.reason for d in vp.decisions if d.key == s.key)
-                o = StepOutcome(s.stage, s.key, False, reason, 0.0, {}, self.failed.get(s.key) and "not run: upstream failed")
+                o = StepOutcome(
+                    s.stage, s.key, False, reason, 0.0, {}, self.failed.get(s.key) and "not run: upstream failed"
+                )
             outcomes.append(o)
             if error is None and s.key in self.failed:
                 error = f"{s.stage}: {self.failed[s.key]}"
@@ -305,8 +328,15 @@ class Runner:
             src = self.cache.output(final.stage, final.key, STAGES[final.stage].outputs[0])
             publish(src, vp.output)
             status = "cached" if all(o.cached for o in outcomes) else "built"
-            return VideoResult(vp.video.id, status, str(vp.output), vp.renderer, outcomes, None,
-                               round(sum(o.seconds for o in outcomes), 3))
+            return VideoResult(
+                vp.video.id,
+                status,
+                str(vp.output),
+                vp.renderer,
+                outcomes,
+                None,
+                round(sum(o.seconds for o in outcomes), 3),
+            )
         if error is None:
             error = "not run: the run stopped at the first failure (--fail-fast)" if stopped else "not run"
             return VideoResult(vp.video.id, "skipped", None, vp.renderer, outcomes, error)

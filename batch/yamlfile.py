@@ -67,7 +67,9 @@ def load_yaml(path: Path, display: str) -> Located:
     except OSError as exc:
         raise ManifestError([Problem(display, 0, 0, "", f"cannot read the file: {exc.strerror or exc}")]) from exc
     if len(raw) > MAX_BYTES:
-        raise ManifestError([Problem(display, 0, 0, "", f"file is {len(raw)} bytes; manifests are limited to {MAX_BYTES}")])
+        raise ManifestError(
+            [Problem(display, 0, 0, "", f"file is {len(raw)} bytes; manifests are limited to {MAX_BYTES}")]
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -138,7 +140,9 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 def _walk(node: yaml.Node, path: Path_, positions: dict, problems: list[Problem], display: str, depth: int = 0) -> None:
     if depth > 64:
-        problems.append(Problem(display, node.start_mark.line + 1, node.start_mark.column + 1, dotted(path), "nested too deeply"))
+        problems.append(
+            Problem(display, node.start_mark.line + 1, node.start_mark.column + 1, dotted(path), "nested too deeply")
+        )
         return
     if path not in positions:
         positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)

@@ -200,7 +200,9 @@ def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndar
             for out in resampler.resample(None):
                 yield out.to_ndarray().mean(axis=0, dtype=np.float32), out.sample_rate
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as exc:
-        raise BadInputError(f"cannot decode audio {name}: {exc}", "pass a readable wav, mp3, flac, ogg or m4a file") from exc
+        raise BadInputError(
+            f"cannot decode audio {name}: {exc}", "pass a readable wav, mp3, flac, ogg or m4a file"
+        ) from exc
 
 
 def decode_to_wav(source: str | io.BytesIO, out_wav: Path, name: str) -> dict[str, Any]:
@@ -282,7 +284,9 @@ def clean_text(text: str) -> str:
     """Drop what espeak cannot take: control and format characters and lone surrogates (NUL would cut the text)."""
     text = unicodedata.normalize("NFC", text)
     return "".join(
-        " " if ch in "\t\r\n" else ch for ch in text if ch in "\t\r\n" or unicodedata.category(ch) not in {"Cc", "Cf", "Cs"}
+        " " if ch in "\t\r\n" else ch
+        for ch in text
+        if ch in "\t\r\n" or unicodedata.category(ch) not in {"Cc", "Cf", "Cs"}
     )
 
 
@@ -310,7 +314,7 @@ def _piper_alignment(voice: Any, ids: Sequence[int], id_samples: np.ndarray | No
     names = {v[0]: k for k, v in id_map.items() if len(v) == 1}
     pad = set(id_map.get("_", []))
     entries: list[list] = []
-    for pid, count in zip(ids, id_samples.tolist()):
+    for pid, count in zip(ids, id_samples.tolist(), strict=True):
         if pid in pad and entries:
             entries[-1][1] += count
         else:
@@ -489,7 +493,9 @@ def _with_label(exc: RenderError, label: str) -> RenderError:
 
 
 def _write_phonemes(out_dir: Path, phonemes: list[dict]) -> None:
-    (out_dir / "phonemes.json").write_text(json.dumps(phonemes, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    """One entry per line: small, and readable in a diff."""
+    lines = ",\n".join(json.dumps(entry, ensure_ascii=False) for entry in phonemes)
+    (out_dir / "phonemes.json").write_text(f"[\n{lines}\n]\n" if phonemes else "[]\n", encoding="utf-8")
 
 
 def _run_piper(job: StepJob, pool: ModelPool, text: str) -> dict:

@@ -54,15 +54,22 @@ def write_project(root: Path, **overrides: Any) -> Path:
 def plan(root: Path, force: tuple[str, ...] = ()) -> tuple[Plan, Cache]:
     manifest = load_manifest(root / "m.yaml")
     cache = Cache(root / "build" / "cache")
-    planner = Planner(manifest, build_dir=root / "build", checkpoints=root / "checkpoints", hasher=cache.hasher,
-                      is_cached=cache.is_cached, force=force)
+    planner = Planner(
+        manifest,
+        build_dir=root / "build",
+        checkpoints=root / "checkpoints",
+        hasher=cache.hasher,
+        is_cached=cache.is_cached,
+        force=force,
+    )
     return planner.plan(manifest.videos), cache
 
 
 def build(root: Path, registry: dict[str, Any], **kwargs: Any) -> RunResult:
     p, cache = plan(root, tuple(kwargs.pop("force", ())))
-    result = Runner(p, cache, checkpoints=root / "checkpoints", device="cpu", progress=False, stages=registry,
-                    **kwargs).run()
+    result = Runner(
+        p, cache, checkpoints=root / "checkpoints", device="cpu", progress=False, stages=registry, **kwargs
+    ).run()
     write_state(p, cache.is_cached)
     write_report(p, result)
     return result

@@ -77,7 +77,7 @@ class FakeTranslate:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/_/TranslateWebserverUi/data/batchexecute"
 
     def __enter__(self) -> FakeTranslate:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -98,7 +98,9 @@ def gtts_job(tmp_path: Path, text: str = "Hello from the test server.", **settin
     out_dir.mkdir()
     voice = {"engine": "gtts", "model": "en_US-joe-medium", "rate": 1.0, "sentence_silence": 0.2}
     voice |= {"noise_scale": 0.0, "noise_w_scale": 0.0, "lang": "en", "tld": "com", "slow": False, **settings}
-    return StepJob(stage="voice", key="k", settings=voice, inputs={}, out_dir=out_dir, text=text, label="characters.ceo")
+    return StepJob(
+        stage="voice", key="k", settings=voice, inputs={}, out_dir=out_dir, text=text, label="characters.ceo"
+    )
 
 
 def free_port() -> int:

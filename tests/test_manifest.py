@@ -21,7 +21,9 @@ EXPECTED = {
         "unknown_refs.yaml:8:5: videos[0].character: unknown character 'cfo' (known: ceo)",
         "unknown_refs.yaml:10:30: videos[1].script: unknown script 'bye' (known: hi)",
     ],
-    "duplicate_ids.yaml": ["duplicate_ids.yaml:8:6: videos[1].id: duplicate video id 'v1' (first at duplicate_ids.yaml:7:5)"],
+    "duplicate_ids.yaml": [
+        "duplicate_ids.yaml:8:6: videos[1].id: duplicate video id 'v1' (first at duplicate_ids.yaml:7:5)"
+    ],
     "missing_file.yaml": [
         "missing_file.yaml:4:5: characters.ceo.image: file 'portraits/nobody.png' does not exist (portraits/nobody.png)",
         "missing_file.yaml:7:5: scripts.hi.audio: file 'audio/missing.wav' does not exist (audio/missing.wav)",
@@ -32,8 +34,12 @@ EXPECTED = {
         "escape_path.yaml:6:5: characters.cto.image: absolute paths are not allowed; give a path relative to the"
         " manifest's folder",
     ],
-    "cycle_a.yaml": ["inc/cycle_b.yaml:2:11: include[0]: include cycle: cycle_a.yaml → inc/cycle_b.yaml → cycle_a.yaml"],
-    "syntax_error.yaml": ["syntax_error.yaml:4:8: YAML error: while parsing a flow mapping did not find expected ',' or '}'"],
+    "cycle_a.yaml": [
+        "inc/cycle_b.yaml:2:11: include[0]: include cycle: cycle_a.yaml → inc/cycle_b.yaml → cycle_a.yaml"
+    ],
+    "syntax_error.yaml": [
+        "syntax_error.yaml:4:8: YAML error: while parsing a flow mapping did not find expected ',' or '}'"
+    ],
     "python_tag.yaml": [
         "python_tag.yaml:3:8: YAML error: could not determine a constructor for the tag"
         " 'tag:yaml.org,2002:python/object/apply:os.system'; only plain YAML data is allowed (no !! tags)"

@@ -64,8 +64,13 @@ def test_run_failing_video_does_not_stop_the_others(tmp_path: Path) -> None:
     write_project(tmp_path, hello="Please FAIL here.")
     result = build(tmp_path, make_registry())
     status = {v.id: v.status for v in result.videos}
-    assert status == {"ceo-hello": "failed", "cto-hello": "failed", "ceo-bye": "built", "cto-bye": "built",
-                      "cto-recorded": "built"}
+    assert status == {
+        "ceo-hello": "failed",
+        "cto-hello": "failed",
+        "ceo-bye": "built",
+        "cto-bye": "built",
+        "cto-recorded": "built",
+    }
     failed = next(v for v in result.videos if v.id == "cto-hello")
     assert failed.error == "voice: scripts.hello: the text asks to fail — remove FAIL"
     assert not (tmp_path / "build" / "m" / "cto-hello.mp4").exists()
@@ -135,9 +140,7 @@ def test_run_killed_mid_write_leaves_no_hit_and_resumes(tmp_path: Path) -> None:
 def test_run_two_processes_build_each_step_once(tmp_path: Path) -> None:
     write_project(tmp_path)
     log = tmp_path / "log"
-    procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(log), "0", "0.15"]) for _ in range(2)
-    ]
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(log), "0", "0.15"]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     keys = [line.split()[1] for line in log.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 15
@@ -148,11 +151,11 @@ def test_run_two_processes_build_each_step_once(tmp_path: Path) -> None:
 def test_run_lock_of_killed_process_is_recovered(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     code = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        "import sys, time; sys.path.insert(0, {!r})\n"
         "from pathlib import Path\nfrom batch.cache import Cache\n"
-        "c = Cache(Path(%r))\n"
+        "c = Cache(Path({!r}))\n"
         "with c.locked(['k1']):\n    print('held', flush=True); time.sleep(60)\n"
-    ) % (str(Path(__file__).resolve().parent.parent), str(tmp_path / "cache"))
+    ).format(str(Path(__file__).resolve().parent.parent), str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     os.kill(proc.pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def test_piper_phoneme_timings_are_monotone_and_cover_the_wav(pool: ModelPool, t
     assert len(phonemes) > 40
     assert phonemes[0]["start"] == 0
     assert phonemes[-1]["end"] == pytest.approx(duration, abs=1e-4)
-    for before, after in zip(phonemes, phonemes[1:]):
+    for before, after in itertools.pairwise(phonemes):
         assert before["start"] <= before["end"] == after["start"] <= after["end"]
     symbols = {p["phoneme"] for p in phonemes}
     assert {"^", "$", " ", SILENCE} <= symbols

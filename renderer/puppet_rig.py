@@ -1,0 +1,437 @@
+"""The puppet's face rig: a landmark mesh over the portrait, deformed per frame and drawn with one dense remap.
+
+The mesh is a Delaunay triangulation of the 68 dlib landmarks, a few forehead points, a ring around the head
+(moves with it), a ring further out and the picture's border (both fixed, so the background stays put). Each
+frame moves the vertices (lips, jaw, eyelids, head pose) and draws the picture through the piecewise-affine map
+from the moved mesh back to the rest mesh:
+
+1. per triangle, the affine map output pixel → barycentric → source pixel (12 numbers, ~150 triangles);
+2. per pixel, the triangle that holds it: the previous frame's triangle is the first guess, and pixels that fell
+   outside it step to the neighbour across the violated edge (a vectorised "visibility walk"; after the first
+   frame nearly all pixels settle at once);
+3. one bilinear sample of the portrait for every pixel that can move (precomputed list; pixels of triangles
+   with only fixed corners are copied as they are).
+
+Then the inside of the mouth is painted over the opened lips (dark gradient, a band of upper teeth) and closed
+eyelids are evened out with the skin colour sampled above each eye, both within small boxes and with soft edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+#: Landmark groups (iBUG-68).
+JAW = np.arange(0, 17)
+OUTER_UPPER = [49, 50, 51, 52, 53]
+OUTER_LOWER = [59, 58, 57, 56, 55]
+INNER_UPPER = [61, 62, 63]
+INNER_LOWER = [67, 66, 65]
+LEFT_EYE_UPPER, LEFT_EYE_LOWER = [37, 38], [41, 40]
+RIGHT_EYE_UPPER, RIGHT_EYE_LOWER = [43, 44], [47, 46]
+
+#: Depth of each landmark in front of the head's turning axis, in face widths (nose tip furthest).
+_DEPTH = np.concatenate(
+    [
+        [0.12, 0.18, 0.24, 0.3, 0.36, 0.42, 0.46, 0.5, 0.52, 0.5, 0.46, 0.42, 0.36, 0.3, 0.24, 0.18, 0.12],  # jaw
+        np.full(10, 0.5),  # brows
+        [0.58, 0.63, 0.68, 0.74],  # nose bridge to tip
+        np.full(5, 0.64),  # nostrils
+        np.full(12, 0.48),  # eyes
+        np.full(20, 0.58),  # mouth
+    ]
+)
+_FOREHEAD_DEPTH = 0.45
+#: Lip gap at full opening (mouth_open = 1, expression_scale = 1) and its ceiling, in mouth widths.
+OPEN_GAP = 0.45
+MAX_GAP = 0.62
+#: Share of a gap change taken by the upper lip (the jaw and lower lip do the rest).
+_UPPER_SHARE = 0.18
+#: How far the jaw points follow the lower lip (chin most).
+_JAW_FOLLOW = {3: 0.05, 4: 0.14, 5: 0.28, 6: 0.42, 7: 0.56, 8: 0.64, 9: 0.56, 10: 0.42, 11: 0.28, 12: 0.14, 13: 0.05}
+#: Horizontal mouth stretch per unit of width (-1 round .. +1 spread) and narrowing at full opening.
+_WIDTH_STRETCH = 0.13
+_OPEN_NARROW = 0.08
+#: Eyelid travel at a full blink (upper lid share of the eye opening, lower lid share).
+_LID_UPPER, _LID_LOWER = 0.9, 0.07
+
+
+@dataclasses.dataclass(frozen=True)
+class Pose:
+    """One frame of animation: mouth opening 0..1, width -1..1, blink 0..1 and head angles in degrees."""
+
+    mouth_open: float = 0.0
+    mouth_width: float = 0.0
+    blink: float = 0.0
+    yaw: float = 0.0
+    pitch: float = 0.0
+    roll: float = 0.0
+
+
+def _ellipse(centre: np.ndarray, rx: float, ry: float, count: int, phase: float = 0.0) -> np.ndarray:
+    angles = phase + np.linspace(0, 2 * np.pi, count, endpoint=False)
+    return np.stack([centre[0] + rx * np.cos(angles), centre[1] + ry * np.sin(angles)], axis=1)
+
+
+def _border(width: int, height: int, per_side: int = 4) -> np.ndarray:
+    xs = np.linspace(0, width - 1, per_side + 1)
+    ys = np.linspace(0, height - 1, per_side + 1)
+    top = np.stack([xs, np.zeros_like(xs)], 1)
+    bottom = np.stack([xs, np.full_like(xs, height - 1)], 1)
+    left = np.stack([np.zeros_like(ys[1:-1]), ys[1:-1]], 1)
+    right = np.stack([np.full_like(ys[1:-1], width - 1), ys[1:-1]], 1)
+    return np.concatenate([top, bottom, left, right])
+
+
+def _curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """y of a lip/lid contour through points (px, py) at columns xs (sorted by x, linear between points)."""
+    order = np.argsort(px, kind="stable")
+    return np.interp(xs, px[order], py[order])
+
+
+class FaceRig:
+    """A portrait with its face mesh, ready to draw frames for any `Pose`."""
+
+    def __init__(self, image: np.ndarray, landmarks: np.ndarray, *, expression_scale: float = 1.0) -> None:
+        from scipy.spatial import Delaunay
+
+        self.height, self.width = image.shape[:2]
+        self.image = np.ascontiguousarray(image, dtype=np.uint8)
+        self._src = self.image.reshape(-1, 3).astype(np.float32)
+        self.expression_scale = float(expression_scale)
+        lm = np.asarray(landmarks, dtype=np.float64).copy()
+        lm[:, 0] = np.clip(lm[:, 0], 1.0, self.width - 2.0)
+        lm[:, 1] = np.clip(lm[:, 1], 1.0, self.height - 2.0)
+        self.landmarks = lm
+        self._measure(lm)
+
+        # Mesh vertices: landmarks (opened a hair where lips or lids touch, so the triangulation keeps them apart),
+        # forehead, head ring, outer fixed ring, border.
+        rest = lm.copy()
+        for up, low in zip(INNER_UPPER + LEFT_EYE_UPPER + RIGHT_EYE_UPPER, INNER_LOWER + LEFT_EYE_LOWER + RIGHT_EYE_LOWER,
+                           strict=True):
+            gap = rest[low, 1] - rest[up, 1]
+            if gap < 1.0:
+                mid = (rest[low, 1] + rest[up, 1]) / 2
+                rest[up, 1], rest[low, 1] = mid - 0.5, mid + 0.5
+        brows = lm[[17, 19, 21, 22, 24, 26]]
+        forehead = brows - np.array([0.0, 0.42 * self.face_height])
+        head_centre = np.array([self.face_centre[0], self.face_centre[1] - 0.12 * self.face_height])
+        head_ring = _ellipse(head_centre, 0.9 * self.face_width, 1.12 * self.face_height, 16, phase=np.pi / 16)
+        fixed_ring = _ellipse(head_centre, 1.45 * self.face_width, 1.6 * self.face_height, 20)
+        border = _border(self.width, self.height)
+        extra = [forehead, head_ring, fixed_ring]
+        weights = [np.ones(68)]
+        depth = [_DEPTH]
+        kept = [rest]
+        margin = 3.0
+        for kind, points in enumerate(extra):
+            inside = (
+                (points[:, 0] > margin)
+                & (points[:, 0] < self.width - 1 - margin)
+                & (points[:, 1] > margin)
+                & (points[:, 1] < self.height - 1 - margin)
+            )
+            points = points[inside]
+            kept.append(points)
+            if kind == 0:
+                weights.append(np.ones(len(points)))
+                depth.append(np.full(len(points), _FOREHEAD_DEPTH))
+            elif kind == 1:
+                # The neck under the chin moves less than the skull.
+                below = points[:, 1] > lm[8, 1] - 0.1 * self.face_height
+                weights.append(np.where(below, 0.3, 1.0))
+                depth.append(np.zeros(len(points)))
+            else:
+                weights.append(np.zeros(len(points)))
+                depth.append(np.zeros(len(points)))
+        kept.append(border)
+        weights.append(np.zeros(len(border)))
+        depth.append(np.zeros(len(border)))
+        points = np.concatenate(kept)
+        self.head_weight = np.concatenate(weights)
+        self.depth = np.concatenate(depth) * self.face_width
+        # Drop non-landmark points that crowd another point (a sliver triangle is harmless but useless).
+        keep = np.ones(len(points), bool)
+        for i in range(68, len(points)):
+            if np.min(np.hypot(*(points[:i][keep[:i]] - points[i]).T)) < 2.0:
+                keep[i] = False
+        self.rest = points[keep]
+        self.head_weight = self.head_weight[keep]
+        self.depth = self.depth[keep]
+        self.pivot = np.array([self.face_centre[0], lm[8, 1] + 0.25 * self.face_height])
+
+        tri = Delaunay(self.rest)
+        self.simplices = tri.simplices.astype(np.int32)
+        self.neighbors = tri.neighbors.astype(np.int32)
+        moving = self.head_weight > 0
+        moving[:68] = True
+        self.dynamic_triangles = moving[self.simplices].any(axis=1)
+
+        # Pixels that can change: those in triangles with a moving corner (the rest is copied).
+        ys, xs = np.mgrid[0 : self.height, 0 : self.width]
+        grid = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64)
+        simplex = tri.find_simplex(grid)
+        dynamic = np.zeros(len(grid), bool)
+        dynamic[simplex >= 0] = self.dynamic_triangles[simplex[simplex >= 0]]
+        self.pixels = np.flatnonzero(dynamic).astype(np.int64)
+        self._px = grid[self.pixels, 0].astype(np.float32)
+        self._py = grid[self.pixels, 1].astype(np.float32)
+        self._hint = simplex[self.pixels].astype(np.int32)
+        self._sample_skin()
+
+    # ------------------------------------------------------------------ measurements
+    def _measure(self, lm: np.ndarray) -> None:
+        self.face_width = float(np.hypot(*(lm[16] - lm[0])))
+        brow = lm[17:27, 1].mean()
+        self.face_height = float(lm[8, 1] - brow) * 1.25
+        self.face_centre = np.array([lm[[0, 16, 27, 8], 0].mean(), (brow + lm[8, 1]) / 2])
+        self.mouth_width = float(np.hypot(*(lm[54] - lm[48])))
+        self.mouth_centre = lm[48:68].mean(axis=0)
+
+    def _sample_skin(self) -> None:
+        """Colours drawn from the portrait once: skin above each eye (for closed lids) and the face's brightness."""
+        img = self.image.astype(np.float32)
+        lm = self.landmarks
+        face = img[
+            int(lm[27, 1]) : int(max(lm[33, 1], lm[27, 1] + 2)),
+            int(lm[39, 0]) : int(max(lm[42, 0], lm[39, 0] + 2)),
+        ].reshape(-1, 3)
+        luminance = float(np.median(face @ np.array([0.299, 0.587, 0.114], np.float32))) if len(face) else 150.0
+        self.lighting = float(np.clip(luminance / 165.0, 0.45, 1.2))
+        self.lid_colour: list[np.ndarray] = []
+        self.lash_colour: list[np.ndarray] = []
+        for upper, brow in (([36, 37, 38, 39], [17, 18, 19, 20, 21]), ([42, 43, 44, 45], [22, 23, 24, 25, 26])):
+            x0, x1 = int(math.floor(lm[upper[0], 0])), int(math.ceil(lm[upper[-1], 0]))
+            x1 = max(x1, x0 + 2)
+            cols = np.arange(x0, x1 + 1)
+            lid_y = _curve(cols.astype(np.float64), lm[upper, 0], lm[upper, 1])
+            brow_y = _curve(cols.astype(np.float64), lm[brow, 0], lm[brow, 1])
+            gap = np.maximum(lid_y - brow_y, 3.0)
+            # Per column: mean of the strip from 20 % to 45 % of the way from the lid up to the brow.
+            colour = np.zeros((len(cols), 3), np.float32)
+            for j, (x, ly, g) in enumerate(zip(cols, lid_y, gap, strict=True)):
+                y0 = int(np.clip(ly - 0.45 * g, 0, self.height - 1))
+                y1 = int(np.clip(ly - 0.2 * g, y0 + 1, self.height))
+                colour[j] = img[y0:y1, int(np.clip(x, 0, self.width - 1))].mean(axis=0)
+            self.lid_colour.append(colour)
+            edge = img[
+                np.clip(np.round(lid_y).astype(int), 0, self.height - 1), np.clip(cols, 0, self.width - 1)
+            ].reshape(-1, 3)
+            self.lash_colour.append(np.percentile(edge, 20, axis=0).astype(np.float32) * 0.8)
+
+    # ------------------------------------------------------------------ geometry
+    def _lip_offsets(self, pose: Pose) -> np.ndarray:
+        lm = self.landmarks
+        offset = np.zeros((68, 2))
+        mw = self.mouth_width
+        width = float(np.clip(pose.mouth_width, -1.0, 1.0))
+        target = min(max(pose.mouth_open, 0.0) * OPEN_GAP * self.expression_scale, MAX_GAP) * mw
+        side = 0.8 - 0.1 * width  # rounded lips open more evenly, spread lips mostly in the middle
+        centre_delta = 0.0
+        for (up, low), share in zip(zip(INNER_UPPER, INNER_LOWER, strict=True), (side, 1.0, side), strict=True):
+            rest_gap = lm[low, 1] - lm[up, 1]
+            delta = target * share - rest_gap
+            if up == 62:
+                centre_delta = delta
+            offset[up, 1] -= _UPPER_SHARE * delta
+            offset[low, 1] += (1 - _UPPER_SHARE) * delta
+        # Outer lips follow the inner ones (full in the middle, less toward the corners).
+        for outer, inner, follow in (
+            (50, 61, 1.0), (51, 62, 1.0), (52, 63, 1.0), (49, 61, 0.6), (53, 63, 0.6),
+            (58, 67, 1.0), (57, 66, 1.0), (56, 65, 1.0), (59, 67, 0.65), (55, 65, 0.65),
+        ):  # fmt: skip
+            offset[outer, 1] = follow * offset[inner, 1]
+        lower = (1 - _UPPER_SHARE) * centre_delta
+        for corner in (48, 54, 60, 64):
+            offset[corner, 1] = 0.3 * lower
+        for point, follow in _JAW_FOLLOW.items():
+            offset[point, 1] = follow * lower
+        # Width: stretch the lips about the mouth centre; an open jaw narrows the mouth a little.
+        stretch = _WIDTH_STRETCH * width - _OPEN_NARROW * target / (OPEN_GAP * mw)
+        offset[48:68, 0] += (lm[48:68, 0] - self.mouth_centre[0]) * stretch
+        return offset
+
+    def _lid_offsets(self, blink: float) -> np.ndarray:
+        lm = self.landmarks
+        offset = np.zeros((68, 2))
+        b = float(np.clip(blink, 0.0, 1.0))
+        for uppers, lowers in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
+            for up, low in zip(uppers, lowers, strict=True):
+                gap = lm[low] - lm[up]
+                offset[up] += _LID_UPPER * b * gap
+                offset[low] -= _LID_LOWER * b * gap
+        return offset
+
+    def _head(self, points: np.ndarray, pose: Pose) -> np.ndarray:
+        yaw, pitch, roll = (math.radians(a) for a in (pose.yaw, pose.pitch, pose.roll))
+        if yaw == pitch == roll == 0.0:
+            return points
+        c, s = math.cos(roll), math.sin(roll)
+        rel = points - self.pivot
+        rotated = self.pivot + rel @ np.array([[c, s], [-s, c]])
+        parallax = np.stack([math.sin(yaw) * self.depth, math.sin(pitch) * self.depth], axis=1)
+        return points + self.head_weight[:, None] * (rotated + parallax - points)
+
+    def deform(self, pose: Pose) -> np.ndarray:
+        """Mesh vertex positions for a pose (rest mesh + lips, jaw, lids, then head motion)."""
+        points = self.rest.copy()
+        points[:68] += self._lip_offsets(pose) + self._lid_offsets(pose.blink)
+        return self._head(points, pose)
+
+    # ------------------------------------------------------------------ drawing
+    def _triangle_maps(self, points: np.ndarray) -> np.ndarray:
+        """Per triangle: output (x, y, 1) → barycentric b1, b2 (rows 0-1) and → source x, y (rows 2-3)."""
+        a, b, c = (points[self.simplices[:, k]] for k in range(3))
+        ra, rb, rc = (self.rest[self.simplices[:, k]] for k in range(3))
+        e1, e2 = b - a, c - a
+        det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
+        flat = np.abs(det) < 1e-6
+        det = np.where(flat, 1.0, det)
+        # b1 = ( e2y (x-ax) - e2x (y-ay)) / det ; b2 = (-e1y (x-ax) + e1x (y-ay)) / det
+        b1 = np.stack([e2[:, 1], -e2[:, 0], -(e2[:, 1] * a[:, 0] - e2[:, 0] * a[:, 1])], 1) / det[:, None]
+        b2 = np.stack([-e1[:, 1], e1[:, 0], -(-e1[:, 1] * a[:, 0] + e1[:, 0] * a[:, 1])], 1) / det[:, None]
+        b1[flat] = (0.0, 0.0, -1.0)  # a collapsed triangle holds no pixel: send the walk onward
+        b2[flat] = (0.0, 0.0, -1.0)
+        # source = ra + b1 (rb - ra) + b2 (rc - ra), linear in (x, y, 1)
+        d1, d2 = rb - ra, rc - ra
+        src_x = d1[:, 0, None] * b1 + d2[:, 0, None] * b2
+        src_y = d1[:, 1, None] * b1 + d2[:, 1, None] * b2
+        src_x[:, 2] += ra[:, 0]
+        src_y[:, 2] += ra[:, 1]
+        return np.concatenate([b1, b2, src_x, src_y], axis=1).astype(np.float32)
+
+    def _locate(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates of every dynamic pixel: walk each pixel to the moved triangle that holds it."""
+        px, py = self._px, self._py
+        tri = self._hint
+        todo = np.arange(len(px))
+        sx = np.empty(len(px), np.float32)
+        sy = np.empty(len(px), np.float32)
+        for step in range(24):
+            m = maps[tri[todo]]
+            x, y = px[todo], py[todo]
+            b1 = m[:, 0] * x + m[:, 1] * y + m[:, 2]
+            b2 = m[:, 3] * x + m[:, 4] * y + m[:, 5]
+            b0 = 1.0 - b1 - b2
+            bary = np.stack([b0, b1, b2], axis=1)
+            worst = np.argmin(bary, axis=1)
+            low = bary[np.arange(len(todo)), worst]
+            nxt = self.neighbors[tri[todo], worst]
+            done = (low >= -1e-4) | (nxt < 0) | (step == 23)
+            hit = todo[done]
+            md = m[done]
+            xd, yd = x[done], y[done]
+            sx[hit] = md[:, 6] * xd + md[:, 7] * yd + md[:, 8]
+            sy[hit] = md[:, 9] * xd + md[:, 10] * yd + md[:, 11]
+            tri[todo[~done]] = nxt[~done]
+            todo = todo[~done]
+            if not len(todo):
+                break
+        self._hint = tri
+        return sx, sy
+
+    def _sample(self, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+        """Bilinear samples of the portrait at (sx, sy), float32 (N, 3)."""
+        w, h = self.width, self.height
+        sx = np.clip(sx, 0.0, w - 1.001)
+        sy = np.clip(sy, 0.0, h - 1.001)
+        x0 = sx.astype(np.int32)
+        y0 = sy.astype(np.int32)
+        fx = (sx - x0)[:, None]
+        fy = (sy - y0)[:, None]
+        idx = y0 * w + x0
+        src = self._src
+        top = src[idx]
+        top += (src[idx + 1] - top) * fx
+        bottom = src[idx + w]
+        bottom += (src[idx + w + 1] - bottom) * fx
+        top += (bottom - top) * fy
+        return top
+
+    def render(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one frame; returns (RGB uint8 frame, moved vertex positions)."""
+        points = self.deform(pose)
+        sx, sy = self._locate(self._triangle_maps(points))
+        frame = self.image.copy()
+        flat = frame.reshape(-1, 3)
+        flat[self.pixels] = np.clip(self._sample(sx, sy) + 0.5, 0, 255).astype(np.uint8)
+        self._paint_mouth(frame, points)
+        if pose.blink > 0.05:
+            self._paint_lids(frame, points, pose)
+        return frame, points
+
+    # ------------------------------------------------------------------ painting
+    def _box(self, pts: np.ndarray, pad: float) -> tuple[int, int, int, int]:
+        x0 = int(max(math.floor(pts[:, 0].min() - pad), 0))
+        x1 = int(min(math.ceil(pts[:, 0].max() + pad), self.width - 1))
+        y0 = int(max(math.floor(pts[:, 1].min() - pad), 0))
+        y1 = int(min(math.ceil(pts[:, 1].max() + pad), self.height - 1))
+        return x0, x1, y0, y1
+
+    def _paint_mouth(self, frame: np.ndarray, points: np.ndarray) -> None:
+        inner = points[60:68]
+        upper_idx, lower_idx = [60, 61, 62, 63, 64], [60, 67, 66, 65, 64]
+        x0, x1, y0, y1 = self._box(inner, 2.0)
+        if x1 <= x0 or y1 <= y0:
+            return
+        xs = np.arange(x0, x1 + 1, dtype=np.float64)
+        top = _curve(xs, points[upper_idx, 0], points[upper_idx, 1])
+        bottom = _curve(xs, points[lower_idx, 0], points[lower_idx, 1])
+        gap = bottom - top
+        if gap.max() < 1.5:
+            return
+        ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
+        left, right = points[60, 0], points[64, 0]
+        half = max((right - left) / 2, 1.0)
+        u = np.clip((xs - (left + right) / 2) / half, -1.5, 1.5)[None, :]
+        inside_x = np.clip(1.2 * (1.0 - np.abs(u)) * half, 0.0, 1.0)
+        alpha = np.clip(ys - top + 0.5, 0, 1) * np.clip(bottom - ys + 0.5, 0, 1) * inside_x
+        alpha *= np.clip((gap - 1.0) / 2.5, 0.0, 1.0)[None, :]
+        if not alpha.any():
+            return
+        t = np.clip((ys - top) / np.maximum(gap, 1.0), 0, 1)
+        shade = (1.0 - 0.55 * u**2) * self.lighting
+        cavity = np.array([0.17, 0.06, 0.06]) * 255
+        tongue = np.array([0.42, 0.17, 0.17]) * 255
+        colour = cavity + (tongue - cavity) * (np.clip((t - 0.45) / 0.55, 0, 1) ** 1.5)[..., None]
+        colour *= shade[..., None]
+        # Upper teeth: a light band under the upper lip, narrower than the mouth, as deep as the opening allows.
+        teeth_depth = np.minimum(0.32 * gap, 0.11 * self.mouth_width)[None, :]
+        teeth = np.clip(teeth_depth - (ys - top) + 0.5, 0, 1) * np.clip((0.78 - np.abs(u)) / 0.2, 0, 1)
+        teeth *= np.clip((gap[None, :] - 2.5) / 3.0, 0, 1)
+        enamel = np.array([0.9, 0.87, 0.82]) * 255 * min(self.lighting, 1.0)
+        colour += (enamel * (1.0 - 0.3 * u**2)[..., None] - colour) * teeth[..., None] * 0.92
+        region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+        a = alpha[..., None]
+        frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + (colour - region) * a + 0.5, 0, 255).astype(np.uint8)
+
+    def _paint_lids(self, frame: np.ndarray, points: np.ndarray, pose: Pose) -> None:
+        strength = float(np.clip((pose.blink - 0.15) / 0.6, 0.0, 1.0))
+        lid_motion = self._lid_offsets(pose.blink)
+        for k, (upper, lower) in enumerate((([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42]))):
+            pts = points[upper + lower]
+            x0, x1, y0, y1 = self._box(pts, 1.5)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            xs = np.arange(x0, x1 + 1, dtype=np.float64)
+            lid = _curve(xs, points[upper, 0], points[upper, 1])
+            open_lid = _curve(xs, points[upper, 0] - lid_motion[upper, 0], points[upper, 1] - lid_motion[upper, 1])
+            bottom = _curve(xs, points[lower, 0], points[lower, 1])
+            ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
+            left, right = points[upper[0], 0], points[upper[-1], 0]
+            within = np.clip(xs - left + 0.5, 0, 1) * np.clip(right - xs + 0.5, 0, 1)
+            covered = np.clip(ys - (open_lid - 1.0) + 0.5, 0, 1) * np.clip(lid - ys + 0.5, 0, 1) * within[None, :]
+            n = len(self.lid_colour[k])
+            pos = np.clip(((xs - left) / max(right - left, 1.0) * (n - 1)).round().astype(int), 0, n - 1)
+            skin = self.lid_colour[k][pos][None, :, :].astype(np.float64)
+            # Lashes: a soft dark line along the lowered lid edge, a little below the lid skin.
+            lash = np.clip(1.0 - np.abs(ys - lid - 0.3) / max(0.9, 0.012 * self.face_width), 0, 1) * within[None, :]
+            region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+            a = (covered * strength)[..., None]
+            region += (skin - region) * a * 0.85
+            la = (lash * strength * 0.7)[..., None]
+            region += (self.lash_colour[k][None, None, :] - region) * la
+            frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,70 @@
+"""The CLI: plan's explanations and exit codes, --json, gc, usage errors — always a message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests._fake_stages import make_registry
+from tests._project import build, plan, write_project
+
+
+def dhbatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batch.cli", *args], capture_output=True, text=True, cwd=cwd, check=False
+    )
+
+
+def test_cli_plan_explains_and_exit_code_says_stale(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    first = dhbatch("plan", str(m))
+    assert first.returncode == 1, first.stderr
+    assert "ceo-hello (puppet): stale" in first.stdout and "prompt   run" in first.stdout and "new" in first.stdout
+    build(tmp_path, make_registry())
+    second = dhbatch("plan", str(m))
+    assert second.returncode == 0 and "all cached" in second.stdout
+    write_project(tmp_path, hello="Something else.")
+    third = dhbatch("plan", str(m), "--json")
+    data = json.loads(third.stdout)
+    assert third.returncode == 1 and data["stale"] is True
+    stale = {(v["id"], s["stage"]): s["reason"] for v in data["videos"] for s in v["steps"] if not s["cached"]}
+    assert stale[("ceo-hello", "voice")] == "script text changed"
+    assert len(stale) == 6
+
+
+def test_cli_gc_shows_then_deletes_unreachable_entries(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    build(tmp_path, make_registry())
+    write_project(tmp_path, hello="A new hello.")
+    build(tmp_path, make_registry())
+    shown = dhbatch("gc", str(m))
+    assert shown.returncode == 0 and "5 cache entries unreachable" in shown.stdout and "--yes" in shown.stdout
+    p, _ = plan(tmp_path)
+    assert not p.stale
+    done = dhbatch("gc", str(m), "--yes")
+    assert "5 cache entries removed" in done.stdout
+    p, _ = plan(tmp_path)
+    assert not p.stale  # everything the manifest reaches is still there
+    assert "0 cache entries" in dhbatch("gc", str(m)).stdout
+
+
+def test_cli_usage_errors_are_clean(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    bad_only = dhbatch("plan", str(m), "--only", "nope")
+    assert (
+        bad_only.returncode == 2
+        and "unknown video id(s) nope" in bad_only.stderr
+        and "Traceback" not in bad_only.stderr
+    )
+    bad_force = dhbatch("plan", str(m), "--force", "paint")
+    assert bad_force.returncode == 2 and "not a stage" in bad_force.stderr
+    missing = dhbatch("build", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 2 and "no such manifest file" in missing.stderr
+
+
+def test_cli_validate_summarises(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    out = dhbatch("validate", str(m))
+    assert out.returncode == 0 and "2 characters, 3 scripts, 5 videos" in out.stdout
