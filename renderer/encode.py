@@ -330,6 +330,7 @@ def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError
                     "video_duration": info.video_duration,
                     "audio_duration": info.audio_duration,
                     "size": [info.width, info.height],
+                    "warnings": [],
                 }
             )
         except RenderError as exc:

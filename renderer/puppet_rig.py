@@ -224,34 +224,31 @@ class FaceRig:
 
     # ------------------------------------------------------------------ geometry
     def _lip_offsets(self, pose: Pose) -> np.ndarray:
-        lm = self.landmarks
-        offset = np.zeros((68, 2))
+        """Offsets of the landmarks and lip midpoints (first N_FACE vertices) for a mouth opening and width."""
+        rest = self.rest
+        offset = np.zeros((N_FACE, 2))
         mw = self.mouth_width
         width = float(np.clip(pose.mouth_width, -1.0, 1.0))
         target = min(max(pose.mouth_open, 0.0) * OPEN_GAP * self.expression_scale, MAX_GAP) * mw
-        side = 0.8 - 0.1 * width  # rounded lips open more evenly, spread lips mostly in the middle
-        centre_delta = 0.0
-        for (up, low), share in zip(zip(INNER_UPPER, INNER_LOWER, strict=True), (side, 1.0, side), strict=True):
-            rest_gap = lm[low, 1] - lm[up, 1]
-            delta = target * share - rest_gap
-            if up == 62:
-                centre_delta = delta
-            offset[up, 1] -= _UPPER_SHARE * delta
-            offset[low, 1] += (1 - _UPPER_SHARE) * delta
-        # Outer lips follow the inner ones (full in the middle, less toward the corners).
-        for outer, inner, follow in (
-            (50, 61, 1.0), (51, 62, 1.0), (52, 63, 1.0), (49, 61, 0.6), (53, 63, 0.6),
-            (58, 67, 1.0), (57, 66, 1.0), (56, 65, 1.0), (59, 67, 0.65), (55, 65, 0.65),
-        ):  # fmt: skip
-            offset[outer, 1] = follow * offset[inner, 1]
-        lower = (1 - _UPPER_SHARE) * centre_delta
+        # Rounded lips open as an even oval, spread lips mostly in the middle.
+        profile = np.sqrt(np.clip(1.0 - self._pair_u**2, 0.0, 1.0)) ** (1.0 + 0.35 * width)
+        gaps = np.maximum(target * profile, MIN_GAP)
+        delta = gaps - (rest[self._pairs[:, 1], 1] - rest[self._pairs[:, 0], 1])
+        offset[self._pairs[:, 0], 1] = -_UPPER_SHARE * delta
+        offset[self._pairs[:, 1], 1] = (1 - _UPPER_SHARE) * delta
+        lower = (1 - _UPPER_SHARE) * float(delta[len(delta) // 2])
         for corner in (48, 54, 60, 64):
             offset[corner, 1] = 0.3 * lower
+        # Outer lips move with the inner lip above/below them (the lips keep their thickness).
+        for outer, inner in ((OUTER_UPPER, self._inner_upper), (OUTER_LOWER, self._inner_lower)):
+            order = inner[np.argsort(rest[inner, 0])]
+            offset[outer, 1] = np.interp(rest[outer, 0], rest[order, 0], offset[order, 1])
         for point, follow in _JAW_FOLLOW.items():
             offset[point, 1] = follow * lower
         # Width: stretch the lips about the mouth centre; an open jaw narrows the mouth a little.
         stretch = _WIDTH_STRETCH * width - _OPEN_NARROW * target / (OPEN_GAP * mw)
-        offset[48:68, 0] += (lm[48:68, 0] - self.mouth_centre[0]) * stretch
+        lips = self._lip_points
+        offset[lips, 0] += (rest[lips, 0] - self.mouth_centre[0]) * stretch
         return offset
 
     def _lid_offsets(self, blink: float) -> np.ndarray:

@@ -255,7 +255,12 @@ def resolve_piper_model(model: str, checkpoints: Path) -> tuple[Path, Path]:
         if path.suffix != ".onnx":
             path = Path("piper") / f"{model}.onnx"
         if not path.is_absolute():
-            path = Path(checkpoints) / path
+            root = Path(checkpoints).resolve()
+            path = (root / path).resolve()
+            if not path.is_relative_to(root):
+                raise BadInputError(
+                    f"Piper voice {model!r} points outside {root}", "give an absolute path or one inside checkpoints/"
+                )
         onnx, config = path, path.with_name(path.name + ".json")
     missing = [str(p) for p in (onnx, config) if not p.is_file()]
     if missing:

@@ -199,6 +199,11 @@ def test_piper_voice_by_onnx_path(pool: ModelPool, tmp_path: Path) -> None:
     assert by_name["samples"] == by_path["samples"] == bundled["samples"]
 
 
+def test_piper_relative_model_path_cannot_leave_checkpoints(pool: ModelPool, tmp_path: Path) -> None:
+    (result,) = run([voice_job(tmp_path, SENTENCE, model="../../etc/voice.onnx")], pool)
+    assert isinstance(result, BadInputError) and "outside" in str(result)
+
+
 def test_piper_corrupt_model_is_bad_input(pool: ModelPool, tmp_path: Path) -> None:
     voice = tmp_path / "broken.onnx"
     voice.write_bytes(b"not an onnx model")

@@ -17,10 +17,11 @@ strictly. Differences from upstream, all deliberate:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 #: Frames per PoseVAE window, latent size, number of pose styles.
 POSE_SEQ_LEN = 32
@@ -418,4 +419,3 @@ def predict_coeffs(
         latents = torch.randn(len(pose_windows(frames)), POSE_LATENT, generator=generator)
         pose = smooth_pose(predict_pose(pose_net, windows, ref[NUM_EXP:], pose_style, latents))
     return np.concatenate([exp * np.float32(expression_scale), pose], axis=1).astype(np.float32)
-

@@ -158,9 +158,7 @@ def _as_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return lm if lm.dtype.kind == "f" else lm.astype(np.float64)
 
 
-def crop_geometry(
-    landmarks: np.ndarray, width: int, height: int, output_size: int = CROP_OUTPUT_SIZE
-) -> CropGeometry:
+def crop_geometry(landmarks: np.ndarray, width: int, height: int, output_size: int = CROP_OUTPUT_SIZE) -> CropGeometry:
     """Face quad and bordered crop box from 68 landmarks on a width × height image (SPEC §3.3, upstream numerics)."""
     lm = _as_landmarks(landmarks)
     eye_left = np.mean(lm[36:42], axis=0)
@@ -190,7 +188,12 @@ def crop_geometry(
         int(np.ceil(max(quad[:, 0]))),
         int(np.ceil(max(quad[:, 1]))),
     )
-    box = (max(box[0] - border, 0), max(box[1] - border, 0), min(box[2] + border, resized[0]), min(box[3] + border, resized[1]))
+    box = (
+        max(box[0] - border, 0),
+        max(box[1] - border, 0),
+        min(box[2] + border, resized[0]),
+        min(box[3] + border, resized[1]),
+    )
     if box[2] - box[0] < resized[0] or box[3] - box[1] < resized[1]:
         quad -= box[0:2]
     q = (quad + 0.5).flatten()

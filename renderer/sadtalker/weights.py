@@ -213,9 +213,9 @@ def _torch_load(path: Path) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "not weights-only")
         raise UntrustedCheckpointError(
-            f"{path} holds Python objects besides tensors, so it was not unpickled (weights_only=True refused it: "
-            f"{str(exc).splitlines()[0]})",
+            f"{path} holds Python objects besides tensors, so it was not unpickled ({reason.split(' was not')[0]})",
             f"if you trust this file, convert it once with `python -m renderer.sadtalker.weights convert --trust "
             f"{path}`; it writes {converted_name(path.name)} next to it, which is used from then on",
         ) from exc
