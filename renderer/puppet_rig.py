@@ -26,9 +26,17 @@ import numpy as np
 #: Landmark groups (iBUG-68).
 JAW = np.arange(0, 17)
 OUTER_UPPER = [49, 50, 51, 52, 53]
-OUTER_LOWER = [59, 58, 57, 56, 55]
-INNER_UPPER = [61, 62, 63]
-INNER_LOWER = [67, 66, 65]
+OUTER_LOWER = [55, 56, 57, 58, 59]
+#: Extra mesh points halfway along the inner lip edges near the corners, so the opening is rounded, not a hexagon:
+#: 68 = mid(60, 61), 69 = mid(63, 64), 70 = mid(64, 65), 71 = mid(67, 60).
+_LIP_MIDPOINTS = [(60, 61), (63, 64), (64, 65), (67, 60)]
+#: Inner lip pairs (upper, lower) from the left corner to the right corner.
+_INNER_PAIRS = [(68, 71), (61, 67), (62, 66), (63, 65), (69, 70)]
+#: Landmarks plus lip midpoints: the face vertices that the lips, jaw and lids move.
+N_FACE = 72
+#: Inner lip contours through the corners, left to right (for painting the mouth).
+INNER_UPPER_CONTOUR = [60, 68, 61, 62, 63, 69, 64]
+INNER_LOWER_CONTOUR = [60, 71, 67, 66, 65, 70, 64]
 LEFT_EYE_UPPER, LEFT_EYE_LOWER = [37, 38], [41, 40]
 RIGHT_EYE_UPPER, RIGHT_EYE_LOWER = [43, 44], [47, 46]
 
@@ -41,12 +49,15 @@ _DEPTH = np.concatenate(
         np.full(5, 0.64),  # nostrils
         np.full(12, 0.48),  # eyes
         np.full(20, 0.58),  # mouth
+        np.full(4, 0.58),  # lip midpoints
     ]
 )
 _FOREHEAD_DEPTH = 0.45
 #: Lip gap at full opening (mouth_open = 1, expression_scale = 1) and its ceiling, in mouth widths.
 OPEN_GAP = 0.45
 MAX_GAP = 0.62
+#: Smallest lip gap kept in the mesh (pixels): closed lips never cross, so no triangle flips.
+MIN_GAP = 0.8
 #: Share of a gap change taken by the upper lip (the jaw and lower lip do the rest).
 _UPPER_SHARE = 0.18
 #: How far the jaw points follow the lower lip (chin most).
@@ -109,9 +120,9 @@ class FaceRig:
 
         # Mesh vertices: landmarks (opened a hair where lips or lids touch, so the triangulation keeps them apart),
         # forehead, head ring, outer fixed ring, border.
-        rest = lm.copy()
-        for up, low in zip(INNER_UPPER + LEFT_EYE_UPPER + RIGHT_EYE_UPPER, INNER_LOWER + LEFT_EYE_LOWER + RIGHT_EYE_LOWER,
-                           strict=True):
+        rest = np.concatenate([lm, [(lm[a] + lm[b]) / 2 for a, b in _LIP_MIDPOINTS]])
+        eye_pairs = list(zip(LEFT_EYE_UPPER + RIGHT_EYE_UPPER, LEFT_EYE_LOWER + RIGHT_EYE_LOWER, strict=True))
+        for up, low in _INNER_PAIRS + eye_pairs:
             gap = rest[low, 1] - rest[up, 1]
             if gap < 1.0:
                 mid = (rest[low, 1] + rest[up, 1]) / 2
@@ -123,7 +134,7 @@ class FaceRig:
         fixed_ring = _ellipse(head_centre, 1.45 * self.face_width, 1.6 * self.face_height, 20)
         border = _border(self.width, self.height)
         extra = [forehead, head_ring, fixed_ring]
-        weights = [np.ones(68)]
+        weights = [np.ones(N_FACE)]
         depth = [_DEPTH]
         kept = [rest]
         margin = 3.0
@@ -155,19 +166,26 @@ class FaceRig:
         self.depth = np.concatenate(depth) * self.face_width
         # Drop non-landmark points that crowd another point (a sliver triangle is harmless but useless).
         keep = np.ones(len(points), bool)
-        for i in range(68, len(points)):
+        for i in range(N_FACE, len(points)):
             if np.min(np.hypot(*(points[:i][keep[:i]] - points[i]).T)) < 2.0:
                 keep[i] = False
         self.rest = points[keep]
         self.head_weight = self.head_weight[keep]
         self.depth = self.depth[keep]
         self.pivot = np.array([self.face_centre[0], lm[8, 1] + 0.25 * self.face_height])
+        self._pairs = np.array(_INNER_PAIRS)
+        left, right = self.rest[60, 0], self.rest[64, 0]
+        centre_x = self.rest[self._pairs, 0].mean(axis=1)
+        self._pair_u = np.clip((centre_x - (left + right) / 2) / max((right - left) / 2, 1.0), -0.95, 0.95)
+        self._inner_upper = np.array(INNER_UPPER_CONTOUR)
+        self._inner_lower = np.array(INNER_LOWER_CONTOUR)
+        self._lip_points = np.r_[48:68, 68:N_FACE]
 
         tri = Delaunay(self.rest)
         self.simplices = tri.simplices.astype(np.int32)
         self.neighbors = tri.neighbors.astype(np.int32)
         moving = self.head_weight > 0
-        moving[:68] = True
+        moving[:N_FACE] = True
         self.dynamic_triangles = moving[self.simplices].any(axis=1)
 
         # Pixels that can change: those in triangles with a moving corner (the rest is copied).
@@ -253,7 +271,7 @@ class FaceRig:
 
     def _lid_offsets(self, blink: float) -> np.ndarray:
         lm = self.landmarks
-        offset = np.zeros((68, 2))
+        offset = np.zeros((N_FACE, 2))
         b = float(np.clip(blink, 0.0, 1.0))
         for uppers, lowers in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
             for up, low in zip(uppers, lowers, strict=True):
@@ -275,7 +293,7 @@ class FaceRig:
     def deform(self, pose: Pose) -> np.ndarray:
         """Mesh vertex positions for a pose (rest mesh + lips, jaw, lids, then head motion)."""
         points = self.rest.copy()
-        points[:68] += self._lip_offsets(pose) + self._lid_offsets(pose.blink)
+        points[:N_FACE] += self._lip_offsets(pose) + self._lid_offsets(pose.blink)
         return self._head(points, pose)
 
     # ------------------------------------------------------------------ drawing
@@ -369,8 +387,8 @@ class FaceRig:
         return x0, x1, y0, y1
 
     def _paint_mouth(self, frame: np.ndarray, points: np.ndarray) -> None:
-        inner = points[60:68]
-        upper_idx, lower_idx = [60, 61, 62, 63, 64], [60, 67, 66, 65, 64]
+        inner = points[48:N_FACE]
+        upper_idx, lower_idx = INNER_UPPER_CONTOUR, INNER_LOWER_CONTOUR
         x0, x1, y0, y1 = self._box(inner, 2.0)
         if x1 <= x0 or y1 <= y0:
             return

@@ -255,8 +255,9 @@ def resolve_piper_model(model: str, checkpoints: Path) -> tuple[Path, Path]:
         if path.suffix != ".onnx":
             path = Path("piper") / f"{model}.onnx"
         if not path.is_absolute():
-            root = Path(checkpoints).resolve()
-            path = (root / path).resolve()
+            # Lexical check (no symlink resolution): checkpoints/ may hold links to voices kept elsewhere.
+            root = Path(os.path.normpath(Path(checkpoints).absolute()))
+            path = Path(os.path.normpath(root / path))
             if not path.is_relative_to(root):
                 raise BadInputError(
                     f"Piper voice {model!r} points outside {root}", "give an absolute path or one inside checkpoints/"
