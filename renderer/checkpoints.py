@@ -273,8 +273,6 @@ CHECKPOINTS: tuple[Checkpoint, ...] = (
     ),
 )
 
-_BY_PATH = {c.path: c for c in CHECKPOINTS}
-
 SADTALKER_PREPROCESS = ("crop", "extcrop", "resize", "full", "extfull")
 SADTALKER_SIZES = (256, 512)
 
@@ -307,21 +305,12 @@ def sd_files() -> list[str]:
 
 
 def missing(root: Path, names: Iterable[str]) -> list[str]:
-    """The names (relative to `root`) that are absent, or whose size differs from the table's (a truncated copy).
+    """The names (relative to `root`) that are not present as files (a `.part` download never counts).
 
-    Cheap on purpose: no hashing, so the planner can call it for every video.
+    Cheap on purpose (existence only: no sizes, no hashing), so the planner can call it for every video; custom
+    weights under the same names are allowed. `--check` verifies sizes and digests.
     """
-    out = []
-    for name in names:
-        path = Path(root) / name
-        try:
-            size = path.stat().st_size if path.is_file() else None
-        except OSError:
-            size = None
-        known = _BY_PATH.get(name)
-        if size is None or (known is not None and known.size is not None and size != known.size):
-            out.append(name)
-    return out
+    return [name for name in names if not (Path(root) / name).is_file()]
 
 
 def select(

@@ -387,66 +387,67 @@ class FaceRig:
         return x0, x1, y0, y1
 
     def _paint_mouth(self, frame: np.ndarray, points: np.ndarray) -> None:
-        inner = points[48:N_FACE]
-        upper_idx, lower_idx = INNER_UPPER_CONTOUR, INNER_LOWER_CONTOUR
-        x0, x1, y0, y1 = self._box(inner, 2.0)
+        """Paint the inside of the mouth between the inner lip edges: a dark seam when closed, else a cavity."""
+        x0, x1, y0, y1 = self._box(points[INNER_UPPER_CONTOUR + INNER_LOWER_CONTOUR], 2.0)
         if x1 <= x0 or y1 <= y0:
             return
         xs = np.arange(x0, x1 + 1, dtype=np.float64)
-        top = _curve(xs, points[upper_idx, 0], points[upper_idx, 1])
-        bottom = _curve(xs, points[lower_idx, 0], points[lower_idx, 1])
+        top = _curve(xs, points[INNER_UPPER_CONTOUR, 0], points[INNER_UPPER_CONTOUR, 1])
+        bottom = _curve(xs, points[INNER_LOWER_CONTOUR, 0], points[INNER_LOWER_CONTOUR, 1])
         gap = bottom - top
-        if gap.max() < 1.5:
-            return
+        middle = (top + bottom) / 2
+        half_gap = np.maximum(gap / 2, 0.5)
         ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
         left, right = points[60, 0], points[64, 0]
         half = max((right - left) / 2, 1.0)
         u = np.clip((xs - (left + right) / 2) / half, -1.5, 1.5)[None, :]
-        inside_x = np.clip(1.2 * (1.0 - np.abs(u)) * half, 0.0, 1.0)
-        alpha = np.clip(ys - top + 0.5, 0, 1) * np.clip(bottom - ys + 0.5, 0, 1) * inside_x
-        alpha *= np.clip((gap - 1.0) / 2.5, 0.0, 1.0)[None, :]
+        within = np.clip((1.0 - np.abs(u)) * half, 0.0, 1.0)
+        band = np.clip(ys - (middle - half_gap) + 0.5, 0, 1) * np.clip(middle + half_gap - ys + 0.5, 0, 1)
+        opened = np.clip((gap - 1.0) / 3.0, 0.0, 1.0)[None, :]
+        alpha = band * within * (0.45 + 0.55 * opened)
         if not alpha.any():
             return
         t = np.clip((ys - top) / np.maximum(gap, 1.0), 0, 1)
-        shade = (1.0 - 0.55 * u**2) * self.lighting
-        cavity = np.array([0.17, 0.06, 0.06]) * 255
-        tongue = np.array([0.42, 0.17, 0.17]) * 255
-        colour = cavity + (tongue - cavity) * (np.clip((t - 0.45) / 0.55, 0, 1) ** 1.5)[..., None]
-        colour *= shade[..., None]
+        shade = (1.0 - 0.5 * u**2)[..., None]
+        colour = self._cavity + (self._tongue - self._cavity) * (np.clip((t - 0.5) / 0.5, 0, 1) ** 1.5)[..., None]
+        colour = colour * shade
+        colour = self._seam + (colour - self._seam) * opened[..., None]
         # Upper teeth: a light band under the upper lip, narrower than the mouth, as deep as the opening allows.
-        teeth_depth = np.minimum(0.32 * gap, 0.11 * self.mouth_width)[None, :]
-        teeth = np.clip(teeth_depth - (ys - top) + 0.5, 0, 1) * np.clip((0.78 - np.abs(u)) / 0.2, 0, 1)
-        teeth *= np.clip((gap[None, :] - 2.5) / 3.0, 0, 1)
-        enamel = np.array([0.9, 0.87, 0.82]) * 255 * min(self.lighting, 1.0)
-        colour += (enamel * (1.0 - 0.3 * u**2)[..., None] - colour) * teeth[..., None] * 0.92
-        region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+        depth = np.minimum(0.3 * gap, 0.1 * self.mouth_width)[None, :]
+        teeth = np.clip(depth - (ys - top) + 0.5, 0, 1) * np.clip((0.75 - np.abs(u)) / 0.25, 0, 1)
+        teeth *= np.clip((gap[None, :] - 3.0) / 3.0, 0, 1)
+        enamel = self._enamel * (1.0 - 0.35 * u**2)[..., None] * (0.8 + 0.2 * np.clip(1 - (ys - top) / 3, 0, 1))[..., None]
+        colour += (enamel - colour) * teeth[..., None] * 0.9
+        region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
         a = alpha[..., None]
         frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + (colour - region) * a + 0.5, 0, 255).astype(np.uint8)
 
     def _paint_lids(self, frame: np.ndarray, points: np.ndarray, pose: Pose) -> None:
-        strength = float(np.clip((pose.blink - 0.15) / 0.6, 0.0, 1.0))
+        """Even out a closing lid with the skin just above it and keep a soft lash line at its edge."""
+        strength = float(np.clip((pose.blink - 0.2) / 0.6, 0.0, 1.0))
+        if strength <= 0:
+            return
         lid_motion = self._lid_offsets(pose.blink)
-        for k, (upper, lower) in enumerate((([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42]))):
-            pts = points[upper + lower]
-            x0, x1, y0, y1 = self._box(pts, 1.5)
+        for upper, lower in (([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42])):
+            x0, x1, y0, y1 = self._box(points[upper + lower], 2.0)
+            y0 = max(y0 - 4, 0)
             if x1 <= x0 or y1 <= y0:
                 continue
             xs = np.arange(x0, x1 + 1, dtype=np.float64)
             lid = _curve(xs, points[upper, 0], points[upper, 1])
             open_lid = _curve(xs, points[upper, 0] - lid_motion[upper, 0], points[upper, 1] - lid_motion[upper, 1])
-            bottom = _curve(xs, points[lower, 0], points[lower, 1])
             ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
             left, right = points[upper[0], 0], points[upper[-1], 0]
-            within = np.clip(xs - left + 0.5, 0, 1) * np.clip(right - xs + 0.5, 0, 1)
-            covered = np.clip(ys - (open_lid - 1.0) + 0.5, 0, 1) * np.clip(lid - ys + 0.5, 0, 1) * within[None, :]
-            n = len(self.lid_colour[k])
-            pos = np.clip(((xs - left) / max(right - left, 1.0) * (n - 1)).round().astype(int), 0, n - 1)
-            skin = self.lid_colour[k][pos][None, :, :].astype(np.float64)
-            # Lashes: a soft dark line along the lowered lid edge, a little below the lid skin.
-            lash = np.clip(1.0 - np.abs(ys - lid - 0.3) / max(0.9, 0.012 * self.face_width), 0, 1) * within[None, :]
-            region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
-            a = (covered * strength)[..., None]
-            region += (skin - region) * a * 0.85
-            la = (lash * strength * 0.7)[..., None]
-            region += (self.lash_colour[k][None, None, :] - region) * la
+            span = max(right - left, 1.0)
+            within = np.clip((xs - left) / (0.12 * span), 0, 1) * np.clip((right - xs) / (0.12 * span), 0, 1)
+            region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
+            # Skin colour per column, from the lid skin just above where the open lid was.
+            rows = np.clip(np.round(open_lid - 2.5).astype(int) - y0, 0, y1 - y0)
+            skin = (region[rows, np.arange(len(xs))] + region[np.maximum(rows - 1, 0), np.arange(len(xs))]) / 2
+            covered = np.clip((ys - (open_lid - 2.0)) / 2.0, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
+            a = (covered * within[None, :] * strength * 0.9)[..., None]
+            shaded = skin[None, :, :] * (1.0 - 0.12 * np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1), 0, 1))[..., None]
+            region += (shaded - region) * a
+            lash = np.clip(1.0 - np.abs(ys - lid) / max(0.8, 0.01 * self.face_width), 0, 1) * within[None, :]
+            region += (self._lash - region) * (lash * strength * 0.6)[..., None]
             frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)

@@ -186,18 +186,13 @@ def test_sadtalker_files_pick_the_mapping_net_by_preprocess() -> None:
         ck.sadtalker_files(256, "zoom")
 
 
-def test_missing_reports_absent_and_truncated_files(tmp_path: Path) -> None:
+def test_missing_reports_files_not_present(tmp_path: Path) -> None:
     names = ck.gfpgan_files()
     assert ck.missing(tmp_path, names) == names
     (tmp_path / "gfpgan").mkdir()
-    (tmp_path / "gfpgan/parsing_parsenet.pth").write_bytes(b"half a file")  # table size is 85331193
-    (tmp_path / "gfpgan/GFPGANv1.4.pth.part").write_bytes(b"")  # a partial download never counts
-    (tmp_path / "notes.txt").write_text("not in the table: any size will do")
-    assert ck.missing(tmp_path, names) == names
-    assert ck.missing(tmp_path, ["notes.txt"]) == []
-    # A file of the table's size counts as present (sparse file: no 85 MB written).
-    with open(tmp_path / "gfpgan/parsing_parsenet.pth", "wb") as fh:
-        fh.truncate(85_331_193)
+    (tmp_path / "gfpgan/GFPGANv1.4.pth.part").write_bytes(b"half")  # a partial download never counts
+    (tmp_path / "gfpgan/detection_Resnet50_Final.pth").mkdir()  # nor does a folder of that name
+    (tmp_path / "gfpgan/parsing_parsenet.pth").write_bytes(b"weights")
     assert ck.missing(tmp_path, names) == ["gfpgan/GFPGANv1.4.pth", "gfpgan/detection_Resnet50_Final.pth"]
 
 

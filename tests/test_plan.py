@@ -108,3 +108,23 @@ def test_plan_keys_are_pinned(tmp_path: Path) -> None:
     assert step_key("mux", {"version": 1, "settings": {}, "inputs": {"video": "a", "audio": "b"}, "weights": {}}) == (
         "6e42c59520df0268d159407bdd00e4bdc6dc63033736f28cd654f825a66aea0a"
     )
+
+
+def test_plan_prompt_template_missing_variable_names_template_and_line(tmp_path: Path) -> None:
+    from batch.errors import ManifestError
+
+    write_project(tmp_path)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "image_prompt.j2").write_text("A portrait of {{ description }}\nin {{ style }} style\n")
+    with pytest.raises(ManifestError) as info:
+        plan(tmp_path)
+    assert "image_prompt.j2: line 2: 'style' is undefined" in str(info.value)
+
+
+def test_plan_template_sandbox_blocks_attribute_escapes(tmp_path: Path) -> None:
+    from batch.errors import ManifestError
+
+    write_project(tmp_path, hello="{{ character.__class__.__mro__ }}")
+    with pytest.raises(ManifestError) as info:
+        plan(tmp_path)
+    assert "scripts.hello.text" in str(info.value)

@@ -164,3 +164,17 @@ def test_run_lock_of_killed_process_is_recovered(tmp_path: Path) -> None:
     with cache.locked(["k1"]):
         pass
     assert time.time() - t0 < 5
+
+
+def test_run_parallel_jobs_build_the_same_outputs(tmp_path: Path) -> None:
+    serial, parallel = tmp_path / "a", tmp_path / "b"
+    for root in (serial, parallel):
+        write_project(root)
+    build(serial, make_registry())
+    log = tmp_path / "log"
+    result = build(parallel, make_registry(log=log), jobs=2)
+    assert [v.status for v in result.videos] == ["built"] * 5
+    keys = [line.split()[1] for line in log.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 15
+    for v in result.videos:
+        assert Path(v.output).read_bytes() == (serial / "build" / "m" / f"{v.id}.mp4").read_bytes()
