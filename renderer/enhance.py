@@ -353,7 +353,10 @@ class GFPGANEnhancer:
         _, height, width, _ = frames.shape
         with torch.inference_mode():
             bgr = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1])).to(self.device)
-            x = bgr.permute(0, 3, 1, 2).float() - torch.tensor(_RETINAFACE_MEAN_BGR, device=self.device)[:, None, None]
+            x = (
+                bgr.permute(0, 3, 1, 2).contiguous().float()
+                - torch.tensor(_RETINAFACE_MEAN_BGR, device=self.device)[:, None, None]
+            )
             loc, conf, landms = self.detector(x)
             priors = self._priors.get((height, width))
             if priors is None:
@@ -389,7 +392,7 @@ class GFPGANEnhancer:
         """Run GFPGAN on a (N, S, S, 3) uint8 RGB batch of aligned faces; same shape and dtype back."""
         torch = self.torch
         with torch.inference_mode():
-            x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+            x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).contiguous().to(self.dtype) / 127.5 - 1.0
             y = self.restorer(x, return_rgb=False, randomize_noise=False)[0]
             y = ((y.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
             return y.permute(0, 2, 3, 1).cpu().numpy()
@@ -402,7 +405,7 @@ class GFPGANEnhancer:
         p = self.parse_size
         batch = np.stack([cv2.resize(f, (p, p), interpolation=cv2.INTER_LINEAR) for f in faces])
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
             labels = self.parser(x)[0].argmax(dim=1).cpu().numpy()
         scale = p / 512.0
         ksize, sigma = _odd(_MASK_BLUR_512[0] * scale), _MASK_BLUR_512[1] * scale

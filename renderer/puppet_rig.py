@@ -210,35 +210,31 @@ class FaceRig:
         self.mouth_centre = lm[48:68].mean(axis=0)
 
     def _sample_skin(self) -> None:
-        """Colours drawn from the portrait once: skin above each eye (for closed lids) and the face's brightness."""
+        """Colours taken from the portrait once: lips (for the mouth's inside), lid edges (lashes), brightness."""
         img = self.image.astype(np.float32)
         lm = self.landmarks
-        face = img[
-            int(lm[27, 1]) : int(max(lm[33, 1], lm[27, 1] + 2)),
-            int(lm[39, 0]) : int(max(lm[42, 0], lm[39, 0] + 2)),
-        ].reshape(-1, 3)
-        luminance = float(np.median(face @ np.array([0.299, 0.587, 0.114], np.float32))) if len(face) else 150.0
-        self.lighting = float(np.clip(luminance / 165.0, 0.45, 1.2))
-        self.lid_colour: list[np.ndarray] = []
-        self.lash_colour: list[np.ndarray] = []
-        for upper, brow in (([36, 37, 38, 39], [17, 18, 19, 20, 21]), ([42, 43, 44, 45], [22, 23, 24, 25, 26])):
-            x0, x1 = int(math.floor(lm[upper[0], 0])), int(math.ceil(lm[upper[-1], 0]))
-            x1 = max(x1, x0 + 2)
-            cols = np.arange(x0, x1 + 1)
-            lid_y = _curve(cols.astype(np.float64), lm[upper, 0], lm[upper, 1])
-            brow_y = _curve(cols.astype(np.float64), lm[brow, 0], lm[brow, 1])
-            gap = np.maximum(lid_y - brow_y, 3.0)
-            # Per column: mean of the strip from 20 % to 45 % of the way from the lid up to the brow.
-            colour = np.zeros((len(cols), 3), np.float32)
-            for j, (x, ly, g) in enumerate(zip(cols, lid_y, gap, strict=True)):
-                y0 = int(np.clip(ly - 0.45 * g, 0, self.height - 1))
-                y1 = int(np.clip(ly - 0.2 * g, y0 + 1, self.height))
-                colour[j] = img[y0:y1, int(np.clip(x, 0, self.width - 1))].mean(axis=0)
-            self.lid_colour.append(colour)
-            edge = img[
-                np.clip(np.round(lid_y).astype(int), 0, self.height - 1), np.clip(cols, 0, self.width - 1)
-            ].reshape(-1, 3)
-            self.lash_colour.append(np.percentile(edge, 20, axis=0).astype(np.float32) * 0.8)
+
+        def at(points: np.ndarray) -> np.ndarray:
+            xs = np.clip(np.round(points[:, 0]).astype(int), 0, self.width - 1)
+            ys = np.clip(np.round(points[:, 1]).astype(int), 0, self.height - 1)
+            return img[ys, xs]
+
+        bridge = np.linspace(lm[27], lm[30], 8)
+        cheeks = np.concatenate([np.linspace(lm[2], lm[31], 6), np.linspace(lm[14], lm[35], 6)])
+        skin = np.median(at(np.concatenate([bridge, cheeks])), axis=0)
+        luminance = float(skin @ np.array([0.299, 0.587, 0.114], np.float32))
+        self.lighting = float(np.clip(luminance / 170.0, 0.45, 1.15))
+        lip_points = np.concatenate(
+            [(lm[[50, 51, 52]] + lm[[61, 62, 63]]) / 2, (lm[[56, 57, 58]] + lm[[65, 66, 67]]) / 2]
+        )
+        lips = np.median(at(lip_points), axis=0)
+        # Inside of the mouth: the lips' hue, much darker; the tongue a little lighter toward the bottom.
+        self._cavity = (lips * np.array([0.34, 0.24, 0.24])).astype(np.float32)
+        self._tongue = (lips * np.array([0.72, 0.5, 0.5])).astype(np.float32)
+        self._seam = (lips * np.array([0.42, 0.32, 0.32])).astype(np.float32)
+        self._enamel = (np.array([236.0, 230.0, 218.0]) * min(self.lighting * 1.05, 1.0)).astype(np.float32)
+        edges = np.concatenate([np.linspace(lm[36], lm[39], 8), np.linspace(lm[42], lm[45], 8)])
+        self._lash = (np.percentile(at(edges), 15, axis=0) * 0.8).astype(np.float32)
 
     # ------------------------------------------------------------------ geometry
     def _lip_offsets(self, pose: Pose) -> np.ndarray:
@@ -416,7 +412,9 @@ class FaceRig:
         depth = np.minimum(0.3 * gap, 0.1 * self.mouth_width)[None, :]
         teeth = np.clip(depth - (ys - top) + 0.5, 0, 1) * np.clip((0.75 - np.abs(u)) / 0.25, 0, 1)
         teeth *= np.clip((gap[None, :] - 3.0) / 3.0, 0, 1)
-        enamel = self._enamel * (1.0 - 0.35 * u**2)[..., None] * (0.8 + 0.2 * np.clip(1 - (ys - top) / 3, 0, 1))[..., None]
+        enamel = (
+            self._enamel * (1.0 - 0.35 * u**2)[..., None] * (0.8 + 0.2 * np.clip(1 - (ys - top) / 3, 0, 1))[..., None]
+        )
         colour += (enamel - colour) * teeth[..., None] * 0.9
         region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
         a = alpha[..., None]
@@ -446,7 +444,10 @@ class FaceRig:
             skin = (region[rows, np.arange(len(xs))] + region[np.maximum(rows - 1, 0), np.arange(len(xs))]) / 2
             covered = np.clip((ys - (open_lid - 2.0)) / 2.0, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
             a = (covered * within[None, :] * strength * 0.9)[..., None]
-            shaded = skin[None, :, :] * (1.0 - 0.12 * np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1), 0, 1))[..., None]
+            shaded = (
+                skin[None, :, :]
+                * (1.0 - 0.12 * np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1), 0, 1))[..., None]
+            )
             region += (shaded - region) * a
             lash = np.clip(1.0 - np.abs(ys - lid) / max(0.8, 0.01 * self.face_width), 0, 1) * within[None, :]
             region += (self._lash - region) * (lash * strength * 0.6)[..., None]

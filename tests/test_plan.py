@@ -128,3 +128,20 @@ def test_plan_template_sandbox_blocks_attribute_escapes(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         plan(tmp_path)
     assert "scripts.hello.text" in str(info.value)
+
+
+def test_plan_weight_paths_resolve_under_checkpoints_for_stages_only(tmp_path: Path) -> None:
+    from batch.stages import resolve_job_settings
+
+    ck = tmp_path / "checkpoints"
+    assert resolve_job_settings("voice", {"model": "voices/x.onnx"}, ck)["model"] == str(ck / "voices" / "x.onnx")
+    assert resolve_job_settings("voice", {"model": "en_US-joe-medium"}, ck)["model"] == "en_US-joe-medium"
+    assert resolve_job_settings("llm", {"model": "/abs/m.gguf"}, ck)["model"] == "/abs/m.gguf"
+    # Keys use the manifest's spelling, so they do not depend on where the project is checked out.
+    write_project(tmp_path)
+    path = tmp_path / "m.yaml"
+    path.write_text(path.read_text().replace("engine: piper,", "engine: piper, model: voices/x.onnx,"))
+    p, _ = plan(tmp_path)
+    voice = next(s for s in p.videos[1].steps if s.stage == "voice")
+    assert voice.fingerprint["settings"]["model"] == "voices/x.onnx"
+    assert voice.fingerprint["weights"] == {"piper": "missing:voices/x.onnx"}

@@ -272,6 +272,21 @@ def test_crop_face_landmarks_follow_the_pixels() -> None:
             assert np.abs(centroid - result.landmarks_in_crop[idx]).max() < 0.5, (mode, idx)
 
 
+def test_crop_face_landmarks_agree_with_dlib_on_the_crop() -> None:
+    """The dlib path maps full-image landmarks into the crop instead of detecting again (as upstream does)."""
+    pytest.importorskip("dlib")
+    skimage_data = pytest.importorskip("skimage.data")
+    from renderer.faces import detect_face
+
+    image = skimage_data.astronaut()
+    face = detect_face(image, "astronaut")
+    result = preprocess.crop_face(image, face.landmarks, "crop", 256)
+    again = detect_face(result.crop, "astronaut crop")
+    key_points = [30, 36, 39, 42, 45, 48, 54]  # the points the crop and the 3DMM alignment use
+    distance = np.linalg.norm(again.landmarks - result.landmarks_in_crop, axis=1)
+    assert distance[key_points].max() < 3.0 and distance.mean() < 2.0, distance
+
+
 def test_crop_info_describes_face_box_in_the_original_image() -> None:
     arrays, sidecar = load_golden("stage_crop")
     inp = golden_inputs(arrays, sidecar)

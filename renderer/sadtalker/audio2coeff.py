@@ -186,7 +186,7 @@ class PoseDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         audio_out = NUM_POSE
-        self.classbias = nn.Parameter(torch.zeros(NUM_POSE_STYLES, POSE_LATENT))
+        self.classbias = nn.Parameter(torch.randn(NUM_POSE_STYLES, POSE_LATENT))
         self.resunet = ResUnet()
         self.MLP = nn.Sequential()
         sizes = (NUM_POSE + POSE_LATENT + POSE_SEQ_LEN * audio_out, 128, POSE_SEQ_LEN * NUM_POSE)

@@ -573,9 +573,7 @@ class OcclusionAwareSPADEGenerator(nn.Module):
         super().__init__()
         self.first = SameBlock2d(3, block_expansion, kernel_size=3)
         self.down_blocks = nn.ModuleList(
-            DownBlock2d(
-                min(max_features, block_expansion * 2**i), min(max_features, block_expansion * 2 ** (i + 1))
-            )
+            DownBlock2d(min(max_features, block_expansion * 2**i), min(max_features, block_expansion * 2 ** (i + 1)))
             for i in range(num_down_blocks)
         )
         cout = min(max_features, block_expansion * 2**num_down_blocks)

@@ -20,8 +20,8 @@ import numpy as np
 class PasteBack:
     """Blends frames into one portrait at a fixed rectangle; build once per video, call once per frame.
 
-        paste = PasteBack(portrait_rgb, crop_info.paste_box)
-        full_frame = paste(face_frame_rgb)      # H×W×3 uint8, same size as the portrait
+    paste = PasteBack(portrait_rgb, crop_info.paste_box)
+    full_frame = paste(face_frame_rgb)      # H×W×3 uint8, same size as the portrait
     """
 
     def __init__(self, image: np.ndarray, box: tuple[int, int, int, int]) -> None:

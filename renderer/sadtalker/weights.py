@@ -154,7 +154,6 @@ def read_safetensors_prefix(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
     Only the selected tensors are read, so loading the renderer does not pull the audio networks into memory.
     """
-    import torch
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -191,7 +190,8 @@ def read_pickle_entry(path: Path, entry: str) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or entry not in data:
         keys = list(data)[:8] if isinstance(data, Mapping) else type(data).__name__
         raise MissingWeightsError(
-            f"{path} has no entry '{entry}' (found {keys})", f"it is not the expected SadTalker file: {_CHECKPOINT_HINT}"
+            f"{path} has no entry '{entry}' (found {keys})",
+            f"it is not the expected SadTalker file: {_CHECKPOINT_HINT}",
         )
     state = data[entry]
     if not isinstance(state, Mapping):
@@ -248,7 +248,8 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         if not missing and not unexpected:
             detail = str(exc).splitlines()[-1].strip()
         raise MissingWeightsError(
-            f"{where} does not match {type(module).__name__}: {detail}", f"it is not a SadTalker V0.0.2 checkpoint: {_CHECKPOINT_HINT}"
+            f"{where} does not match {type(module).__name__}: {detail}",
+            f"it is not a SadTalker V0.0.2 checkpoint: {_CHECKPOINT_HINT}",
         ) from exc
 
 

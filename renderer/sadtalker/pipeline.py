@@ -1,0 +1,455 @@
+"""Stage "animate" with `video.renderer: sadtalker`: portrait + speech.wav → silent out_dir/video.mp4.
+
+Per job (SPEC §1.2), in numbered steps:
+
+1. check the settings and inputs; find the checkpoints (MissingWeightsError names the files);
+2. detect the face (dlib, `renderer.faces`) and cut the S×S render source (`preprocess.crop_face`);
+3. 3DMM coefficients of the source (`recon`), mel windows of the speech (`audio`) and the driving coefficients
+   (`audio2coeff.predict_coeffs`: expression, blinks, head pose; every random draw from `job.seed`);
+4. render: the frames of all jobs that use the same renderer weights share forward batches of
+   `video.batch_size` frames; each batch goes straight to its videos' encoders, so memory stays flat however long
+   the audio is (only the N×70 coefficients are kept per job);
+5. per frame: uint8 (round half to even), aspect restore to S × trunc(S·h/w) (rounded up to even for yuv420p),
+   or in `preprocess: full` a Poisson paste back into the portrait (`paste.PasteBack`).
+
+Models come from the pool once per run: the renderer (KPDetector + MappingNet + generator) per (size, 70|73
+inputs), the 3DMM regressor and the two audio networks per size.
+
+Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere). Half
+precision runs the networks under `torch.autocast` with float32 weights; the keypoint maths, softmaxes, instance
+norms and the final uint8 conversion stay float32. Measured on the golden generator input (256, CPU, bfloat16
+autocast vs float32, fill-rule weights): prediction max |Δ| = 0.047, mean |Δ| = 0.0049, i.e. up to 12 grey levels
+on a few pixels and about one level on average; float16 has 3 more mantissa bits than bfloat16, so its error on
+CUDA should be smaller (not measured: no GPU here).
+
+Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
+rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
+independent, so only float noise differs); the paste-back uses the rendered frames, not H.264-decoded ones; odd
+output heights are rounded up to even (upstream's ffmpeg enlarges to a multiple of 16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
+
+if TYPE_CHECKING:
+
+    from renderer.encode import VideoWriter
+    from renderer.sadtalker.facerender import FaceRenderer, SourceState
+    from renderer.sadtalker.paste import PasteBack
+    from renderer.sadtalker.preprocess import CropInfo
+    from renderer.sadtalker.weights import CheckpointSet
+
+logger = logging.getLogger(__name__)
+
+#: File the stage writes in out_dir.
+OUTPUT_NAME = "video.mp4"
+SIZES = (256, 512)
+PREPROCESS = ("crop", "resize", "full")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+NUM_POSE_STYLES = 46
+
+
+@dataclasses.dataclass(frozen=True)
+class SadTalkerSettings:
+    """The `video` settings this renderer reads, validated."""
+
+    size: int = 256
+    preprocess: str = "crop"
+    still: bool = False
+    expression_scale: float = 1.0
+    pose_style: int = 0
+    batch_size: int = 8
+    dtype: str = "auto"
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], label: str = "") -> SadTalkerSettings:
+        """Validate the resolved `video` section; every problem is reported at once in one BadInputError."""
+        defaults = cls()
+        get = {f.name: settings.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+        problems = []
+        if get["size"] not in SIZES or isinstance(get["size"], bool):
+            problems.append(f"size must be 256 or 512, got {get['size']!r}")
+        if get["preprocess"] not in PREPROCESS:
+            problems.append(f"preprocess must be one of {', '.join(PREPROCESS)}, got {get['preprocess']!r}")
+        if not isinstance(get["still"], bool):
+            problems.append(f"still must be true or false, got {get['still']!r}")
+        scale = get["expression_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale):
+            problems.append(f"expression_scale must be a number, got {scale!r}")
+        style = get["pose_style"]
+        if isinstance(style, bool) or not isinstance(style, int) or not 0 <= style < NUM_POSE_STYLES:
+            problems.append(f"pose_style must be an integer in 0..{NUM_POSE_STYLES - 1}, got {style!r}")
+        batch = get["batch_size"]
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            problems.append(f"batch_size must be a positive integer, got {batch!r}")
+        if get["dtype"] not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {get['dtype']!r}")
+        if problems:
+            where = f"{label}: " if label else ""
+            raise BadInputError(
+                f"{where}invalid video settings: " + "; ".join(problems), "fix the manifest's video section"
+            )
+        return cls(
+            size=int(get["size"]),
+            preprocess=str(get["preprocess"]),
+            still=bool(get["still"]),
+            expression_scale=float(scale),
+            pose_style=int(style),
+            batch_size=int(batch),
+            dtype=str(get["dtype"]),
+        )
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """ "auto" → float16 on CUDA, float32 elsewhere; explicit names are kept."""
+    if name != "auto":
+        return name
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
+    """Frame size after the aspect restore (SPEC §8.1): width S, height trunc(S·h/w) rounded up to even."""
+    width, height = crop_size
+    out_h = int(size * height / width) if width > 0 else size
+    return size, max(2, out_h + out_h % 2)
+
+
+@dataclasses.dataclass
+class _Video:
+    """One job between preparation and its last frame."""
+
+    index: int
+    job: StepJob
+    settings: SadTalkerSettings
+    ckpt: CheckpointSet
+    #: Mapping-net inputs per frame (N, 70|73) and the source's (70|73,) coefficients.
+    target: np.ndarray
+    source_coeff: np.ndarray
+    source_crop: np.ndarray
+    crop_info: CropInfo
+    frame_size: tuple[int, int]
+    paste: PasteBack | None
+    warnings: list[str]
+    state: SourceState | None = None
+    writer: VideoWriter | None = None
+    written: int = 0
+    error: RenderError | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.target)
+
+    @property
+    def renderer_key(self) -> tuple[int, int, str]:
+        from renderer.sadtalker.facerender import mapping_channels
+
+        return (self.settings.size, mapping_channels(self.settings.preprocess), str(self.ckpt.root))
+
+
+def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
+    """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order."""
+    results: list[dict | RenderError | None] = [None] * len(jobs)
+    videos: list[_Video] = []
+    for index, job in enumerate(jobs):
+        try:
+            videos.append(_prepare(index, job, pool))
+        except RenderError as exc:
+            results[index] = _labelled(exc, job)
+    groups: dict[tuple[Any, ...], list[_Video]] = {}
+    for video in videos:
+        groups.setdefault((*video.renderer_key, video.job.device, video.settings.dtype), []).append(video)
+    for group in groups.values():
+        _render_group(group, pool)
+    for video in videos:
+        results[video.index] = _labelled(video.error, video.job) if video.error else _info(video)
+    return [r for r in results if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps 1–3: per-job preparation (CPU work and the small networks)
+
+
+def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
+    import torch
+
+    from renderer import faces
+    from renderer.sadtalker import audio, audio2coeff, facerender, preprocess, recon, weights
+    from renderer.sadtalker.paste import PasteBack
+
+    # 1. Settings, inputs, weights.
+    settings = SadTalkerSettings.from_mapping(job.settings, job.label)
+    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, job.device))
+    portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
+    ckpt = weights.checkpoint_set(Path(job.checkpoints), settings.size, settings.preprocess)
+    warnings = []
+    if ckpt.legacy:
+        warnings.append(
+            "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")
+        )
+
+    # 2. Face and render source.
+    image = faces.load_image(portrait_path)
+    face = faces.detect_face(image, source=str(portrait_path), pool=pool)
+    try:
+        crop = preprocess.crop_face(image, face.landmarks, settings.preprocess, settings.size)
+    except ValueError as exc:
+        raise BadInputError(
+            f"cannot crop the face in {portrait_path}: {exc}", "use a portrait with the whole face inside"
+        ) from exc
+
+    # 3. Coefficients: source 3DMM, mel windows, driving coefficients.
+    recon_net = _pooled(pool, ckpt, "face_3drecon", job.device, recon.ReconNet.from_state_dict)
+    source_coeff, _ = recon.coeffs_from_crop(recon_net, crop.crop, crop.landmarks_in_crop)
+    wav = audio.load_wav_16k(audio_path)
+    windows = audio.mel_windows(wav)
+    if len(windows) == 0:
+        raise BadInputError(
+            f"audio {audio_path} is {len(wav)} samples long, shorter than one video frame (40 ms)",
+            "give a longer speech WAV",
+        )
+    exp_net = _pooled(pool, ckpt, "audio2exp", job.device, audio2coeff.ExpNet.from_state_dict)
+    pose_net = None
+    if not settings.still:
+        pose_net = _pooled(pool, ckpt, "audio2pose", job.device, audio2coeff.PoseVAE.from_state_dict)
+    generator = torch.Generator().manual_seed(int(job.seed))
+    coeffs = audio2coeff.predict_coeffs(
+        exp_net,
+        pose_net,
+        windows,
+        source_coeff,
+        pose_style=settings.pose_style,
+        still=settings.still,
+        expression_scale=settings.expression_scale,
+        generator=generator,
+    )
+    # predict_coeffs already scaled the expression and froze the pose: the render preparation must not scale again.
+    target = facerender.target_coefficients(coeffs, source_coeff, settings.preprocess, 1.0, settings.still)
+
+    # Output geometry.
+    paste = None
+    if settings.preprocess == "full":
+        height, width = image.shape[:2]
+        even = image[: height - height % 2, : width - width % 2]
+        if even.shape[0] < 2 or even.shape[1] < 2:
+            raise BadInputError(f"portrait {portrait_path} is too small ({width}×{height})", "give a larger portrait")
+        paste = PasteBack(even, crop.crop_info.paste_box)
+        frame_size = (even.shape[1], even.shape[0])
+    else:
+        frame_size = output_size(settings.size, crop.crop_info.size)
+    return _Video(
+        index=index,
+        job=job,
+        settings=settings,
+        ckpt=ckpt,
+        target=target,
+        source_coeff=np.asarray(source_coeff, dtype=np.float32).reshape(-1),
+        source_crop=crop.crop,
+        crop_info=crop.crop_info,
+        frame_size=frame_size,
+        paste=paste,
+        warnings=warnings,
+    )
+
+
+def _input(job: StepJob, name: str) -> Path:
+    path = job.inputs.get(name)
+    if path is None:
+        raise BadInputError(f"sadtalker needs input '{name}' (got {sorted(job.inputs)})", "this is a runner bug")
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"input '{name}' {path} does not exist", "rebuild the step that makes it")
+    return path
+
+
+def _pooled(pool: ModelPool, ckpt: CheckpointSet, network: str, device: str, build: Callable[[Any], Any]) -> Any:
+    """A coefficient network from the pool (float32: they are small), loaded strictly on first use."""
+
+    def load() -> Any:
+        try:
+            net = build(ckpt.state_dict(network))
+        except KeyError as exc:
+            raise MissingWeightsError(
+                f"{ckpt.files()[0]} ({network}) does not match the network: {exc}",
+                "it is not a SadTalker V0.0.2 checkpoint: run `make checkpoints`",
+            ) from exc
+        return net.to(device).eval().requires_grad_(False)
+
+    model_id = f"sadtalker/{network}/{ckpt.size}/{'legacy' if ckpt.legacy else 'v002'}@{ckpt.root}"
+    return pool.get(model_id, device, "float32", load)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 4–5: batched rendering, streamed to the encoders
+
+
+def _render_group(group: list[_Video], pool: ModelPool) -> None:
+    """Render every frame of the group's videos in shared forward batches, streaming each frame out."""
+    import torch
+
+    from renderer.sadtalker import weights
+
+    first = group[0]
+    size, channels, _ = first.renderer_key
+    device, dtype = first.job.device, first.settings.dtype
+    model_id = f"sadtalker/render/{size}/{channels}/{'legacy' if first.ckpt.legacy else 'v002'}@{first.ckpt.root}"
+    try:
+        renderer = pool.get(
+            model_id,
+            device,
+            "float32",
+            lambda: weights.load_face_renderer(first.ckpt.root, size, first.settings.preprocess, device),
+        )
+    except RenderError as exc:
+        for video in group:
+            video.error = _copy(exc)
+        return
+    batch_size = min(video.settings.batch_size for video in group)
+    batch: list[tuple[_Video, int]] = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for video, frame in _frames(group, renderer):
+            batch.append((video, frame))
+            if len(batch) == batch_size:
+                _flush(renderer, batch)
+                batch = []
+        if batch:
+            _flush(renderer, batch)
+    for video in group:
+        _finish(video)
+
+
+def _frames(group: list[_Video], renderer: FaceRenderer) -> Iterator[tuple[_Video, int]]:
+    """(video, frame index) in render order; a video's per-video state is made just before its first frame."""
+    for video in group:
+        if video.error is not None:
+            continue
+        try:
+            _start(video, renderer)
+        except RenderError as exc:
+            video.error = exc
+            continue
+        for frame in range(video.num_frames):
+            yield video, frame
+
+
+def _start(video: _Video, renderer: FaceRenderer) -> None:
+    import torch
+
+    from renderer.encode import VideoWriter
+    from renderer.sadtalker import facerender
+
+    device = next(renderer.parameters()).device
+    source = facerender.image_to_tensor(video.source_crop).to(device)
+    semantics = torch.from_numpy(facerender.source_window(video.source_coeff, video.settings.preprocess))[None]
+    video.state = renderer.prepare_source(source, semantics.to(device))
+    width, height = video.frame_size
+    video.writer = VideoWriter(Path(video.job.out_dir) / OUTPUT_NAME, width, height)
+
+
+def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]]) -> None:
+    """One forward pass over frames of possibly several videos; frames go to their writers at once."""
+    import torch
+
+    from renderer.sadtalker import facerender
+
+    device = next(renderer.parameters()).device
+    live = [(v, f) for v, f in batch if v.error is None]
+    if not live:
+        return
+    windows = np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live])
+    feature = torch.cat([v.state.feature for v, _ in live])
+    kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
+    kp_source = torch.cat([v.state.kp_source for v, _ in live])
+    try:
+        kp_driving = renderer.driving_keypoints(kp_canonical, torch.from_numpy(windows).to(device))
+        prediction = renderer.render(feature, kp_source, kp_driving).prediction
+    except torch.cuda.OutOfMemoryError as exc:
+        logger.warning("out of GPU memory: %s", exc)
+        for video, _ in live:
+            video.error = BackendError(
+                f"out of GPU memory rendering a batch of {len(live)} frames at size {video.settings.size}",
+                "lower video.batch_size or use video.dtype: float16",
+            )
+        return
+    for (video, _), frame in zip(live, facerender.frames_to_uint8(prediction), strict=True):
+        _emit(video, frame)
+
+
+def _emit(video: _Video, frame: np.ndarray) -> None:
+    from renderer.sadtalker.preprocess import resize_bilinear
+
+    if video.error is not None or video.writer is None:
+        return
+    if video.paste is not None:
+        frame = video.paste(frame)
+    elif frame.shape[1::-1] != video.frame_size:
+        frame = resize_bilinear(frame, video.frame_size)
+    try:
+        video.writer.write(frame)
+    except OSError as exc:
+        video.error = BackendError(f"cannot write {video.writer.path}: {exc}", "check free disk space")
+        video.writer.abort()
+        return
+    video.written += 1
+    if video.written == video.num_frames:
+        _finish(video)
+
+
+def _finish(video: _Video) -> None:
+    """Close the writer (or drop it on error) and release the per-video tensors."""
+    writer, video.writer, video.state = video.writer, None, None
+    if writer is None:
+        return
+    if video.error is not None:
+        writer.abort()
+        return
+    try:
+        writer.close()
+    except OSError as exc:
+        video.error = BackendError(f"cannot write {writer.path}: {exc}", "check free disk space")
+
+
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def _info(video: _Video) -> dict:
+    return {
+        "renderer": "sadtalker",
+        "frames": video.written,
+        "size": list(video.frame_size),
+        "render_size": video.settings.size,
+        "preprocess": video.settings.preprocess,
+        "still": video.settings.still,
+        "dtype": video.settings.dtype,
+        "batch_size": video.settings.batch_size,
+        "checkpoints": "legacy" if video.ckpt.legacy else "v0.0.2",
+        "warnings": video.warnings,
+    }
+
+
+def _copy(exc: RenderError) -> RenderError:
+    """A fresh error of the same type per job (each gets its own label), keeping the cause."""
+    copy = type(exc)(exc.message, exc.hint)
+    copy.__cause__ = exc.__cause__
+    return copy
+
+
+def _labelled(exc: RenderError, job: StepJob) -> RenderError:
+    if job.label and job.label not in exc.message:
+        exc.message = f"{job.label}: {exc.message}"
+        exc.args = (exc.message,)
+    return exc
