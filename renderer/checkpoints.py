@@ -389,6 +389,7 @@ class _Stamps:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(self.data, fh, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; it holds nothing secret
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -599,9 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes = download(entries, args.dest, base_url=args.base_url, timeout=args.timeout, progress=not args.quiet)
     width = max(len(o.path) for o in outcomes) if outcomes else 0
     for o in outcomes:
-        line = f"{o.status:<10} {o.path:<{width}}"
-        if o.message:
-            line += f"  {o.message}"
+        line = f"{o.status:<10} {o.path:<{width}}  {o.message}".rstrip()
         print(line, file=sys.stderr if o.status == "failed" else sys.stdout)
     bad = [o for o in outcomes if o.status in ("failed", "missing")]
     if bad:

@@ -42,7 +42,7 @@ from renderer.base import (
     RenderError,
     StepJob,
 )
-from renderer.checkpoints import GFPGAN_FOLDER, gfpgan_files
+from renderer.checkpoints import GFPGAN_FOLDER, gfpgan_files, missing
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,11 @@ def _odd(n: float) -> int:
     return k if k % 2 else k + 1
 
 
+def checkpoints_missing(root: Path) -> list[str]:
+    """The enhancer's weight files (relative to `root`) that are not there."""
+    return missing(root, gfpgan_files())
+
+
 def resolve_dtype(spec: str, device: str) -> str:
     """`video.dtype` → the restorer's dtype: auto is float16 on CUDA, float32 elsewhere."""
     if spec == "auto":
@@ -285,7 +290,7 @@ class GFPGANEnhancer:
     def from_pretrained(cls, root: Path, device: str = "cpu", dtype: str = "float32") -> GFPGANEnhancer:
         """Build the three networks and load their weights from `root` (the checkpoints folder)."""
         root = Path(root)
-        absent = [name for name in gfpgan_files() if not (root / name).is_file()]
+        absent = checkpoints_missing(root)
         if absent:
             raise MissingWeightsError(
                 f"GFPGAN weights missing in {root}: {', '.join(absent)}",
@@ -420,28 +425,35 @@ class GFPGANEnhancer:
             masks.append(cv2.resize(mask, (self.face_size, self.face_size), interpolation=cv2.INTER_LINEAR))
         return np.stack(masks)
 
-    def enhance_frames(self, frames: Sequence[np.ndarray], landmarks: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Restore the faces at `landmarks` (one (n, 5, 2) array per frame) and paste them back into the frames."""
+    @staticmethod
+    def paste_back(frame: np.ndarray, face: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Warp a restored S×S face back into `frame` (float32 H×W×3) and blend it in with its S×S soft mask."""
         import cv2
 
-        jobs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (frame index, crop, affine)
+        height, width = frame.shape[:2]
+        inverse = cv2.invertAffineTransform(affine)
+        pasted = cv2.warpAffine(face, inverse, (width, height)).astype(np.float32)
+        soft = cv2.warpAffine(mask.astype(np.float32), inverse, (width, height), flags=cv2.INTER_CUBIC)
+        soft = soft.clip(0.0, 1.0)[..., None]
+        return soft * pasted + (1.0 - soft) * frame
+
+    def enhance_frames(self, frames: Sequence[np.ndarray], landmarks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Restore the faces at `landmarks` (one (n, 5, 2) array per frame) and paste them back into the frames."""
+        aligned: list[tuple[int, np.ndarray, np.ndarray]] = []  # (frame index, crop, affine)
         for index, (frame, marks) in enumerate(zip(frames, landmarks, strict=True)):
             for face in marks:
                 try:
                     crop, affine = self.align(frame, face)
                 except ValueError:
+                    logger.debug("skipping a face with degenerate landmarks in frame %d", index)
                     continue
-                jobs.append((index, crop, affine))
-        out = [np.array(f, dtype=np.float32) for f in frames]
-        if jobs:
-            restored = self.restore(np.stack([crop for _, crop, _ in jobs]))
+                aligned.append((index, crop, affine))
+        out = [np.asarray(f, dtype=np.float32) for f in frames]
+        if aligned:
+            restored = self.restore(np.stack([crop for _, crop, _ in aligned]))
             masks = self.face_masks(restored)
-            for (index, _, affine), face, mask in zip(jobs, restored, masks, strict=True):
-                height, width = out[index].shape[:2]
-                inverse = cv2.invertAffineTransform(affine)
-                pasted = cv2.warpAffine(face, inverse, (width, height)).astype(np.float32)
-                soft = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_CUBIC).clip(0, 1)[..., None]
-                out[index] = soft * pasted + (1.0 - soft) * out[index]
+            for (index, _, affine), face, mask in zip(aligned, restored, masks, strict=True):
+                out[index] = self.paste_back(out[index], face, affine, mask)
         return [np.clip(f, 0, 255).round().astype(np.uint8) for f in out]
 
     # -- whole video ----------------------------------------------------------------------------------------
@@ -456,30 +468,45 @@ class GFPGANEnhancer:
             raise BadInputError(f"{video} has no video stream", "re-render the video")
         fps = int(round(info.fps)) if info.fps else FPS
         batch_size = max(1, int(batch_size))
-        faces = no_face = reused = frames = 0
-        last: np.ndarray | None = None
-        age = 0
+        track = LandmarkTrack()
+        frames = 0
         with VideoWriter(out, info.width, info.height, fps=fps) as writer:
             for batch in _batches(read_frames(video), batch_size):
-                # 2. Detect faces on the whole batch at once.
-                detected = self.detect(np.stack(batch))
-                # 3. Fill short detector misses with the last landmarks.
-                marks = []
-                for found in detected:
-                    if len(found):
-                        last, age = found, 0
-                    elif last is not None and age < MAX_REUSE_FRAMES:
-                        found, age = last, age + 1
-                        reused += 1
-                    else:
-                        no_face += 1
-                    marks.append(found)
-                    faces += len(found)
+                # 2. Detect faces on the whole batch at once; 3. fill short detector misses.
+                marks = [track.step(found) for found in self.detect(np.stack(batch))]
                 # 4. Restore, mask and paste back; 5. encode.
                 for frame in self.enhance_frames(batch, marks):
                     writer.write(frame)
                 frames += len(batch)
-        return EnhanceOutput(frames, faces, no_face, reused, info.width, info.height, fps)
+        return EnhanceOutput(frames, track.faces, track.missed, track.reused, info.width, info.height, fps)
+
+
+class LandmarkTrack:
+    """Bridges short detector misses: a frame without faces gets the last faces found, for a few frames.
+
+    Without it a single missed frame (a blink, motion blur) would show the raw face between restored ones.
+    """
+
+    def __init__(self, max_reuse: int = MAX_REUSE_FRAMES) -> None:
+        self.max_reuse = max_reuse
+        self._last: np.ndarray | None = None
+        self._age = 0
+        self.faces = 0
+        self.reused = 0
+        self.missed = 0
+
+    def step(self, found: np.ndarray) -> np.ndarray:
+        """The landmarks (n, 5, 2) to use for the next frame, given what the detector found on it."""
+        if len(found):
+            self._last, self._age = found, 0
+        elif self._last is not None and self._age < self.max_reuse:
+            found = self._last
+            self._age += 1
+            self.reused += 1
+        else:
+            self.missed += 1
+        self.faces += len(found)
+        return found
 
 
 def _batches(frames: Iterable[np.ndarray], size: int) -> Iterable[list[np.ndarray]]:
@@ -507,7 +534,7 @@ def _enhance_one(job: StepJob, pool: ModelPool) -> dict:
     if video is None or not Path(video).is_file():
         raise BadInputError(f"{where}: input video {video} does not exist", "re-render the animation step")
     root = Path(job.checkpoints)
-    absent = [name for name in gfpgan_files() if not (root / name).is_file()]
+    absent = checkpoints_missing(root)
     if absent:
         raise MissingWeightsError(
             f"{where}: GFPGAN weights missing in {root}: {', '.join(absent)}",

@@ -1,19 +1,20 @@
 """The puppet's face rig: a landmark mesh over the portrait, deformed per frame and drawn with one dense remap.
 
-The mesh is a Delaunay triangulation of the 68 dlib landmarks, a few forehead points, a ring around the head
-(moves with it), a ring further out and the picture's border (both fixed, so the background stays put). Each
-frame moves the vertices (lips, jaw, eyelids, head pose) and draws the picture through the piecewise-affine map
-from the moved mesh back to the rest mesh:
+The mesh is a Delaunay triangulation of the 68 dlib landmarks (plus four lip midpoints), a few forehead points,
+a ring around the head (moves with it), a ring further out and the picture's border (both fixed, so the
+background stays put). Each frame moves the vertices (lips, jaw, eyelids, head pose) and draws the picture
+through the piecewise-affine map from the moved mesh back to the rest mesh:
 
-1. per triangle, the affine map output pixel → barycentric → source pixel (12 numbers, ~150 triangles);
-2. per pixel, the triangle that holds it: the previous frame's triangle is the first guess, and pixels that fell
-   outside it step to the neighbour across the violated edge (a vectorised "visibility walk"; after the first
-   frame nearly all pixels settle at once);
-3. one bilinear sample of the portrait for every pixel that can move (precomputed list; pixels of triangles
-   with only fixed corners are copied as they are).
+1. per triangle, the affine map output pixel → barycentric → source pixel (12 numbers, ~190 triangles);
+2. per pixel of the box that can move, the moved triangle that holds it: the previous frame's triangle is the
+   first guess, and pixels that fell outside it step to the neighbour across the violated edge (a vectorised
+   "visibility walk"; nearly all pixels settle at once). At 512 px the map is found on every second pixel and
+   interpolated (the map is piecewise linear, so this costs nothing visible);
+3. one bilinear sample of the portrait per pixel of that box; the rest of the picture is copied.
 
-Then the inside of the mouth is painted over the opened lips (dark gradient, a band of upper teeth) and closed
-eyelids are evened out with the skin colour sampled above each eye, both within small boxes and with soft edges.
+Then the inside of the mouth is painted between the moved inner lip edges (a dark seam when closed, a dark cavity
+with a band of upper teeth when open), and a closing lid is evened out with the skin just above it and given a
+soft lash line, all within small boxes with soft edges.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def _curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     return np.interp(xs, px[order], py[order])
 
 
+def _arc(xs: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """y of a smooth lid arc (least-squares parabola) through points (x, y), at columns xs."""
+    if np.ptp(points[:, 0]) < 2.0:
+        return np.full(len(xs), points[:, 1].mean())
+    return np.polyval(np.polyfit(points[:, 0], points[:, 1], 2), xs)
+
+
 class FaceRig:
     """A portrait with its face mesh, ready to draw frames for any `Pose`."""
 
@@ -110,7 +118,6 @@ class FaceRig:
 
         self.height, self.width = image.shape[:2]
         self.image = np.ascontiguousarray(image, dtype=np.uint8)
-        self._src = self.image.reshape(-1, 3).astype(np.float32)
         self.expression_scale = float(expression_scale)
         lm = np.asarray(landmarks, dtype=np.float64).copy()
         lm[:, 0] = np.clip(lm[:, 0], 1.0, self.width - 2.0)
@@ -145,7 +152,16 @@ class FaceRig:
                 & (points[:, 1] > margin)
                 & (points[:, 1] < self.height - 1 - margin)
             )
-            points = points[inside]
+            if kind == 2:  # the fixed ring stays whole, pulled inside the picture: outside it nothing moves
+                points = np.stack(
+                    [
+                        np.clip(points[:, 0], margin, self.width - 1 - margin),
+                        np.clip(points[:, 1], margin, self.height - 1 - margin),
+                    ],
+                    1,
+                )
+            else:
+                points = points[inside]
             kept.append(points)
             if kind == 0:
                 weights.append(np.ones(len(points)))
@@ -182,23 +198,49 @@ class FaceRig:
         self._lip_points = np.r_[48:68, 68:N_FACE]
 
         tri = Delaunay(self.rest)
+        self._delaunay = tri
         self.simplices = tri.simplices.astype(np.int32)
         self.neighbors = tri.neighbors.astype(np.int32)
         moving = self.head_weight > 0
         moving[:N_FACE] = True
-        self.dynamic_triangles = moving[self.simplices].any(axis=1)
+        dynamic = moving[self.simplices].any(axis=1)
 
-        # Pixels that can change: those in triangles with a moving corner (the rest is copied).
-        ys, xs = np.mgrid[0 : self.height, 0 : self.width]
-        grid = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64)
-        simplex = tri.find_simplex(grid)
-        dynamic = np.zeros(len(grid), bool)
-        dynamic[simplex >= 0] = self.dynamic_triangles[simplex[simplex >= 0]]
-        self.pixels = np.flatnonzero(dynamic).astype(np.int64)
-        self._px = grid[self.pixels, 0].astype(np.float32)
-        self._py = grid[self.pixels, 1].astype(np.float32)
-        self._hint = simplex[self.pixels].astype(np.int32)
+        # The box that can change: dynamic triangles, grown by how far a vertex can travel.
+        corners = self.rest[self.simplices[dynamic].ravel()]
+        reach = 0.12 * self.face_width + 3.0
+        self.box = (
+            int(max(math.floor(corners[:, 0].min() - reach), 0)),
+            int(max(math.floor(corners[:, 1].min() - reach), 0)),
+            int(min(math.ceil(corners[:, 0].max() + reach), self.width - 1)),
+            int(min(math.ceil(corners[:, 1].max() + reach), self.height - 1)),
+        )
+        x0, y0, x1, y1 = self.box
+        self.stride = 2 if max(self.width, self.height) > 384 else 1
+        gx = np.arange(x0, x1 + self.stride, self.stride, dtype=np.float64)
+        gy = np.arange(y0, y1 + self.stride, self.stride, dtype=np.float64)
+        self._grid_shape = (len(gy), len(gx))
+        grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
+        self._gx = grid_x.ravel().astype(np.float32)
+        self._gy = grid_y.ravel().astype(np.float32)
+        inside = np.stack([np.minimum(grid_x.ravel(), self.width - 1), np.minimum(grid_y.ravel(), self.height - 1)], 1)
+        self._hint = tri.find_simplex(inside).astype(np.int32)
+        self._hint[self._hint < 0] = 0
+        self._planes = [np.ascontiguousarray(self.image[..., c]).ravel().astype(np.float32) for c in range(3)]
         self._sample_skin()
+
+    def motion_mask(self) -> np.ndarray:
+        """uint8 (H, W): 255 where the rig animates, fading to 0 toward the fixed ring (for blending back)."""
+        from scipy.ndimage import gaussian_filter
+
+        ys, xs = np.mgrid[0 : self.height, 0 : self.width]
+        simplex = self._delaunay.find_simplex(np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64))
+        moving = self.head_weight > 0
+        moving[:N_FACE] = True
+        # Triangles whose corners all move are fully animated; those that also touch fixed points fade out.
+        share = moving[self.simplices].mean(axis=1)
+        inside = np.where(simplex >= 0, share[np.maximum(simplex, 0)], 0.0).reshape(self.height, self.width)
+        mask = gaussian_filter(inside.astype(np.float32), sigma=0.02 * self.width)
+        return np.clip(mask * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ measurements
     def _measure(self, lm: np.ndarray) -> None:
@@ -293,17 +335,16 @@ class FaceRig:
         return self._head(points, pose)
 
     # ------------------------------------------------------------------ drawing
-    def _triangle_maps(self, points: np.ndarray) -> np.ndarray:
-        """Per triangle: output (x, y, 1) → barycentric b1, b2 (rows 0-1) and → source x, y (rows 2-3)."""
+    def _triangle_maps(self, points: np.ndarray) -> list[np.ndarray]:
+        """Per triangle, 12 coefficients: output (x, y, 1) → barycentric b1, b2 and → source x, y."""
         a, b, c = (points[self.simplices[:, k]] for k in range(3))
         ra, rb, rc = (self.rest[self.simplices[:, k]] for k in range(3))
         e1, e2 = b - a, c - a
         det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
         flat = np.abs(det) < 1e-6
         det = np.where(flat, 1.0, det)
-        # b1 = ( e2y (x-ax) - e2x (y-ay)) / det ; b2 = (-e1y (x-ax) + e1x (y-ay)) / det
-        b1 = np.stack([e2[:, 1], -e2[:, 0], -(e2[:, 1] * a[:, 0] - e2[:, 0] * a[:, 1])], 1) / det[:, None]
-        b2 = np.stack([-e1[:, 1], e1[:, 0], -(-e1[:, 1] * a[:, 0] + e1[:, 0] * a[:, 1])], 1) / det[:, None]
+        b1 = np.stack([e2[:, 1], -e2[:, 0], e2[:, 0] * a[:, 1] - e2[:, 1] * a[:, 0]], 1) / det[:, None]
+        b2 = np.stack([-e1[:, 1], e1[:, 0], e1[:, 1] * a[:, 0] - e1[:, 0] * a[:, 1]], 1) / det[:, None]
         b1[flat] = (0.0, 0.0, -1.0)  # a collapsed triangle holds no pixel: send the walk onward
         b2[flat] = (0.0, 0.0, -1.0)
         # source = ra + b1 (rb - ra) + b2 (rc - ra), linear in (x, y, 1)
@@ -312,63 +353,91 @@ class FaceRig:
         src_y = d1[:, 1, None] * b1 + d2[:, 1, None] * b2
         src_x[:, 2] += ra[:, 0]
         src_y[:, 2] += ra[:, 1]
-        return np.concatenate([b1, b2, src_x, src_y], axis=1).astype(np.float32)
+        coefficients = np.concatenate([b1, b2, src_x, src_y], axis=1).astype(np.float32)
+        return [np.ascontiguousarray(coefficients[:, k]) for k in range(12)]
 
-    def _locate(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates of every dynamic pixel: walk each pixel to the moved triangle that holds it."""
-        px, py = self._px, self._py
+    def _locate(self, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates of every grid point: walk each point to the moved triangle that holds it."""
         tri = self._hint
-        todo = np.arange(len(px))
-        sx = np.empty(len(px), np.float32)
-        sy = np.empty(len(px), np.float32)
-        for step in range(24):
-            m = maps[tri[todo]]
-            x, y = px[todo], py[todo]
-            b1 = m[:, 0] * x + m[:, 1] * y + m[:, 2]
-            b2 = m[:, 3] * x + m[:, 4] * y + m[:, 5]
+        sx = np.empty(len(tri), np.float32)
+        sy = np.empty(len(tri), np.float32)
+        todo = np.arange(len(tri))
+        x, y, t = self._gx, self._gy, tri
+        for step in range(32):
+            b1 = maps[0][t] * x + maps[1][t] * y + maps[2][t]
+            b2 = maps[3][t] * x + maps[4][t] * y + maps[5][t]
             b0 = 1.0 - b1 - b2
-            bary = np.stack([b0, b1, b2], axis=1)
-            worst = np.argmin(bary, axis=1)
-            low = bary[np.arange(len(todo)), worst]
-            nxt = self.neighbors[tri[todo], worst]
-            done = (low >= -1e-4) | (nxt < 0) | (step == 23)
+            done = np.minimum(np.minimum(b0, b1), b2) >= -1e-4
+            if step < 31:
+                stuck = ~done
+                worst = np.argmin(np.stack([b0[stuck], b1[stuck], b2[stuck]]), axis=0)
+                nxt = self.neighbors[t[stuck], worst]
+                edge = nxt < 0  # outside the hull (beyond the border): the border triangle's map extends
+                done[np.flatnonzero(stuck)[edge]] = True
+            else:
+                done[:] = True
             hit = todo[done]
-            md = m[done]
-            xd, yd = x[done], y[done]
-            sx[hit] = md[:, 6] * xd + md[:, 7] * yd + md[:, 8]
-            sy[hit] = md[:, 9] * xd + md[:, 10] * yd + md[:, 11]
-            tri[todo[~done]] = nxt[~done]
-            todo = todo[~done]
-            if not len(todo):
+            td, xd, yd = t[done], x[done], y[done]
+            sx[hit] = maps[6][td] * xd + maps[7][td] * yd + maps[8][td]
+            sy[hit] = maps[9][td] * xd + maps[10][td] * yd + maps[11][td]
+            tri[hit] = td
+            if done.all():
                 break
+            keep = ~done
+            moved = nxt[~edge]
+            todo, x, y, t = todo[keep], x[keep], y[keep], moved
         self._hint = tri
         return sx, sy
 
+    def _upsample(self, coarse: np.ndarray) -> np.ndarray:
+        """Linear interpolation of a map found on every `stride`-th pixel to every pixel of the box."""
+        x0, y0, x1, y1 = self.box
+        s = self.stride
+        out = coarse
+        for axis, length in ((0, y1 - y0 + 1), (1, x1 - x0 + 1)):
+            pos = np.arange(length, dtype=np.float32) / s
+            i0 = np.minimum(pos.astype(np.int32), out.shape[axis] - 2)
+            f = pos - i0
+            a = np.take(out, i0, axis=axis)
+            b = np.take(out, i0 + 1, axis=axis)
+            f = f[:, None] if axis == 0 else f[None, :]
+            out = a + (b - a) * f
+        return out
+
     def _sample(self, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
-        """Bilinear samples of the portrait at (sx, sy), float32 (N, 3)."""
+        """Bilinear samples of the portrait at (sx, sy): float32 (N, 3)."""
         w, h = self.width, self.height
         sx = np.clip(sx, 0.0, w - 1.001)
         sy = np.clip(sy, 0.0, h - 1.001)
         x0 = sx.astype(np.int32)
         y0 = sy.astype(np.int32)
-        fx = (sx - x0)[:, None]
-        fy = (sy - y0)[:, None]
-        idx = y0 * w + x0
-        src = self._src
-        top = src[idx]
-        top += (src[idx + 1] - top) * fx
-        bottom = src[idx + w]
-        bottom += (src[idx + w + 1] - bottom) * fx
-        top += (bottom - top) * fy
-        return top
+        fx = sx - x0
+        fy = sy - y0
+        i00 = y0 * w + x0
+        i01 = i00 + 1
+        i10 = i00 + w
+        i11 = i10 + 1
+        out = np.empty((len(sx), 3), np.float32)
+        for c, plane in enumerate(self._planes):
+            top = np.take(plane, i00)
+            top += (np.take(plane, i01) - top) * fx
+            bottom = np.take(plane, i10)
+            bottom += (np.take(plane, i11) - bottom) * fx
+            top += (bottom - top) * fy
+            out[:, c] = top
+        return out
 
     def render(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         """Draw one frame; returns (RGB uint8 frame, moved vertex positions)."""
         points = self.deform(pose)
         sx, sy = self._locate(self._triangle_maps(points))
+        if self.stride > 1:
+            sx = self._upsample(sx.reshape(self._grid_shape))
+            sy = self._upsample(sy.reshape(self._grid_shape))
+        x0, y0, x1, y1 = self.box
         frame = self.image.copy()
-        flat = frame.reshape(-1, 3)
-        flat[self.pixels] = np.clip(self._sample(sx, sy) + 0.5, 0, 255).astype(np.uint8)
+        values = self._sample(sx.ravel(), sy.ravel()).reshape(y1 - y0 + 1, x1 - x0 + 1, 3)
+        frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(values + 0.5, 0, 255).astype(np.uint8)
         self._paint_mouth(frame, points)
         if pose.blink > 0.05:
             self._paint_lids(frame, points, pose)
@@ -422,33 +491,34 @@ class FaceRig:
 
     def _paint_lids(self, frame: np.ndarray, points: np.ndarray, pose: Pose) -> None:
         """Even out a closing lid with the skin just above it and keep a soft lash line at its edge."""
+        from scipy.ndimage import uniform_filter1d
+
         strength = float(np.clip((pose.blink - 0.2) / 0.6, 0.0, 1.0))
         if strength <= 0:
             return
         lid_motion = self._lid_offsets(pose.blink)
         for upper, lower in (([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42])):
-            x0, x1, y0, y1 = self._box(points[upper + lower], 2.0)
+            open_points = points[upper] - lid_motion[upper]
+            x0, x1, y0, y1 = self._box(np.concatenate([points[upper + lower], open_points]), 3.0)
             y0 = max(y0 - 4, 0)
-            if x1 <= x0 or y1 <= y0:
+            if x1 - x0 < 3 or y1 <= y0:
                 continue
             xs = np.arange(x0, x1 + 1, dtype=np.float64)
-            lid = _curve(xs, points[upper, 0], points[upper, 1])
-            open_lid = _curve(xs, points[upper, 0] - lid_motion[upper, 0], points[upper, 1] - lid_motion[upper, 1])
+            lid = _arc(xs, points[upper])
+            open_lid = _arc(xs, open_points)
             ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
             left, right = points[upper[0], 0], points[upper[-1], 0]
             span = max(right - left, 1.0)
-            within = np.clip((xs - left) / (0.12 * span), 0, 1) * np.clip((right - xs) / (0.12 * span), 0, 1)
+            within = np.clip((xs - left) / (0.08 * span), 0, 1) * np.clip((right - xs) / (0.08 * span), 0, 1)
             region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
-            # Skin colour per column, from the lid skin just above where the open lid was.
-            rows = np.clip(np.round(open_lid - 2.5).astype(int) - y0, 0, y1 - y0)
-            skin = (region[rows, np.arange(len(xs))] + region[np.maximum(rows - 1, 0), np.arange(len(xs))]) / 2
-            covered = np.clip((ys - (open_lid - 2.0)) / 2.0, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
-            a = (covered * within[None, :] * strength * 0.9)[..., None]
-            shaded = (
-                skin[None, :, :]
-                * (1.0 - 0.12 * np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1), 0, 1))[..., None]
-            )
-            region += (shaded - region) * a
-            lash = np.clip(1.0 - np.abs(ys - lid) / max(0.8, 0.01 * self.face_width), 0, 1) * within[None, :]
-            region += (self._lash - region) * (lash * strength * 0.6)[..., None]
+            # Skin per column: a few rows of lid skin above where the open lid was, smoothed across the eye.
+            cols = np.arange(len(xs))
+            rows = np.clip(np.round(open_lid).astype(int)[None, :] - y0 - np.arange(2, 5)[:, None], 0, y1 - y0)
+            skin = uniform_filter1d(region[rows, cols].mean(axis=0), size=max(3, int(span / 3)), axis=0, mode="nearest")
+            covered = np.clip((ys - (open_lid - 2.0)) / 2.5, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
+            depth = np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1.0), 0, 1)
+            shaded = skin[None, :, :] * (1.0 - 0.1 * depth)[..., None]
+            region += (shaded - region) * (covered * within[None, :] * strength * 0.9)[..., None]
+            lash = np.clip(1.0 - np.abs(ys - lid) / max(0.8, 0.012 * self.face_width), 0, 1) * within[None, :]
+            region += (self._lash - region) * (lash * strength * 0.45)[..., None]
             frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)

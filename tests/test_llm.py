@@ -245,9 +245,10 @@ def test_llm_local_engine_converts_once_and_is_seeded(tmp_path: Path) -> None:
     assert (converted / "conversion.json").is_file()
     assert any(converted.glob("*.safetensors"))
 
+    stamp = (converted / "conversion.json").stat()
     again = make_job(tmp_path, "again", text=request, engine="local", seed=3)
-    started = time.monotonic()
     [info_again] = run([again], ModelPool())
     assert isinstance(info_again, dict), info_again
     assert info_again["prompt"] == prompt
-    assert time.monotonic() - started < 60  # no second conversion
+    after = (converted / "conversion.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)  # not converted again

@@ -259,7 +259,7 @@ def test_crop_face_landmarks_follow_the_pixels() -> None:
     base[54] = center + [30, 45]
     base[30] = center + [0, 10]
     base = np.rint(base)  # marks centred exactly on the landmarks
-    for mode, size in [("crop", 256), ("full", 512), ("resize", 256)]:
+    for mode, size in [("crop", 256), ("full", 512), ("extcrop", 256), ("resize", 256)]:
         for idx in (30, 48, 54):
             image = np.zeros((height, width, 3), np.uint8)
             x, y = base[idx].astype(int)
@@ -297,11 +297,33 @@ def test_crop_info_describes_face_box_in_the_original_image() -> None:
     assert 0 <= x1 < x2 <= info.image_size[0] and 0 <= y1 < y2 <= info.image_size[1]
     resized = preprocess.crop_face(inp["image_full_u8"], inp["landmarks_68_full"], "resize", 256).crop_info
     assert resized.size == resized.image_size and resized.paste_box == (0, 0, 512, 512)
+    ext = preprocess.crop_face(inp["image_full_u8"], inp["landmarks_68_full"], "extfull", 256).crop_info
+    assert ext.paste_box == ext.crop_box and ext.size == info.size  # size stays the quad's (upstream quirk)
+
+
+def test_crop_face_shrinks_huge_faces_and_maps_back() -> None:
+    """Faces whose quad exceeds 2048 px are cropped from a shrunk image; the paste box is in original pixels."""
+    size = 2600
+    landmarks = np.zeros((68, 2))
+    landmarks[36:42] = (1040, 1100)
+    landmarks[42:48] = (1560, 1100)
+    landmarks[48], landmarks[54], landmarks[30] = (1100, 1600), (1500, 1600), (1300, 1350)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[1340:1361, 1290:1311] = 255  # a mark on the nose tip
+    result = preprocess.crop_face(image, landmarks, "full", 256)
+    info = result.crop_info
+    assert info.resized_size == (size // 2, size // 2)
+    x1, y1, x2, y2 = info.paste_box
+    assert abs((x2 - x1) - 2 * info.size[0]) <= 2 and x1 < 1300 < x2 and y1 < 1350 < y2
+    mass = result.crop[..., 0].astype(np.float64)
+    ys, xs = np.indices(mass.shape)
+    centroid = np.array([(xs * mass).sum(), (ys * mass).sum()]) / mass.sum()
+    assert np.abs(centroid - result.landmarks_in_crop[30]).max() < 0.5
 
 
 def test_crop_face_rejects_unknown_mode() -> None:
-    with pytest.raises(ValueError, match="extcrop"):
-        preprocess.crop_face(np.zeros((64, 64, 3), np.uint8), np.zeros((68, 2)), "extcrop", 256)
+    with pytest.raises(ValueError, match="zoom"):
+        preprocess.crop_face(np.zeros((64, 64, 3), np.uint8), np.zeros((68, 2)), "zoom", 256)
 
 
 def test_align_for_recon_matches_test_vector() -> None:
@@ -409,7 +431,8 @@ def test_smooth_pose_handles_short_clips() -> None:
 
 def test_predict_coeffs_is_reproducible_from_the_generator() -> None:
     exp_net, pose_net = _tiny_nets()
-    windows = np.random.default_rng(1).uniform(-4, 4, (40, 1, 80, 16)).astype(np.float32)
+    frames = 35  # one full pose window and a remainder
+    windows = np.random.default_rng(1).uniform(-4, 4, (frames, 1, 80, 16)).astype(np.float32)
     source = np.random.default_rng(2).normal(size=(1, 73)).astype(np.float32)
 
     def run(seed: int, **kwargs: object) -> np.ndarray:
@@ -418,17 +441,31 @@ def test_predict_coeffs_is_reproducible_from_the_generator() -> None:
         )
 
     first = run(7, pose_style=3)
-    assert first.shape == (40, 70) and first.dtype == np.float32
-    assert np.array_equal(first, run(7, pose_style=3))
+    assert first.shape == (frames, 70) and first.dtype == np.float32
+    scaled = run(7, pose_style=3, expression_scale=2.0)
+    assert np.array_equal(scaled[:, 64:], first[:, 64:])  # same seed, same pose
+    np.testing.assert_allclose(scaled[:, :64], 2 * first[:, :64], rtol=1e-6)
     assert not np.allclose(first[:, 64:], run(8, pose_style=3)[:, 64:])
     assert not np.allclose(first[:, 64:], run(7, pose_style=4)[:, 64:])
-    np.testing.assert_allclose(run(7, pose_style=3, expression_scale=2.0)[:, :64], 2 * first[:, :64], rtol=1e-6)
 
     still = audio2coeff.predict_coeffs(
         exp_net, None, windows, source, still=True, generator=torch.Generator().manual_seed(7)
     )
-    assert np.array_equal(still[:, 64:], np.repeat(source[:, 64:70], 40, axis=0))
+    assert np.array_equal(still[:, 64:], np.repeat(source[:, 64:70], frames, axis=0))
     np.testing.assert_array_equal(still[:, :64], first[:, :64])  # blinks are drawn first, the same way
+
+
+def test_predict_coeffs_handles_clips_upstream_crashes_on() -> None:
+    exp_net, pose_net = _tiny_nets()
+    source = np.random.default_rng(2).normal(size=73).astype(np.float32)
+    for frames in (1, 2, 21):  # savgol needs 3 frames; the blink sampler's range is empty at 21
+        windows = np.zeros((frames, 1, 80, 16), np.float32)
+        coeff = audio2coeff.predict_coeffs(
+            exp_net, pose_net, windows, source, generator=torch.Generator().manual_seed(0)
+        )
+        assert coeff.shape == (frames, 70) and np.isfinite(coeff).all()
+        if frames < 3:  # unsmoothed: frame 0 is the source pose itself
+            np.testing.assert_allclose(coeff[0, 64:], source[64:70], atol=1e-6)
 
 
 def test_predict_coeffs_rejects_empty_audio() -> None:

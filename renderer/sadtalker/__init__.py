@@ -7,8 +7,9 @@ Front half — source image and audio → driving coefficients:
 * `audio` (SPEC §1.3, §4): `load_wav_16k(path)` → float32 mono 16 kHz; `num_frames(num_samples)` = floor(n / 640);
   `melspectrogram(wav)` → (80, T); `mel_windows(wav)` → (N, 1, 80, 16) float32, one window per video frame.
 * `preprocess` (SPEC §3): `crop_face(image_rgb, landmarks68, preprocess, size)` → `CropResult(crop, crop_info,
-  landmarks_in_crop)` for preprocess "crop" | "resize" | "full"; `CropInfo.size` / `.paste_box` for the aspect
-  restore and paste-back; `align_for_recon(crop, landmarks)` → (224×224×3 uint8, trans_params (W, H, s, tx, ty));
+  landmarks_in_crop)` for preprocess "crop" | "resize" | "full" (and upstream's "extcrop" | "extfull");
+  `CropInfo.size` / `.paste_box` for the aspect restore and paste-back; `align_for_recon(crop, landmarks)` →
+  (224×224×3 uint8, trans_params (W, H, s, tx, ty));
   `resize_bilinear(image, (w, h))` = OpenCV INTER_LINEAR, bit-exact. Landmarks come from `renderer.faces.detect_face`
   (dlib) instead of upstream's RetinaFace + FAN; the module docstring says what that changes.
 * `recon` (SPEC §3.6, §9.1): `ReconNet` (ResNet-50 3DMM regressor, `ReconNet.from_state_dict(face_3drecon.* keys)`);

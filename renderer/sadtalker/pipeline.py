@@ -42,7 +42,6 @@ import numpy as np
 from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
 
 if TYPE_CHECKING:
-
     from renderer.encode import VideoWriter
     from renderer.sadtalker.facerender import FaceRenderer, SourceState
     from renderer.sadtalker.paste import PasteBack

@@ -28,8 +28,8 @@ CROP_OUTPUT_SIZE = 512
 #: Side of the 3DMM regressor's input and the scale target of the 5-point fit (Deep3DFaceRecon constants).
 RECON_SIZE = 224
 RECON_RESCALE = 102.0
-#: Preprocess modes supported here (upstream's `extcrop`/`extfull` are not offered by the manifests).
-PREPROCESS_MODES = ("crop", "resize", "full")
+#: Preprocess modes: tight face quad (crop, full), whole bordered crop box (extcrop, extfull), whole image (resize).
+PREPROCESS_MODES = ("crop", "extcrop", "resize", "full", "extfull")
 
 _DATA = Path(__file__).resolve().parent / "data"
 # Rows of the 68 iBUG landmarks that make the 5 alignment points: eye centres (pairs), nose tip, mouth corners.
@@ -115,6 +115,8 @@ class CropInfo:
     #: Bordered crop box and face quad in the resized image; None in `resize` mode.
     crop_box: tuple[int, int, int, int] | None = None
     quad: tuple[float, float, float, float] | None = None
+    #: The preprocess mode that produced the crop.
+    preprocess: str = "crop"
 
     @property
     def face_box(self) -> tuple[int, int, int, int]:
@@ -127,10 +129,13 @@ class CropInfo:
 
     @property
     def paste_box(self) -> tuple[int, int, int, int]:
-        """`face_box` in original-image pixels, clipped to the image: where rendered frames go back in `full` mode."""
+        """Where rendered frames go back (`full`: face quad, `extfull`: crop box), in original-image pixels, clipped.
+
+        Upstream pastes with resized-image coordinates, which is only right when no shrink happened; this scales.
+        """
         sx = self.image_size[0] / self.resized_size[0]
         sy = self.image_size[1] / self.resized_size[1]
-        x1, y1, x2, y2 = self.face_box
+        x1, y1, x2, y2 = self.crop_box if self.preprocess.startswith("ext") and self.crop_box else self.face_box
         width, height = self.image_size
         return (
             min(max(round(x1 * sx), 0), width),
@@ -204,14 +209,17 @@ def crop_geometry(landmarks: np.ndarray, width: int, height: int, output_size: i
     return CropGeometry(resized, box, (float(lx), float(ly), float(rx), float(ry)))
 
 
-def cut_face(image: np.ndarray, geometry: CropGeometry) -> tuple[np.ndarray, CropInfo]:
-    """Apply `geometry` to an image: resize (if shrunk), take the crop box, then the face quad (crop/full modes)."""
+def cut_face(image: np.ndarray, geometry: CropGeometry, preprocess: str = "crop") -> tuple[np.ndarray, CropInfo]:
+    """Apply `geometry` to an image: resize (if shrunk), take the crop box, then the face quad (not in ext* modes)."""
     height, width = image.shape[:2]
     resized = resize_bilinear(image, geometry.resized_size)
     clx, cly, crx, cry = geometry.crop_box
     lx, ly, rx, ry = (int(v) for v in geometry.quad)
-    face = resized[cly:cry, clx:crx][ly:ry, lx:rx]
+    face = resized[cly:cry, clx:crx]
+    if not preprocess.startswith("ext"):
+        face = face[ly:ry, lx:rx]
     info = CropInfo(
+        preprocess=preprocess,
         size=(clx + rx - (clx + lx), cly + ry - (cly + ly)),
         image_size=(width, height),
         resized_size=geometry.resized_size,
@@ -230,8 +238,8 @@ def _map_resize(points: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) 
 def crop_face(image_rgb: np.ndarray, landmarks68: np.ndarray, preprocess: str, size: int) -> CropResult:
     """Make the size×size render source from a full RGB image and its 68 landmarks (SPEC §3.3).
 
-    `crop` and `full` take the tight face quad (they differ later: 73-input mapping net and paste-back in `full`);
-    `resize` squeezes the whole image to size×size.
+    `crop` and `full` take the tight face quad (they differ later: 73-input mapping net and paste-back in `full`),
+    `extcrop` and `extfull` the whole bordered crop box; `resize` squeezes the whole image to size×size.
     """
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -242,13 +250,15 @@ def crop_face(image_rgb: np.ndarray, landmarks68: np.ndarray, preprocess: str, s
     height, width = image.shape[:2]
     if preprocess == "resize":
         face = image
-        info = CropInfo(size=(width, height), image_size=(width, height), resized_size=(width, height))
+        info = CropInfo(
+            size=(width, height), image_size=(width, height), resized_size=(width, height), preprocess=preprocess
+        )
         lm_face = lm
     else:
         geometry = crop_geometry(landmarks68, width, height)
-        face, info = cut_face(image, geometry)
-        lm_face = _map_resize(lm, (width, height), geometry.resized_size)
-        lm_face = lm_face - np.array(info.face_box[:2], dtype=np.float64)
+        face, info = cut_face(image, geometry, preprocess)
+        origin = geometry.crop_box[:2] if preprocess.startswith("ext") else info.face_box[:2]
+        lm_face = _map_resize(lm, (width, height), geometry.resized_size) - np.array(origin, dtype=np.float64)
     if face.shape[0] < 2 or face.shape[1] < 2:
         raise ValueError(f"face crop is empty ({face.shape[1]}×{face.shape[0]} px): the landmarks are off the image")
     crop = resize_bilinear(face, (size, size))

@@ -1,0 +1,247 @@
+"""Stage "animate" with the puppet renderer: a talking head drawn from one portrait without any network weights.
+
+The default animator on machines without SadTalker's checkpoints. It finds the face with dlib, lays a mesh over
+it and, frame by frame, opens the mouth with the loudness of the speech (its shape from the phoneme timings when
+the voice stage wrote them), blinks every few seconds and sways the head a little while speaking. Frames stream
+into the encoder, so memory does not grow with the length of the speech.
+
+Writes out_dir/video.mp4 (silent H.264, 25 fps, floor(samples / 640) frames) and out_dir/track.json (the
+animator's own per-frame tracks: mouth opening and width, lip gap in pixels, blink, head angles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from renderer.base import FPS, SAMPLES_PER_FRAME, BadInputError, ModelPool, RenderError, StepJob, atomic_write_bytes
+from renderer.puppet_motion import Tracks, make_tracks, read_audio_features, read_phonemes
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the pictures this stage draws change for the same inputs (the runner folds it into cache keys).
+VERSION = 1
+SIZES = (256, 512)
+PREPROCESS = ("crop", "resize", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class PuppetSettings:
+    """The `video` settings the puppet uses, checked once per job."""
+
+    size: int = 256
+    preprocess: str = "crop"
+    still: bool = False
+    expression_scale: float = 1.0
+    pose_style: int = 0
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], label: str = "") -> PuppetSettings:
+        """Validate the manifest's `video` section (extra keys such as enhancer or dtype are ignored here)."""
+        where = f"{label}: " if label else ""
+        size = settings.get("size", 256)
+        preprocess = settings.get("preprocess", "crop")
+        scale = settings.get("expression_scale", 1.0)
+        pose_style = settings.get("pose_style", 0)
+        if size not in SIZES:
+            raise BadInputError(f"{where}video.size must be one of {SIZES}, got {size!r}", "use size: 256 or 512")
+        if preprocess not in PREPROCESS:
+            raise BadInputError(
+                f"{where}video.preprocess must be one of {PREPROCESS}, got {preprocess!r}", "use preprocess: crop"
+            )
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+            raise BadInputError(f"{where}video.expression_scale must be a number ≥ 0, got {scale!r}")
+        if isinstance(pose_style, bool) or not isinstance(pose_style, int):
+            raise BadInputError(f"{where}video.pose_style must be an integer, got {pose_style!r}")
+        return cls(int(size), str(preprocess), bool(settings.get("still", False)), float(scale), int(pose_style))
+
+
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """Where the animated square sits in the portrait, and the picture the rig animates."""
+
+    image: np.ndarray  # size × size RGB, what the rig animates
+    landmarks: np.ndarray  # (68, 2) in `image` coordinates
+    box: tuple[int, int, int, int]  # left, top, side, side of the square in the portrait (crop and full)
+
+
+def crop_box(landmarks: np.ndarray, width: int, height: int) -> tuple[int, int, int]:
+    """Square around the face like SadTalker's crop (FFHQ alignment size), kept inside the picture: (left, top, side)."""
+    eye_left = landmarks[36:42].mean(axis=0)
+    eye_right = landmarks[42:48].mean(axis=0)
+    eyes = (eye_left + eye_right) / 2
+    mouth = (landmarks[48] + landmarks[54]) / 2
+    eye_to_mouth = mouth - eyes
+    side = 2.0 * max(2.0 * float(np.hypot(*(eye_right - eye_left))), 1.8 * float(np.hypot(*eye_to_mouth)))
+    side = int(round(min(side, width, height)))
+    centre = eyes + 0.1 * eye_to_mouth
+    left = int(round(np.clip(centre[0] - side / 2, 0, width - side)))
+    top = int(round(np.clip(centre[1] - side / 2, 0, height - side)))
+    return left, top, side
+
+
+def frame_face(image: np.ndarray, landmarks: np.ndarray, size: int, preprocess: str) -> Framing:
+    """Cut or scale the portrait to the size×size picture the rig animates, moving the landmarks along."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    picture = Image.fromarray(image)
+    if preprocess == "resize":
+        scaled = np.asarray(picture.resize((size, size), Image.Resampling.LANCZOS))
+        return Framing(scaled, landmarks * np.array([size / width, size / height]), (0, 0, width, height))
+    left, top, side = crop_box(landmarks, width, height)
+    square = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    return Framing(np.asarray(square), (landmarks - np.array([left, top])) * (size / side), (left, top, side, side))
+
+
+class _Compositor:
+    """Blends the animated square back into the whole portrait (preprocess: full) through a feathered mask."""
+
+    def __init__(self, portrait: np.ndarray, framing: Framing, motion: np.ndarray) -> None:
+        from PIL import Image
+
+        height, width = portrait.shape[:2]
+        self.base = np.ascontiguousarray(portrait[: height - height % 2, : width - width % 2])
+        left, top, side, _ = framing.box
+        self.left, self.top, self.side = left, top, side
+        # Only the crop's part inside the even-sized picture is drawn.
+        self.w = min(side, self.base.shape[1] - left)
+        self.h = min(side, self.base.shape[0] - top)
+        mask = np.asarray(Image.fromarray(motion).resize((side, side), Image.Resampling.BILINEAR), np.float32)
+        self.mask = (mask[: self.h, : self.w] / 255.0)[..., None]
+        self.original = self.base[top : top + self.h, left : left + self.w].astype(np.float32)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.base.shape[1], self.base.shape[0]
+
+    def __call__(self, square: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        up = Image.fromarray(square).resize((self.side, self.side), Image.Resampling.BICUBIC)
+        anim = np.asarray(up, np.float32)[: self.h, : self.w]
+        frame = self.base.copy()
+        blended = self.original + (anim - self.original) * self.mask
+        frame[self.top : self.top + self.h, self.left : self.left + self.w] = np.clip(blended + 0.5, 0, 255)
+        return frame
+
+
+def animate(
+    portrait: Path,
+    audio: Path,
+    out_dir: Path,
+    *,
+    settings: PuppetSettings,
+    phonemes: Path | None = None,
+    seed: int = 0,
+    pool: ModelPool | None = None,
+) -> dict:
+    """Animate one portrait to one speech WAV: writes video.mp4 and track.json in out_dir, returns report info."""
+    from renderer.encode import VideoWriter
+    from renderer.faces import detect_face, load_image
+    from renderer.puppet_rig import FaceRig, Pose
+
+    warnings: list[str] = []
+    # 1. Inputs: the audio first (cheap, and a corrupt WAV should not cost a face detection).
+    features = read_audio_features(audio)
+    timings = read_phonemes(phonemes)
+    image = load_image(portrait)
+    face = detect_face(image, str(portrait), pool)
+
+    # 2. Framing: the square the rig animates, and where it goes in the output.
+    framing = frame_face(image, face.landmarks, settings.size, settings.preprocess)
+    rig = FaceRig(framing.image, framing.landmarks, expression_scale=settings.expression_scale)
+    compose = _Compositor(image, framing, rig.motion_mask()) if settings.preprocess == "full" else None
+    width, height = compose.size if compose else (settings.size, settings.size)
+
+    # 3. Tracks for the whole clip (a few numbers per frame).
+    tracks = make_tracks(features, timings, seed=seed, pose_style=settings.pose_style, still=settings.still)
+    if not tracks.mouth_open.any():
+        warnings.append(f"audio {audio} is silent: the mouth stays closed")
+    frames = features.samples // SAMPLES_PER_FRAME
+
+    # 4. Draw and stream every frame into the encoder.
+    gap = np.zeros(frames)
+    with VideoWriter(out_dir / "video.mp4", width, height, fps=FPS) as writer:
+        for i in range(frames):
+            pose = Pose(
+                mouth_open=float(tracks.mouth_open[i]),
+                mouth_width=float(tracks.mouth_width[i]),
+                blink=float(tracks.blink[i]),
+                yaw=float(tracks.yaw[i]),
+                pitch=float(tracks.pitch[i]),
+                roll=float(tracks.roll[i]),
+            )
+            square, points = rig.render(pose)
+            gap[i] = points[66, 1] - points[62, 1]
+            writer.write(compose(square) if compose else square)
+        written = writer.frames_written
+
+    # 5. The animator's own tracks, for plots, tests and the report.
+    track = _track_json(tracks, gap, settings, framing, (width, height), face.score)
+    atomic_write_bytes(out_dir / "track.json", json.dumps(track, separators=(",", ":")).encode())
+    return {
+        "renderer": "puppet",
+        "frames": written,
+        "size": [width, height],
+        "preprocess": settings.preprocess,
+        "mouth_shapes": tracks.shape_source,
+        "blinks": len(tracks.blink_starts),
+        "face_score": round(face.score, 3),
+        "warnings": warnings,
+    }
+
+
+def _track_json(
+    tracks: Tracks,
+    gap: np.ndarray,
+    settings: PuppetSettings,
+    framing: Framing,
+    size: tuple[int, int],
+    score: float,
+) -> dict:
+    data = tracks.to_json()
+    data["lip_gap_px"] = [round(float(g), 2) for g in gap]
+    data["size"] = list(size)
+    data["preprocess"] = settings.preprocess
+    data["still"] = settings.still
+    data["expression_scale"] = settings.expression_scale
+    data["face_box"] = list(framing.box)
+    data["face_score"] = round(score, 4)
+    data["version"] = VERSION
+    return data
+
+
+def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
+    """Stage "animate" (renderer: puppet): inputs portrait + audio (+ phonemes) → video.mp4, track.json."""
+    results: list[dict | RenderError] = []
+    for job in jobs:
+        try:
+            missing = [name for name in ("portrait", "audio") if name not in job.inputs]
+            if missing:
+                raise BadInputError(f"{job.label}: animate step lacks input(s) {', '.join(missing)}")
+            settings = PuppetSettings.from_mapping(job.settings, job.label)
+            results.append(
+                animate(
+                    job.inputs["portrait"],
+                    job.inputs["audio"],
+                    job.out_dir,
+                    settings=settings,
+                    phonemes=job.inputs.get("phonemes"),
+                    seed=job.seed,
+                    pool=pool,
+                )
+            )
+        except RenderError as exc:
+            if job.label and job.label not in exc.message:
+                exc.message = f"{job.label}: {exc.message}"
+                exc.args = (exc.message,)
+            results.append(exc)
+    return results
