@@ -118,20 +118,11 @@ def _import_gfpgan_stack() -> types.SimpleNamespace:
     """Import torch, GFPGANv1Clean, RetinaFace and ParseNet, working around two breakages of their dependencies."""
     import torch
 
-    try:
-        import torchvision.transforms.functional as tv_functional
-    except RuntimeError as exc:
-        # A torchvision wheel built for CUDA next to a CPU-only torch (PyPI only has the CUDA build) cannot load
-        # its C++ ops, and `import torchvision` dies registering their meta kernels ("operator torchvision::nms
-        # does not exist"). The GFPGAN stack needs only torchvision's pure-Python parts (resnet50, normalize), and
-        # NMS is done here in numpy, so skip that one registration module and import again.
-        if "torchvision::" not in str(exc):
-            raise
-        logger.warning("torchvision's C++ ops do not load (%s); using its Python parts only", exc)
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-        import torchvision.transforms.functional as tv_functional
+    from renderer.compat import import_torchvision
+
+    import_torchvision()
+    import torchvision.transforms.functional as tv_functional
+
     # basicsr 1.4.2 (imported by gfpgan) still imports torchvision.transforms.functional_tensor, which torchvision
     # 0.17 removed; its one use (rgb_to_grayscale) lives on in transforms.functional. Alias it before the import.
     sys.modules.setdefault("torchvision.transforms.functional_tensor", tv_functional)

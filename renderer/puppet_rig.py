@@ -198,7 +198,6 @@ class FaceRig:
         self._lip_points = np.r_[48:68, 68:N_FACE]
 
         tri = Delaunay(self.rest)
-        self._delaunay = tri
         self.simplices = tri.simplices.astype(np.int32)
         self.neighbors = tri.neighbors.astype(np.int32)
         moving = self.head_weight > 0
@@ -222,24 +221,51 @@ class FaceRig:
         grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
         self._gx = grid_x.ravel().astype(np.float32)
         self._gy = grid_y.ravel().astype(np.float32)
-        inside = np.stack([np.minimum(grid_x.ravel(), self.width - 1), np.minimum(grid_y.ravel(), self.height - 1)], 1)
-        self._hint = tri.find_simplex(inside).astype(np.int32)
-        self._hint[self._hint < 0] = 0
-        self._planes = [np.ascontiguousarray(self.image[..., c]).ravel().astype(np.float32) for c in range(3)]
+        self._hint = self._rasterize(gx, gy).ravel()
+        rgba = np.zeros((self.height * self.width, 4), np.uint8)
+        rgba[:, :3] = self.image.reshape(-1, 3)
+        self._packed = rgba.view(np.uint32).ravel()
         self._sample_skin()
+
+    def _rasterize(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Index of the rest triangle holding each grid point (len(ys), len(xs)); a one-off loop over triangles.
+
+        (scipy's Delaunay.find_simplex would do, but its first call builds transforms slowly: seconds here.)
+        """
+        cx = np.clip(xs, 0.0, self.width - 1.0)
+        cy = np.clip(ys, 0.0, self.height - 1.0)
+        out = np.zeros((len(cy), len(cx)), np.int32)
+        for index, corners in enumerate(self.rest[self.simplices]):
+            (ax, ay), (bx, by), (qx, qy) = corners
+            i0, i1 = np.searchsorted(cx, [min(ax, bx, qx) - 1e-6, max(ax, bx, qx) + 1e-6], side="left")
+            j0, j1 = np.searchsorted(cy, [min(ay, by, qy) - 1e-6, max(ay, by, qy) + 1e-6], side="left")
+            if i1 <= i0 or j1 <= j0:
+                continue
+            px, py = np.meshgrid(cx[i0:i1], cy[j0:j1])
+            det = (bx - ax) * (qy - ay) - (qx - ax) * (by - ay)
+            if abs(det) < 1e-9:
+                continue
+            b1 = ((qy - ay) * (px - ax) - (qx - ax) * (py - ay)) / det
+            b2 = ((bx - ax) * (py - ay) - (by - ay) * (px - ax)) / det
+            inside = (b1 >= -1e-7) & (b2 >= -1e-7) & (b1 + b2 <= 1 + 1e-7)
+            out[j0:j1, i0:i1][inside] = index
+        return out
 
     def motion_mask(self) -> np.ndarray:
         """uint8 (H, W): 255 where the rig animates, fading to 0 toward the fixed ring (for blending back)."""
         from scipy.ndimage import gaussian_filter
 
-        ys, xs = np.mgrid[0 : self.height, 0 : self.width]
-        simplex = self._delaunay.find_simplex(np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64))
+        simplex = self._rasterize(np.arange(self.width, dtype=np.float64), np.arange(self.height, dtype=np.float64))
         moving = self.head_weight > 0
         moving[:N_FACE] = True
         # Triangles whose corners all move are fully animated; those that also touch fixed points fade out.
         share = moving[self.simplices].mean(axis=1)
-        inside = np.where(simplex >= 0, share[np.maximum(simplex, 0)], 0.0).reshape(self.height, self.width)
+        inside = share[simplex]
         mask = gaussian_filter(inside.astype(np.float32), sigma=0.02 * self.width)
+        # Nothing moves at the square's edge, so the blend back into the whole picture has no seam there.
+        ramp = max(0.04 * self.width, 2.0)
+        mask *= np.clip(np.minimum(np.arange(self.width), np.arange(self.width)[::-1]) / ramp, 0, 1)[None, :]
+        mask *= np.clip(np.minimum(np.arange(self.height), np.arange(self.height)[::-1]) / ramp, 0, 1)[:, None]
         return np.clip(mask * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ measurements
@@ -390,54 +416,48 @@ class FaceRig:
         return sx, sy
 
     def _upsample(self, coarse: np.ndarray) -> np.ndarray:
-        """Linear interpolation of a map found on every `stride`-th pixel to every pixel of the box."""
+        """Maps found on every second pixel (..., gh, gw) → every pixel of the box, by linear interpolation."""
         x0, y0, x1, y1 = self.box
-        s = self.stride
-        out = coarse
-        for axis, length in ((0, y1 - y0 + 1), (1, x1 - x0 + 1)):
-            pos = np.arange(length, dtype=np.float32) / s
-            i0 = np.minimum(pos.astype(np.int32), out.shape[axis] - 2)
-            f = pos - i0
-            a = np.take(out, i0, axis=axis)
-            b = np.take(out, i0 + 1, axis=axis)
-            f = f[:, None] if axis == 0 else f[None, :]
-            out = a + (b - a) * f
-        return out
+        gh, gw = coarse.shape[-2:]
+        rows = np.empty((*coarse.shape[:-2], 2 * gh - 1, gw), np.float32)
+        rows[..., 0::2, :] = coarse
+        rows[..., 1::2, :] = (coarse[..., :-1, :] + coarse[..., 1:, :]) * 0.5
+        out = np.empty((*coarse.shape[:-2], 2 * gh - 1, 2 * gw - 1), np.float32)
+        out[..., 0::2] = rows
+        out[..., 1::2] = (rows[..., :-1] + rows[..., 1:]) * 0.5
+        return out[..., : y1 - y0 + 1, : x1 - x0 + 1]
 
     def _sample(self, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
-        """Bilinear samples of the portrait at (sx, sy): float32 (N, 3)."""
+        """Bilinear samples of the portrait at (sx, sy), RGB uint8 (N, 3).
+
+        Fixed point like OpenCV's remap: 1/16-pixel weights in uint16, one gather of packed RGBA per corner.
+        """
         w, h = self.width, self.height
         sx = np.clip(sx, 0.0, w - 1.001)
         sy = np.clip(sy, 0.0, h - 1.001)
         x0 = sx.astype(np.int32)
         y0 = sy.astype(np.int32)
-        fx = sx - x0
-        fy = sy - y0
+        wx = ((sx - x0) * 16 + 0.5).astype(np.uint16)
+        wy = ((sy - y0) * 16 + 0.5).astype(np.uint16)
         i00 = y0 * w + x0
-        i01 = i00 + 1
-        i10 = i00 + w
-        i11 = i10 + 1
-        out = np.empty((len(sx), 3), np.float32)
-        for c, plane in enumerate(self._planes):
-            top = np.take(plane, i00)
-            top += (np.take(plane, i01) - top) * fx
-            bottom = np.take(plane, i10)
-            bottom += (np.take(plane, i11) - bottom) * fx
-            top += (bottom - top) * fy
-            out[:, c] = top
-        return out
+        packed = self._packed
+        acc = np.take(packed, i00).view(np.uint8).reshape(-1, 4).astype(np.uint16)
+        acc *= ((16 - wx) * (16 - wy))[:, None]
+        acc += np.take(packed, i00 + 1).view(np.uint8).reshape(-1, 4) * (wx * (16 - wy))[:, None]
+        acc += np.take(packed, i00 + w).view(np.uint8).reshape(-1, 4) * ((16 - wx) * wy)[:, None]
+        acc += np.take(packed, i00 + w + 1).view(np.uint8).reshape(-1, 4) * (wx * wy)[:, None]
+        acc += 128
+        return (acc >> 8).astype(np.uint8)[:, :3]
 
     def render(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         """Draw one frame; returns (RGB uint8 frame, moved vertex positions)."""
         points = self.deform(pose)
         sx, sy = self._locate(self._triangle_maps(points))
-        if self.stride > 1:
-            sx = self._upsample(sx.reshape(self._grid_shape))
-            sy = self._upsample(sy.reshape(self._grid_shape))
         x0, y0, x1, y1 = self.box
+        if self.stride > 1:
+            sx, sy = self._upsample(np.stack([sx, sy]).reshape(2, *self._grid_shape))
         frame = self.image.copy()
-        values = self._sample(sx.ravel(), sy.ravel()).reshape(y1 - y0 + 1, x1 - x0 + 1, 3)
-        frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(values + 0.5, 0, 255).astype(np.uint8)
+        frame[y0 : y1 + 1, x0 : x1 + 1] = self._sample(sx.ravel(), sy.ravel()).reshape(y1 - y0 + 1, x1 - x0 + 1, 3)
         self._paint_mouth(frame, points)
         if pose.blink > 0.05:
             self._paint_lids(frame, points, pose)
