@@ -22,10 +22,15 @@ logger = logging.getLogger(__name__)
 #: Model ids under which the pool keeps dlib's detector and shape predictor.
 DETECTOR_ID = "dlib-frontal-face"
 PREDICTOR_ID = "dlib-shape-68"
-#: dlib upsamples the image once before detecting, so faces down to ~40 px are found.
+#: dlib upsamples the image once before detecting, so faces down to ~40 px are found; small pictures get a
+#: second try at twice that.
 UPSAMPLE = 1
+_SMALL_SIDE = 640
+#: Bigger pictures are searched at this size (the landmarks are still fitted at full resolution): detection
+#: time and memory grow with the pixel count, and a portrait's face is never tiny.
+_DETECT_SIDE = 1280
 _LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
-_NO_FACE_HINT = "use a portrait with one clear, frontal, well-lit face (at least ~80 px wide)"
+_NO_FACE_HINT = "use a portrait with one clear, frontal, well-lit face (at least ~40 px wide)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,14 @@ def _models(pool: ModelPool | None) -> tuple[Any, Any]:
     return detector, predictor
 
 
+def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
 def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None) -> Face:
     """Find the best-scoring face and its 68 landmarks; several faces → warning, none → BadInputError."""
     import dlib
@@ -103,25 +116,24 @@ def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = No
         raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
     detector, predictor = _models(pool)
     image = np.ascontiguousarray(image)
+    height, width = image.shape[:2]
+    scale = min(1.0, _DETECT_SIDE / max(height, width))
+    search = image if scale == 1.0 else _shrink(image, scale)
     # Upsample once and keep the best score: at upsample 1 dlib also reports weak false positives (notes §5).
-    rects, scores, _ = detector.run(image, UPSAMPLE, 0.0)
+    rects, scores, _ = detector.run(search, UPSAMPLE, 0.0)
+    if not rects and max(search.shape[:2]) <= _SMALL_SIDE:
+        rects, scores, _ = detector.run(search, UPSAMPLE + 1, 0.0)
     if not rects:
         raise BadInputError(f"no face found in {where}", _NO_FACE_HINT)
-    order = np.argsort(scores)[::-1]
-    best = int(order[0])
+    best = int(np.argmax(scores))
     strong = [s for s in scores if s >= 0.5]
     if len(strong) > 1:
         logger.warning(
             "%d faces found in %s; animating the one with the best score (%.2f)", len(strong), where, scores[best]
         )
     rect = rects[best]
-    shape = predictor(image, dlib.rectangle(rect.left(), rect.top(), rect.right(), rect.bottom()))
+    left, top, right, bottom = (int(round(v / scale)) for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
+    shape = predictor(image, dlib.rectangle(left, top, right, bottom))
     landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-    height, width = image.shape[:2]
-    box = (
-        int(max(rect.left(), 0)),
-        int(max(rect.top(), 0)),
-        int(min(rect.right(), width - 1)),
-        int(min(rect.bottom(), height - 1)),
-    )
+    box = (max(left, 0), max(top, 0), min(right, width - 1), min(bottom, height - 1))
     return Face(box=box, score=float(scores[best]), landmarks=landmarks)

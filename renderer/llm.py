@@ -15,6 +15,7 @@ Whatever an engine answers is cleaned to one line (`clean_prompt`) and written t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ class LLMSettings:
         if out.engine not in ENGINES:
             raise BadInputError(f"{where}llm.engine {out.engine!r} is not one of {', '.join(ENGINES)}")
         if not isinstance(out.max_length, int) or out.max_length < 1:
-            raise BadInputError(f"{where}llm.max_length must be a positive number of characters, got {out.max_length!r}")
+            raise BadInputError(
+                f"{where}llm.max_length must be a positive number of characters, got {out.max_length!r}"
+            )
         if not 0 <= float(out.temperature) <= 5:
             raise BadInputError(f"{where}llm.temperature must be between 0 and 5, got {out.temperature!r}")
         if float(out.timeout) <= 0:
@@ -199,6 +202,7 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
         f"llm:{source}", job.device, dtype, lambda: _load_local(gguf, folder, source, job.device)
     )
     tok, model = loaded.tokenizer, loaded.model
+    logger.info('TIMING loaded')
     # A trailing newline/space after "Prompt:" would make a base model start a new line and stop at once.
     request = job.text.rstrip()
     ids = tok(request, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -226,6 +230,7 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
             **kwargs,
         )
     text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    logger.info('TIMING generated %d tokens', out.shape[1] - ids.shape[1])
     return text.split("\n", 1)[0]
 
 
@@ -337,10 +342,11 @@ def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
-        )
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MissingWeightsError(
             f"cannot read {gguf} as a transformers GGUF model: {exc}",
@@ -349,15 +355,46 @@ def _convert(gguf: Path, out: Path) -> None:
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**config_dict)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Built on the meta device (no 6 s random init) and given the loaded tensors themselves (assign=True).
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     # Tied weights (lm_head = embeddings) may be reported as missing; anything else means a wrong mapping.
     tied = {k for k in missing if "lm_head" in k}
     if set(missing) - tied or unexpected:
-        raise MissingWeightsError(f"converting {gguf}: weights do not match (missing {missing}, unexpected {unexpected})")
+        raise MissingWeightsError(
+            f"converting {gguf}: weights do not match (missing {missing}, unexpected {unexpected})"
+        )
     fresh.tie_weights()
     if loaded.generation_config is not None:
         fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     del loaded, fresh
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Share one `gguf.GGUFReader` per file while transformers loads a GGUF.
+
+    transformers parses the GGUF header three times (tokenizer, config, weights), and gguf-py reads array fields one
+    element at a time: with Gemma 3's 262k-token vocabulary each parse takes ~20 s on 2 cores, three times the
+    dequantization itself. The readers are read-only views of a memory-mapped file, so reusing one is safe; the
+    original class is restored on exit.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

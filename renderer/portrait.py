@@ -136,7 +136,10 @@ def _load(source: str, folder: Path | None, settings: ImageSettings, device: str
         # bad paths (notes/dependencies.md §4).
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if folder is not None and not folder.is_dir():
-            message = f"Stable Diffusion weights not found: {folder} is missing and {source!r} is not in the local Hugging Face cache"
+            message = (
+                f"Stable Diffusion weights not found: {folder} is missing"
+                f" and {source!r} is not in the local Hugging Face cache"
+            )
         else:
             message = f"cannot load Stable Diffusion from {source}: {reason}"
         raise MissingWeightsError(message, _CHECKPOINTS_HINT) from exc
@@ -252,7 +255,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                     results[index] = err
                 continue
             # 3. Face check, 4. save.
-            for (index, prompt), job, image in zip(batch, batch_jobs, images):
+            for (index, prompt), job, image in zip(batch, batch_jobs, images, strict=True):
                 try:
                     face = check_face(image, job, pool)
                 except RenderError as exc:

@@ -6,7 +6,8 @@ the voice stage wrote them), blinks every few seconds and sways the head a littl
 into the encoder, so memory does not grow with the length of the speech.
 
 Writes out_dir/video.mp4 (silent H.264, 25 fps, floor(samples / 640) frames) and out_dir/track.json (the
-animator's own per-frame tracks: mouth opening and width, lip gap in pixels, blink, head angles).
+animator's own per-frame tracks: mouth opening and width, the drawn lip gap in pixels of the animated square,
+blink, head angles in degrees).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Framing:
 
     image: np.ndarray  # size × size RGB, what the rig animates
     landmarks: np.ndarray  # (68, 2) in `image` coordinates
-    box: tuple[int, int, int, int]  # left, top, side, side of the square in the portrait (crop and full)
+    #: The region of the portrait it shows: (left, top, width, height); a square for crop and full.
+    box: tuple[int, int, int, int]
 
 
 def crop_box(landmarks: np.ndarray, width: int, height: int) -> tuple[int, int, int]:
@@ -142,12 +144,16 @@ def animate(
     phonemes: Path | None = None,
     seed: int = 0,
     pool: ModelPool | None = None,
+    label: str = "",
 ) -> dict:
     """Animate one portrait to one speech WAV: writes video.mp4 and track.json in out_dir, returns report info."""
+    from tqdm import tqdm
+
     from renderer.encode import VideoWriter
     from renderer.faces import detect_face, load_image
     from renderer.puppet_rig import FaceRig, Pose
 
+    portrait, audio, out_dir = Path(portrait), Path(audio), Path(out_dir)
     warnings: list[str] = []
     # 1. Inputs: the audio first (cheap, and a corrupt WAV should not cost a face detection).
     features = read_audio_features(audio)
@@ -169,7 +175,8 @@ def animate(
 
     # 4. Draw and stream every frame into the encoder.
     gap = np.zeros(frames)
-    with VideoWriter(out_dir / "video.mp4", width, height, fps=FPS) as writer:
+    progress = tqdm(total=frames, desc=f"puppet {label or portrait.name}", unit="frame", leave=False, disable=None)
+    with progress, VideoWriter(out_dir / "video.mp4", width, height, fps=FPS) as writer:
         for i in range(frames):
             pose = Pose(
                 mouth_open=float(tracks.mouth_open[i]),
@@ -182,6 +189,7 @@ def animate(
             square, points = rig.render(pose)
             gap[i] = points[66, 1] - points[62, 1]
             writer.write(compose(square) if compose else square)
+            progress.update()
         written = writer.frames_written
 
     # 5. The animator's own tracks, for plots, tests and the report.
@@ -237,6 +245,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                     phonemes=job.inputs.get("phonemes"),
                     seed=job.seed,
                     pool=pool,
+                    label=job.label,
                 )
             )
         except RenderError as exc:

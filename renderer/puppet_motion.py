@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,7 +164,7 @@ def read_audio_features(path: Path) -> AudioFeatures:
                 total = power.sum(axis=1) + 1e-12
                 tilt.append(np.log10((mid + 1e-9) / (low + 1e-9)))
                 hiss.append(high / total)
-    except (wave.Error, EOFError, ValueError) as exc:
+    except (wave.Error, EOFError, ValueError, RuntimeError, struct.error) as exc:  # wave's ways to say "corrupt"
         raise BadInputError(f"cannot read audio {path}: {exc}", hint) from exc
     except OSError as exc:
         raise BadInputError(f"cannot open audio {path}: {exc}", hint) from exc
@@ -282,8 +283,9 @@ def blink_schedule(frames: int, rng: np.random.Generator) -> tuple[np.ndarray, t
         start = int(t * FPS)
         starts.append(start)
         if rng.random() < 0.12:  # now and then a double blink
-            starts.append(start + len(_BLINK_SHAPE) + 1)
-        t += rng.uniform(2.0, 6.0)
+            start += len(_BLINK_SHAPE) + 1
+            starts.append(start)
+        t = start / FPS + rng.uniform(2.0, 6.0)
     for start in starts:
         part = _BLINK_SHAPE[: max(0, frames - start)]
         closure[start : start + len(part)] = np.maximum(closure[start : start + len(part)], part)

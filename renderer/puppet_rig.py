@@ -25,7 +25,6 @@ import math
 import numpy as np
 
 #: Landmark groups (iBUG-68).
-JAW = np.arange(0, 17)
 OUTER_UPPER = [49, 50, 51, 52, 53]
 OUTER_LOWER = [55, 56, 57, 58, 59]
 #: Extra mesh points halfway along the inner lip edges near the corners, so the opening is rounded, not a hexagon:
@@ -125,69 +124,7 @@ class FaceRig:
         self.landmarks = lm
         self._measure(lm)
 
-        # Mesh vertices: landmarks (opened a hair where lips or lids touch, so the triangulation keeps them apart),
-        # forehead, head ring, outer fixed ring, border.
-        rest = np.concatenate([lm, [(lm[a] + lm[b]) / 2 for a, b in _LIP_MIDPOINTS]])
-        eye_pairs = list(zip(LEFT_EYE_UPPER + RIGHT_EYE_UPPER, LEFT_EYE_LOWER + RIGHT_EYE_LOWER, strict=True))
-        for up, low in _INNER_PAIRS + eye_pairs:
-            gap = rest[low, 1] - rest[up, 1]
-            if gap < 1.0:
-                mid = (rest[low, 1] + rest[up, 1]) / 2
-                rest[up, 1], rest[low, 1] = mid - 0.5, mid + 0.5
-        brows = lm[[17, 19, 21, 22, 24, 26]]
-        forehead = brows - np.array([0.0, 0.42 * self.face_height])
-        head_centre = np.array([self.face_centre[0], self.face_centre[1] - 0.12 * self.face_height])
-        head_ring = _ellipse(head_centre, 0.9 * self.face_width, 1.12 * self.face_height, 16, phase=np.pi / 16)
-        fixed_ring = _ellipse(head_centre, 1.45 * self.face_width, 1.6 * self.face_height, 20)
-        border = _border(self.width, self.height)
-        extra = [forehead, head_ring, fixed_ring]
-        weights = [np.ones(N_FACE)]
-        depth = [_DEPTH]
-        kept = [rest]
-        margin = 3.0
-        for kind, points in enumerate(extra):
-            inside = (
-                (points[:, 0] > margin)
-                & (points[:, 0] < self.width - 1 - margin)
-                & (points[:, 1] > margin)
-                & (points[:, 1] < self.height - 1 - margin)
-            )
-            if kind == 2:  # the fixed ring stays whole, pulled inside the picture: outside it nothing moves
-                points = np.stack(
-                    [
-                        np.clip(points[:, 0], margin, self.width - 1 - margin),
-                        np.clip(points[:, 1], margin, self.height - 1 - margin),
-                    ],
-                    1,
-                )
-            else:
-                points = points[inside]
-            kept.append(points)
-            if kind == 0:
-                weights.append(np.ones(len(points)))
-                depth.append(np.full(len(points), _FOREHEAD_DEPTH))
-            elif kind == 1:
-                # The neck under the chin moves less than the skull.
-                below = points[:, 1] > lm[8, 1] - 0.1 * self.face_height
-                weights.append(np.where(below, 0.3, 1.0))
-                depth.append(np.zeros(len(points)))
-            else:
-                weights.append(np.zeros(len(points)))
-                depth.append(np.zeros(len(points)))
-        kept.append(border)
-        weights.append(np.zeros(len(border)))
-        depth.append(np.zeros(len(border)))
-        points = np.concatenate(kept)
-        self.head_weight = np.concatenate(weights)
-        self.depth = np.concatenate(depth) * self.face_width
-        # Drop non-landmark points that crowd another point (a sliver triangle is harmless but useless).
-        keep = np.ones(len(points), bool)
-        for i in range(N_FACE, len(points)):
-            if np.min(np.hypot(*(points[:i][keep[:i]] - points[i]).T)) < 2.0:
-                keep[i] = False
-        self.rest = points[keep]
-        self.head_weight = self.head_weight[keep]
-        self.depth = self.depth[keep]
+        self.rest, self.head_weight, self.depth = self._mesh_vertices(lm)
         self.pivot = np.array([self.face_centre[0], lm[8, 1] + 0.25 * self.face_height])
         self._pairs = np.array(_INNER_PAIRS)
         left, right = self.rest[60, 0], self.rest[64, 0]
@@ -200,6 +137,8 @@ class FaceRig:
         tri = Delaunay(self.rest)
         self.simplices = tri.simplices.astype(np.int32)
         self.neighbors = tri.neighbors.astype(np.int32)
+        a, b, c = (self.rest[self.simplices[:, k]] for k in range(3))
+        self._rest_sign = np.sign((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1]))
         moving = self.head_weight > 0
         moving[:N_FACE] = True
         dynamic = moving[self.simplices].any(axis=1)
@@ -269,12 +208,59 @@ class FaceRig:
         return np.clip(mask * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ measurements
+    def _mesh_vertices(self, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rest positions, head-motion weights and depths (pixels) of the mesh vertices.
+
+        Landmarks + lip midpoints (opened a hair where lips or lids touch, so the triangulation keeps them apart),
+        forehead points, a ring around the head (moves with it; less at the neck), a fixed outer ring pulled
+        inside the picture, and the picture's border (fixed).
+        """
+        rest = np.concatenate([lm, [(lm[a] + lm[b]) / 2 for a, b in _LIP_MIDPOINTS]])
+        eye_pairs = list(zip(LEFT_EYE_UPPER + RIGHT_EYE_UPPER, LEFT_EYE_LOWER + RIGHT_EYE_LOWER, strict=True))
+        for up, low in _INNER_PAIRS + eye_pairs:
+            if rest[low, 1] - rest[up, 1] < 1.0:
+                mid = (rest[low, 1] + rest[up, 1]) / 2
+                rest[up, 1], rest[low, 1] = mid - 0.5, mid + 0.5
+        margin = 3.0
+        low_xy = np.array([margin, margin])
+        high_xy = np.array([self.width - 1 - margin, self.height - 1 - margin])
+
+        def inside(points: np.ndarray) -> np.ndarray:
+            return points[((points > low_xy) & (points < high_xy)).all(axis=1)]
+
+        forehead = inside(lm[[17, 19, 21, 22, 24, 26]] - np.array([0.0, 0.42 * self.face_height]))
+        head_centre = np.array([self.face_centre[0], self.face_centre[1] - 0.12 * self.face_height])
+        ring = _ellipse(head_centre, 0.9 * self.face_width, 1.12 * self.face_height, 16, phase=np.pi / 16)
+        head = inside(ring)
+        fixed = np.clip(_ellipse(head_centre, 1.45 * self.face_width, 1.6 * self.face_height, 20), low_xy, high_xy)
+        border = _border(self.width, self.height)
+        neck = head[:, 1] > lm[8, 1] - 0.1 * self.face_height  # the neck moves less than the skull
+        points = np.concatenate([rest, forehead, head, fixed, border])
+        weights = np.concatenate(
+            [np.ones(N_FACE + len(forehead)), np.where(neck, 0.3, 1.0), np.zeros(len(fixed) + len(border))]
+        )
+        depth = np.concatenate(
+            [_DEPTH, np.full(len(forehead), _FOREHEAD_DEPTH), np.zeros(len(head) + len(fixed) + len(border))]
+        )
+        # Drop extra points that crowd another one (a sliver triangle is harmless but useless).
+        keep = np.ones(len(points), bool)
+        for i in range(N_FACE, len(points)):
+            if np.min(np.hypot(*(points[:i][keep[:i]] - points[i]).T)) < 2.0:
+                keep[i] = False
+        points, weights, depth = points[keep], weights[keep], depth[keep] * self.face_width
+        # Near a fixed point the head sways less, so no triangle between them can fold over (hair against the
+        # picture's edge in a tight crop): full motion from a third of a face width away.
+        fixed_points = points[weights == 0]
+        nearest = np.min(np.hypot(*(points[:, None, :] - fixed_points[None, :, :]).transpose(2, 0, 1)), axis=1)
+        weights = weights * np.clip(nearest / (0.33 * self.face_width), 0.0, 1.0)
+        return points, weights, depth
+
     def _measure(self, lm: np.ndarray) -> None:
-        self.face_width = float(np.hypot(*(lm[16] - lm[0])))
+        self.face_width = max(float(np.hypot(*(lm[16] - lm[0]))), 4.0)
         brow = lm[17:27, 1].mean()
         self.face_height = float(lm[8, 1] - brow) * 1.25
         self.face_centre = np.array([lm[[0, 16, 27, 8], 0].mean(), (brow + lm[8, 1]) / 2])
-        self.mouth_width = float(np.hypot(*(lm[54] - lm[48])))
+        self.mouth_width = max(float(np.hypot(*(lm[54] - lm[48]))), 2.0)
         self.mouth_centre = lm[48:68].mean(axis=0)
 
     def _sample_skin(self) -> None:
@@ -355,10 +341,25 @@ class FaceRig:
         return points + self.head_weight[:, None] * (rotated + parallax - points)
 
     def deform(self, pose: Pose) -> np.ndarray:
-        """Mesh vertex positions for a pose (rest mesh + lips, jaw, lids, then head motion)."""
-        points = self.rest.copy()
-        points[:N_FACE] += self._lip_offsets(pose) + self._lid_offsets(pose.blink)
-        return self._head(points, pose)
+        """Mesh vertex positions for a pose (rest mesh + lips, jaw, lids, then head motion).
+
+        If an extreme pose (a large expression_scale on a tight crop) would fold a triangle over its neighbour,
+        the face's own motion is scaled back until none folds: the picture may not tear or mirror.
+        """
+        local = self._lip_offsets(pose) + self._lid_offsets(pose.blink)
+        for _ in range(10):
+            points = self.rest.copy()
+            points[:N_FACE] += local
+            points = self._head(points, pose)
+            if not self._folds(points):
+                return points
+            local *= 0.8
+        return self._head(self.rest.copy(), pose)
+
+    def _folds(self, points: np.ndarray) -> bool:
+        a, b, c = (points[self.simplices[:, k]] for k in range(3))
+        area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+        return bool(np.any(area * self._rest_sign < -1e-6))
 
     # ------------------------------------------------------------------ drawing
     def _triangle_maps(self, points: np.ndarray) -> list[np.ndarray]:
@@ -520,7 +521,8 @@ class FaceRig:
         for upper, lower in (([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42])):
             open_points = points[upper] - lid_motion[upper]
             x0, x1, y0, y1 = self._box(np.concatenate([points[upper + lower], open_points]), 3.0)
-            y0 = max(y0 - 4, 0)
+            grow = int(0.3 * (points[upper[-1], 0] - points[upper[0], 0])) + 4
+            y0, y1 = max(y0 - grow, 0), min(y1 + grow, self.height - 1)
             if x1 - x0 < 3 or y1 <= y0:
                 continue
             xs = np.arange(x0, x1 + 1, dtype=np.float64)
@@ -531,10 +533,19 @@ class FaceRig:
             span = max(right - left, 1.0)
             within = np.clip((xs - left) / (0.08 * span), 0, 1) * np.clip((right - xs) / (0.08 * span), 0, 1)
             region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
-            # Skin per column: a few rows of lid skin above where the open lid was, smoothed across the eye.
+            # Skin per column: the median of a few rows above where the open lid was and a few below the lower lid
+            # (robust to a glasses rim on one side), smoothed across the eye.
             cols = np.arange(len(xs))
-            rows = np.clip(np.round(open_lid).astype(int)[None, :] - y0 - np.arange(2, 5)[:, None], 0, y1 - y0)
-            skin = uniform_filter1d(region[rows, cols].mean(axis=0), size=max(3, int(span / 3)), axis=0, mode="nearest")
+            low = _arc(xs, points[lower])
+            reach = max(3, int(0.25 * span))
+            above = np.round(open_lid).astype(int)[None, :] - y0 - np.arange(2, 2 + reach)[:, None]
+            below = np.round(low).astype(int)[None, :] - y0 + np.arange(2, 2 + reach)[:, None]
+            rows = np.clip(np.concatenate([above, below]), 0, y1 - y0)
+            # Skin is the bright part of those rows: lashes, brows, the iris and glasses rims are darker.
+            strip = region[rows, cols]
+            order = np.argsort(strip.sum(axis=2), axis=0)
+            bright = np.take_along_axis(strip, order[len(order) // 2 :, :, None], axis=0).mean(axis=0)
+            skin = uniform_filter1d(bright, size=max(3, int(span / 3)), axis=0)
             covered = np.clip((ys - (open_lid - 2.0)) / 2.5, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
             depth = np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1.0), 0, 1)
             shaded = skin[None, :, :] * (1.0 - 0.1 * depth)[..., None]

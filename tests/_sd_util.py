@@ -19,9 +19,7 @@ def tiny_components() -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77
-    )
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),

@@ -102,3 +102,18 @@ def test_load_image_unreadable_names_the_file(tmp_path: Path) -> None:
         load_image(bad)
     with pytest.raises(BadInputError, match="missing.jpg"):
         load_image(tmp_path / "missing.jpg")
+
+
+def test_detect_face_large_picture_gives_full_resolution_landmarks(astronaut: np.ndarray, pool: ModelPool) -> None:
+    reference = detect_face(astronaut, "astronaut.png", pool).landmarks
+    big = np.asarray(Image.fromarray(astronaut).resize((2048, 2048), Image.Resampling.BICUBIC))
+    face = detect_face(big, "big.png", pool)
+    assert np.abs(face.landmarks / 4 - reference).mean() < 1.5  # searched small, fitted at full size
+    assert face.box[2] > 800  # box in the big picture's pixels
+
+
+def test_detect_face_small_picture_gets_a_second_look(astronaut: np.ndarray, pool: ModelPool) -> None:
+    small = np.asarray(Image.fromarray(astronaut).resize((128, 128), Image.Resampling.BICUBIC))
+    face = detect_face(small, "small.png", pool)
+    reference = detect_face(astronaut, "astronaut.png", pool).landmarks
+    assert np.abs(face.landmarks * 4 - reference).mean() < 12  # within ~3 px at 128

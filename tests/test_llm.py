@@ -189,7 +189,9 @@ def test_ollama_server_streams_the_same_text_when_asked(ollama_server: FakeOllam
 
     client = ollama.Client(host=ollama_server.host, timeout=10)
     whole = client.generate(model="gemma:2b", prompt="x", options={"seed": 3}).response
-    parts = [chunk.response for chunk in client.generate(model="gemma:2b", prompt="x", options={"seed": 3}, stream=True)]
+    parts = [
+        chunk.response for chunk in client.generate(model="gemma:2b", prompt="x", options={"seed": 3}, stream=True)
+    ]
     assert len(parts) > 2
     assert "".join(parts) == whole
     assert [m.model for m in client.list().models] == ["gemma:2b"]

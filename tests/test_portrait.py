@@ -37,7 +37,9 @@ def dataclass_defaults() -> dict:
     return {f.name: f.default for f in dataclasses.fields(ImageSettings)}
 
 
-def make_job(tmp_path: Path, checkpoints: Path, name: str, seed: int, prompt: str = PROMPT, **settings: object) -> StepJob:
+def make_job(
+    tmp_path: Path, checkpoints: Path, name: str, seed: int, prompt: str = PROMPT, **settings: object
+) -> StepJob:
     out = tmp_path / name
     out.mkdir()
     prompt_file = tmp_path / f"{name}-prompt.txt"

@@ -686,9 +686,10 @@ def target_windows(target: np.ndarray, frames: Sequence[int] | np.ndarray) -> np
 def camera_pose_sequence(degrees: Sequence[float], num_frames: int) -> np.ndarray:
     """Free-view angles [N] from a list of degrees (SPEC §6.5): one value → constant; several → a linear path.
 
-    Each segment runs from d_i (inclusive) toward d_{i+1} (exclusive) with step ±P/(N−1), P the total path
-    length; the result is cut to N or padded with its last value (so the last listed angle is never reached,
-    as upstream). Equal consecutive values are a ValueError (upstream divides by zero).
+    Each segment is `np.arange(d_i, d_{i+1}, step)` with step = (P/(N−1))·|Δ|/Δ, P the total path length,
+    computed in that order as upstream does: the rounding decides whether arange's float length reaches the
+    listed end angle (it does for [-20, 20] over 12 frames). The result is cut to N or padded with its last value.
+    Equal consecutive values are a ValueError (upstream divides by zero).
     """
     degrees = [float(d) for d in degrees]
     if not degrees:
@@ -697,11 +698,13 @@ def camera_pose_sequence(degrees: Sequence[float], num_frames: int) -> np.ndarra
         return np.full(num_frames, degrees[0], dtype=np.float64)
     if any(a == b for a, b in zip(degrees, degrees[1:], strict=False)):
         raise ValueError(f"free-view angles {degrees} repeat a value back to back; remove the duplicate")
-    total = sum(abs(b - a) for a, b in zip(degrees, degrees[1:], strict=False))
-    step = total / (num_frames - 1)
+    total = 0.0
+    for a, b in zip(degrees, degrees[1:], strict=False):
+        total += abs(b - a)
+    per_frame = total / (num_frames - 1)
     seq: list[float] = []
     for a, b in zip(degrees, degrees[1:], strict=False):
-        seq.extend(np.arange(a, b, step if b > a else -step).tolist())
+        seq.extend(np.arange(a, b, per_frame * abs(b - a) / (b - a)).tolist())
     seq = seq[:num_frames]
     seq += [seq[-1]] * (num_frames - len(seq))
     return np.asarray(seq, dtype=np.float64)

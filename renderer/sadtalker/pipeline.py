@@ -15,12 +15,16 @@ Per job (SPEC §1.2), in numbered steps:
 Models come from the pool once per run: the renderer (KPDetector + MappingNet + generator) per (size, 70|73
 inputs), the 3DMM regressor and the two audio networks per size.
 
-Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere). Half
-precision runs the networks under `torch.autocast` with float32 weights; the keypoint maths, softmaxes, instance
-norms and the final uint8 conversion stay float32. Measured on the golden generator input (256, CPU, bfloat16
-autocast vs float32, fill-rule weights): prediction max |Δ| = 0.047, mean |Δ| = 0.0049, i.e. up to 12 grey levels
-on a few pixels and about one level on average; float16 has 3 more mantissa bits than bfloat16, so its error on
-CUDA should be smaller (not measured: no GPU here).
+Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
+asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
+networks under `torch.autocast` with float32 weights; keypoint maths, softmaxes, instance norms and the uint8
+conversion stay float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule weights, CPU
+bfloat16 autocast): prediction max |Δ| = 0.62, mean |Δ| = 0.046 (uint8: max 157 levels, mean 11.8). Each part
+alone stays at bfloat16 rounding (encoder features 0.02 of 1.8, deformation 0.008, occlusion 0.005, SPADE decoder
+alone 0.097 max / 0.010 mean); the random fill weights amplify small changes ~600× (float32 thread-count noise of
+1e-7 already moves the output by 6e-5), so trained weights should fare better — unmeasured here. float16 (CUDA)
+has 3 more mantissa bits than bfloat16, about the precision of the TF32 convolutions CUDA float32 uses by
+default; its error was not measured (no GPU in this project's test machines): check with bench/bench_sadtalker.py.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -191,6 +195,10 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
     portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
     ckpt = weights.checkpoint_set(Path(job.checkpoints), settings.size, settings.preprocess)
     warnings = []
+    if settings.dtype == "float16" and not job.device.startswith("cuda"):
+        # CPU float16 convolutions are emulated (tens of times slower than float32): not worth a user's hour.
+        settings = dataclasses.replace(settings, dtype="float32")
+        warnings.append(f"dtype float16 is not supported efficiently on {job.device}; rendered in float32")
     if ckpt.legacy:
         warnings.append(
             "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")

@@ -1,0 +1,189 @@
+"""Speed and memory of the puppet animator (renderer/puppet.py). Goals on a 2-core CPU machine:
+animate + encode ≤ 1.0 s of compute per second of video at 256 px and ≤ 2.0 s at 512 px, and flat memory
+(frames stream into the encoder: a 10-minute clip needs no more memory than a 1-minute one).
+
+Speed: about 10 s of Piper speech (synthetic speech-like audio if Piper is missing), the astronaut portrait,
+preprocess crop. Reported per second of video: wall time and CPU time of the whole stage with dlib already
+loaded (face detection, rig set-up, drawing, H.264 encoding), then drawing alone and encoding alone.
+Memory: each clip length runs in a fresh subprocess that reports its peak RSS and tracemalloc peak.
+
+    python bench/bench_puppet.py                    # speed at 256 and 512, memory 1 min vs 10 min
+    python bench/bench_puppet.py --memory-minutes 0.5 2 --sizes 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from renderer import puppet  # noqa: E402
+from renderer.base import FPS, SAMPLE_RATE, ModelPool  # noqa: E402
+from tests._puppet_util import PORTRAITS, animate_job, babble, speak, write_wav  # noqa: E402
+
+GOALS = {256: 1.0, 512: 2.0}
+TEXT = (
+    "Good morning, everyone. I am the chief executive of a small company, and today I will tell you about our "
+    "plans for the coming year: two new offices, a better product, and more time for the people who build it."
+)
+
+
+def speech_audio(folder: Path, pool: ModelPool) -> tuple[Path, Path | None, str]:
+    try:
+        wav, phonemes = speak(TEXT, folder / "speech", pool)
+        return wav, phonemes, "Piper speech"
+    except Exception as exc:  # noqa: BLE001 - the benchmark falls back to synthetic audio whatever went wrong
+        print(f"(Piper unavailable: {exc}; using synthetic speech-like audio)")
+        return write_wav(folder / "babble.wav", babble(10.0)), None, "synthetic audio"
+
+
+def bench_speed(sizes: list[int]) -> None:
+    from renderer.encode import VideoWriter
+    from renderer.faces import detect_face, load_image
+    from renderer.puppet_motion import make_tracks, read_audio_features
+    from renderer.puppet_rig import FaceRig, Pose
+
+    pool = ModelPool()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        wav, phonemes, kind = speech_audio(folder, pool)
+        portrait = PORTRAITS / "astronaut.jpg"
+        image = load_image(portrait)
+        face = detect_face(image, str(portrait), pool)  # loads dlib into the pool: not part of the timing
+        features = read_audio_features(wav)
+        seconds = features.frames / FPS
+        print(f"audio: {kind}, {features.samples / SAMPLE_RATE:.2f} s, {features.frames} frames")
+        print("size  stage wall s/s  stage cpu s/s  draw s/s  encode s/s  goal")
+        for size in sizes:
+            job = animate_job(folder / f"out{size}", wav, portrait=portrait, phonemes=phonemes, size=size)
+            wall, cpu = time.perf_counter(), time.process_time()
+            (result,) = puppet.run([job], pool)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if not isinstance(result, dict):
+                raise SystemExit(f"animate failed: {result}")
+            # The two halves on their own: drawing frames, and encoding the same frames.
+            framing = puppet.frame_face(image, face.landmarks, size, "crop")
+            rig = FaceRig(framing.image, framing.landmarks)
+            tracks = make_tracks(features, [], seed=1)
+            frames = []
+            draw = time.perf_counter()
+            for i in range(features.frames):
+                pose = Pose(tracks.mouth_open[i], tracks.mouth_width[i], tracks.blink[i], tracks.yaw[i],
+                            tracks.pitch[i], tracks.roll[i])  # fmt: skip
+                frame, _ = rig.render(pose)
+                if i < 250:
+                    frames.append(frame)
+            draw = time.perf_counter() - draw
+            encode = time.perf_counter()
+            with VideoWriter(folder / f"enc{size}.mp4", size, size) as writer:
+                for frame in frames:
+                    writer.write(frame)
+            encode = (time.perf_counter() - encode) * features.frames / len(frames)
+            goal = GOALS.get(size)
+            verdict = "" if goal is None else f"≤ {goal:.1f} {'ok' if wall / seconds <= goal else 'MISSED'}"
+            print(
+                f"{size:4d}  {wall / seconds:13.3f}  {cpu / seconds:13.3f}  {draw / seconds:8.3f}  "
+                f"{encode / seconds:10.3f}  {verdict}"
+            )
+
+
+def write_long_wav(path: Path, seconds: float) -> Path:
+    """Synthetic speech-like audio written in 10 s blocks (so making it costs no memory either)."""
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        done = 0.0
+        while done < seconds:
+            block = babble(min(10.0, seconds - done), seed=int(done))
+            out.writeframes((block * 32767).astype("<i2").tobytes())
+            done += 10.0
+    return path
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    VmHWM from /proc on Linux: getrusage's ru_maxrss survives exec, so a child started by a big parent would
+    report the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_child(wav: Path, minutes: float, size: int) -> None:
+    """Run in a subprocess: animate the WAV and print peak memory as JSON."""
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        tracemalloc.start()
+        start = time.perf_counter()
+        (result,) = puppet.run([animate_job(folder / "out", wav, size=size)], ModelPool())
+        elapsed = time.perf_counter() - start
+        _, traced_peak = tracemalloc.get_traced_memory()
+        if not isinstance(result, dict):
+            raise SystemExit(f"animate failed: {result}")
+        rss_peak = peak_rss()
+        print(
+            json.dumps(
+                {
+                    "minutes": minutes,
+                    "frames": result["frames"],
+                    "seconds": round(elapsed, 1),
+                    "rss_peak_mb": round(rss_peak / 2**20, 1),
+                    "traced_peak_mb": round(traced_peak / 2**20, 1),
+                }
+            )
+        )
+
+
+def bench_memory(lengths: list[float], size: int) -> None:
+    print(f"memory at {size} px (each length in a fresh process; synthetic audio):")
+    print("minutes  frames  run s   peak RSS MB  tracemalloc peak MB")
+    for minutes in lengths:
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = write_long_wav(Path(tmp) / "long.wav", minutes * 60.0)
+            command = [sys.executable, __file__, "--memory-child", str(wav), "--minutes", str(minutes)]
+            out = subprocess.run([*command, "--sizes", str(size)], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"{row['minutes']:7.1f}  {row['frames']:6d}  {row['seconds']:5.0f}  {row['rss_peak_mb']:11.1f}  "
+            f"{row['traced_peak_mb']:19.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--memory-minutes", type=float, nargs="*", default=[1.0, 10.0])
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child, args.minutes, args.sizes[0])
+        return
+    if not args.skip_speed:
+        bench_speed(args.sizes)
+    if args.memory_minutes:
+        bench_memory(args.memory_minutes, args.sizes[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The puppet animator on real Piper speech and the bundled demo portraits: what a viewer would notice.
+
+One short sentence is spoken once per module (Piper, noise scales 0) and animated a few times; the checks read
+the decoded MP4 and re-detect the face in its frames with dlib.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import wave
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from renderer import puppet
+from renderer.base import FPS, SAMPLES_PER_FRAME, BadInputError, ModelPool
+from renderer.encode import probe, read_frames
+from renderer.faces import detect_face, load_image
+from renderer.puppet_motion import blink_schedule, make_tracks, read_audio_features
+from renderer.puppet_rig import FaceRig, Pose
+from tests._puppet_util import PORTRAITS, animate_job, babble, envelope, read_samples, speak, write_wav
+
+TEXT = "Bob made a map. Hello, how are you?"
+
+
+@pytest.fixture(scope="module")
+def pool() -> ModelPool:
+    """One pool for the module: Piper and dlib load once."""
+    return ModelPool()
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory, pool: ModelPool) -> tuple[Path, Path]:
+    return speak(TEXT, tmp_path_factory.mktemp("speech"), pool)
+
+
+@pytest.fixture(scope="module")
+def short_wav(tmp_path_factory: pytest.TempPathFactory, speech: tuple[Path, Path]) -> Path:
+    """The first 0.6 s of the speech (15 frames), for the checks that only need a few frames."""
+    samples = read_samples(speech[0])[: 15 * SAMPLES_PER_FRAME + 100]
+    return write_wav(tmp_path_factory.mktemp("short") / "short.wav", samples)
+
+
+class Clip(NamedTuple):
+    out_dir: Path
+    result: dict
+    track: dict
+    frames: list[np.ndarray]
+
+
+def _animate(out_dir: Path, pool: ModelPool, audio: Path, **kwargs) -> Clip:
+    (result,) = puppet.run([animate_job(out_dir, audio, **kwargs)], pool)
+    assert isinstance(result, dict), result
+    track = json.loads((out_dir / "track.json").read_text())
+    return Clip(out_dir, result, track, list(read_frames(out_dir / "video.mp4")))
+
+
+@pytest.fixture(scope="module")
+def talking(tmp_path_factory: pytest.TempPathFactory, pool: ModelPool, speech: tuple[Path, Path]) -> Clip:
+    """The astronaut saying TEXT, 256 px crop, with phoneme timings."""
+    return _animate(tmp_path_factory.mktemp("talking"), pool, speech[0], phonemes=speech[1])
+
+
+@pytest.fixture(scope="module")
+def seen_gaps(talking: Clip, pool: ModelPool) -> np.ndarray:
+    """What a viewer sees: dlib's inner-lip gap (in mouth widths) re-detected in every rendered frame."""
+    gaps = []
+    for frame in talking.frames:
+        lm = detect_face(frame, "frame", pool).landmarks
+        gaps.append((lm[66, 1] - lm[62, 1]) / np.hypot(*(lm[54] - lm[48])))
+    return np.array(gaps)
+
+
+def test_run_frame_count_is_floor_samples_over_640(talking: Clip, speech: tuple[Path, Path]) -> None:
+    _, result, track, frames = talking
+    expected = len(read_samples(speech[0])) // SAMPLES_PER_FRAME
+    info = probe(talking.out_dir / "video.mp4")
+    assert result["frames"] == track["frames"] == len(frames) == expected == info.frames
+    assert (info.width, info.height, info.fps, info.audio_codec) == (256, 256, FPS, None)
+    assert result["renderer"] == "puppet" and result["mouth_shapes"] == "phonemes"
+
+
+def test_run_frames_change_and_are_never_black(talking: Clip) -> None:
+    frames = talking.frames
+    stack = np.stack(frames).astype(np.float32)
+    assert np.isfinite(stack).all()
+    assert (stack.reshape(len(frames), -1).mean(axis=1) > 40).all()
+    assert (stack.reshape(len(frames), -1).std(axis=1) > 20).all()
+    changes = np.abs(np.diff(stack, axis=0)).mean(axis=(1, 2, 3))
+    assert (changes > 0.05).mean() > 0.8  # the face moves almost every frame
+
+
+def test_run_mouth_opening_follows_the_audio_envelope(
+    talking: Clip, speech: tuple[Path, Path], seen_gaps: np.ndarray
+) -> None:
+    track = talking.track
+    rms = envelope(speech[0])
+    opening = np.array(track["mouth_open"])
+    assert np.corrcoef(opening, rms)[0, 1] >= 0.5
+    assert np.corrcoef(np.array(track["lip_gap_px"]), rms)[0, 1] >= 0.5
+    # What a viewer sees: dlib's inner-lip gap in the rendered frames rises and falls with the speech.
+    assert np.corrcoef(seen_gaps, rms)[0, 1] >= 0.5
+    assert seen_gaps.max() > 0.2  # the mouth really opens (a fifth of its width)
+    # No lag: the mouth is best aligned with the sound at a shift of at most one frame.
+    shifts = range(-3, 4)
+    scores = [np.corrcoef(np.roll(opening, -s)[3:-3], rms[3:-3])[0, 1] for s in shifts]
+    assert abs(list(shifts)[int(np.argmax(scores))]) <= 1
+
+
+def test_run_closed_lip_phonemes_close_the_mouth(
+    talking: Clip, speech: tuple[Path, Path], seen_gaps: np.ndarray
+) -> None:
+    track, frames = talking.track, talking.frames
+    phonemes = json.loads(speech[1].read_text())
+    closures = [p for p in phonemes if p["phoneme"] in ("m", "b", "p")]
+    assert len(closures) >= 4  # Bob, made, map
+    opening = np.array(track["mouth_open"])
+    for p in closures:
+        frame = min(int((p["start"] + p["end"]) / 2 * FPS), len(frames) - 1)
+        assert opening[frame] == 0.0, p
+        assert track["lip_gap_px"][frame] < 1.5, p
+        assert seen_gaps[frame] < 0.25 * seen_gaps.max(), p
+
+
+def test_run_is_deterministic(talking: Clip, tmp_path: Path, pool: ModelPool, speech: tuple[Path, Path]) -> None:
+    track, frames = talking.track, talking.frames
+    _, _, again, frames_again = _animate(tmp_path / "again", pool, speech[0], phonemes=speech[1])
+    assert again == track
+    assert all(np.array_equal(a, b) for a, b in zip(frames, frames_again, strict=True))
+
+
+def test_run_still_keeps_the_head_in_place(
+    talking: Clip, tmp_path: Path, pool: ModelPool, speech: tuple[Path, Path]
+) -> None:
+    moving_track, moving = talking.track, talking.frames
+    _, _, track, frames = _animate(tmp_path / "still", pool, speech[0], phonemes=speech[1], still=True)
+    assert not any(any(track["head"][axis]) for axis in ("yaw", "pitch", "roll"))
+    assert any(abs(v) > 0.3 for v in moving_track["head"]["yaw"])
+
+    # The hair and forehead (top third) stay put when still; they sway with the head otherwise.
+    def drift(clip: list[np.ndarray]) -> float:
+        top = np.stack(clip)[:, : 256 // 3].astype(np.float32)
+        return float(np.abs(top - top[0]).mean(axis=(1, 2, 3)).max())
+
+    assert drift(frames) < 1.0
+    assert drift(moving) > 2 * drift(frames) + 0.5
+    assert track["mouth_open"] == moving_track["mouth_open"]  # still changes the head only
+
+
+def test_run_without_phonemes_uses_the_spectrum(tmp_path: Path, pool: ModelPool, speech: tuple[Path, Path]) -> None:
+    _, result, track, frames = _animate(tmp_path / "spectrum", pool, speech[0])
+    assert result["mouth_shapes"] == track["shape_source"] == "spectrum"
+    assert np.corrcoef(np.array(track["mouth_open"]), envelope(speech[0]))[0, 1] >= 0.5
+    assert len(frames) == result["frames"]
+
+
+def test_run_full_mode_keeps_the_picture_size(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    original = load_image(PORTRAITS / "astronaut.jpg")[20:353, 40:441]  # 401 × 333: odd on both sides
+    portrait = tmp_path / "odd.png"
+    Image.fromarray(original).save(portrait)
+    _, result, track, frames = _animate(tmp_path / "full", pool, short_wav, portrait=portrait, preprocess="full")
+    assert result["size"] == track["size"] == [400, 332]
+    assert all(f.shape == (332, 400, 3) for f in frames)
+    # Outside the face's square the picture is the original (up to H.264 noise); inside it the face moves.
+    left, top, side, _ = track["face_box"]
+    outside = np.ones((332, 400), bool)
+    outside[top : top + side, left : left + side] = False
+    diff = np.abs(np.stack(frames).astype(np.float32) - original[:332, :400].astype(np.float32)).mean(axis=3)
+    assert outside.any() and diff[:, outside].mean() < 3.0
+    # No seam: along the square's edge the frame differs from the original no more than elsewhere outside.
+    ring = np.zeros_like(outside)
+    ring[max(top - 2, 0) : top + side + 2, max(left - 2, 0) : left + side + 2] = True
+    ring[top + 2 : top + side - 2, left + 2 : left + side - 2] = False
+    assert diff[:, ring].mean() < 4.0
+
+
+def test_run_resize_mode_and_size_512(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    _, result, _, frames = _animate(
+        tmp_path / "resize", pool, short_wav, portrait=PORTRAITS / "grace_hopper.jpg", preprocess="resize", size=512
+    )
+    assert result["size"] == [512, 512] and frames[0].shape == (512, 512, 3)
+    assert detect_face(frames[-1], "resized frame", pool).score > 0.5
+
+
+def test_run_no_face_names_the_portrait(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    from skimage import data
+
+    portrait = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(portrait)
+    good = animate_job(tmp_path / "good", short_wav, label="videos[1]")
+    bad = animate_job(tmp_path / "bad", short_wav, portrait=portrait, label="videos[0]")
+    error, ok = puppet.run([bad, good], pool)
+    assert isinstance(error, BadInputError) and "coffee.png" in str(error) and "videos[0]" in str(error)
+    assert isinstance(ok, dict) and (tmp_path / "good" / "video.mp4").exists()  # the other job went on
+    assert not (tmp_path / "bad" / "video.mp4").exists()
+
+
+def test_run_unreadable_inputs_are_bad_input(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    broken_image = tmp_path / "broken.jpg"
+    broken_image.write_bytes(b"\xff\xd8\xff not a jpeg")
+    corrupt_wav = tmp_path / "corrupt.wav"
+    corrupt_wav.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    eight_khz = tmp_path / "8k.wav"
+    with wave.open(str(eight_khz), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\0\0" * 8000)
+    jobs = [
+        animate_job(tmp_path / "a", short_wav, portrait=broken_image),
+        animate_job(tmp_path / "b", corrupt_wav),
+        animate_job(tmp_path / "c", eight_khz),
+        animate_job(tmp_path / "d", short_wav, size=300),
+    ]
+    results = puppet.run(jobs, pool)
+    assert all(isinstance(r, BadInputError) for r in results), results
+    assert "broken.jpg" in str(results[0]) and "corrupt.wav" in str(results[1]) and "8000 Hz" in str(results[2])
+    assert "video.size" in str(results[3])
+
+
+def test_blink_schedule_blinks_every_two_to_six_seconds() -> None:
+    frames = 60 * FPS
+    closure, starts = blink_schedule(frames, np.random.default_rng(5))
+    assert starts and starts[0] < 3 * FPS  # the first blink comes early
+    gaps = np.diff(starts) / FPS
+    singles = gaps[gaps > 0.5]  # double blinks are a few frames apart
+    assert singles.min() >= 2.0 and singles.max() <= 6.0
+    assert closure.max() == 1.0 and (closure > 0.5).mean() < 0.1  # eyes are open most of the time
+    again, same = blink_schedule(frames, np.random.default_rng(5))
+    assert same == starts and np.array_equal(again, closure)
+    _, other = blink_schedule(frames, np.random.default_rng(6))
+    assert other != starts
+
+
+def test_make_tracks_blinks_within_six_seconds_of_long_audio(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "babble.wav", babble(8.0))
+    tracks = make_tracks(read_audio_features(wav), [], seed=3)
+    assert tracks.blink_starts and tracks.blink_starts[0] < 6 * FPS
+    assert tracks.blink[tracks.blink_starts[0] + 2] >= 0.9
+
+
+@pytest.mark.parametrize("name", ["astronaut.jpg", "grace_hopper.jpg"])
+def test_rig_blink_closes_the_eyes(name: str, pool: ModelPool) -> None:
+    image = load_image(PORTRAITS / name)
+    framing = puppet.frame_face(image, detect_face(image, name, pool).landmarks, 256, "crop")
+    rig = FaceRig(framing.image, framing.landmarks)
+    opened, _ = rig.render(Pose())
+    closed, _ = rig.render(Pose(blink=1.0))
+    lm = framing.landmarks
+    for eye in (lm[36:42], lm[42:48]):
+        (x0, y0), (x1, y1) = eye.min(axis=0).astype(int), eye.max(axis=0).astype(int) + 1
+        # The dark iris and pupil disappear under the lid: the darkest pixels of the eye become skin.
+        dark_open = np.percentile(opened[y0:y1, x0:x1].mean(axis=2), 10)
+        dark_closed = np.percentile(closed[y0:y1, x0:x1].mean(axis=2), 10)
+        assert dark_closed > dark_open + 25, (dark_open, dark_closed)
+    if name == "astronaut.jpg":  # dlib agrees the eyes are shut (its eye points ignore closure behind glasses)
+
+        def opening(frame: np.ndarray) -> float:
+            p = detect_face(frame, "frame", pool).landmarks
+            return float(np.mean([np.hypot(*(p[a] - p[b])) for a, b in ((37, 41), (38, 40), (43, 47), (44, 46))]))
+
+        assert opening(closed) < 0.5 * opening(opened)
+    # Only the eyes changed: the mouth is untouched by a blink.
+    mouth = lm[48:68].astype(int)
+    y0, y1, x0, x1 = mouth[:, 1].min(), mouth[:, 1].max(), mouth[:, 0].min(), mouth[:, 0].max()
+    assert np.array_equal(opened[y0:y1, x0:x1], closed[y0:y1, x0:x1])
+
+
+def test_rig_expression_scale_sets_the_mouth_amplitude(pool: ModelPool) -> None:
+    image = load_image(PORTRAITS / "astronaut.jpg")
+    face = detect_face(image, "astronaut.jpg", pool)
+    framing = puppet.frame_face(image, face.landmarks, 256, "crop")
+    gaps = []
+    for scale in (0.0, 1.0, 1.5):
+        points = FaceRig(framing.image, framing.landmarks, expression_scale=scale).deform(Pose(mouth_open=0.7))
+        gaps.append(points[66, 1] - points[62, 1])
+    assert gaps[0] < 1.0 < gaps[1] < gaps[2]
+
+
+def test_rig_extreme_poses_never_fold_the_mesh(pool: ModelPool) -> None:
+    image = load_image(PORTRAITS / "astronaut.jpg")
+    framing = puppet.frame_face(image, detect_face(image, "astronaut.jpg", pool).landmarks, 256, "crop")
+    rig = FaceRig(framing.image, framing.landmarks, expression_scale=3.0)
+
+    def areas(points: np.ndarray) -> np.ndarray:
+        a, b, c = (points[rig.simplices[:, k]] for k in range(3))
+        return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+
+    rest = np.sign(areas(rig.rest))
+    for mouth_open, width, blink, angle in itertools.product((0.0, 1.0), (-1.0, 1.0), (0.0, 1.0), (-4.0, 4.0)):
+        pose = Pose(mouth_open, width, blink, yaw=angle, pitch=angle, roll=-angle / 1.5)
+        assert (areas(rig.deform(pose)) * rest >= -1e-6).all(), pose  # a folded triangle would mirror the picture
