@@ -108,6 +108,9 @@ TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 
 
 def build_pipeline(tiny: bool, device: str, dtype: Any, scheduler: str) -> Any:
     """A StableDiffusionPipeline with random weights at SD 2.1-base (or toy) sizes, on `device` in `dtype`."""
+    from renderer.compat import import_torchvision
+
+    import_torchvision()  # a CUDA torchvision beside a CPU torch breaks diffusers' imports (renderer/compat.py)
     import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
 
+    from renderer.compat import import_torchvision
+
+    import_torchvision()
     import diffusers
     import torch
 

@@ -202,7 +202,6 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
         f"llm:{source}", job.device, dtype, lambda: _load_local(gguf, folder, source, job.device)
     )
     tok, model = loaded.tokenizer, loaded.model
-    logger.info('TIMING loaded')
     # A trailing newline/space after "Prompt:" would make a base model start a new line and stop at once.
     request = job.text.rstrip()
     ids = tok(request, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -230,7 +229,6 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
             **kwargs,
         )
     text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    logger.info('TIMING generated %d tokens', out.shape[1] - ids.shape[1])
     return text.split("\n", 1)[0]
 
 
@@ -263,6 +261,9 @@ def _conversion_stamp(gguf: Path) -> dict[str, Any]:
 
 def _load_local(gguf: Path | None, folder: Path, source: str, device: str) -> LocalModel:
     """Load the converted folder, converting the GGUF first when the folder is missing or stale."""
+    from renderer.compat import import_torchvision
+
+    import_torchvision()  # transformers imports torchvision when installed; see renderer/compat.py
     if gguf is not None:
         if not gguf.exists() and gguf.parent.name == LOCAL_DIR:
             _assemble_bundled(gguf)

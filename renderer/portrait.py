@@ -22,6 +22,8 @@ from renderer.base import BackendError, BadInputError, MissingWeightsError, Mode
 if TYPE_CHECKING:
     from PIL import Image
 
+    from renderer.faces import Face
+
 logger = logging.getLogger(__name__)
 
 #: diffusers scheduler classes behind the `image.scheduler` names.
@@ -114,6 +116,9 @@ def load_pipeline(settings: ImageSettings, checkpoints: Path, device: str, pool:
 
 
 def _load(source: str, folder: Path | None, settings: ImageSettings, device: str, dtype: str) -> LoadedPipeline:
+    from renderer.compat import import_torchvision
+
+    import_torchvision()  # diffusers/transformers import torchvision when installed; see renderer/compat.py
     import torch
     from diffusers import DiffusionPipeline
 
@@ -193,7 +198,7 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], settings: 
     return list(out.images)
 
 
-def check_face(image: Image.Image, job: StepJob, pool: ModelPool) -> Any:
+def check_face(image: Image.Image, job: StepJob, pool: ModelPool) -> Face:
     """A portrait the animators cannot use is a failure now, not three stages later; the hint says what to change."""
     import numpy as np
 
@@ -271,7 +276,8 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                     "size": settings.size,
                     "num_inference_steps": settings.num_inference_steps,
                     "batch": len(batch),
-                    "face_box": list(getattr(face, "box", ())),
+                    "face_box": list(face.box),
+                    "face_score": round(float(face.score), 3),
                 }
     done = [r for r in results if r is not None]
     assert len(done) == len(jobs), "every job gets a result"

@@ -15,6 +15,9 @@ TOKENIZER_DIR = Path(__file__).with_name("fixtures") / "tiny-clip-tokenizer"
 
 def tiny_components() -> dict[str, Any]:
     """Components of a StableDiffusionPipeline at toy sizes; the same every call (seeded init)."""
+    from renderer.compat import import_torchvision
+
+    import_torchvision()
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -77,6 +80,9 @@ def tiny_components() -> dict[str, Any]:
 
 def save_tiny_pipeline(folder: Path) -> Path:
     """Write the tiny pipeline as a diffusers folder (model_index.json, safetensors) and return the folder."""
+    from renderer.compat import import_torchvision
+
+    import_torchvision()
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**tiny_components(), requires_safety_checker=False)

@@ -230,7 +230,8 @@ def test_fewshot_template_ends_with_an_open_prompt_line() -> None:
 @pytest.mark.slow
 def test_llm_local_engine_converts_once_and_is_seeded(tmp_path: Path) -> None:
     """Real model: first run assembles + converts the GGUF, a fresh pool reloads the converted copy, same seed → same
-    text. ~60 s on 2 quiet cores (deselect with -m "not slow")."""
+    text. Conversion ~30 s, then two ~41-token completions: 63–119 s measured on 2 cores shared with other jobs
+    (deselect with -m "not slow")."""
     from batch.templates import render
 
     source = (ROOT / "prompts" / "image_prompt_fewshot.j2").read_text(encoding="utf-8")

@@ -154,12 +154,21 @@ def test_portrait_missing_model_folder_names_make_checkpoints(tmp_path: Path) ->
     assert "make checkpoints" in err.hint
 
 
-def test_portrait_uncached_hub_id_is_missing_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+def test_portrait_uncached_hub_id_is_missing_weights(tmp_path: Path) -> None:
     [err] = run([make_job(tmp_path, tmp_path, "ceo", 3, model="nobody/not-cached-sd")], ModelPool())
 
     assert isinstance(err, MissingWeightsError)
-    assert "not in the local Hugging Face cache" in err.message
+    assert "'nobody/not-cached-sd' is not in the local Hugging Face cache" in err.message
+    assert "make checkpoints" in err.hint
+
+
+def test_portrait_incomplete_model_folder_is_missing_weights(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "half-downloaded").mkdir(parents=True)
+    job = make_job(tmp_path, tmp_path / "checkpoints", "ceo", 3, model="half-downloaded")
+    [err] = run([job], ModelPool())
+
+    assert isinstance(err, MissingWeightsError)
+    assert "half-downloaded" in err.message and "model_index.json" in err.message
     assert "make checkpoints" in err.hint
 
 

@@ -1,0 +1,310 @@
+"""Speed and memory of the native SadTalker renderer (renderer/sadtalker).
+
+Speed: frames per second of the render step (mapping net → driving keypoints → generator → uint8 on the host, the
+work `pipeline.run` does per frame) at sizes 256 and 512, batch sizes 1/2/8/32, float32 vs float16 autocast.
+Weights follow the golden fill rule when ../shared/sadtalker is there (else PyTorch's default initialisation: the
+speed does not depend on the values). One 256 frame is about 1.2 TFLOP, so on a CPU only a small-batch figure is
+measured by default (256 and 512, batch 1, float32).
+
+Memory: peak memory of 30 s vs 5 min of audio, each in a fresh subprocess. On CUDA the whole stage runs
+(`pipeline.run` with the astronaut portrait, fill-rule checkpoints in the official layout): peak GPU memory and peak
+RSS must not grow with the audio's length, since frames stream to the encoder. On a CPU rendering 7500 frames would
+take hours, so the child runs everything that scales with the audio (WAV, mel windows, ExpNet/PoseVAE coefficients,
+render preparation) plus a fixed number of rendered frames; render memory per batch does not depend on N.
+
+    python bench/bench_sadtalker.py                          # what fits the machine
+    python bench/bench_sadtalker.py --sizes 256 --batches 1 8 --dtypes float32 float16 --device cuda
+    python bench/bench_sadtalker.py --skip-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHARED = REPO.parent / "shared" / "sadtalker"
+INVENTORY = {
+    "kp_extractor": "facerender_kp_extractor_KPDetector",
+    "generator": "facerender_generator_OcclusionAwareSPADEGenerator",
+    "mapping70": "facerender_mapping_MappingNet_coeff70_mapping_00229",
+}
+
+
+def _fill():
+    """golden/fill.py of the reference folder, or None when it is absent."""
+    path = SHARED / "golden" / "fill.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("sadtalker_golden_fill", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_renderer(device: str):
+    """FaceRenderer (70-input mapping) on fill-rule weights (or default init), fused and placed like the stage."""
+    import torch
+
+    from renderer.sadtalker import facerender as fr
+    from renderer.sadtalker import weights
+
+    torch.manual_seed(0)
+    nets = {
+        "kp_extractor": fr.KPDetector(),
+        "mapping70": fr.MappingNet(70),
+        "generator": fr.OcclusionAwareSPADEGenerator(),
+    }
+    fill = _fill()
+    source = "fill-rule weights" if fill else "default-initialised weights (../shared/sadtalker absent)"
+    for name, net in nets.items():
+        if fill:
+            rows = fill.read_inventory_txt(SHARED / "inventory" / f"{INVENTORY[name]}.txt")
+            weights.load_strict(net, fill.fill_state_dict(rows), name)
+        else:  # spectral-norm triplets and BatchNorm statistics need sane values to run
+            for key, buf in net.named_buffers():
+                if key.endswith("weight_u") or key.endswith("weight_v"):
+                    buf.normal_()
+                elif key.endswith("down.weight"):
+                    buf.fill_(1.0 / buf[0].numel())
+    renderer = fr.FaceRenderer(nets["kp_extractor"], nets["mapping70"], nets["generator"]).eval()
+    fr.fuse_for_inference(renderer)
+    return weights.place(renderer, device), source
+
+
+def _step(renderer, kp_canonical, kp_source, feature, windows) -> None:
+    """One forward batch as the stage runs it: driving keypoints, generator, uint8 frames on the host."""
+    from renderer.sadtalker import facerender as fr
+
+    kp_driving = renderer.driving_keypoints(kp_canonical, windows)
+    fr.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
+
+
+def bench_speed(device: str, sizes: list[int], batches: list[int], dtypes: list[str], min_seconds: float) -> None:
+    import numpy as np
+    import torch
+
+    from renderer.sadtalker import facerender as fr
+    from renderer.sadtalker.pipeline import _autocast
+
+    renderer, source = build_renderer(device)
+    cuda = device.startswith("cuda")
+    print(f"renderer on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {source}")
+    if cuda:
+        print(f"cudnn TF32 convolutions: {torch.backends.cudnn.allow_tf32} (PyTorch default)")
+    rng = np.random.default_rng(0)
+    print(f"{'size':>5} {'batch':>6} {'dtype':>9} {'frames/s':>9} {'s/frame':>8} {'peak GPU MiB':>13}")
+    for size in sizes:
+        image = torch.from_numpy(rng.random((1, 3, size, size), dtype=np.float32)).to(device)
+        semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
+        for dtype in dtypes:
+            for batch in batches:
+                windows = torch.from_numpy(rng.normal(size=(batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
+                try:
+                    with torch.inference_mode(), _autocast(device, dtype):
+                        state = renderer.prepare_source(image, semantics)
+                        feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
+                        kp_c, kp_s = state.kp_canonical.expand(batch, -1, -1), state.kp_source.expand(batch, -1, -1)
+
+                        if cuda or size == min(sizes):
+                            _step(
+                                renderer, kp_c, kp_s, feature, windows
+                            )  # warm-up (cuDNN algorithm choice, allocator; oneDNN primitives on a CPU)
+                        if cuda:
+                            torch.cuda.synchronize(device)
+                            torch.cuda.reset_peak_memory_stats(device)
+                        frames, start = 0, time.perf_counter()
+                        while True:
+                            _step(renderer, kp_c, kp_s, feature, windows)
+                            frames += batch
+                            if cuda:
+                                torch.cuda.synchronize(device)
+                            elapsed = time.perf_counter() - start
+                            if elapsed >= min_seconds or (not cuda and frames >= (2 if size <= 256 else 1)):
+                                break
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{size:>5} {batch:>6} {dtype:>9} {'out of GPU memory':>32}")
+                    torch.cuda.empty_cache()
+                    continue
+                peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:13.0f}" if cuda else f"{'-':>13}"
+                print(f"{size:>5} {batch:>6} {dtype:>9} {frames / elapsed:9.2f} {elapsed / frames:8.3f} {peak}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: 30 s vs 5 min, one subprocess each
+
+
+def write_checkpoints(root: Path) -> None:
+    """Fill-rule weights in the official layout (needs ../shared/sadtalker for the key inventory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    fill = _fill()
+    rows = fill.read_inventory_txt(SHARED / "inventory" / "SadTalker_V0.0.2_safetensors_expected_keys.txt")
+    tensors = {}
+    for prefix in ("kp_extractor.", "generator.", "audio2exp.", "audio2pose.", "face_3drecon."):
+        sub = [(k[len(prefix) :], s, d) for k, s, d in rows if k.startswith(prefix)]
+        tensors.update({prefix + k: v for k, v in fill.fill_state_dict(sub).items()})
+    save_file(tensors, str(root / "SadTalker_V0.0.2_256.safetensors"))
+    mapping = fill.fill_state_dict(fill.read_inventory_txt(SHARED / "inventory" / f"{INVENTORY['mapping70']}.txt"))
+    torch.save({"mapping": mapping, "epoch": 0}, root / "mapping_00229-model.pth.tar")
+
+
+def speech_like(seconds: float):
+    """Syllable-rate modulated harmonics: enough structure for the audio networks, no TTS needed."""
+    import numpy as np
+
+    from renderer.base import SAMPLE_RATE
+
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    voice = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 700), 1))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    return (0.3 * voice * envelope).astype(np.float32)
+
+
+def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int) -> dict:
+    """Run in a fresh process: everything that scales with the audio, report peak memory as JSON."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from renderer.base import SAMPLE_RATE, ModelPool, StepJob
+    from renderer.sadtalker import pipeline
+    from tests._audio_util import write_wav
+
+    work = Path(tempfile.mkdtemp(prefix="bench_sadtalker_"))
+    wav = work / "speech.wav"
+    write_wav(wav, speech_like(seconds), SAMPLE_RATE)
+    portrait = work / "portrait.png"
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(portrait)
+    (work / "out").mkdir()
+    settings = {
+        "size": 256,
+        "preprocess": "crop",
+        "still": False,
+        "expression_scale": 1.0,
+        "pose_style": 0,
+        "batch_size": 8,
+        "dtype": "auto",
+    }
+    job = StepJob(
+        "animate",
+        "bench",
+        settings,
+        {"portrait": portrait, "audio": wav},
+        work / "out",
+        device=device,
+        seed=0,
+        checkpoints=ckpt,
+    )
+    pool = ModelPool()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    if frames_cap <= 0:
+        result = pipeline.run([job], pool)[0]
+        frames = result["frames"] if isinstance(result, dict) else str(result)
+    else:  # CPU: the whole front half, the render set-up, then only `frames_cap` frames
+        video = pipeline._prepare(0, job, pool)
+        full = len(video.target)
+        video.target = video.target[:frames_cap]
+        pipeline._render_group([video], pool)
+        frames = f"{len(video.target)} of {full} rendered"
+        assert video.error is None, video.error
+        np.asarray(video.target)  # the coefficients stay alive until the end, as in the stage
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
+    return {
+        "seconds": seconds,
+        "frames": frames,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": peak_gpu,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def bench_memory(device: str, lengths: list[float]) -> None:
+    if _fill() is None:
+        print("memory: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
+        return
+    cap = 0 if device.startswith("cuda") else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoints(Path(tmp))
+        print(
+            f"memory on {device}, each length in a fresh process"
+            + ("" if cap == 0 else f" (CPU: audio side in full, {cap} frames rendered)")
+        )
+        for seconds in lengths:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child-memory",
+                str(seconds),
+                "--device",
+                device,
+                "--ckpt",
+                tmp,
+                "--frames-cap",
+                str(cap),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"  {seconds:6.0f} s: child failed\n{out.stderr[-2000:]}")
+                continue
+            info = json.loads(out.stdout.strip().splitlines()[-1])
+            gpu = f", peak GPU {info['peak_gpu_mib']:.0f} MiB" if info["peak_gpu_mib"] is not None else ""
+            print(
+                f"  {seconds:6.0f} s audio: peak RSS {info['peak_rss_mib']:.0f} MiB{gpu}, "
+                f"frames {info['frames']}, {info['wall_s']:.1f} s"
+            )
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--sizes", type=int, nargs="+")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
+    parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--child-memory", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--frames-cap", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.child_memory is not None:
+        print(json.dumps(child_memory(args.child_memory, device, args.ckpt, args.frames_cap)))
+        return
+    cuda = device.startswith("cuda")
+    if not cuda:
+        print("no GPU: CPU small-batch figures only (one 256 frame ≈ 1.2 TFLOP); run on CUDA for the full grid")
+    if not args.skip_speed:
+        bench_speed(
+            device,
+            args.sizes or [256, 512],
+            args.batches or ([1, 2, 8, 32] if cuda else [1]),
+            args.dtypes or (["float32", "float16"] if cuda else ["float32"]),
+            args.min_seconds,
+        )
+    if not args.skip_memory:
+        with contextlib.suppress(KeyboardInterrupt):
+            bench_memory(device, args.memory_seconds)
+
+
+if __name__ == "__main__":
+    main()
