@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,6 +106,27 @@ class ModelPool:
 
     def __contains__(self, model_id: str) -> bool:
         return any(k[0] == model_id for k in self._models)
+
+
+def labelled(exc: RenderError, label: str) -> RenderError:
+    """Prefix a stage error with where in the manifest it comes from (once)."""
+    if label and label not in exc.message:
+        exc.message = f"{label}: {exc.message}"
+        exc.args = (exc.message,)
+    return exc
+
+
+def run_each(jobs: Sequence[StepJob], one: Callable[[StepJob], dict[str, Any]]) -> list[dict[str, Any] | RenderError]:
+    """The stage contract for stages that handle jobs one at a time: a RenderError becomes that job's result,
+    labelled with its place in the manifest, and the other jobs go on."""
+    results: list[dict[str, Any] | RenderError] = []
+    for job in jobs:
+        try:
+            results.append(one(job))
+        except RenderError as exc:
+            logger.debug("%s failed: %s", job.label or job.key, exc)
+            results.append(labelled(exc, job.label))
+    return results
 
 
 def resolve_device(spec: str) -> str:

@@ -30,6 +30,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    run_each,
 )
 
 logger = logging.getLogger(__name__)
@@ -315,27 +316,20 @@ def probe(path: Path) -> MediaInfo:
 def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage "mux": inputs["video"] + inputs["audio"] → out_dir/video.mp4 (H.264 + AAC, faststart)."""
     del pool  # no models
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            missing = [name for name in ("video", "audio") if name not in job.inputs]
-            if missing:
-                raise BadInputError(f"{job.label}: mux step lacks input(s) {', '.join(missing)}")
-            out = job.out_dir / "video.mp4"
-            mux(job.inputs["video"], job.inputs["audio"], out)
-            info = probe(out)
-            results.append(
-                {
-                    "frames": info.frames,
-                    "video_duration": info.video_duration,
-                    "audio_duration": info.audio_duration,
-                    "size": [info.width, info.height],
-                    "warnings": [],
-                }
-            )
-        except RenderError as exc:
-            if job.label and job.label not in exc.message:
-                exc.message = f"{job.label}: {exc.message}"
-                exc.args = (exc.message,)
-            results.append(exc)
-    return results
+
+    def one(job: StepJob) -> dict:
+        missing = [name for name in ("video", "audio") if name not in job.inputs]
+        if missing:
+            raise BadInputError(f"{job.label}: mux step lacks input(s) {', '.join(missing)}")
+        out = job.out_dir / "video.mp4"
+        mux(job.inputs["video"], job.inputs["audio"], out)
+        info = probe(out)
+        return {
+            "frames": info.frames,
+            "video_duration": info.video_duration,
+            "audio_duration": info.audio_duration,
+            "size": [info.width, info.height],
+            "warnings": [],
+        }
+
+    return run_each(jobs, one)

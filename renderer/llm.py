@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
+from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob, run_each
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +106,7 @@ def clean_prompt(text: str, max_length: int) -> str:
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Write out_dir/prompt.txt for each job; per-job failures come back as RenderError entries."""
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            results.append(_run_one(job, pool))
-        except RenderError as exc:
-            logger.error("%s: %s", job.label or job.key, exc)
-            results.append(exc)
-    return results
+    return run_each(jobs, lambda job: _run_one(job, pool))
 
 
 def _run_one(job: StepJob, pool: ModelPool) -> dict:

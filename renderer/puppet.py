@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from renderer.base import FPS, SAMPLES_PER_FRAME, BadInputError, ModelPool, RenderError, StepJob, atomic_write_bytes
+from renderer.base import (
+    FPS,
+    SAMPLES_PER_FRAME,
+    BadInputError,
+    ModelPool,
+    RenderError,
+    StepJob,
+    atomic_write_bytes,
+    run_each,
+)
 from renderer.puppet_motion import Tracks, make_tracks, read_audio_features, read_phonemes
 
 logger = logging.getLogger(__name__)
@@ -229,28 +238,21 @@ def _track_json(
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage "animate" (renderer: puppet): inputs portrait + audio (+ phonemes) → video.mp4, track.json."""
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            missing = [name for name in ("portrait", "audio") if name not in job.inputs]
-            if missing:
-                raise BadInputError(f"{job.label}: animate step lacks input(s) {', '.join(missing)}")
-            settings = PuppetSettings.from_mapping(job.settings, job.label)
-            results.append(
-                animate(
-                    job.inputs["portrait"],
-                    job.inputs["audio"],
-                    job.out_dir,
-                    settings=settings,
-                    phonemes=job.inputs.get("phonemes"),
-                    seed=job.seed,
-                    pool=pool,
-                    label=job.label,
-                )
-            )
-        except RenderError as exc:
-            if job.label and job.label not in exc.message:
-                exc.message = f"{job.label}: {exc.message}"
-                exc.args = (exc.message,)
-            results.append(exc)
-    return results
+
+    def one(job: StepJob) -> dict:
+        missing = [name for name in ("portrait", "audio") if name not in job.inputs]
+        if missing:
+            raise BadInputError(f"{job.label}: animate step lacks input(s) {', '.join(missing)}")
+        settings = PuppetSettings.from_mapping(job.settings, job.label)
+        return animate(
+            job.inputs["portrait"],
+            job.inputs["audio"],
+            job.out_dir,
+            settings=settings,
+            phonemes=job.inputs.get("phonemes"),
+            seed=job.seed,
+            pool=pool,
+            label=job.label,
+        )
+
+    return run_each(jobs, one)

@@ -42,6 +42,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    run_each,
 )
 
 logger = logging.getLogger(__name__)
@@ -491,13 +492,6 @@ def fetch_gtts_mp3(
 # --- stages --------------------------------------------------------------------------------------------------------
 
 
-def _with_label(exc: RenderError, label: str) -> RenderError:
-    if label and label not in exc.message:
-        exc.message = f"{label}: {exc.message}"
-        exc.args = (exc.message,)
-    return exc
-
-
 def _write_phonemes(out_dir: Path, phonemes: list[dict]) -> None:
     """One entry per line: small, and readable in a diff."""
     lines = ",\n".join(json.dumps(entry, ensure_ascii=False) for entry in phonemes)
@@ -531,40 +525,33 @@ def run(jobs: Sequence[StepJob], pool: ModelPool, *, gtts_backoff: float = 1.0) 
 
     `gtts_backoff` is the first wait (seconds) before retrying a throttled gTTS request; tests make it small.
     """
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            text = clean_text(job.text).strip()
-            if not text:
-                raise BadInputError(f"script {job.label!r} is empty", "write the text the character should say")
-            engine = job.settings.get("engine", "piper")
-            if engine == "piper":
-                results.append(_run_piper(job, pool, text))
-            elif engine == "gtts":
-                results.append(_run_gtts(job, text, gtts_backoff))
-            else:
-                raise BadInputError(f"unknown voice engine {engine!r}", "use engine: piper or gtts")
-        except RenderError as exc:
-            for name in ("speech.wav", "phonemes.json"):
-                (job.out_dir / name).unlink(missing_ok=True)
-            results.append(_with_label(exc, job.label))
-    return results
+
+    def one(job: StepJob) -> dict:
+        text = clean_text(job.text).strip()
+        if not text:
+            raise BadInputError(f"script {job.label!r} is empty", "write the text the character should say")
+        engine = job.settings.get("engine", "piper")
+        if engine == "piper":
+            return _run_piper(job, pool, text)
+        if engine == "gtts":
+            return _run_gtts(job, text, gtts_backoff)
+        raise BadInputError(f"unknown voice engine {engine!r}", "use engine: piper or gtts")
+
+    return run_each(jobs, one)
 
 
 def run_convert(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage "audio": the user's recording (wav, mp3, flac, ogg, m4a) → out_dir/speech.wav, 16 kHz mono s16."""
     del pool  # no models
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            source = job.inputs.get("audio")
-            if source is None:
-                raise BadInputError("audio step lacks its input file")
-            source = Path(source)
-            if not source.is_file():
-                raise BadInputError(f"audio file {source} does not exist", "fix the path in the manifest")
-            info = decode_to_wav(str(source), job.out_dir / "speech.wav", str(source))
-            results.append({"engine": "file", "source": source.name, **info, "warnings": []})
-        except RenderError as exc:
-            results.append(_with_label(exc, job.label))
-    return results
+
+    def one(job: StepJob) -> dict:
+        source = job.inputs.get("audio")
+        if source is None:
+            raise BadInputError("audio step lacks its input file")
+        source = Path(source)
+        if not source.is_file():
+            raise BadInputError(f"audio file {source} does not exist", "fix the path in the manifest")
+        info = decode_to_wav(str(source), job.out_dir / "speech.wav", str(source))
+        return {"engine": "file", "source": source.name, **info, "warnings": []}
+
+    return run_each(jobs, one)
