@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 # The venv is (re)installed when setup.cfg changes; otherwise `make test` starts testing at once.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the local CPU build (an unpinned torch pulls several GB of CUDA wheels).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[render,models,test,bench]'

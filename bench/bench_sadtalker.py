@@ -4,7 +4,7 @@ Speed: frames per second of the render step (mapping net â†’ driving keypoints â
 work `pipeline.run` does per frame) at sizes 256 and 512, batch sizes 1/2/8/32, float32 vs float16 autocast.
 Weights follow the golden fill rule when ../shared/sadtalker is there (else PyTorch's default initialisation: the
 speed does not depend on the values). One 256 frame is about 1.2 TFLOP, so on a CPU only a small-batch figure is
-measured by default (256 and 512, batch 1, float32).
+measured by default (256 and 512, batch 1, float32 and bfloat16).
 
 Memory: peak memory of 30 s vs 5 min of audio, each in a fresh subprocess. On CUDA the whole stage runs
 (`pipeline.run` with the astronaut portrait, fill-rule checkpoints in the official layout): peak GPU memory and peak
@@ -298,7 +298,7 @@ def main() -> None:
             device,
             args.sizes or [256, 512],
             args.batches or ([1, 2, 8, 32] if cuda else [1]),
-            args.dtypes or (["float32", "float16"] if cuda else ["float32"]),
+            args.dtypes or (["float32", "float16"] if cuda else ["float32", "bfloat16"]),
             args.min_seconds,
         )
     if not args.skip_memory:

@@ -463,10 +463,12 @@ class DenseMotionNetwork(nn.Module):
     ) -> DenseMotion:
         bs, _, d, h, w = feature.shape
         k1 = NUM_KP + 1
-        feature = F.relu(self.norm(self.compress(feature)))
-        kp_driving, kp_source = kp_driving.to(feature.dtype), kp_source.to(feature.dtype)
+        # Geometry (grids, warps, heatmaps, the mask mixture) runs in float32 even under autocast: it is cheap, and
+        # half-precision coordinates would shift every sample; only the convolutions use the autocast dtype.
+        feature = F.relu(self.norm(self.compress(feature))).float()
+        kp_driving, kp_source = kp_driving.float(), kp_source.float()
         # Sparse motions [B, 16, d, h, w, 3]: identity (background), then grid − kp_driving + kp_source.
-        grid = make_coordinate_grid(d, h, w, device=feature.device, dtype=feature.dtype).view(1, 1, d, h, w, 3)
+        grid = make_coordinate_grid(d, h, w, device=feature.device).view(1, 1, d, h, w, 3)
         moved = grid - kp_driving.view(bs, NUM_KP, 1, 1, 1, 3)
         moved = moved + kp_source.view(bs, NUM_KP, 1, 1, 1, 3)
         sparse_motion = torch.cat([grid.expand(bs, 1, d, h, w, 3), moved], dim=1)
@@ -479,10 +481,10 @@ class DenseMotionNetwork(nn.Module):
         heat = torch.cat([torch.zeros_like(heat[:, :1]), heat], dim=1).unsqueeze(2)
         x = torch.cat([heat, deformed], dim=2).view(bs, -1, d, h, w)
         prediction = self.hourglass(x)
-        mask = F.softmax(self.mask(prediction), dim=1)
+        mask = F.softmax(self.mask(prediction).float(), dim=1)
         kept = torch.where(mask < MASK_FLOOR, torch.zeros_like(mask), mask)
-        deformation = (kept.unsqueeze(-1) * sparse_motion.to(kept.dtype)).sum(dim=1)
-        occlusion = torch.sigmoid(self.occlusion(prediction.reshape(bs, -1, h, w)))
+        deformation = (kept.unsqueeze(-1) * sparse_motion).sum(dim=1)
+        occlusion = torch.sigmoid(self.occlusion(prediction.reshape(bs, -1, h, w)).float())
         return DenseMotion(deformation, occlusion, mask if keep_mask else None)
 
 
@@ -600,13 +602,13 @@ class OcclusionAwareSPADEGenerator(nn.Module):
     ) -> GeneratorOutput:
         """Warp the source feature volume from source to driving keypoints and decode one batch of frames."""
         motion = self.dense_motion_network(feature_3d, kp_driving, kp_source, keep_mask=details)
-        out = F.grid_sample(feature_3d, motion.deformation.to(feature_3d.dtype), align_corners=False)
+        out = F.grid_sample(feature_3d.float(), motion.deformation, align_corners=False)
         b, c, d, h, w = out.shape
         out = self.fourth(self.third(out.reshape(b, c * d, h, w)))
         occlusion = motion.occlusion_map
         if occlusion.shape[-2:] != out.shape[-2:]:
             occlusion = F.interpolate(occlusion, size=out.shape[-2:], mode="bilinear")
-        out = out * occlusion.to(out.dtype)
+        out = out * occlusion.to(out.dtype)  # float32 map; `out` may be half under autocast
         prediction = self.decoder(out)
         if not details:
             return GeneratorOutput(prediction, motion.occlusion_map)
@@ -625,8 +627,9 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
     module.eval()
     for sub in list(module.modules()):
         fuse = getattr(sub, "fuse", None)
-        if callable(fuse):
+        if callable(fuse) and not getattr(sub, "_fused", False):
             fuse()
+            sub._fused = True  # a second call must not fold the same statistics twice
     module.requires_grad_(False)
     return module
 

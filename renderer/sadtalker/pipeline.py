@@ -17,14 +17,15 @@ inputs), the 3DMM regressor and the two audio networks per size.
 
 Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
 asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
-networks under `torch.autocast` with float32 weights; keypoint maths, softmaxes, instance norms and the uint8
-conversion stay float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule weights, CPU
-bfloat16 autocast): prediction max |Δ| = 0.62, mean |Δ| = 0.046 (uint8: max 157 levels, mean 11.8). Each part
-alone stays at bfloat16 rounding (encoder features 0.02 of 1.8, deformation 0.008, occlusion 0.005, SPADE decoder
-alone 0.097 max / 0.010 mean); the random fill weights amplify small changes ~600× (float32 thread-count noise of
-1e-7 already moves the output by 6e-5), so trained weights should fare better — unmeasured here. float16 (CUDA)
-has 3 more mantissa bits than bfloat16, about the precision of the TF32 convolutions CUDA float32 uses by
-default; its error was not measured (no GPU in this project's test machines): check with bench/bench_sadtalker.py.
+convolutions under `torch.autocast` with float32 weights; keypoint maths, grids, warps, softmaxes, instance norms
+and the uint8 conversion stay float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule
+weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24, mean |Δ| = 0.021 (uint8: max 60 levels, mean 5.2).
+The SPADE decoder alone in bfloat16 gives 0.097 max / 0.010 mean; the random fill weights amplify small changes
+strongly (float32 thread-count noise of 1e-7 already moves the output by 6e-5), so trained weights should fare
+better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machine) bfloat16 is also faster:
+3.6 s vs 6.7 s per 256 frame. float16 (CUDA) has 3 more mantissa bits than bfloat16, about the precision of the
+TF32 convolutions CUDA float32 uses by default; its error was not measured (no GPU here): bench/bench_sadtalker.py
+prints speed for both.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -161,21 +162,20 @@ class _Video:
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order."""
-    results: list[dict | RenderError | None] = [None] * len(jobs)
+    failed: dict[int, RenderError] = {}
     videos: list[_Video] = []
     for index, job in enumerate(jobs):
         try:
             videos.append(_prepare(index, job, pool))
         except RenderError as exc:
-            results[index] = _labelled(exc, job)
+            failed[index] = _labelled(exc, job)
     groups: dict[tuple[Any, ...], list[_Video]] = {}
     for video in videos:
         groups.setdefault((*video.renderer_key, video.job.device, video.settings.dtype), []).append(video)
     for group in groups.values():
         _render_group(group, pool)
-    for video in videos:
-        results[video.index] = _labelled(video.error, video.job) if video.error else _info(video)
-    return [r for r in results if r is not None]
+    done = {v.index: _labelled(v.error, v.job) if v.error else _info(v) for v in videos}
+    return [failed[i] if i in failed else done[i] for i in range(len(jobs))]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,7 +249,12 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
         even = image[: height - height % 2, : width - width % 2]
         if even.shape[0] < 2 or even.shape[1] < 2:
             raise BadInputError(f"portrait {portrait_path} is too small ({width}×{height})", "give a larger portrait")
-        paste = PasteBack(even, crop.crop_info.paste_box)
+        try:
+            paste = PasteBack(even, crop.crop_info.paste_box)
+        except ValueError as exc:
+            raise BadInputError(
+                f"cannot paste the face back into {portrait_path}: {exc}", "use preprocess: crop"
+            ) from exc
         frame_size = (even.shape[1], even.shape[0])
     else:
         frame_size = output_size(settings.size, crop.crop_info.size)
