@@ -20,8 +20,20 @@ Front half — source image and audio → driving coefficients:
   expression columns) and `still` (pose frozen to the source pose): the renderer must not apply them again.
   Lower-level pieces: `random_blinks`, `predict_expression`, `predict_pose`, `pose_windows`, `smooth_pose`.
 
-Back half — coefficients → frames (face renderer networks, checkpoint loading and the `pipeline.run` stage entry)
-lives in the other modules of this package.
+Back half — coefficients → frames:
+
+* `facerender` (SPEC §6, §7): the networks `KPDetector`, `MappingNet`, `OcclusionAwareSPADEGenerator` and
+  `FaceRenderer` (`prepare_source` once per video — the source feature volume is reused — then `driving_keypoints`
+  and `render` per batch of frames), `fuse_for_inference` (batch norm and spectral norm folded into the
+  convolutions); keypoint maths `transform_keypoints`; render preparation `target_coefficients`, `target_windows`,
+  `camera_pose_sequence`, `image_to_tensor`, `frames_to_uint8`.
+* `weights` (SPEC §2): `checkpoint_set(root, size, preprocess)`, `load_face_renderer`, `load_strict` — the
+  safetensors layout split by prefix, or the legacy .pth set; pickles only with `weights_only=True`, and
+  `python -m renderer.sadtalker.weights convert --trust FILE` for a one-time, explicit conversion of one that needs
+  more.
+* `paste` (SPEC §8.3): `PasteBack` — the animated crop blended back into the whole picture (preprocess "full").
+* `pipeline`: `run(jobs, pool)`, the "animate" stage for `video.renderer: sadtalker`: models load once per run,
+  frames of several videos share forward batches and stream to the encoder.
 
 Data: `data/lm3d_std.json` holds the 68 standard 3-D landmarks of the 3DMM alignment. Importing this package is light:
 torch loads only with the network modules.
