@@ -145,3 +145,18 @@ def test_plan_weight_paths_resolve_under_checkpoints_for_stages_only(tmp_path: P
     voice = next(s for s in p.videos[1].steps if s.stage == "voice")
     assert voice.fingerprint["settings"]["model"] == "voices/x.onnx"
     assert voice.fingerprint["weights"] == {"piper": "missing:voices/x.onnx"}
+
+
+def test_plan_auto_renderer_follows_checkpoints_and_explains_the_switch(built: Path) -> None:
+    from batch.stages import sadtalker_files
+
+    path = built / "m.yaml"
+    path.write_text(path.read_text().replace("renderer: puppet", "renderer: auto"))
+    p, _ = plan(built)
+    assert {v.renderer for v in p.videos} == {"puppet"} and not p.stale  # auto resolved to puppet: same keys
+    for name in sadtalker_files(256, "crop"):
+        (built / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
+        (built / "checkpoints" / name).write_bytes(b"weights")
+    p, _ = plan(built)
+    assert {v.renderer for v in p.videos} == {"sadtalker"}
+    assert all(s["animate"] == "video.renderer puppet → sadtalker" for s in stale_steps(p).values())
