@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -174,6 +175,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device {args.device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
     plan, cache, checkpoints = _plan(args)
     if not args.quiet and not args.json:
         for v in plan.videos:

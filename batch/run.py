@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.cache import Cache, publish
+from batch.errors import UsageError
 from batch.plan import Plan, Step, VideoPlan
 from batch.stages import ORDER, STAGES, resolve_job_settings
 
@@ -132,9 +133,12 @@ class Runner:
             if self.device_spec == "cpu":
                 self._device = "cpu"
             else:
-                from renderer.base import resolve_device
+                from renderer.base import RenderError, resolve_device
 
-                self._device = resolve_device(self.device_spec)
+                try:
+                    self._device = resolve_device(self.device_spec)
+                except RenderError as exc:
+                    raise UsageError(exc.message, exc.hint) from exc
         return self._device
 
     def _forced(self, step: Step) -> bool:

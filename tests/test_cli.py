@@ -68,3 +68,11 @@ def test_cli_validate_summarises(tmp_path: Path) -> None:
     m = write_project(tmp_path)
     out = dhbatch("validate", str(m))
     assert out.returncode == 0 and "2 characters, 3 scripts, 5 videos" in out.stdout
+
+
+def test_cli_build_rejects_unavailable_device_cleanly(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    bad = dhbatch("build", str(m), "--device", "tpu")
+    assert bad.returncode == 2 and "--device 'tpu' is not a device" in bad.stderr
+    no_cuda = dhbatch("build", str(m), "--device", "cuda:0")
+    assert no_cuda.returncode == 2 and "CUDA is not available" in no_cuda.stderr and "Traceback" not in no_cuda.stderr
