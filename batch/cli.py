@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing partial was kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only build folder: say which file, not a traceback
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        logger.debug("details", exc_info=True)
+        return EXIT_FAILED
 
 
 def _terminate(signum: int, frame: Any) -> None:

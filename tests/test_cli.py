@@ -76,3 +76,11 @@ def test_cli_build_rejects_unavailable_device_cleanly(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--device 'tpu' is not a device" in bad.stderr
     no_cuda = dhbatch("build", str(m), "--device", "cuda:0")
     assert no_cuda.returncode == 2 and "CUDA is not available" in no_cuda.stderr and "Traceback" not in no_cuda.stderr
+
+
+def test_cli_unwritable_build_folder_is_a_message(tmp_path: Path) -> None:
+    m = write_project(tmp_path)
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    out = dhbatch("build", str(m), "--build-dir", str(blocker / "build"))
+    assert out.returncode == 1 and "error: Not a directory" in out.stderr and "Traceback" not in out.stderr
