@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -192,7 +191,3 @@ def publish(src: Path, dest: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def now() -> float:
-    return time.perf_counter()

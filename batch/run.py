@@ -166,7 +166,7 @@ class Runner:
         stopped = False
         try:
             for stage in ORDER:
-                todo = [s for s in steps.values() if s.stage == stage and not self._blocked(s, steps)]
+                todo = [s for s in steps.values() if s.stage == stage and not self._blocked(s)]
                 if todo:
                     self._run_stage(stage, todo)
                 if self._pool is not None:
@@ -181,7 +181,7 @@ class Runner:
             str(self.plan.manifest.path), results, time.perf_counter() - t0, self._device or "not used", loads
         )
 
-    def _blocked(self, step: Step, steps: Mapping[str, Step]) -> bool:
+    def _blocked(self, step: Step) -> bool:
         """A step whose upstream failed is not run; it inherits the failure."""
         for inp in step.inputs:
             if inp.key and inp.key in self.failed:

@@ -104,9 +104,6 @@ class ModelPool:
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __contains__(self, model_id: str) -> bool:
-        return any(k[0] == model_id for k in self._models)
-
 
 def labelled(exc: RenderError, label: str) -> RenderError:
     """Prefix a stage error with where in the manifest it comes from (once)."""
