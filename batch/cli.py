@@ -16,7 +16,7 @@ from batch import __version__
 from batch.cache import Cache
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest
-from batch.plan import Plan, Planner, select_videos
+from batch.plan import Plan, plan_manifest, select_videos
 from batch.stages import ORDER
 
 logger = logging.getLogger("batch")
@@ -135,15 +135,9 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
         if f not in (*ORDER, "all"):
             raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
-    planner = Planner(
-        manifest,
-        build_dir=build_dir,
-        checkpoints=checkpoints,
-        hasher=cache.hasher,
-        is_cached=cache.is_cached,
-        force=args.force,
-    )
-    return planner.plan(select_videos(manifest, args.only)), cache, checkpoints
+    videos = select_videos(manifest, args.only)
+    plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints, videos=videos, force=args.force)
+    return plan, cache, checkpoints
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -226,10 +220,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for path in args.manifests:
         manifest, build_dir, checkpoints, cache = _setup(args, path)
         caches.setdefault(cache.root, cache)
-        planner = Planner(
-            manifest, build_dir=build_dir, checkpoints=checkpoints, hasher=cache.hasher, is_cached=cache.is_cached
-        )
-        plan = planner.plan(manifest.videos)
+        plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
         reachable |= {s.key for v in plan.videos for s in v.steps}
     doomed = [
         (stage, key, folder)

@@ -369,6 +369,27 @@ def _char_ctx(character: Any) -> dict[str, Any]:
     return {"id": character.id, "name": character.name, "description": character.description}
 
 
+def plan_manifest(
+    manifest: Manifest,
+    cache: Any,
+    *,
+    build_dir: Path,
+    checkpoints: Path,
+    videos: Iterable[Video] | None = None,
+    force: Iterable[str] = (),
+) -> Plan:
+    """Plan `videos` (all by default) of a manifest against a cache (a batch.cache.Cache)."""
+    planner = Planner(
+        manifest,
+        build_dir=build_dir,
+        checkpoints=checkpoints,
+        hasher=cache.hasher,
+        is_cached=cache.is_cached,
+        force=force,
+    )
+    return planner.plan(manifest.videos if videos is None else videos)
+
+
 def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:
     """Videos named by --only (all when empty); an unknown id is a usage error listing the known ones."""
     only = list(only)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from batch.cache import Cache  # noqa: E402
 from batch.manifest import load_manifest  # noqa: E402
-from batch.plan import Planner  # noqa: E402
+from batch.plan import plan_manifest  # noqa: E402
 from batch.run import Runner  # noqa: E402
 
 TEXT = (
@@ -49,13 +49,7 @@ def stage_figures(size: int) -> None:
         path = project(Path(tmp), size, [TEXT])
         manifest = load_manifest(path)
         cache = Cache(Path(tmp) / "build" / "cache")
-        plan = Planner(
-            manifest,
-            build_dir=Path(tmp) / "build",
-            checkpoints=Path(tmp) / "ck",
-            hasher=cache.hasher,
-            is_cached=cache.is_cached,
-        ).plan(manifest.videos)
+        plan = plan_manifest(manifest, cache, build_dir=Path(tmp) / "build", checkpoints=Path(tmp) / "ck")
         result = Runner(plan, cache, checkpoints=Path(tmp) / "ck", device="cpu", progress=False).run()
         video = result.videos[0]
         assert video.status == "built", video.error

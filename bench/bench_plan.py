@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 from batch.cache import Cache  # noqa: E402
 from batch.manifest import load_manifest  # noqa: E402
-from batch.plan import Planner  # noqa: E402
+from batch.plan import plan_manifest  # noqa: E402
 from batch.report import write_state  # noqa: E402
 from batch.run import Runner  # noqa: E402
 from tests._fake_stages import make_registry  # noqa: E402
@@ -47,14 +47,7 @@ def write_manifest(root: Path) -> Path:
 def plan_once(path: Path, root: Path):
     manifest = load_manifest(path)
     cache = Cache(root / "build" / "cache")
-    planner = Planner(
-        manifest,
-        build_dir=root / "build",
-        checkpoints=root / "checkpoints",
-        hasher=cache.hasher,
-        is_cached=cache.is_cached,
-    )
-    return planner.plan(manifest.videos), cache
+    return plan_manifest(manifest, cache, build_dir=root / "build", checkpoints=root / "checkpoints"), cache
 
 
 def main() -> None:

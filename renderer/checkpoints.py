@@ -29,6 +29,8 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from renderer.base import BackendError
+
 logger = logging.getLogger(__name__)
 
 GITHUB = "https://github.com"
@@ -57,16 +59,8 @@ _CHUNK = 1 << 20
 _STAMP_FILE = ".verified.json"
 
 
-class DownloadError(Exception):
+class DownloadError(BackendError):
     """A checkpoint could not be fetched or failed its check; `hint` says what to do."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.message} — {self.hint}" if self.hint else self.message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from batch.cache import Cache
 from batch.manifest import load_manifest
-from batch.plan import Plan, Planner
+from batch.plan import Plan, plan_manifest
 from batch.report import write_report, write_state
 from batch.run import Runner, RunResult
 
@@ -54,15 +54,8 @@ def write_project(root: Path, **overrides: Any) -> Path:
 def plan(root: Path, force: tuple[str, ...] = ()) -> tuple[Plan, Cache]:
     manifest = load_manifest(root / "m.yaml")
     cache = Cache(root / "build" / "cache")
-    planner = Planner(
-        manifest,
-        build_dir=root / "build",
-        checkpoints=root / "checkpoints",
-        hasher=cache.hasher,
-        is_cached=cache.is_cached,
-        force=force,
-    )
-    return planner.plan(manifest.videos), cache
+    p = plan_manifest(manifest, cache, build_dir=root / "build", checkpoints=root / "checkpoints", force=force)
+    return p, cache
 
 
 def build(root: Path, registry: dict[str, Any], **kwargs: Any) -> RunResult:
