@@ -189,7 +189,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         fail_fast=args.fail_fast,
         jobs=args.jobs,
         force=args.force,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and not args.json,
     )
     try:
         result = runner.run()

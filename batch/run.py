@@ -366,4 +366,14 @@ def _progress(stage: str, total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"{stage:>8}", unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+    # In a CI log (no terminal) the bar prints a plain line at most every 10 s instead of redrawing.
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=f"{stage:>8}",
+        unit="step",
+        file=sys.stderr,
+        leave=True,
+        dynamic_ncols=interactive,
+        mininterval=0.1 if interactive else 10.0,
+    )
