@@ -8,6 +8,7 @@ import difflib
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -175,6 +176,11 @@ def load_manifest(path: Path | str) -> Manifest:
         raise ManifestError([Problem(display, 0, 0, "", "no such manifest file")], "check the path")
     top = path.resolve()
     root = top.parent
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", top.stem) or ".." in top.stem:
+        raise ManifestError(
+            [Problem(display, 0, 0, "", f"the file name {top.stem!r} cannot name an output folder under build/")],
+            "rename the manifest to letters, digits, '-', '_' and '.'",
+        )
     problems = _Collector()
     docs: list[tuple[Located, Path]] = []
     _load_tree(top, root, display, problems, docs, stack=())

@@ -176,3 +176,11 @@ def test_manifest_schema_ships_inside_the_package() -> None:
 
     assert (Path(batch.__file__).parent / "schema" / "manifest.schema.json").is_file()
     assert os.path.basename(batch.__file__) == "__init__.py"
+
+
+def test_manifest_file_name_must_be_a_safe_output_folder(tmp_path: Path) -> None:
+    f = tmp_path / "...yaml"
+    f.write_text("version: 1\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(f)
+    assert "cannot name an output folder under build/" in str(info.value)
