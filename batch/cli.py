@@ -201,7 +201,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
     elif not args.quiet:
         for v in result.videos:
-            ran = [s.stage for s in v.steps if not s.cached and s.error is None]
+            ran = [s.stage for s in v.steps if s.status == "ran"]
             detail = f"ran {', '.join(ran)}" if ran else "all steps cached"
             if v.status in ("failed", "skipped"):
                 print(f"FAILED  {v.id}: {v.error}")

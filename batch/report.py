@@ -90,7 +90,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
         thumb = f'<img src="{e(thumbs[v["id"]])}" alt="frame of {e(v["id"])}">' if v["id"] in thumbs else ""
         link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>' if v["output"] else ""
         steps = "<br>".join(
-            f"<b>{e(s['stage'])}</b> {'cached' if s['cached'] else 'ran'} · {e(s['reason'])} · {s['seconds']:.2f}s"
+            f"<b>{e(s['stage'])}</b> {e(s['status'])} · {e(s['reason'])}"
+            + (f" · {s['seconds']:.2f}s" if s["status"] in ("ran", "failed") else "")
             + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
             + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")
             for s in v["steps"]

@@ -34,9 +34,19 @@ class StepOutcome:
     seconds: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
+    #: False for a step that never ran (its upstream failed, or --fail-fast stopped the run).
+    ran: bool = True
+
+    @property
+    def status(self) -> str:
+        if self.cached:
+            return "cached"
+        if not self.ran:
+            return "not run"
+        return "failed" if self.error else "ran"
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "status": self.status}
 
 
 @dataclasses.dataclass
@@ -322,7 +332,7 @@ class Runner:
             if o is None:
                 reason = next(d.reason for d in vp.decisions if d.key == s.key)
                 o = StepOutcome(
-                    s.stage, s.key, False, reason, 0.0, {}, self.failed.get(s.key) and "not run: upstream failed"
+                    s.stage, s.key, False, reason, 0.0, {}, self.failed.get(s.key) and "upstream failed", ran=False
                 )
             outcomes.append(o)
             if error is None and s.key in self.failed:

@@ -28,7 +28,8 @@ def test_run_builds_all_videos_and_reports_each_step(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "build" / "m" / "report.json").read_text())
     assert report["summary"] == {"built": 5, "cached": 0, "failed": 0, "skipped": 0}
     step = report["videos"][0]["steps"][0]
-    assert set(step) >= {"stage", "key", "cached", "reason", "seconds"} and step["reason"] == "new"
+    assert set(step) >= {"stage", "key", "cached", "reason", "seconds", "status"} and step["reason"] == "new"
+    assert step["status"] == "ran"
     assert (tmp_path / "build" / "m" / "report.html").read_text().count("<tr>") == 6
 
 
@@ -73,6 +74,7 @@ def test_run_failing_video_does_not_stop_the_others(tmp_path: Path) -> None:
     }
     failed = next(v for v in result.videos if v.id == "cto-hello")
     assert failed.error == "voice: scripts.hello: the text asks to fail — remove FAIL"
+    assert [s.status for s in failed.steps] == ["failed", "not run", "not run"]
     assert not (tmp_path / "build" / "m" / "cto-hello.mp4").exists()
 
 
