@@ -675,3 +675,43 @@ def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path,
     assert changed.mean() > 0.02, "the rendered face was not pasted"
     assert 100 < xs.mean() < 300 and ys.mean() < 250, "the paste landed away from the face"
     assert not list(jobs[3].out_dir.iterdir()) and not list(jobs[4].out_dir.iterdir())
+
+
+def test_cli_build_picks_sadtalker_when_its_checkpoints_exist(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """Through the runner: `renderer: auto` resolves to sadtalker with the weights present, and the video builds."""
+    import shutil
+    import subprocess
+    import sys
+
+    from renderer.encode import probe
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copy(repo / "manifests" / "portraits" / "astronaut.jpg", tmp_path / "face.jpg")
+    write_wav(tmp_path / "speech.wav", tone(2 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\ncharacters:\n  a: {image: face.jpg, seed: 3}\nscripts:\n  s: {audio: speech.wav}\n"
+        "videos:\n  - {id: st, character: a, script: s}\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batch.cli",
+            "-q",
+            "build",
+            str(tmp_path / "m.yaml"),
+            "--checkpoints",
+            str(fake_checkpoints),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    video = json.loads(proc.stdout)["videos"][0]
+    assert video["status"] == "built" and video["renderer"] == "sadtalker"
+    animate = next(s for s in video["steps"] if s["stage"] == "animate")
+    assert animate["info"]["renderer"] == "sadtalker" and animate["info"]["frames"] == 2
+    media = probe(Path(video["output"]))
+    assert (media.frames, media.width, media.audio_codec) == (2, 256, "aac")
