@@ -115,6 +115,14 @@ def load_pipeline(settings: ImageSettings, checkpoints: Path, device: str, pool:
     return pool.get(model_id, device, dtype, lambda: _load(source, folder, settings, device, dtype))
 
 
+def weights_variant(folder: Path) -> str | None:
+    """ "fp16" for a folder holding only the fp16 weight files (what `make checkpoints` fetches), else None."""
+    unet = folder / "unet"
+    if not unet.is_dir() or any(unet.glob("diffusion_pytorch_model.safetensors")):
+        return None
+    return "fp16" if any(unet.glob("diffusion_pytorch_model.fp16.safetensors")) else None
+
+
 def _load(source: str, folder: Path | None, settings: ImageSettings, device: str, dtype: str) -> LoadedPipeline:
     from renderer.compat import import_torchvision
 
@@ -135,6 +143,7 @@ def _load(source: str, folder: Path | None, settings: ImageSettings, device: str
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
+            variant=weights_variant(path),
         )
     except (OSError, ValueError) as exc:
         # OSError covers hub ids missing from the cache (LocalEntryNotFoundError) and broken folders; ValueError

@@ -78,7 +78,7 @@ def tiny_components() -> dict[str, Any]:
     }
 
 
-def save_tiny_pipeline(folder: Path) -> Path:
+def save_tiny_pipeline(folder: Path, variant: str | None = None) -> Path:
     """Write the tiny pipeline as a diffusers folder (model_index.json, safetensors) and return the folder."""
     from renderer.compat import import_torchvision
 
@@ -86,5 +86,5 @@ def save_tiny_pipeline(folder: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**tiny_components(), requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True, variant=variant)
     return folder

@@ -220,3 +220,17 @@ def _write(path: Path, text: str) -> Path:
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def test_portrait_loads_a_folder_of_fp16_variant_files(tmp_path: Path, tiny: tuple) -> None:
+    """`make checkpoints` fetches only the *.fp16.safetensors files of SD 2.1; the loader must find them."""
+    from tests._sd_util import save_tiny_pipeline
+
+    save_tiny_pipeline(tmp_path / "checkpoints" / "tiny-fp16", variant="fp16")
+    assert list((tmp_path / "checkpoints" / "tiny-fp16" / "unet").glob("*.fp16.safetensors"))
+    settings = ImageSettings.from_mapping(settings_for(**{**TINY, "model": "tiny-fp16"}))
+    loaded = load_pipeline(settings, tmp_path / "checkpoints", "cpu", ModelPool())
+    pipe, tiny_settings = tiny
+    ours = generate(configure(loaded, settings), ["a face"], [5], settings)[0]
+    reference = generate(pipe, ["a face"], [5], tiny_settings)[0]
+    assert np.abs(np.asarray(ours, np.int16) - np.asarray(reference, np.int16)).max() <= 2
