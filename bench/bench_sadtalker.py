@@ -90,54 +90,80 @@ def _step(renderer, kp_canonical, kp_source, feature, windows) -> None:
     fr.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
 
 
-def bench_speed(device: str, sizes: list[int], batches: list[int], dtypes: list[str], min_seconds: float) -> None:
+def bench_speed(
+    device: str, sizes: list[int], batches: list[int], dtypes: list[str], min_seconds: float, modes: list[str]
+) -> None:
+    """modes: "eager" (what the stage runs for a partial batch) and "graph" (a recorded CUDA graph replayed per
+    batch, what the stage runs for full batches on CUDA)."""
     import numpy as np
     import torch
 
     from renderer.sadtalker import facerender as fr
+    from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
     from renderer.sadtalker.pipeline import _autocast
 
     renderer, source = build_renderer(device)
     cuda = device.startswith("cuda")
     print(f"renderer on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {source}")
     if cuda:
-        print(f"cudnn TF32 convolutions: {torch.backends.cudnn.allow_tf32} (PyTorch default)")
+        print(
+            f"torch {torch.__version__}; cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (default), "
+            f"cudnn.benchmark: {torch.backends.cudnn.benchmark}"
+        )
     rng = np.random.default_rng(0)
-    print(f"{'size':>5} {'batch':>6} {'dtype':>9} {'frames/s':>9} {'s/frame':>8} {'peak GPU MiB':>13}")
+    print(f"{'size':>5} {'batch':>6} {'dtype':>9} {'mode':>6} {'frames/s':>9} {'s/frame':>8} {'peak GPU MiB':>13}")
     for size in sizes:
         image = torch.from_numpy(rng.random((1, 3, size, size), dtype=np.float32)).to(device)
         semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
-        for dtype in dtypes:
-            for batch in batches:
-                windows = torch.from_numpy(rng.normal(size=(batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
-                try:
-                    with torch.inference_mode(), _autocast(device, dtype):
-                        state = renderer.prepare_source(image, semantics)
-                        feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
-                        kp_c, kp_s = state.kp_canonical.expand(batch, -1, -1), state.kp_source.expand(batch, -1, -1)
+        for mode in modes if cuda else ["eager"]:
+            for dtype in dtypes:
+                for batch in batches:
+                    windows = torch.from_numpy(rng.normal(size=(batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
+                    label = f"{size:>5} {batch:>6} {dtype:>9} {mode:>6}"
+                    try:
+                        with torch.inference_mode(), _autocast(device, dtype):
+                            state = renderer.prepare_source(image, semantics)
+                            feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
+                            kp_c = state.kp_canonical.expand(batch, -1, -1).contiguous()
+                            kp_s = state.kp_source.expand(batch, -1, -1).contiguous()
+                            if mode == "graph":
+                                half = None if dtype == "float32" else getattr(torch, dtype)
+                                graphed = GraphedRender.capture(renderer, feature, kp_c, kp_s, windows, dtype=half)
 
-                        if cuda or size == min(sizes):
-                            _step(
-                                renderer, kp_c, kp_s, feature, windows
-                            )  # warm-up (cuDNN algorithm choice, allocator; oneDNN primitives on a CPU)
-                        if cuda:
-                            torch.cuda.synchronize(device)
-                            torch.cuda.reset_peak_memory_stats(device)
-                        frames, start = 0, time.perf_counter()
-                        while True:
-                            _step(renderer, kp_c, kp_s, feature, windows)
-                            frames += batch
+                                def step(graphed=graphed, args=(feature, kp_c, kp_s, windows)) -> None:
+                                    graphed(*args)
+                            else:
+
+                                def step(args=(renderer, kp_c, kp_s, feature, windows)) -> None:
+                                    _step(*args)
+
+                            if cuda or size == min(sizes):
+                                step()  # warm-up (cuDNN algorithm choice, allocator; oneDNN primitives on a CPU)
                             if cuda:
                                 torch.cuda.synchronize(device)
-                            elapsed = time.perf_counter() - start
-                            if elapsed >= min_seconds or (not cuda and frames >= (2 if size <= 256 else 1)):
-                                break
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{size:>5} {batch:>6} {dtype:>9} {'out of GPU memory':>32}")
-                    torch.cuda.empty_cache()
-                    continue
-                peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:13.0f}" if cuda else f"{'-':>13}"
-                print(f"{size:>5} {batch:>6} {dtype:>9} {frames / elapsed:9.2f} {elapsed / frames:8.3f} {peak}")
+                                torch.cuda.reset_peak_memory_stats(device)
+                            frames, start = 0, time.perf_counter()
+                            while True:
+                                step()
+                                frames += batch
+                                if cuda:
+                                    torch.cuda.synchronize(device)
+                                elapsed = time.perf_counter() - start
+                                if elapsed >= min_seconds or (not cuda and frames >= (2 if size <= 256 else 1)):
+                                    break
+                            graphed = step = None
+                    except torch.cuda.OutOfMemoryError:
+                        print(f"{label} {'out of GPU memory':>32}")
+                        graphed = step = None
+                        torch.cuda.empty_cache()
+                        continue
+                    except GraphUnavailable as exc:
+                        print(f"{label} graph capture failed: {exc}")
+                        continue
+                    peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:13.0f}" if cuda else f"{'-':>13}"
+                    print(f"{label} {frames / elapsed:9.2f} {elapsed / frames:8.3f} {peak}", flush=True)
+                    if cuda:
+                        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,43 +198,71 @@ def speech_like(seconds: float):
     return (0.3 * voice * envelope).astype(np.float32)
 
 
-def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int) -> dict:
-    """Run in a fresh process: everything that scales with the audio, report peak memory as JSON."""
+def use_landmarks(path: Path | None) -> None:
+    """Bench-only: answer face detection from a saved box + 68 landmarks (.npz from `--save-landmarks`).
+
+    For a GPU machine without dlib's 99 MB landmark model; detection is CPU work outside the renderer, and leaving
+    it out of the one-process-per-clip arm makes that arm faster, so the warm/cold ratio errs low."""
+    if path is None:
+        return
     import numpy as np
-    import torch
-    from PIL import Image
 
-    from renderer.base import SAMPLE_RATE, ModelPool, StepJob
-    from renderer.sadtalker import pipeline
-    from tests._audio_util import write_wav
+    from renderer import faces
 
-    work = Path(tempfile.mkdtemp(prefix="bench_sadtalker_"))
-    wav = work / "speech.wav"
-    write_wav(wav, speech_like(seconds), SAMPLE_RATE)
-    portrait = work / "portrait.png"
+    with np.load(path) as saved:
+        face = faces.Face(tuple(int(v) for v in saved["box"]), float(saved["score"]), saved["landmarks"])
+    faces.detect_face = lambda image, source="", pool=None: face
+
+
+def save_landmarks(path: Path) -> None:
+    """Detect the astronaut portrait's face with the project's dlib path and save it for `--landmarks`."""
+    import numpy as np
     from skimage import data
 
-    Image.fromarray(data.astronaut()).save(portrait)
-    (work / "out").mkdir()
+    from renderer import faces
+
+    face = faces.detect_face(data.astronaut(), source="skimage astronaut")
+    np.savez(path, box=np.asarray(face.box), score=face.score, landmarks=face.landmarks)
+
+
+def _stage_job(work: Path, name: str, seconds: float, device: str, ckpt: Path, seed: int, batch_size: int):
+    """One animate job on the astronaut portrait and `seconds` of speech-like audio, as the runner would make it."""
+    from PIL import Image
+    from skimage import data
+
+    from renderer.base import SAMPLE_RATE, StepJob
+    from tests._audio_util import write_wav
+
+    wav = work / f"{name}.wav"
+    write_wav(wav, speech_like(seconds), SAMPLE_RATE)
+    portrait = work / "portrait.png"
+    if not portrait.exists():
+        Image.fromarray(data.astronaut()).save(portrait)
+    out = work / name
+    out.mkdir()
     settings = {
         "size": 256,
         "preprocess": "crop",
         "still": False,
         "expression_scale": 1.0,
         "pose_style": 0,
-        "batch_size": 8,
+        "batch_size": batch_size,
         "dtype": "auto",
     }
-    job = StepJob(
-        "animate",
-        "bench",
-        settings,
-        {"portrait": portrait, "audio": wav},
-        work / "out",
-        device=device,
-        seed=0,
-        checkpoints=ckpt,
-    )
+    inputs = {"portrait": portrait, "audio": wav}
+    return StepJob("animate", name, settings, inputs, out, device=device, seed=seed, checkpoints=ckpt)
+
+
+def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch_size: int) -> dict:
+    """Run in a fresh process: everything that scales with the audio, report peak memory as JSON."""
+    import numpy as np
+    import torch
+
+    from renderer.base import ModelPool
+    from renderer.sadtalker import pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="bench_sadtalker_"))
+    job = _stage_job(work, "speech", seconds, device, ckpt, 0, batch_size)
     pool = ModelPool()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -234,7 +288,56 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int) -> di
     }
 
 
-def bench_memory(device: str, lengths: list[float]) -> None:
+def child_clips(first: int, count: int, seconds: float, device: str, ckpt: Path, batch_size: int) -> dict:
+    """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1)."""
+    from renderer.base import ModelPool
+    from renderer.encode import probe
+    from renderer.sadtalker import pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
+    jobs = [
+        _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size)
+        for i in range(first, first + count)
+    ]
+    results = pipeline.run(jobs, ModelPool())
+    failed = [str(r) for r in results if not isinstance(r, dict)]
+    if failed:
+        raise SystemExit(f"clips failed: {failed[:2]}")
+    frames = sum(probe(Path(job.out_dir) / pipeline.OUTPUT_NAME).frames for job in jobs)
+    return {"clips": count, "frames": frames}
+
+
+def bench_clips(device: str, count: int, seconds: float, batch_size: int, landmarks: Path | None) -> None:
+    """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model)."""
+    if _fill() is None:
+        print("clips: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoints(Path(tmp))
+
+        def child(first: int, n: int) -> tuple[float, dict]:
+            cmd = [sys.executable, __file__, "--child-clips", str(first), str(n), "--clip-seconds", str(seconds)]
+            cmd += ["--device", device, "--ckpt", tmp, "--batch-size", str(batch_size)]
+            cmd += ["--landmarks", str(landmarks)] if landmarks else []
+            start = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - start
+            if out.returncode != 0:
+                raise SystemExit(f"clip child failed:\n{out.stderr[-3000:]}")
+            return wall, json.loads(out.stdout.strip().splitlines()[-1])
+
+        print(f"{count} clips of {seconds:g} s on {device}, size 256, batch {batch_size}, dtype auto")
+        warm_s, info = child(0, count)
+        print(f"  one warm process: {warm_s:.1f} s for {info['frames']} frames", flush=True)
+        cold = [child(i, 1)[0] for i in range(count)]
+        cold_s = sum(cold)
+        print(
+            f"  one process per clip: {cold_s:.1f} s (per clip {min(cold):.1f}–{max(cold):.1f} s); "
+            f"warm run {cold_s / warm_s:.1f}× faster"
+        )
+
+
+def bench_memory(device: str, lengths: list[float], batch_size: int, landmarks: Path | None) -> None:
     if _fill() is None:
         print("memory: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
         return
@@ -242,22 +345,13 @@ def bench_memory(device: str, lengths: list[float]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoints(Path(tmp))
         print(
-            f"memory on {device}, each length in a fresh process"
+            f"memory on {device}, batch {batch_size}, each length in a fresh process"
             + ("" if cap == 0 else f" (CPU: audio side in full, {cap} frames rendered)")
         )
         for seconds in lengths:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child-memory",
-                str(seconds),
-                "--device",
-                device,
-                "--ckpt",
-                tmp,
-                "--frames-cap",
-                str(cap),
-            ]
+            cmd = [sys.executable, __file__, "--child-memory", str(seconds), "--device", device, "--ckpt", tmp]
+            cmd += ["--frames-cap", str(cap), "--batch-size", str(batch_size)]
+            cmd += ["--landmarks", str(landmarks)] if landmarks else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"  {seconds:6.0f} s: child failed\n{out.stderr[-2000:]}")
@@ -278,17 +372,34 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], help="CUDA: eager and/or CUDA-graph replay")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
     parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
+    parser.add_argument("--batch-size", type=int, default=8, help="video.batch_size for the memory and clip runs")
+    parser.add_argument("--clips", type=int, default=0, help="N clips warm vs one process per clip (CUDA: 20)")
+    parser.add_argument("--clip-seconds", type=float, default=4.0)
+    parser.add_argument("--landmarks", type=Path, help="saved face (--save-landmarks) instead of dlib's detector")
+    parser.add_argument("--save-landmarks", type=Path, help="detect the astronaut's face, save it, exit")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--child-memory", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--child-clips", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--frames-cap", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_landmarks:
+        save_landmarks(args.save_landmarks)
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.child_memory is not None:
-        print(json.dumps(child_memory(args.child_memory, device, args.ckpt, args.frames_cap)))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.child_memory is not None or args.child_clips is not None:
+        use_landmarks(args.landmarks)
+        if args.child_memory is not None:
+            info = child_memory(args.child_memory, device, args.ckpt, args.frames_cap, args.batch_size)
+        else:
+            info = child_clips(*args.child_clips, args.clip_seconds, device, args.ckpt, args.batch_size)
+        print(json.dumps(info))
         return
     cuda = device.startswith("cuda")
     if not cuda:
@@ -300,10 +411,13 @@ def main() -> None:
             args.batches or ([1, 2, 8, 32] if cuda else [1]),
             args.dtypes or (["float32", "float16"] if cuda else ["float32", "bfloat16"]),
             args.min_seconds,
+            args.modes or ["eager", "graph"],
         )
     if not args.skip_memory:
         with contextlib.suppress(KeyboardInterrupt):
-            bench_memory(device, args.memory_seconds)
+            bench_memory(device, args.memory_seconds, args.batch_size, args.landmarks)
+    if args.clips:
+        bench_clips(device, args.clips, args.clip_seconds, args.batch_size, args.landmarks)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,50 @@ def time_batch(pipe: Any, batch: int, steps: int, size: int, repeats: int, devic
     return first, warm
 
 
+def _stage_settings(steps: int, size: int):
+    from renderer.portrait import ImageSettings
+
+    return ImageSettings.from_mapping(
+        {"num_inference_steps": steps, "size": size, "guidance_scale": 7.5, "negative_prompt": "blurry, cartoon"}
+    )
+
+
+def through_stage(pipe: Any, device: str, steps: int, size: int) -> Any:
+    """Save `pipe` as a diffusers folder and load it back with the image stage's own loader and options."""
+    import tempfile
+
+    from renderer.base import ModelPool
+    from renderer.portrait import configure, load_pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_sd_")) / "sd"
+    pipe.save_pretrained(folder, variant="fp16" if device.startswith("cuda") else None)
+    del pipe
+    settings = _stage_settings(steps, size)
+    settings = type(settings).from_mapping({**vars(settings), "model": str(folder)})
+    loaded = load_pipeline(settings, folder.parent, device, ModelPool())
+    return configure(loaded, settings)
+
+
+def time_stage(pipe: Any, batch: int, steps: int, size: int, repeats: int, device: str) -> tuple[float, float]:
+    """Like time_batch, through renderer.portrait.generate (per-image seeds, PIL images out)."""
+    import torch
+
+    from renderer.portrait import generate
+
+    settings = _stage_settings(steps, size)
+
+    def once() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        images = generate(pipe, [PROMPT] * batch, list(range(batch)), settings)
+        assert len(images) == batch and images[0].size == (size, size)
+        return time.perf_counter() - start
+
+    first = once()
+    return first, min(once() for _ in range(repeats))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -185,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (first call compiles)")
     parser.add_argument("--cuda-graphs", action="store_true", help='with --compile: mode="reduce-overhead"')
     parser.add_argument("--channels-last", action="store_true", help="UNet/VAE in channels_last memory format")
+    parser.add_argument("--fuse-qkv", action="store_true", help="fuse attention q/k/v projections (diffusers)")
+    parser.add_argument(
+        "--stage",
+        action="store_true",
+        help="save the pipeline, load it through the image stage's loader (renderer/portrait.py) and time its "
+        "generate() (PIL output included): the product's own path",
+    )
     parser.add_argument("--tiny", action="store_true", help="toy sizes even on a GPU (smoke run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -210,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = build_pipeline(tiny, device, dtype, args.scheduler)
     build_s = time.perf_counter() - started
+    if args.stage:
+        pipe = through_stage(pipe, device, steps, size)
+        build_s = time.perf_counter() - started
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    if args.fuse_qkv:
+        pipe.fuse_qkv_projections()
     if args.compile:
         pipe.unet = torch.compile(
             pipe.unet, mode="reduce-overhead" if args.cuda_graphs else "max-autotune-no-cudagraphs"
@@ -220,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for batch in batches:
-        first, warm = time_batch(pipe, batch, steps, size, repeats, device)
+        if args.stage:
+            first, warm = time_stage(pipe, batch, steps, size, repeats, device)
+        else:
+            first, warm = time_batch(pipe, batch, steps, size, repeats, device)
         rows.append({"batch": batch, "first_s": first, "warm_s": warm, "s_per_image": warm / batch})
 
     report = {
@@ -234,13 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "channels_last": args.channels_last,
+        "fuse_qkv": args.fuse_qkv,
+        "via_stage": args.stage,
         "build_s": build_s,
         "rows": rows,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{report['model']} on {gpu}: {report['dtype']}, {steps} steps, {size}², guidance on; build {build_s:.1f} s")
+    extras = [k for k in ("compile", "cuda_graphs", "channels_last", "fuse_qkv", "via_stage") if report[k]]
+    print(
+        f"{report['model']} on {gpu}: {report['dtype']}, {steps} steps, {size}², guidance on, "
+        f"options: {', '.join(extras) or 'none'}; build {build_s:.1f} s"
+    )
     print(f"{'batch':>5} {'first call s':>12} {'warm call s':>11} {'s/image':>8}")
     for row in rows:
         print(f"{row['batch']:>5} {row['first_s']:>12.3f} {row['warm_s']:>11.3f} {row['s_per_image']:>8.3f}")

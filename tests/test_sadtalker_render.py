@@ -585,6 +585,37 @@ def test_generator_on_cuda_matches_golden_and_half_precision_stays_close(generat
     assert error.mean().item() < 0.02  # bfloat16 on CPU measured 0.021 with these weights; float16 is finer
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator, dtype) -> None:
+    """RUN_GPU=1: the recorded render batch (renderer/sadtalker/graphs.py) gives the eager batch's exact frames,
+    and replays new inputs correctly (not the ones it was recorded with)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from renderer.sadtalker.graphs import GraphedRender
+
+    renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
+    rng = np.random.default_rng(3)
+    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).cuda()
+    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).cuda()
+
+    def windows() -> torch.Tensor:
+        return torch.from_numpy(rng.normal(size=(4, 70, fr.WINDOW)).astype(np.float32)).cuda()
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+        state = renderer.prepare_source(image, semantics)
+        tensors = [state.feature.expand(4, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(4, -1, -1),
+                   state.kp_source.expand(4, -1, -1)]  # fmt: skip
+        graphed = GraphedRender.capture(renderer, *tensors, windows(), dtype=dtype)
+        for _ in range(2):
+            w = windows()
+            eager = fr.frames_to_uint8(renderer.render(tensors[0], tensors[2],
+                                                       renderer.driving_keypoints(tensors[1], w)).prediction)  # fmt: skip
+            replay = graphed(*tensors, w)
+            assert replay.shape == (4, 256, 256, 3)
+            assert np.array_equal(replay, eager)
+
+
 def _job(tmp: Path, name: str, ckpt: Path, portrait: Path, audio: Path, seed: int, **video) -> StepJob:
     out = tmp / name
     out.mkdir()

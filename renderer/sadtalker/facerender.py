@@ -720,10 +720,15 @@ def image_to_tensor(image_u8: np.ndarray) -> torch.Tensor:
     return x.permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] → [B, H, W, 3] uint8 with round-half-to-even (np.rint) and clipping."""
+def frames_to_uint8_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] → [B, H, W, 3] uint8 on the frames' device, round-half-to-even and clipped."""
     x = frames.detach().float().clamp(0, 1).mul(255).round()  # torch.round is half-to-even, like np.rint
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return x.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] → [B, H, W, 3] uint8 on the host (np.rint rounding, clipped)."""
+    return frames_to_uint8_tensor(frames).cpu().numpy()
 
 
 @dataclasses.dataclass

@@ -326,15 +326,16 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
             video.error = _copy(exc)
         return
     batch_size = min(video.settings.batch_size for video in group)
+    graphs = _Graphs(batch_size, getattr(torch, dtype) if dtype != "float32" else None, torch.device(device).type)
     batch: list[tuple[_Video, int]] = []
     with torch.inference_mode(), _autocast(device, dtype):
         for video, frame in _frames(group, renderer):
             batch.append((video, frame))
             if len(batch) == batch_size:
-                _flush(renderer, batch)
+                _flush(renderer, batch, graphs)
                 batch = []
         if batch:
-            _flush(renderer, batch)
+            _flush(renderer, batch, graphs)
     for video in group:
         _finish(video)
 
@@ -367,7 +368,34 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
     video.writer = VideoWriter(Path(video.job.out_dir) / OUTPUT_NAME, width, height)
 
 
-def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]]) -> None:
+@dataclasses.dataclass
+class _Graphs:
+    """A group's recorded render batch (CUDA only, renderer/sadtalker/graphs.py): recorded at the first full batch
+    and replayed for every later one, bit-identical to the eager pass; partial batches and failures run eagerly."""
+
+    batch_size: int
+    dtype: Any  # torch dtype of the autocast, None for float32
+    device_type: str
+    graph: Any = None
+    failed: bool = False
+
+    def render(self, renderer: FaceRenderer, *tensors: Any) -> np.ndarray | None:
+        """uint8 frames through the graph, or None when this batch must run eagerly."""
+        from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
+
+        if self.device_type != "cuda" or self.failed or tensors[0].shape[0] != self.batch_size:
+            return None
+        if self.graph is None:
+            try:
+                self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
+            except GraphUnavailable as exc:
+                logger.warning("%s; rendering without CUDA graphs", exc)
+                self.failed = True
+                return None
+        return self.graph(*tensors) if self.graph.matches(*tensors) else None
+
+
+def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs) -> None:
     """One forward pass over frames of possibly several videos; frames go to their writers at once."""
     import torch
 
@@ -377,13 +405,15 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]]) -> None:
     live = [(v, f) for v, f in batch if v.error is None]
     if not live:
         return
-    windows = np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live])
+    windows = torch.from_numpy(np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live]))
     feature = torch.cat([v.state.feature for v, _ in live])
     kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
-        kp_driving = renderer.driving_keypoints(kp_canonical, torch.from_numpy(windows).to(device))
-        prediction = renderer.render(feature, kp_source, kp_driving).prediction
+        frames = graphs.render(renderer, feature, kp_canonical, kp_source, windows.to(device))
+        if frames is None:
+            kp_driving = renderer.driving_keypoints(kp_canonical, windows.to(device))
+            frames = facerender.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
@@ -392,7 +422,7 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]]) -> None:
                 "lower video.batch_size or use video.dtype: float16",
             )
         return
-    for (video, _), frame in zip(live, facerender.frames_to_uint8(prediction), strict=True):
+    for (video, _), frame in zip(live, frames, strict=True):
         _emit(video, frame)
 
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project, as one prepared script for a lent GPU machine (CI has none).
+#
+#   bash bench/gpu_check.sh PART...      PART: setup pytest speed sd clips memory cudnn (default: all, in order)
+#
+# The machine has PyTorch with CUDA but not this project's other packages and no network: wheels for diffusers,
+# PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from outside
+# the repository (a copy of ../shared/sadtalker's inventories, fill rule and the generator golden file, and the
+# astronaut's face from `bench_sadtalker.py --save-landmarks`, since dlib's 99 MB landmark model does not travel).
+# Each part has its own time limit and writes its log to $OUT/<part>.log.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LANDMARKS=.gpu/astronaut_face.npz
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(setup pytest speed sd clips memory cudnn)
+
+part() {  # part NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $(date +%T) $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "=== $(date +%T) $name exit ${PIPESTATUS[0]}"
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+[ -e ../shared ] || ln -s "$PWD/.gpu/shared" ../shared
+
+for p in "${parts[@]}"; do
+    case $p in
+    setup)
+        part setup 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "
+import torch, diffusers, transformers, av, soxr
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())
+print(\"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__, \"av\", av.__version__)
+print(torch.cuda.get_device_name(0))"' ;;
+    pytest)
+        part pytest 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
+    speed)
+        part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 ;;
+    sd)
+        part sd 80 python3 bench/bench_sd.py --batch-sizes 1 8 --repeats 2
+        part sd 90 python3 bench/bench_sd.py --channels-last --fuse-qkv --batch-sizes 8 16 --repeats 2
+        part sd 90 python3 bench/bench_sd.py --stage --batch-sizes 8 --repeats 2 ;;
+    clips)
+        part clips 240 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+            --batch-size 16 --landmarks "$LANDMARKS" ;;
+    memory)
+        part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
+            --landmarks "$LANDMARKS" ;;
+    cudnn)
+        part cudnn 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
+            --cudnn-benchmark --batches 8 32 --dtypes float16 ;;
+    *) echo "unknown part $p" ;;
+    esac
+done

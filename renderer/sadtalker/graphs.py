@@ -1,0 +1,93 @@
+"""CUDA-graph replay of the per-batch render step (mapping net → driving keypoints → generator → uint8).
+
+Why: at the batch sizes a few short videos give (1–8 frames), the renderer's ~400 small kernels are bound by the
+host launching them, not by the GPU running them. A CUDA graph records the launches once and replays them with
+one call, bit-identical to the eager run of the same batch (same kernels, same algorithms).
+
+A graph is recorded for one batch size, dtype and set of input shapes: `GraphedRender` owns static input buffers;
+each call copies the batch into them, replays, and copies the uint8 frames to the host. Batches of another size
+(a group's last, partial batch) run eagerly. CUDA only; `GraphedRender.capture` raises `GraphUnavailable` when
+recording fails (an unsupported op, a driver without graph support), and callers then stay eager.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from renderer.sadtalker.facerender import FaceRenderer, frames_to_uint8_tensor
+
+logger = logging.getLogger(__name__)
+
+#: Eager warm-up passes before recording (cuDNN algorithm choice and allocator growth happen outside the graph).
+WARMUP_PASSES = 2
+
+
+class GraphUnavailable(RuntimeError):
+    """Recording a CUDA graph failed; run eagerly instead."""
+
+
+class GraphedRender:
+    """One recorded render batch; call it with tensors shaped like the ones it was captured with."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
+        self._graph = graph
+        self._inputs = inputs
+        self._output = output
+
+    @property
+    def batch_size(self) -> int:
+        return self._inputs[0].shape[0]
+
+    def matches(self, *tensors: torch.Tensor) -> bool:
+        return all(t.shape == s.shape and t.dtype == s.dtype for t, s in zip(tensors, self._inputs, strict=True))
+
+    def __call__(
+        self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
+    ) -> np.ndarray:
+        for static, value in zip(self._inputs, (feature, kp_canonical, kp_source, windows), strict=True):
+            static.copy_(value)
+        self._graph.replay()
+        return self._output.cpu().numpy()
+
+    @classmethod
+    def capture(
+        cls,
+        renderer: FaceRenderer,
+        feature: torch.Tensor,
+        kp_canonical: torch.Tensor,
+        kp_source: torch.Tensor,
+        windows: torch.Tensor,
+        dtype: torch.dtype | None,
+    ) -> GraphedRender:
+        """Record the batch given by these example tensors (their values are only used for the warm-up).
+
+        `dtype`: the autocast dtype (None: float32). Autocast runs with its weight-cast cache off, as graphs need.
+        """
+        if feature.device.type != "cuda":
+            raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
+        device = feature.device
+        inputs = tuple(t.clone() for t in (feature, kp_canonical, kp_source, windows))
+
+        def body() -> torch.Tensor:
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+                kp_driving = renderer.driving_keypoints(inputs[1], inputs[3])
+                prediction = renderer.render(inputs[0], inputs[2], kp_driving).prediction
+            return frames_to_uint8_tensor(prediction)
+
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_PASSES):
+                    body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = body()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            torch.cuda.synchronize(device)
+            raise GraphUnavailable(f"recording the render batch as a CUDA graph failed: {exc}") from exc
+        return cls(graph, inputs, output)
