@@ -47,7 +47,7 @@ class ImageSettings:
     negative_prompt: str = ""
     scheduler: str | None = None
     size: int = 512
-    batch_size: int = 4
+    batch_size: int = 8
     dtype: str = "auto"
     attention_slicing: bool = False
     cpu_offload: bool = False

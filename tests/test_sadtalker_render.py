@@ -32,7 +32,7 @@ from _sadtalker_util import (  # noqa: E402
     require_shared,
 )
 
-from renderer.base import SAMPLES_PER_FRAME, BadInputError, MissingWeightsError, ModelPool, StepJob  # noqa: E402
+from renderer.base import SAMPLES_PER_FRAME, BackendError, BadInputError, MissingWeightsError, ModelPool, StepJob  # noqa: E402
 from renderer.sadtalker import facerender as fr  # noqa: E402
 from renderer.sadtalker import pipeline, weights  # noqa: E402
 from renderer.sadtalker.paste import PasteBack  # noqa: E402
@@ -746,3 +746,60 @@ def test_cli_build_picks_sadtalker_when_its_checkpoints_exist(fake_checkpoints: 
     assert animate["info"]["renderer"] == "sadtalker" and animate["info"]["frames"] == 2
     media = probe(Path(video["output"]))
     assert (media.frames, media.width, media.audio_codec) == (2, 256, "aac")
+
+
+class _Writer:
+    """Records frames like renderer.encode.VideoWriter; can fail on the n-th write."""
+
+    def __init__(self, fail_at: int | None = None, error: type[BaseException] = OSError) -> None:
+        self.frames: list[int] = []
+        self.fail_at, self.error = fail_at, error
+        self.closed = self.aborted = False
+        self.path = Path("video.mp4")
+
+    def write(self, frame: np.ndarray) -> None:
+        if self.fail_at is not None and len(self.frames) == self.fail_at:
+            raise self.error("disk full")
+        self.frames.append(int(frame[0, 0, 0]))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _fake_video(name: str, frames: int, writer: _Writer):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, error=None, writer=writer, paste=None, frame_size=(4, 4), written=0,
+                           target=np.zeros((frames, 70)), num_frames=frames, state=None)  # fmt: skip
+
+
+def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer() -> None:
+    """Frames reach each video's writer in render order on the encoder thread; a write error fails that video
+    alone (writer aborted, BackendError naming the file) and every other video is closed complete."""
+    videos = [_fake_video("a", 5, _Writer()), _fake_video("b", 5, _Writer(fail_at=2)), _fake_video("c", 3, _Writer())]
+    writers = [v.writer for v in videos]
+    order = [(v, f) for f in range(5) for v in videos if f < v.num_frames]  # interleaved, as shared batches are
+    emitter = pipeline._Emitter()
+    for start in range(0, len(order), 4):
+        live = order[start : start + 4]
+        emitter.put(live, np.stack([np.full((4, 4, 3), f, np.uint8) for _, f in live]))
+    emitter.close()
+    for video in videos:
+        pipeline._finish(video)
+    assert writers[0].frames == [0, 1, 2, 3, 4] and writers[0].closed
+    assert writers[2].frames == [0, 1, 2] and writers[2].closed
+    assert writers[1].frames == [0, 1] and writers[1].aborted and not writers[1].closed
+    assert isinstance(videos[1].error, BackendError) and "video.mp4" in str(videos[1].error)
+    assert videos[0].error is None and videos[2].error is None
+
+
+def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() -> None:
+    video = _fake_video("a", 50, _Writer(fail_at=1, error=RuntimeError))
+    emitter = pipeline._Emitter()
+    for f in range(50):  # far more batches than the queue holds: puts must not block once the worker has failed
+        emitter.put([(video, f)], np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="disk full"):
+        emitter.close()

@@ -32,8 +32,9 @@ Back half — coefficients → frames:
   `python -m renderer.sadtalker.weights convert --trust FILE` for a one-time, explicit conversion of one that needs
   more.
 * `paste` (SPEC §8.3): `PasteBack` — the animated crop blended back into the whole picture (preprocess "full").
+* `graphs`: `GraphedRender.capture(renderer, ...)` records one render batch as a CUDA graph and replays it.
 * `pipeline`: `run(jobs, pool)`, the "animate" stage for `video.renderer: sadtalker`: models load once per run,
-  frames of several videos share forward batches and stream to the encoder.
+  frames of several videos share forward batches (CUDA-graph replays on a GPU) and stream to an encoder thread.
 
 Data: `data/lm3d_std.json` holds the 68 standard 3-D landmarks of the 3DMM alignment. Importing this package is light:
 torch loads only with the network modules.

@@ -23,9 +23,13 @@ weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24, mean |Δ| = 0.021 (
 The SPADE decoder alone in bfloat16 gives 0.097 max / 0.010 mean; the random fill weights amplify small changes
 strongly (float32 thread-count noise of 1e-7 already moves the output by 6e-5), so trained weights should fare
 better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machine) bfloat16 is also faster:
-3.6 s vs 6.7 s per 256 frame. float16 (CUDA) has 3 more mantissa bits than bfloat16, about the precision of the
-TF32 convolutions CUDA float32 uses by default; its error was not measured (no GPU here): bench/bench_sadtalker.py
-prints speed for both.
+3.6 s vs 6.7 s per 256 frame. float16 autocast on CUDA (H100, same input and weights, against CUDA float32 with
+TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
+frame rate (bench/results/).
+
+On CUDA the render loop overlaps its two halves: full batches replay a recorded CUDA graph (`graphs.py`,
+bit-identical to the eager pass, which partial batches use), and one encoder thread pastes or resizes and encodes
+batch k while the GPU renders batch k+1 (`_Emitter`; at most two batches wait, so memory stays flat).
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -327,17 +331,64 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
         return
     batch_size = min(video.settings.batch_size for video in group)
     graphs = _Graphs(batch_size, getattr(torch, dtype) if dtype != "float32" else None, torch.device(device).type)
+    emitter = _Emitter()
     batch: list[tuple[_Video, int]] = []
-    with torch.inference_mode(), _autocast(device, dtype):
-        for video, frame in _frames(group, renderer):
-            batch.append((video, frame))
-            if len(batch) == batch_size:
-                _flush(renderer, batch, graphs)
-                batch = []
-        if batch:
-            _flush(renderer, batch, graphs)
-    for video in group:
-        _finish(video)
+    try:
+        with torch.inference_mode(), _autocast(device, dtype):
+            for video, frame in _frames(group, renderer):
+                batch.append((video, frame))
+                if len(batch) == batch_size:
+                    _flush(renderer, batch, graphs, emitter)
+                    batch = []
+            if batch:
+                _flush(renderer, batch, graphs, emitter)
+    finally:
+        try:
+            emitter.close()
+        finally:
+            graphs.graph = None  # the recorded graph's memory pool goes with it
+            for video in group:
+                _finish(video)
+
+
+class _Emitter:
+    """Hands rendered frames to their videos (paste or resize, then encode) on one worker thread, in order.
+
+    While the worker encodes batch k on the CPU, the caller renders batch k+1 on the GPU (the host-side wait for a
+    batch releases the GIL, and so does libx264). At most `DEPTH` batches wait, so memory stays flat. A bug in the
+    worker is re-raised by `close`; the worker keeps draining so the caller never blocks on a full queue.
+    """
+
+    DEPTH = 2
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="sadtalker-encode", daemon=True)
+        self._thread.start()
+
+    def put(self, live: list[tuple[_Video, int]], frames: np.ndarray) -> None:
+        self._queue.put((live, frames))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            live, frames = item
+            try:
+                for (video, _), frame in zip(live, frames, strict=True):
+                    _emit(video, frame)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by close()
+                self._error = exc
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _frames(group: list[_Video], renderer: FaceRenderer) -> Iterator[tuple[_Video, int]]:
@@ -395,7 +446,7 @@ class _Graphs:
         return self.graph(*tensors) if self.graph.matches(*tensors) else None
 
 
-def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs) -> None:
+def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs, emitter: _Emitter) -> None:
     """One forward pass over frames of possibly several videos; frames go to their writers at once."""
     import torch
 
@@ -422,8 +473,7 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gra
                 "lower video.batch_size or use video.dtype: float16",
             )
         return
-    for (video, _), frame in zip(live, frames, strict=True):
-        _emit(video, frame)
+    emitter.put(live, frames)
 
 
 def _emit(video: _Video, frame: np.ndarray) -> None:
