@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project, as one prepared script for a lent GPU machine (CI has none).
 #
-#   bash bench/gpu_check.sh PART...      PART: setup pytest speed sd clips memory cudnn (default: all, in order)
+#   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
+#   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn
+#                                        (default: all, in this order; about 10 minutes on an H100)
 #
-# The machine has PyTorch with CUDA but not this project's other packages and no network: wheels for diffusers,
-# PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from outside
-# the repository (a copy of ../shared/sadtalker's inventories, fill rule and the generator golden file, and the
-# astronaut's face from `bench_sadtalker.py --save-landmarks`, since dlib's 99 MB landmark model does not travel).
-# Each part has its own time limit and writes its log to $OUT/<part>.log.
+# The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
+# diffusers, PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from
+# outside the repository (a copy of ../shared/sadtalker's inventories, fill rule and the generator golden file, and
+# the astronaut's face from `bench_sadtalker.py --save-landmarks`, since dlib's 99 MB landmark model does not
+# travel). Both folders are git-ignored (.git/info/exclude). Each part has its own time limit and writes its log to
+# $OUT/<part>.log. Results of a run: bench/results/. Through the device tool: carry [".whl", ".gpu"].
 set -u
+
+if [ "${1:-}" = prepare ]; then
+    set -e
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+    grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >>.git/info/exclude
+    for wheel in diffusers==0.42.1 av==18.1.0 soxr==1.1.0 importlib_metadata; do
+        .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 -d .whl "$wheel"
+    done
+    ref=../shared/sadtalker
+    mkdir -p .gpu/shared/sadtalker/golden/public
+    cp -r "$ref/inventory" "$ref/data" .gpu/shared/sadtalker/
+    cp "$ref/golden/fill.py" "$ref/golden/fill_checksums.json" .gpu/shared/sadtalker/golden/
+    cp "$ref"/golden/public/net_generator.* .gpu/shared/sadtalker/golden/public/
+    .venv/bin/python bench/bench_sadtalker.py --save-landmarks .gpu/astronaut_face.npz
+    du -sh .whl .gpu
+    exit 0
+fi
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
