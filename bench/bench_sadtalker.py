@@ -292,10 +292,13 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
 
 def child_clips(first: int, count: int, seconds: float, device: str, ckpt: Path, batch_size: int) -> dict:
     """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1)."""
+    import logging
+
     from renderer.base import ModelPool
     from renderer.encode import probe
     from renderer.sadtalker import pipeline
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stage's own time split, on stderr
     work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
     jobs = [
         _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size)
@@ -326,11 +329,14 @@ def bench_clips(device: str, count: int, seconds: float, batch_size: int, landma
             wall = time.perf_counter() - start
             if out.returncode != 0:
                 raise SystemExit(f"clip child failed:\n{out.stderr[-3000:]}")
-            return wall, json.loads(out.stdout.strip().splitlines()[-1])
+            split = [line for line in out.stderr.splitlines() if line.startswith("sadtalker:")]
+            return wall, {**json.loads(out.stdout.strip().splitlines()[-1]), "split": split}
 
         print(f"{count} clips of {seconds:g} s on {device}, size 256, batch {batch_size}, dtype auto")
         warm_s, info = child(0, count)
         print(f"  one warm process: {warm_s:.1f} s for {info['frames']} frames", flush=True)
+        for line in info["split"]:
+            print(f"    {line}")
         cold = [child(i, 1)[0] for i in range(count)]
         cold_s = sum(cold)
         print(

@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the project, as one prepared script for a lent GPU machine (CI has none).
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
-#   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn
+#   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn profile
 #                                        (default: all, in this order; about 10 minutes on an H100)
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
@@ -36,7 +36,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LANDMARKS=.gpu/astronaut_face.npz
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(setup pytest speed sd clips memory cudnn)
+[ ${#parts[@]} -eq 0 ] && parts=(setup pytest speed sd clips memory cudnn profile)
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -76,6 +76,8 @@ print(torch.cuda.get_device_name(0))"' ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;
+    profile)
+        part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 8 --dtype float16 ;;
     cudnn)
         part cudnn 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
             --cudnn-benchmark --batches 8 32 --dtypes float16 ;;

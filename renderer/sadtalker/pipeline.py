@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,16 +169,27 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order."""
     failed: dict[int, RenderError] = {}
     videos: list[_Video] = []
+    started = time.perf_counter()
     for index, job in enumerate(jobs):
         try:
             videos.append(_prepare(index, job, pool))
         except RenderError as exc:
             failed[index] = _labelled(exc, job)
+    prepared = time.perf_counter()
     groups: dict[tuple[Any, ...], list[_Video]] = {}
     for video in videos:
         groups.setdefault((*video.renderer_key, video.job.device, video.settings.dtype), []).append(video)
     for group in groups.values():
         _render_group(group, pool)
+    frames = sum(video.written for video in videos)
+    logger.info(
+        "sadtalker: %d videos prepared in %.1f s (faces, 3DMM, audio networks); %d frames rendered and encoded "
+        "in %.1f s",
+        len(jobs),
+        prepared - started,
+        frames,
+        time.perf_counter() - prepared,
+    )
     done = {v.index: _labelled(v.error, v.job) if v.error else _info(v) for v in videos}
     return [failed[i] if i in failed else done[i] for i in range(len(jobs))]
 
