@@ -547,8 +547,13 @@ class SPADEDecoder(nn.Module):
         x = self.fc(feature)
         for i in range(self.middle):
             x = getattr(self, f"G_middle_{i}")(x, seg)
-        x = self.up_0(F.interpolate(x, scale_factor=2, mode="nearest"), seg)
-        x = self.up_1(F.interpolate(x, scale_factor=2, mode="nearest"), seg)
+        # Each up block's three SPADEs need the map at the block's size: resize it once per size, not per SPADE
+        # (nearest resizing is a pure copy, so the values are the same).
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
+        x = self.up_0(x, seg)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.up_1(x, F.interpolate(seg, size=x.shape[-2:], mode="nearest"))
         x = self.conv_img(F.leaky_relu(x, 0.2))
         return torch.sigmoid(x)
 
