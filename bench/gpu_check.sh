@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn profile
+#                                        sdcompile (not in the default list: minutes of compiling)
 #                                        (default: all, in this order; about 10 minutes on an H100)
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
@@ -67,9 +68,11 @@ print(torch.cuda.get_device_name(0))"' ;;
     speed)
         part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 ;;
     sd)
-        part sd 80 python3 bench/bench_sd.py --batch-sizes 1 8 --repeats 2
-        part sd 90 python3 bench/bench_sd.py --channels-last --fuse-qkv --batch-sizes 8 16 --repeats 2
+        # channels-last + fused QKV measured slower on an H100 (bench/results/2026-11-26-h100): not repeated.
+        part sd 100 python3 bench/bench_sd.py --batch-sizes 1 8 16 --repeats 2
         part sd 90 python3 bench/bench_sd.py --stage --batch-sizes 8 --repeats 2 ;;
+    sdcompile)
+        part sdcompile 240 python3 bench/bench_sd.py --compile --cuda-graphs --batch-sizes 8 16 --repeats 2 ;;
     clips)
         part clips 240 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --batch-size 16 --landmarks "$LANDMARKS" ;;
