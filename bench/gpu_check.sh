@@ -4,7 +4,9 @@
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn profile
 #                                        sdcompile (not in the default list: minutes of compiling)
-#                                        (default: all, in this order; about 10 minutes on an H100)
+#                                        (default: all but sdcompile, in this order: about 10.5 minutes on an H100,
+#                                        so through the device tool run it as two calls, e.g. "setup pytest speed
+#                                        sd" then "clips memory cudnn profile")
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
 # diffusers, PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from
