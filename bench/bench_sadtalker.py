@@ -12,9 +12,14 @@ RSS must not grow with the audio's length, since frames stream to the encoder. O
 take hours, so the child runs everything that scales with the audio (WAV, mel windows, ExpNet/PoseVAE coefficients,
 render preparation) plus a fixed number of rendered frames; render memory per batch does not depend on N.
 
+Speed has two modes on CUDA: "eager", and "graph" (the batch recorded once as a CUDA graph and replayed, as the
+stage does for full batches). `--clips N`: N short clips through the whole stage in one warm process vs one process
+per clip (the seed's way: every process reloads Python, torch and the models).
+
     python bench/bench_sadtalker.py                          # what fits the machine
     python bench/bench_sadtalker.py --sizes 256 --batches 1 8 --dtypes float32 float16 --device cuda
-    python bench/bench_sadtalker.py --skip-memory
+    python bench/bench_sadtalker.py --skip-speed --skip-memory --clips 20 --batch-size 16
+    bash bench/gpu_check.sh speed clips memory               # on a GPU machine (figures: bench/results/)
 """
 
 from __future__ import annotations

@@ -366,8 +366,8 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
 class _Emitter:
     """Hands rendered frames to their videos (paste or resize, then encode) on one worker thread, in order.
 
-    While the worker encodes batch k on the CPU, the caller renders batch k+1 on the GPU (the host-side wait for a
-    batch releases the GIL, and so does libx264). At most `DEPTH` batches wait, so memory stays flat. A bug in the
+    While the worker encodes batch k on the CPU, the caller renders batch k+1 on the GPU (it waits for the GPU
+    without holding the GIL). At most `DEPTH` batches wait, so memory stays flat. A bug in the
     worker is re-raised by `close`; the worker keeps draining so the caller never blocks on a full queue.
     """
 
@@ -459,7 +459,7 @@ class _Graphs:
 
 
 def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs, emitter: _Emitter) -> None:
-    """One forward pass over frames of possibly several videos; frames go to their writers at once."""
+    """One forward pass over frames of possibly several videos; the frames go to the encoder thread."""
     import torch
 
     from renderer.sadtalker import facerender
@@ -468,14 +468,15 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gra
     live = [(v, f) for v, f in batch if v.error is None]
     if not live:
         return
-    windows = torch.from_numpy(np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live]))
+    windows = np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live])
+    windows = torch.from_numpy(windows).to(device)
     feature = torch.cat([v.state.feature for v, _ in live])
     kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
-        frames = graphs.render(renderer, feature, kp_canonical, kp_source, windows.to(device))
+        frames = graphs.render(renderer, feature, kp_canonical, kp_source, windows)
         if frames is None:
-            kp_driving = renderer.driving_keypoints(kp_canonical, windows.to(device))
+            kp_driving = renderer.driving_keypoints(kp_canonical, windows)
             frames = facerender.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
