@@ -144,15 +144,30 @@ def build_pipeline(tiny: bool, device: str, dtype: Any, scheduler: str) -> Any:
     return pipe
 
 
-def time_batch(pipe: Any, batch: int, steps: int, size: int, repeats: int, device: str) -> tuple[float, float]:
-    """(first-call seconds, best warm seconds) for one pipeline call of `batch` images with per-image generators."""
+def _timed(call: Any, repeats: int, device: str) -> tuple[float, float]:
+    """(first-call seconds, best of `repeats` warm calls) of `call()`, GPU work included."""
     import torch
 
     def once() -> float:
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in range(batch)]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
+        call()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        first = once()
+        return first, min(once() for _ in range(repeats))
+
+
+def time_batch(pipe: Any, batch: int, steps: int, size: int, repeats: int, device: str) -> tuple[float, float]:
+    """One pipeline call of `batch` images with per-image generators, timed by `_timed`."""
+    import torch
+
+    def call() -> None:
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in range(batch)]
         # output_type="np": the float image the stage turns into PIL; conversion (~2 ms/image) is left out, and
         # random fp16 weights may give NaNs that PIL conversion would warn about.
         pipe(
@@ -165,22 +180,15 @@ def time_batch(pipe: Any, batch: int, steps: int, size: int, repeats: int, devic
             generator=generators,
             output_type="np",
         )
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    with torch.inference_mode():
-        first = once()
-        warm = min(once() for _ in range(repeats))
-    return first, warm
+    return _timed(call, repeats, device)
 
 
-def _stage_settings(steps: int, size: int):
+def _stage_settings(steps: int, size: int, model: str | None = None):
     from renderer.portrait import ImageSettings
 
-    return ImageSettings.from_mapping(
-        {"num_inference_steps": steps, "size": size, "guidance_scale": 7.5, "negative_prompt": "blurry, cartoon"}
-    )
+    settings = {"num_inference_steps": steps, "size": size, "guidance_scale": 7.5, "negative_prompt": "blurry, cartoon"}
+    return ImageSettings.from_mapping(settings if model is None else {**settings, "model": model})
 
 
 def through_stage(pipe: Any, device: str, steps: int, size: int) -> Any:
@@ -193,30 +201,21 @@ def through_stage(pipe: Any, device: str, steps: int, size: int) -> Any:
     folder = Path(tempfile.mkdtemp(prefix="bench_sd_")) / "sd"
     pipe.save_pretrained(folder, variant="fp16" if device.startswith("cuda") else None)
     del pipe
-    settings = _stage_settings(steps, size)
-    settings = type(settings).from_mapping({**vars(settings), "model": str(folder)})
-    loaded = load_pipeline(settings, folder.parent, device, ModelPool())
-    return configure(loaded, settings)
+    settings = _stage_settings(steps, size, model=str(folder))
+    return configure(load_pipeline(settings, folder.parent, device, ModelPool()), settings)
 
 
 def time_stage(pipe: Any, batch: int, steps: int, size: int, repeats: int, device: str) -> tuple[float, float]:
     """Like time_batch, through renderer.portrait.generate (per-image seeds, PIL images out)."""
-    import torch
-
     from renderer.portrait import generate
 
     settings = _stage_settings(steps, size)
 
-    def once() -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def call() -> None:
         images = generate(pipe, [PROMPT] * batch, list(range(batch)), settings)
         assert len(images) == batch and images[0].size == (size, size)
-        return time.perf_counter() - start
 
-    first = once()
-    return first, min(once() for _ in range(repeats))
+    return _timed(call, repeats, device)
 
 
 def main(argv: list[str] | None = None) -> int:

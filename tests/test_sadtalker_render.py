@@ -769,17 +769,18 @@ class _Writer:
         self.aborted = True
 
 
-def _fake_video(name: str, frames: int, writer: _Writer):
+def _fake_video(frames: int, writer: _Writer):
+    """What `_emit` and `_finish` read of a pipeline video."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(name=name, error=None, writer=writer, paste=None, frame_size=(4, 4), written=0,
-                           target=np.zeros((frames, 70)), num_frames=frames, state=None)  # fmt: skip
+    return SimpleNamespace(error=None, writer=writer, paste=None, frame_size=(4, 4), written=0, num_frames=frames,
+                           state=None)  # fmt: skip
 
 
 def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer() -> None:
     """Frames reach each video's writer in render order on the encoder thread; a write error fails that video
     alone (writer aborted, BackendError naming the file) and every other video is closed complete."""
-    videos = [_fake_video("a", 5, _Writer()), _fake_video("b", 5, _Writer(fail_at=2)), _fake_video("c", 3, _Writer())]
+    videos = [_fake_video(5, _Writer()), _fake_video(5, _Writer(fail_at=2)), _fake_video(3, _Writer())]
     writers = [v.writer for v in videos]
     order = [(v, f) for f in range(5) for v in videos if f < v.num_frames]  # interleaved, as shared batches are
     emitter = pipeline._Emitter()
@@ -797,7 +798,7 @@ def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer() -> Non
 
 
 def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() -> None:
-    video = _fake_video("a", 50, _Writer(fail_at=1, error=RuntimeError))
+    video = _fake_video(50, _Writer(fail_at=1, error=RuntimeError))
     emitter = pipeline._Emitter()
     for f in range(50):  # far more batches than the queue holds: puts must not block once the worker has failed
         emitter.put([(video, f)], np.zeros((1, 4, 4, 3), np.uint8))
