@@ -99,8 +99,9 @@ def _step(renderer, kp_canonical, kp_source, feature, windows) -> None:
 def bench_speed(
     device: str, sizes: list[int], batches: list[int], dtypes: list[str], min_seconds: float, modes: list[str]
 ) -> None:
-    """modes: "eager" (what the stage runs for a partial batch) and "graph" (a recorded CUDA graph replayed per
-    batch, what the stage runs for full batches on CUDA)."""
+    """modes: "eager" (what the stage runs for a partial batch), "graph" (a recorded CUDA graph replayed per
+    batch, what the stage runs for full batches on CUDA) and "compiled" (the step through torch.compile, then
+    recorded: the stage with `video.compile: true`)."""
     import numpy as np
     import torch
 
@@ -132,9 +133,21 @@ def bench_speed(
                             feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
                             kp_c = state.kp_canonical.expand(batch, -1, -1).contiguous()
                             kp_s = state.kp_source.expand(batch, -1, -1).contiguous()
-                            if mode == "graph":
+                            if mode in ("graph", "compiled"):
                                 half = None if dtype == "float32" else getattr(torch, dtype)
-                                graphed = GraphedRender.capture(renderer, feature, kp_c, kp_s, windows, dtype=half)
+                                started = time.perf_counter()
+                                graphed = GraphedRender.capture(
+                                    renderer, feature, kp_c, kp_s, windows, dtype=half, compile=mode == "compiled"
+                                )
+                                if mode == "compiled":
+                                    took = time.perf_counter() - started
+                                    eager = renderer.render(feature, kp_s, renderer.driving_keypoints(kp_c, windows))
+                                    eager = fr.frames_to_uint8(eager.prediction).astype(np.int16)
+                                    diff = np.abs(graphed(feature, kp_c, kp_s, windows).astype(np.int16) - eager)
+                                    print(
+                                        f"{label} compiled and recorded in {took:.1f} s; uint8 frames vs eager: "
+                                        f"max {diff.max()} levels, mean {diff.mean():.4f}"
+                                    )
 
                                 def step(graphed=graphed, args=(feature, kp_c, kp_s, windows)) -> None:
                                     graphed(*args)
@@ -232,7 +245,9 @@ def save_landmarks(path: Path) -> None:
     np.savez(path, box=np.asarray(face.box), score=face.score, landmarks=face.landmarks)
 
 
-def _stage_job(work: Path, name: str, seconds: float, device: str, ckpt: Path, seed: int, batch_size: int):
+def _stage_job(
+    work: Path, name: str, seconds: float, device: str, ckpt: Path, seed: int, batch_size: int, compile: bool = False
+):
     """One animate job on the astronaut portrait and `seconds` of speech-like audio, as the runner would make it."""
     from PIL import Image
     from skimage import data
@@ -254,6 +269,7 @@ def _stage_job(work: Path, name: str, seconds: float, device: str, ckpt: Path, s
         "expression_scale": 1.0,
         "pose_style": 0,
         "batch_size": batch_size,
+        "compile": compile,
         "dtype": "auto",
     }
     inputs = {"portrait": portrait, "audio": wav}
@@ -295,7 +311,9 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
     }
 
 
-def child_clips(first: int, count: int, seconds: float, device: str, ckpt: Path, batch_size: int) -> dict:
+def child_clips(
+    first: int, count: int, seconds: float, device: str, ckpt: Path, batch_size: int, compile: bool = False
+) -> dict:
     """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1)."""
     import logging
 
@@ -306,7 +324,7 @@ def child_clips(first: int, count: int, seconds: float, device: str, ckpt: Path,
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stage's own time split, on stderr
     work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
     jobs = [
-        _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size)
+        _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size, compile=compile)
         for i in range(first, first + count)
     ]
     results = pipeline.run(jobs, ModelPool())
@@ -317,7 +335,15 @@ def child_clips(first: int, count: int, seconds: float, device: str, ckpt: Path,
     return {"clips": count, "frames": frames}
 
 
-def bench_clips(device: str, count: int, seconds: float, batch_size: int, landmarks: Path | None) -> None:
+def bench_clips(
+    device: str,
+    count: int,
+    seconds: float,
+    batch_size: int,
+    landmarks: Path | None,
+    compile: bool = False,
+    cold_clips: int | None = None,
+) -> None:
     """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model)."""
     if _fill() is None:
         print("clips: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
@@ -329,6 +355,7 @@ def bench_clips(device: str, count: int, seconds: float, batch_size: int, landma
             cmd = [sys.executable, __file__, "--child-clips", str(first), str(n), "--clip-seconds", str(seconds)]
             cmd += ["--device", device, "--ckpt", tmp, "--batch-size", str(batch_size)]
             cmd += ["--landmarks", str(landmarks)] if landmarks else []
+            cmd += ["--compile"] if compile else []
             start = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - start
@@ -337,15 +364,20 @@ def bench_clips(device: str, count: int, seconds: float, batch_size: int, landma
             split = [line for line in out.stderr.splitlines() if line.startswith("sadtalker:")]
             return wall, {**json.loads(out.stdout.strip().splitlines()[-1]), "split": split}
 
-        print(f"{count} clips of {seconds:g} s on {device}, size 256, batch {batch_size}, dtype auto")
+        print(
+            f"{count} clips of {seconds:g} s on {device}, size 256, batch {batch_size}, dtype auto"
+            + (", video.compile: true (both arms)" if compile else "")
+        )
         warm_s, info = child(0, count)
         print(f"  one warm process: {warm_s:.1f} s for {info['frames']} frames", flush=True)
         for line in info["split"]:
             print(f"    {line}")
-        cold = [child(i, 1)[0] for i in range(count)]
-        cold_s = sum(cold)
+        measured = min(count, cold_clips or count)
+        cold = [child(i, 1)[0] for i in range(measured)]
+        cold_s = sum(cold) * count / measured
+        scaled = "" if measured == count else f", {measured} of {count} run and their mean scaled to {count}"
         print(
-            f"  one process per clip: {cold_s:.1f} s (per clip {min(cold):.1f}–{max(cold):.1f} s); "
+            f"  one process per clip: {cold_s:.1f} s (per clip {min(cold):.1f}–{max(cold):.1f} s{scaled}); "
             f"warm run {cold_s / warm_s:.1f}× faster"
         )
 
@@ -385,7 +417,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], help="CUDA: eager and/or CUDA-graph replay")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["eager", "graph", "compiled"],
+        help="CUDA: eager, CUDA-graph replay, torch.compile + graph (default: eager graph)",
+    )
+    parser.add_argument("--compile", action="store_true", help="clips and memory runs: video.compile: true")
+    parser.add_argument(
+        "--cold-clips",
+        type=int,
+        help="clips: run only this many one-process-per-clip children "
+        "and scale their mean to --clips (states that it did)",
+    )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
     parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
@@ -411,7 +455,7 @@ def main() -> None:
         if args.child_memory is not None:
             info = child_memory(args.child_memory, device, args.ckpt, args.frames_cap, args.batch_size)
         else:
-            info = child_clips(*args.child_clips, args.clip_seconds, device, args.ckpt, args.batch_size)
+            info = child_clips(*args.child_clips, args.clip_seconds, device, args.ckpt, args.batch_size, args.compile)
         print(json.dumps(info))
         return
     cuda = device.startswith("cuda")
@@ -430,7 +474,9 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             bench_memory(device, args.memory_seconds, args.batch_size, args.landmarks)
     if args.clips:
-        bench_clips(device, args.clips, args.clip_seconds, args.batch_size, args.landmarks)
+        bench_clips(
+            device, args.clips, args.clip_seconds, args.batch_size, args.landmarks, args.compile, args.cold_clips
+        )
 
 
 if __name__ == "__main__":

@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="PNDMScheduler", help="diffusers scheduler class (SD 2.1-base: PNDM)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (first call compiles)")
     parser.add_argument("--cuda-graphs", action="store_true", help='with --compile: mode="reduce-overhead"')
+    parser.add_argument(
+        "--autotune", action="store_true", help='with --compile: mode="max-autotune-no-cudagraphs" (long compile)'
+    )
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--channels-last", action="store_true", help="UNet/VAE in channels_last memory format")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse attention q/k/v projections (diffusers)")
     parser.add_argument(
@@ -269,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fuse_qkv:
         pipe.fuse_qkv_projections()
     if args.compile:
-        pipe.unet = torch.compile(
-            pipe.unet, mode="reduce-overhead" if args.cuda_graphs else "max-autotune-no-cudagraphs"
-        )
+        mode = "reduce-overhead" if args.cuda_graphs else "max-autotune-no-cudagraphs" if args.autotune else None
+        pipe.unet = torch.compile(pipe.unet, mode=mode)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     rows = []
     for batch in batches:
@@ -294,13 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": args.channels_last,
         "fuse_qkv": args.fuse_qkv,
         "via_stage": args.stage,
+        "autotune": args.autotune,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "build_s": build_s,
         "rows": rows,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    extras = [k for k in ("compile", "cuda_graphs", "channels_last", "fuse_qkv", "via_stage") if report[k]]
+    options = ("compile", "cuda_graphs", "autotune", "cudnn_benchmark", "channels_last", "fuse_qkv", "via_stage")
+    extras = [k for k in options if report[k]]
     print(
         f"{report['model']} on {gpu}: {report['dtype']}, {steps} steps, {size}², guidance on, "
         f"options: {', '.join(extras) or 'none'}; build {build_s:.1f} s"

@@ -2,11 +2,11 @@
 # Every GPU check and benchmark of the project, as one prepared script for a lent GPU machine (CI has none).
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
-#   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed sd clips memory cudnn profile
-#                                        sdcompile (not in the default list: minutes of compiling)
-#                                        (default: all but sdcompile, in this order: about 10.5 minutes on an H100,
+#   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
+#                                        profile sdcompile (the last not in the default list: minutes of compiling)
+#                                        (default: all but sdcompile, in this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
-#                                        sd" then "clips memory cudnn profile")
+#                                        compiled" then "setup sd clips memory cudnn profile")
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
 # diffusers, PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from
@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LANDMARKS=.gpu/astronaut_face.npz
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(setup pytest speed sd clips memory cudnn profile)
+[ ${#parts[@]} -eq 0 ] && parts=(setup pytest speed compiled sd clips memory cudnn profile)
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -64,20 +64,30 @@ for p in "${parts[@]}"; do
 import torch, diffusers, transformers, av, soxr
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())
 print(\"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__, \"av\", av.__version__)
-print(torch.cuda.get_device_name(0))"' ;;
+print(torch.cuda.get_device_name(0))
+try:
+    import triton; print(\"triton\", triton.__version__)
+except ImportError:
+    print(\"no triton: torch.compile unavailable\")"' ;;
     pytest)
         part pytest 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
     speed)
-        part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 ;;
+        part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 ;;
+    compiled)  # torch.compile + CUDA graph (video.compile: true); each shape compiles once (about a minute)
+        part compiled 150 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
+            --modes compiled --dtypes float16 --sizes 256 --batches 32
+        part compiled 120 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
+            --modes compiled --dtypes float16 --sizes 512 --batches 8 ;;
     sd)
         # channels-last + fused QKV measured slower on an H100 (bench/results/2026-11-26-h100): not repeated.
-        part sd 100 python3 bench/bench_sd.py --batch-sizes 1 8 16 --repeats 2
-        part sd 90 python3 bench/bench_sd.py --stage --batch-sizes 8 --repeats 2 ;;
+        part sd 80 python3 bench/bench_sd.py --batch-sizes 8 16 --repeats 2
+        part sd 60 python3 bench/bench_sd.py --batch-sizes 16 --repeats 2 --cudnn-benchmark
+        part sd 60 python3 bench/bench_sd.py --stage --batch-sizes 16 --repeats 2 ;;
     sdcompile)
-        part sdcompile 240 python3 bench/bench_sd.py --compile --cuda-graphs --batch-sizes 8 16 --repeats 2 ;;
-    clips)
-        part clips 240 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
-            --batch-size 16 --landmarks "$LANDMARKS" ;;
+        part sdcompile 240 python3 bench/bench_sd.py --compile --batch-sizes 8 16 --repeats 2 ;;
+    clips)  # the one-process-per-clip arm runs 5 of the 20 clips (each ~10 s) and scales their mean
+        part clips 200 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;

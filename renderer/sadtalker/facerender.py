@@ -433,6 +433,58 @@ class Hourglass(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+class MotionHeads(nn.Module):
+    """Dense motion's two heads as one 2-D convolution (made by `DenseMotionNetwork.fuse`; same values).
+
+    The heads are a 7³ Conv3d (hourglass output → 16 mask logits) and a 7×7 Conv2d over the hourglass output with
+    its depth stacked into channels (→ 1 occlusion logit). cuDNN runs both with slow generic kernels (16 and 1
+    output channels). Both are sums of 7×7 2-D convolutions of single depth slices, so one Conv2d over the depth
+    slices as a batch ([B·D, C, H, W]: a free view of a channels-last-3d tensor) computes every partial product at
+    once, with 7·16 + 16 = 128 output channels, a shape tensor cores run well:
+
+    * channel i·16 + k: depth tap i of mask kernel k; mask[d] = bias + Σ_i y[d + i − 3, tap i] (zero outside);
+    * channel 112 + d': the occlusion kernel's part for depth slice d'; occlusion = bias + Σ_d y[d, 112 + d].
+
+    The partial sums are added in float32. Arithmetic is the same as the two convolutions up to summation order.
+    """
+
+    def __init__(self, mask: nn.Conv3d, occlusion: nn.Conv2d) -> None:
+        super().__init__()
+        kernels, channels, taps, kh, kw = mask.weight.shape
+        if (kh, kw) != tuple(occlusion.weight.shape[-2:]) or mask.padding[1:] != occlusion.padding:
+            raise ValueError("mask and occlusion heads need the same spatial kernel and padding")
+        depth = occlusion.in_channels // channels
+        mask_taps = mask.weight.detach().permute(2, 0, 1, 3, 4).reshape(taps * kernels, channels, kh, kw)
+        occlusion_slices = occlusion.weight.detach().view(channels, depth, kh, kw).transpose(0, 1)
+        weight = torch.cat([mask_taps, occlusion_slices]).contiguous()
+        if mask.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.mask_bias = nn.Parameter(mask.bias.detach().clone(), requires_grad=False)
+        self.occlusion_bias = nn.Parameter(occlusion.bias.detach().clone(), requires_grad=False)
+        self.kernels, self.taps, self.depth, self.padding = kernels, taps, depth, occlusion.padding
+
+    def forward(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hourglass output [B, C, D, H, W] → float32 mask logits [B, 16, D, H, W], occlusion logits [B, 1, H, W]."""
+        b, c, d, h, w = prediction.shape
+        if d != self.depth:
+            raise ValueError(f"motion heads were built for depth {self.depth}, got {d}")
+        slices = prediction.transpose(1, 2).reshape(b * d, c, h, w)
+        y = F.conv2d(slices, self.weight, padding=self.padding).view(b, d, -1, h, w)
+        k, taps, centre = self.kernels, self.taps, self.taps // 2
+        parts = y[:, :, : taps * k].view(b, d, taps, k, h, w)
+        mask = parts[:, :, centre].float() + self.mask_bias.float().view(1, 1, k, 1, 1)
+        for tap in range(taps):
+            shift = tap - centre
+            if tap == centre or abs(shift) >= d:
+                continue
+            lo, hi = max(0, -shift), d - max(0, shift)
+            mask[:, lo:hi] += parts[:, lo + shift : hi + shift, tap]
+        occlusion = torch.diagonal(y[:, :, taps * k :], dim1=1, dim2=2).float().sum(-1)
+        occlusion = occlusion + self.occlusion_bias.float()
+        return mask.transpose(1, 2), occlusion.unsqueeze(1)
+
+
 @dataclasses.dataclass
 class DenseMotion:
     """Dense motion of a batch: deformation [B, d, h, w, 3], occlusion [B, 1, h, w], softmax mask [B, 16, d, h, w]."""
@@ -453,10 +505,13 @@ class DenseMotionNetwork(nn.Module):
         self.compress = nn.Conv3d(FEATURE_CHANNELS, compress, 1)
         self.norm: nn.Module = nn.BatchNorm3d(compress)
         self.occlusion = nn.Conv2d(self.hourglass.out_filters * FEATURE_DEPTH, 1, 7, padding=3)
+        self.heads: MotionHeads | None = None
 
     def fuse(self) -> None:
         _fold_bn(self.compress, self.norm)
         self.norm = nn.Identity()
+        self.heads = MotionHeads(self.mask, self.occlusion)
+        del self.mask, self.occlusion
 
     def forward(
         self, feature: torch.Tensor, kp_driving: torch.Tensor, kp_source: torch.Tensor, keep_mask: bool = False
@@ -481,10 +536,15 @@ class DenseMotionNetwork(nn.Module):
         heat = torch.cat([torch.zeros_like(heat[:, :1]), heat], dim=1).unsqueeze(2)
         x = torch.cat([heat, deformed], dim=2).view(bs, -1, d, h, w)
         prediction = self.hourglass(x)
-        mask = F.softmax(self.mask(prediction).float(), dim=1)
+        if self.heads is not None:
+            mask_logits, occlusion_logits = self.heads(prediction)
+        else:
+            mask_logits = self.mask(prediction).float()
+            occlusion_logits = self.occlusion(prediction.reshape(bs, -1, h, w)).float()
+        mask = F.softmax(mask_logits, dim=1)
         kept = torch.where(mask < MASK_FLOOR, torch.zeros_like(mask), mask)
         deformation = (kept.unsqueeze(-1) * sparse_motion).sum(dim=1)
-        occlusion = torch.sigmoid(self.occlusion(prediction.reshape(bs, -1, h, w)).float())
+        occlusion = torch.sigmoid(occlusion_logits)
         return DenseMotion(deformation, occlusion, mask if keep_mask else None)
 
 
@@ -492,21 +552,48 @@ class DenseMotionNetwork(nn.Module):
 # SPADE decoder (SPEC §7.7)
 
 
+def modulated_instance_norm(
+    x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """instance_norm(x) · gain + shift in three passes over x that keep its memory layout.
+
+    `F.instance_norm` copies a channels-last input to NCHW (and SPADE's float32 round trip added two more copies);
+    the elementwise products that follow then mix layouts, which runs CUDA's slow strided kernels. Here the
+    statistics come from one reduction over (H, W) (float accumulation on CUDA also for half inputs), the
+    normalisation is one multiply-add with per-channel factors, the modulation another: every full-size tensor
+    keeps x's layout. Same value as instance_norm in real arithmetic (biased variance, eps inside the root).
+    """
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    rstd = torch.rsqrt(var.float() + eps)
+    normalized = torch.addcmul((-mean.float() * rstd).to(x.dtype), x, rstd.to(x.dtype))
+    return torch.addcmul(shift, normalized, gain)
+
+
 class SPADE(nn.Module):
-    """Instance norm (per-sample statistics) modulated by γ, β predicted from the conditioning map."""
+    """Instance norm (per-sample statistics) modulated by γ, β predicted from the conditioning map:
+    IN(x) · (1 + γ) + β. `fuse` folds the 1 into γ's bias."""
 
     def __init__(self, norm_nc: int, label_nc: int = 256, hidden: int = 128) -> None:
         super().__init__()
-        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, hidden, 3, padding=1), nn.ReLU())
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, hidden, 3, padding=1), nn.ReLU(inplace=True))
         self.mlp_gamma = nn.Conv2d(hidden, norm_nc, 3, padding=1)
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, 3, padding=1)
+        self.gain_offset = 1.0
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        normalized = F.instance_norm(x.float(), eps=1e-5).to(x.dtype)
         if seg.shape[-2:] != x.shape[-2:]:
             seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
         actv = self.mlp_shared(seg)
-        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        gain = self.mlp_gamma(actv)
+        if self.gain_offset:
+            gain = gain + self.gain_offset
+        shift = self.mlp_beta(actv)
+        return modulated_instance_norm(x, gain.to(x.dtype), shift.to(x.dtype))
+
+    def fuse(self) -> None:
+        with torch.no_grad():
+            self.mlp_gamma.bias += self.gain_offset
+        self.gain_offset = 0.0
 
 
 class SPADEResnetBlock(nn.Module):
@@ -523,10 +610,11 @@ class SPADEResnetBlock(nn.Module):
             self.norm_s = SPADE(fin)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        # In-place activations and sum on tensors this block made itself: fewer allocations, same values.
         x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), 0.2))
-        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), 0.2))
-        return x_s + dx
+        dx = self.conv_0(F.leaky_relu_(self.norm_0(x, seg), 0.2))
+        dx = self.conv_1(F.leaky_relu_(self.norm_1(dx, seg), 0.2))
+        return dx.add_(x_s.to(dx.dtype))
 
 
 class SPADEDecoder(nn.Module):

@@ -26,6 +26,10 @@ class GraphUnavailable(RuntimeError):
     """Recording a CUDA graph failed; run eagerly instead."""
 
 
+class CompileUnavailable(GraphUnavailable):
+    """torch.compile of the render step failed; record the uncompiled step instead."""
+
+
 class GraphedRender:
     """One recorded render batch; call it with tensors shaped like the ones it was captured with."""
 
@@ -54,32 +58,47 @@ class GraphedRender:
         kp_source: torch.Tensor,
         windows: torch.Tensor,
         dtype: torch.dtype | None,
+        compile: bool = False,
     ) -> GraphedRender:
         """Record the batch given by these example tensors (their values are only used for the warm-up).
 
         `dtype`: the autocast dtype (None: float32). Autocast runs with its weight-cast cache off, as graphs need.
+        `compile`: run the step through `torch.compile` (TorchInductor fuses the elementwise work around the
+        convolutions) before recording; the warm-up passes compile it. Raises `CompileUnavailable` when compiling
+        fails (no Triton, no C compiler), so the caller can record the eager step instead.
         """
         if feature.device.type != "cuda":
             raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
         device = feature.device
         inputs = tuple(t.clone() for t in (feature, kp_canonical, kp_source, windows))
 
-        def body() -> torch.Tensor:
+        def step(feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor):
             with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-                kp_driving = renderer.driving_keypoints(inputs[1], inputs[3])
-                prediction = renderer.render(inputs[0], inputs[2], kp_driving).prediction
+                kp_driving = renderer.driving_keypoints(kp_canonical, windows)
+                prediction = renderer.render(feature, kp_source, kp_driving).prediction
             return frames_to_uint8_tensor(prediction)
 
+        if compile:
+            step = torch.compile(step, dynamic=False)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_PASSES):
-                    body()
-            torch.cuda.current_stream(device).wait_stream(side)
+                    step(*inputs)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.synchronize(device)
+            raise GraphUnavailable(f"warming up the render batch ran out of GPU memory: {exc}") from exc
+        except Exception as exc:
+            torch.cuda.synchronize(device)
+            if compile:
+                raise CompileUnavailable(f"torch.compile of the render step failed: {exc}") from exc
+            raise
+        torch.cuda.current_stream(device).wait_stream(side)
+        try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                output = body()
+                output = step(*inputs)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             torch.cuda.synchronize(device)
             raise GraphUnavailable(f"recording the render batch as a CUDA graph failed: {exc}") from exc

@@ -79,6 +79,7 @@ class SadTalkerSettings:
     pose_style: int = 0
     batch_size: int = 8
     dtype: str = "auto"
+    compile: bool = False
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any], label: str = "") -> SadTalkerSettings:
@@ -103,6 +104,8 @@ class SadTalkerSettings:
             problems.append(f"batch_size must be a positive integer, got {batch!r}")
         if get["dtype"] not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {get['dtype']!r}")
+        if not isinstance(get["compile"], bool):
+            problems.append(f"compile must be true or false, got {get['compile']!r}")
         if problems:
             where = f"{label}: " if label else ""
             raise BadInputError(
@@ -116,6 +119,7 @@ class SadTalkerSettings:
             pose_style=int(style),
             batch_size=int(batch),
             dtype=str(get["dtype"]),
+            compile=bool(get["compile"]),
         )
 
 
@@ -342,7 +346,12 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
             video.error = _copy(exc)
         return
     batch_size = min(video.settings.batch_size for video in group)
-    graphs = _Graphs(batch_size, getattr(torch, dtype) if dtype != "float32" else None, torch.device(device).type)
+    graphs = _Graphs(
+        batch_size,
+        getattr(torch, dtype) if dtype != "float32" else None,
+        torch.device(device).type,
+        compile=any(video.settings.compile for video in group),
+    )
     emitter = _Emitter()
     batch: list[tuple[_Video, int]] = []
     try:
@@ -439,18 +448,26 @@ class _Graphs:
     batch_size: int
     dtype: Any  # torch dtype of the autocast, None for float32
     device_type: str
+    compile: bool = False  # torch.compile the step before recording it (video.compile)
     graph: Any = None
     failed: bool = False
 
     def render(self, renderer: FaceRenderer, *tensors: Any) -> np.ndarray | None:
         """uint8 frames through the graph, or None when this batch must run eagerly."""
-        from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
+        from renderer.sadtalker.graphs import CompileUnavailable, GraphedRender, GraphUnavailable
 
         if self.device_type != "cuda" or self.failed or tensors[0].shape[0] != self.batch_size:
             return None
         if self.graph is None:
             try:
-                self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
+                try:
+                    started = time.perf_counter()
+                    self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype, compile=self.compile)
+                    if self.compile:
+                        logger.info("compiled and recorded the render step in %.1f s", time.perf_counter() - started)
+                except CompileUnavailable as exc:
+                    logger.warning("%s; rendering without torch.compile", exc)
+                    self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
             except GraphUnavailable as exc:
                 logger.warning("%s; rendering without CUDA graphs", exc)
                 self.failed = True

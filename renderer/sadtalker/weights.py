@@ -254,12 +254,14 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         ) from exc
 
 
-def place(module: torch.nn.Module, device: str) -> torch.nn.Module:
-    """Move a module to `device`; on CUDA, convolution weights go channels-last (2-D) / channels-last-3d (3-D)."""
+def place(module: torch.nn.Module, device: str, channels_last: bool | None = None) -> torch.nn.Module:
+    """Move a module to `device`; convolution weights go channels-last (2-D) / channels-last-3d (3-D) on CUDA
+    (`channels_last` None) or when asked. Activations then follow the weights' layout, which cuDNN's tensor-core
+    kernels use natively."""
     import torch
 
     module = module.to(device)
-    if torch.device(device).type == "cuda":
+    if channels_last or (channels_last is None and torch.device(device).type == "cuda"):
         for sub in module.modules():
             weight = getattr(sub, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.dim() in (4, 5):
