@@ -660,6 +660,62 @@ def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator,
             assert np.array_equal(replay, eager)
 
 
+@pytest.mark.gpu
+def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, generator) -> None:
+    """RUN_GPU=1: `video.compile`'s step (torch.compile, then recorded as a CUDA graph) against the eager float32
+    frames: compiled float32 differs by rounding only; compiled float16 stays within the bound the eager float16
+    test uses (mean error < 0.02 of full scale). Compiles twice (about 40 s each on an H200)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from renderer.sadtalker.graphs import GraphedRender
+
+    renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
+    rng = np.random.default_rng(5)
+    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).cuda()
+    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).cuda()
+    windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32)).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            state = renderer.prepare_source(image, semantics)
+            tensors = [state.feature.expand(2, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(2, -1, -1),
+                       state.kp_source.expand(2, -1, -1), windows]  # fmt: skip
+            kp_driving = renderer.driving_keypoints(tensors[1], windows)
+            eager = fr.frames_to_uint8(renderer.render(tensors[0], tensors[2], kp_driving).prediction).astype(int)
+            errors = {}
+            for dtype in (None, torch.float16):
+                graphed = GraphedRender.capture(renderer, *tensors, dtype=dtype, compile=True)
+                errors[dtype] = np.abs(graphed(*tensors).astype(int) - eager)
+                del graphed
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for dtype, error in errors.items():
+        print(f"compiled {dtype or 'float32'} vs eager float32: max {error.max()} levels, mean {error.mean():.4f}")
+    assert errors[None].mean() < 0.1
+    assert errors[torch.float16].mean() < 0.02 * 255
+
+
+def test_spade_fuse_folds_the_one_without_touching_the_loaded_tensors() -> None:
+    """SPADE.fuse folds `1 +` into γ's bias: same output, and the state dict it was loaded from (assign=True
+    adopts its tensors) keeps its values, so a second network built from it is right too."""
+    torch.manual_seed(2)
+    state = fr.SPADE(8, label_nc=4, hidden=6).state_dict()
+    before = state["mlp_gamma.bias"].clone()
+    x, seg = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 3, 3)
+    outputs = []
+    for fuse in (False, True, True):
+        spade = fr.SPADE(8, label_nc=4, hidden=6)
+        spade.load_state_dict(state, assign=True)
+        if fuse:
+            spade.fuse()
+        with torch.inference_mode():
+            outputs.append(spade(x, seg))
+    assert torch.equal(state["mlp_gamma.bias"], before)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[2], outputs[1], atol=0, rtol=0)
+
+
 def _job(tmp: Path, name: str, ckpt: Path, portrait: Path, audio: Path, seed: int, **video) -> StepJob:
     out = tmp / name
     out.mkdir()
@@ -822,13 +878,14 @@ def _fake_video(frames: int, writer: _Writer):
                            state=None)  # fmt: skip
 
 
-def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer() -> None:
-    """Frames reach each video's writer in render order on the encoder thread; a write error fails that video
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer(workers: int) -> None:
+    """Frames reach each video's writer in render order on the encoder threads; a write error fails that video
     alone (writer aborted, BackendError naming the file) and every other video is closed complete."""
     videos = [_fake_video(5, _Writer()), _fake_video(5, _Writer(fail_at=2)), _fake_video(3, _Writer())]
     writers = [v.writer for v in videos]
     order = [(v, f) for f in range(5) for v in videos if f < v.num_frames]  # interleaved, as shared batches are
-    emitter = pipeline._Emitter()
+    emitter = pipeline._Emitter(workers)
     for start in range(0, len(order), 4):
         live = order[start : start + 4]
         emitter.put(live, np.stack([np.full((4, 4, 3), f, np.uint8) for _, f in live]))
@@ -840,11 +897,12 @@ def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer() -> Non
     assert writers[1].frames == [0, 1] and writers[1].aborted and not writers[1].closed
     assert isinstance(videos[1].error, BackendError) and "video.mp4" in str(videos[1].error)
     assert videos[0].error is None and videos[2].error is None
+    assert len(emitter._threads) == workers and emitter.busy_s > 0 and emitter.waited_s >= 0
 
 
 def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() -> None:
     video = _fake_video(50, _Writer(fail_at=1, error=RuntimeError))
-    emitter = pipeline._Emitter()
+    emitter = pipeline._Emitter(2)
     for f in range(50):  # far more batches than the queue holds: puts must not block once the worker has failed
         emitter.put([(video, f)], np.zeros((1, 4, 4, 3), np.uint8))
     with pytest.raises(RuntimeError, match="disk full"):

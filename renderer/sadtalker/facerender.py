@@ -591,8 +591,9 @@ class SPADE(nn.Module):
         return modulated_instance_norm(x, gain.to(x.dtype), shift.to(x.dtype))
 
     def fuse(self) -> None:
-        with torch.no_grad():
-            self.mlp_gamma.bias += self.gain_offset
+        # A new tensor, not `+=`: the loaded bias may be shared with the state dict it came from (assign=True).
+        bias = self.mlp_gamma.bias.detach() + self.gain_offset
+        self.mlp_gamma.bias = nn.Parameter(bias, requires_grad=False)
         self.gain_offset = 0.0
 
 

@@ -29,7 +29,8 @@ frame rate (bench/results/).
 
 On CUDA the render loop overlaps its two halves: full batches replay a recorded CUDA graph (`graphs.py`,
 bit-identical to the eager pass, which partial batches use), and one encoder thread pastes or resizes and encodes
-batch k while the GPU renders batch k+1 (`_Emitter`; at most two batches wait, so memory stays flat).
+batch k while the GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames
+stay in order; at most two batches wait per thread, so memory stays flat).
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -354,6 +355,7 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
     )
     emitter = _Emitter()
     batch: list[tuple[_Video, int]] = []
+    started = time.perf_counter()
     try:
         with torch.inference_mode(), _autocast(device, dtype):
             for video, frame in _frames(group, renderer):
@@ -370,46 +372,82 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
             graphs.graph = None  # the recorded graph's memory pool goes with it
             for video in group:
                 _finish(video)
+            logger.info(
+                "sadtalker: render loop %.1f s; %d encoder threads busy %.1f s in all; the renderer waited %.1f s "
+                "for them",
+                time.perf_counter() - started,
+                len(emitter._threads),
+                emitter.busy_s,
+                emitter.waited_s,
+            )
 
 
 class _Emitter:
-    """Hands rendered frames to their videos (paste or resize, then encode) on one worker thread, in order.
+    """Hands rendered frames to their videos (paste or resize, then encode) on worker threads, in order.
 
-    While the worker encodes batch k on the CPU, the caller renders batch k+1 on the GPU (it waits for the GPU
-    without holding the GIL). At most `DEPTH` batches wait, so memory stays flat. A bug in the
-    worker is re-raised by `close`; the worker keeps draining so the caller never blocks on a full queue.
+    While the workers encode batch k on the CPU, the caller renders batch k+1 on the GPU (it waits for the GPU
+    without holding the GIL, and PyAV encodes without it, so the workers also run in parallel with each other).
+    Each video is pinned to one worker, so its frames stay in order; several videos in a batch are encoded at
+    once. At most `DEPTH` batches wait per worker, so memory stays flat. A bug in a worker is re-raised by
+    `close`; the worker keeps draining so the caller never blocks on a full queue. `busy_s` (summed over workers)
+    and `waited_s` (the caller blocked on full queues) say whether encoding or rendering bounds a run.
     """
 
     DEPTH = 2
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int | None = None) -> None:
+        import os
         import queue
         import threading
 
-        self._queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="sadtalker-encode", daemon=True)
-        self._thread.start()
+        count = workers or min(4, max(1, (os.cpu_count() or 2) // 2))
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=self.DEPTH) for _ in range(count)]
+        self._owner: dict[int, int] = {}
+        self._errors: list[BaseException] = []
+        self._busy = [0.0] * count
+        self.waited_s = 0.0
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"sadtalker-encode-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def busy_s(self) -> float:
+        return sum(self._busy)
 
     def put(self, live: list[tuple[_Video, int]], frames: np.ndarray) -> None:
-        self._queue.put((live, frames))
+        parts: dict[int, list[tuple[_Video, np.ndarray]]] = {}
+        for (video, _), frame in zip(live, frames, strict=True):
+            worker = self._owner.setdefault(id(video), len(self._owner) % len(self._queues))
+            parts.setdefault(worker, []).append((video, frame))
+        started = time.perf_counter()
+        for worker, items in parts.items():
+            self._queues[worker].put(items)
+        self.waited_s += time.perf_counter() - started
 
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
+    def _work(self, index: int) -> None:
+        failed = False
+        while (items := self._queues[index].get()) is not None:
+            if failed:
                 continue
-            live, frames = item
+            started = time.perf_counter()
             try:
-                for (video, _), frame in zip(live, frames, strict=True):
+                for video, frame in items:
                     _emit(video, frame)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller by close()
-                self._error = exc
+                self._errors.append(exc)
+                failed = True
+            self._busy[index] += time.perf_counter() - started
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
 
 
 def _frames(group: list[_Video], renderer: FaceRenderer) -> Iterator[tuple[_Video, int]]:
