@@ -578,13 +578,14 @@ def test_paste_back_hides_a_brightness_step_and_keeps_the_rest() -> None:
 def test_settings_report_every_problem_at_once() -> None:
     with pytest.raises(BadInputError) as info:
         pipeline.SadTalkerSettings.from_mapping(
-            {"size": 300, "preprocess": "zoom", "batch_size": 0, "pose_style": 46, "dtype": "int8"}, "videos[0]"
+            {"size": 300, "preprocess": "zoom", "batch_size": 0, "pose_style": 46, "dtype": "int8", "compile": "yes"},
+            "videos[0]",
         )
     text = str(info.value)
-    for word in ("videos[0]", "size", "preprocess", "batch_size", "pose_style", "dtype"):
+    for word in ("videos[0]", "size", "preprocess", "batch_size", "pose_style", "dtype", "compile"):
         assert word in text
     ok = pipeline.SadTalkerSettings.from_mapping({"size": 512, "preprocess": "full", "still": True})
-    assert (ok.size, ok.preprocess, ok.still, ok.batch_size) == (512, "full", True, 8)
+    assert (ok.size, ok.preprocess, ok.still, ok.batch_size, ok.compile) == (512, "full", True, 8, False)
 
 
 def test_output_size_restores_aspect_with_even_height() -> None:
@@ -765,7 +766,7 @@ def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path,
 
     jobs = [
         _job(tmp_path, "a", fake_checkpoints, portrait, speech, seed=7),
-        _job(tmp_path, "b", fake_checkpoints, portrait, speech, seed=7),
+        _job(tmp_path, "b", fake_checkpoints, portrait, speech, seed=7, compile=True),  # CUDA only: a warning
         _job(tmp_path, "full", fake_checkpoints, portrait, one, seed=1, preprocess="full", dtype="float16"),
         _job(tmp_path, "noface", fake_checkpoints, blank, speech, seed=1),
         _job(tmp_path, "nosound", fake_checkpoints, portrait, short, seed=1),
@@ -781,6 +782,7 @@ def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path,
         assert isinstance(info, dict) and info["renderer"] == "sadtalker", info
     assert a["frames"] == b["frames"] == 2 and full["frames"] == 1
     assert a["dtype"] == "float32" and a["warnings"] == []
+    assert b["warnings"] == ["video.compile applies to CUDA devices only; ignored on cpu"]
     assert full["dtype"] == "float32" and "float16" in full["warnings"][0]  # CPU half is emulated: refused
     assert all(count == 1 for count in pool.loads.values()), pool.loads  # every model loaded once for all jobs
 

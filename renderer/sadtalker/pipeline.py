@@ -17,8 +17,8 @@ inputs), the 3DMM regressor and the two audio networks per size.
 
 Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
 asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
-convolutions under `torch.autocast` with float32 weights; keypoint maths, grids, warps, softmaxes, instance norms
-and the uint8 conversion stay float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule
+convolutions under `torch.autocast` with float32 weights; keypoint maths, grids, warps, softmaxes and the uint8
+conversion stay float32, and instance-norm statistics accumulate in float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule
 weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24, mean |Δ| = 0.021 (uint8: max 60 levels, mean 5.2).
 The SPADE decoder alone in bfloat16 gives 0.097 max / 0.010 mean; the random fill weights amplify small changes
 strongly (float32 thread-count noise of 1e-7 already moves the output by 6e-5), so trained weights should fare
@@ -27,8 +27,12 @@ better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machi
 TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
 frame rate (bench/results/).
 
+`video.compile: true` (CUDA) runs the render step through `torch.compile` before recording it (graphs.py): 40–55 s
+of compiling once per run, then about 1.8× the frame rate; compiled float16 differs from float32 by 1.5 of 255
+levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
+
 On CUDA the render loop overlaps its two halves: full batches replay a recorded CUDA graph (`graphs.py`,
-bit-identical to the eager pass, which partial batches use), and one encoder thread pastes or resizes and encodes
+bit-identical to the eager pass, which partial batches use), and encoder threads paste or resize and encode
 batch k while the GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames
 stay in order; at most two batches wait per thread, so memory stays flat).
 
@@ -220,6 +224,8 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
         # CPU float16 convolutions are emulated (tens of times slower than float32): not worth a user's hour.
         settings = dataclasses.replace(settings, dtype="float32")
         warnings.append(f"dtype float16 is not supported efficiently on {job.device}; rendered in float32")
+    if settings.compile and not job.device.startswith("cuda"):
+        warnings.append(f"video.compile applies to CUDA devices only; ignored on {job.device}")
     if ckpt.legacy:
         warnings.append(
             "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")
