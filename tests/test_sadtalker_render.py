@@ -630,6 +630,16 @@ def test_generator_on_cuda_matches_golden_and_half_precision_stays_close(generat
     assert error.mean().item() < 0.02  # bfloat16 on CPU measured 0.021 with these weights; float16 is finer
 
 
+def _source_batch(renderer: fr.FaceRenderer, rng: np.random.Generator, batch: int) -> list[torch.Tensor]:
+    """One random portrait's per-video state on CUDA, repeated `batch` times: [feature, kp_canonical, kp_source]
+    (prepared under the caller's autocast)."""
+    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).cuda()
+    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).cuda()
+    state = renderer.prepare_source(image, semantics)
+    return [state.feature.expand(batch, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(batch, -1, -1),
+            state.kp_source.expand(batch, -1, -1)]  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator, dtype) -> None:
@@ -641,16 +651,12 @@ def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator,
 
     renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
     rng = np.random.default_rng(3)
-    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).cuda()
-    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).cuda()
 
     def windows() -> torch.Tensor:
         return torch.from_numpy(rng.normal(size=(4, 70, fr.WINDOW)).astype(np.float32)).cuda()
 
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        state = renderer.prepare_source(image, semantics)
-        tensors = [state.feature.expand(4, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(4, -1, -1),
-                   state.kp_source.expand(4, -1, -1)]  # fmt: skip
+        tensors = _source_batch(renderer, rng, 4)
         graphed = GraphedRender.capture(renderer, *tensors, windows(), dtype=dtype)
         for _ in range(2):
             w = windows()
@@ -672,16 +678,13 @@ def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, gener
 
     renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
     rng = np.random.default_rng(5)
-    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).cuda()
-    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).cuda()
-    windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32)).cuda()
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.inference_mode():
-            state = renderer.prepare_source(image, semantics)
-            tensors = [state.feature.expand(2, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(2, -1, -1),
-                       state.kp_source.expand(2, -1, -1), windows]  # fmt: skip
+            tensors = _source_batch(renderer, rng, 2)
+            windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32)).cuda()
+            tensors.append(windows)
             kp_driving = renderer.driving_keypoints(tensors[1], windows)
             eager = fr.frames_to_uint8(renderer.render(tensors[0], tensors[2], kp_driving).prediction).astype(int)
             errors = {}

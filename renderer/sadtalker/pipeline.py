@@ -382,7 +382,7 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
                 "sadtalker: render loop %.1f s; %d encoder threads busy %.1f s in all; the renderer waited %.1f s "
                 "for them",
                 time.perf_counter() - started,
-                len(emitter._threads),
+                emitter.workers,
                 emitter.busy_s,
                 emitter.waited_s,
             )
@@ -418,6 +418,10 @@ class _Emitter:
         ]
         for thread in self._threads:
             thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     @property
     def busy_s(self) -> float:
