@@ -294,13 +294,18 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
         result = pipeline.run([job], pool)[0]
         frames = result["frames"] if isinstance(result, dict) else str(result)
     else:  # CPU: the whole front half, the render set-up, then only `frames_cap` frames
-        video = pipeline._prepare(0, job, pool)
-        full = len(video.target)
-        video.target = video.target[:frames_cap]
-        pipeline._render_group([video], pool)
-        frames = f"{len(video.target)} of {full} rendered"
-        assert video.error is None, video.error
-        np.asarray(video.target)  # the coefficients stay alive until the end, as in the stage
+        prepare, full = pipeline._prepare, []
+
+        def capped(plan, pool):  # bench-only: the stage's preparation, then the first frames_cap frames kept
+            video = prepare(plan, pool)
+            full.append(len(video.target))
+            video.target = np.asarray(video.target[:frames_cap])
+            return video
+
+        pipeline._prepare = capped
+        result = pipeline.run([job], pool)[0]
+        assert isinstance(result, dict), result
+        frames = f"{result['frames']} of {full[0]} rendered"
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
     return {
         "seconds": seconds,

@@ -84,22 +84,36 @@ class ModelPool:
         self._models: dict[tuple[str, str, str], Any] = {}
         #: How many times each key was loaded (tests and the report read it).
         self.loads: dict[tuple[str, str, str], int] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, str, str], threading.Lock] = {}
 
     def get(self, model_id: str, device: str, dtype: str, loader: Callable[[], T]) -> T:
-        """Return the pooled model, calling `loader()` only the first time this key is asked for."""
+        """Return the pooled model, calling `loader()` only the first time this key is asked for.
+
+        Thread-safe: threads asking for the same model wait for one load (parallel CPU steps with --jobs, the
+        SadTalker preparation thread); different models load in parallel."""
         key = (model_id, device, dtype)
-        with self._lock:  # parallel CPU steps (--jobs) must not load the same model twice
-            if key not in self._models:
-                logger.info("loading %s on %s (%s)", model_id, device, dtype)
-                self._models[key] = loader()
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            logger.info("loading %s on %s (%s)", model_id, device, dtype)
+            model = loader()
+            with self._lock:
+                self._models[key] = model
                 self.loads[key] = self.loads.get(key, 0) + 1
-            return self._models[key]
+                del self._loading[key]
+            return model
 
     def release(self, device_prefix: str = "") -> None:
         """Drop pooled models (those on devices starting with `device_prefix`) and free GPU caches."""
-        for key in [k for k in self._models if k[1].startswith(device_prefix)]:
-            del self._models[key]
+        with self._lock:
+            for key in [k for k in self._models if k[1].startswith(device_prefix)]:
+                del self._models[key]
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()

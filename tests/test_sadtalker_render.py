@@ -747,9 +747,12 @@ def _job(tmp: Path, name: str, ckpt: Path, portrait: Path, audio: Path, seed: in
     )
 
 
-def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path, tmp_path: Path) -> None:
+def test_pipeline_renders_batched_videos_on_fill_weights(
+    fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Five jobs, one run: two identical crop videos share forward batches ([a0, a1, b0], [b1]) and must come out
-    identical; a `full` video is pasted into the portrait; two broken jobs fail alone."""
+    identical; a `full` video is pasted into the portrait; two broken jobs fail alone. The videos are prepared on
+    the thread CUDA runs use (`_Preparer`), here on the CPU."""
     from PIL import Image
 
     from renderer.encode import probe, read_frames
@@ -775,6 +778,7 @@ def test_pipeline_renders_batched_videos_on_fill_weights(fake_checkpoints: Path,
         _job(tmp_path, "nosound", fake_checkpoints, portrait, short, seed=1),
     ]
     pool = ModelPool()
+    monkeypatch.setattr(pipeline, "_lookahead", lambda plans: 2)
     results = pipeline.run(jobs, pool)
 
     assert len(results) == 5
@@ -912,3 +916,162 @@ def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() ->
         emitter.put([(video, f)], np.zeros((1, 4, 4, 3), np.uint8))
     with pytest.raises(RuntimeError, match="disk full"):
         emitter.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparation ahead of the renderer (a thread on CUDA) and the model pool it shares
+
+
+def test_preparer_thread_prepares_the_same_videos_as_on_demand(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """The real steps 2–3 (dlib face, 3DMM, audio networks) on the preparation thread give bit-identical videos to
+    preparing each on demand; a failing job lands in `failed` with its label and the others still come."""
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    portrait = tmp_path / "portrait.png"
+    Image.fromarray(skimage_data.astronaut()).save(portrait)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    specs = [("a", portrait, 1), ("noface", blank, 2), ("b", portrait, 3), ("c", portrait, 4)]
+    prepared = {}
+    for ahead in (0, 1, 3):
+        out = tmp_path / f"ahead{ahead}"
+        out.mkdir()
+        plans = [
+            pipeline._plan(i, _job(out, name, fake_checkpoints, image, speech, seed=seed))
+            for i, (name, image, seed) in enumerate(specs)
+        ]
+        preparer = pipeline._Preparer(plans, ModelPool(), ahead)
+        try:
+            prepared[ahead] = [preparer.next() for _ in plans]
+        finally:
+            preparer.close()
+        assert prepared[ahead][1] is None and set(preparer.failed) == {1}
+        assert "videos.noface" in preparer.failed[1].message and "no face" in preparer.failed[1].message
+        assert preparer.busy_s > 0
+        if ahead:
+            assert preparer._thread is not None and not preparer._thread.is_alive()
+    for ahead in (1, 3):
+        for on_demand, threaded in zip(prepared[0], prepared[ahead], strict=True):
+            if on_demand is None:
+                continue
+            assert threaded.index == on_demand.index and threaded.frame_size == on_demand.frame_size
+            np.testing.assert_array_equal(threaded.target, on_demand.target)
+            np.testing.assert_array_equal(threaded.source_coeff, on_demand.source_coeff)
+            np.testing.assert_array_equal(threaded.source_crop, on_demand.source_crop)
+    a, _, b, _ = prepared[0]
+    assert a.target.shape == (5, 70) and not np.array_equal(a.target, b.target)  # the seeds differ
+
+
+def _fake_plans(count: int) -> list:
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(index=i, job=SimpleNamespace(label=f"videos[{i}]")) for i in range(count)]
+
+
+def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread prepares holding `gpu` (so a CUDA graph is never recorded meanwhile) and at most `ahead` videos
+    beyond the one the renderer took; closing early stops it without preparing the rest."""
+    import threading
+    import time
+
+    started: list[int] = []
+    held: list[bool] = []
+    gate = threading.Event()
+
+    def prepare(plan, pool):
+        assert gate.wait(10)
+        started.append(plan.index)
+        held.append(preparer.gpu.locked())
+        return plan.index
+
+    monkeypatch.setattr(pipeline, "_prepare", prepare)
+    preparer = pipeline._Preparer(_fake_plans(10), ModelPool(), ahead=2)
+    gate.set()
+    assert preparer.next() == 0
+    for _ in range(100):  # let the thread fill the queue: 2 waiting + 1 blocked in put
+        if len(started) >= 4:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert len(started) == 4, started
+    preparer.close()
+    assert len(started) == 4 and all(held)
+    assert not preparer._thread.is_alive()
+
+
+def test_preparer_thread_bug_reaches_the_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
+    def prepare(plan, pool):
+        if plan.index == 1:
+            raise ZeroDivisionError("bug in preparation")
+        if plan.index == 2:
+            raise BadInputError("no face", "use another portrait")
+        return plan.index
+
+    monkeypatch.setattr(pipeline, "_prepare", prepare)
+    for ahead in (0, 1):
+        preparer = pipeline._Preparer(_fake_plans(3), ModelPool(), ahead=ahead)
+        assert preparer.next() == 0
+        with pytest.raises(ZeroDivisionError, match="bug in preparation"):
+            preparer.next()
+        preparer.close()
+    preparer = pipeline._Preparer(_fake_plans(3)[2:], ModelPool(), ahead=1)
+    assert preparer.next() is None and "videos[2]: no face" in preparer.failed[2].message
+    preparer.close()
+
+
+def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_Graphs` records under the preparer's lock: no preparation runs on the GPU while a graph is recorded."""
+    from renderer.sadtalker import graphs
+
+    lock = pipeline._Preparer([], ModelPool()).gpu
+    seen = []
+
+    class Recorded:
+        def matches(self, *tensors):
+            return True
+
+        def __call__(self, *tensors):
+            return np.zeros((2, 4, 4, 3), np.uint8)
+
+    def capture(renderer, *tensors, dtype=None, compile=False):
+        seen.append(lock.locked())
+        return Recorded()
+
+    monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(capture))
+    state = pipeline._Graphs(2, None, "cuda", lock=lock)
+    frames = state.render(None, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    assert frames.shape == (2, 4, 4, 3) and seen == [True] and not lock.locked()
+
+
+def test_model_pool_loads_each_model_once_and_different_models_in_parallel() -> None:
+    """Threads asking for one model share one load; a load of another model does not wait for it (the renderer
+    loads on the render thread while the preparation thread loads the 3DMM and audio networks)."""
+    import threading
+
+    pool = ModelPool()
+    b_loading = threading.Event()
+    calls: list[str] = []
+
+    def load_a():
+        calls.append("a")
+        assert b_loading.wait(10), "model b could not load while model a was loading"
+        return "A"
+
+    def load_b():
+        calls.append("b")
+        b_loading.set()
+        return "B"
+
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(pool.get("a", "cpu", "float32", load_a)))
+               for _ in range(3)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    assert pool.get("b", "cpu", "float32", load_b) == "B"
+    for thread in threads:
+        thread.join(10)
+    assert results == ["A", "A", "A"] and calls.count("a") == 1 and calls.count("b") == 1
+    assert pool.loads == {("a", "cpu", "float32"): 1, ("b", "cpu", "float32"): 1}

@@ -31,10 +31,12 @@ frame rate (bench/results/).
 of compiling once per run, then about 1.8× the frame rate; compiled float16 differs from float32 by 1.5 of 255
 levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
 
-On CUDA the render loop overlaps its two halves: full batches replay a recorded CUDA graph (`graphs.py`,
-bit-identical to the eager pass, which partial batches use), and encoder threads paste or resize and encode
-batch k while the GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames
-stay in order; at most two batches wait per thread, so memory stays flat).
+On CUDA the work overlaps in three places: a thread prepares (steps 2–3) up to two videos ahead of the one being
+rendered (`_Preparer`; it holds a lock that graph recording also takes, since recording forbids GPU calls from
+other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to the eager pass, which
+partial batches use); and encoder threads paste or resize and encode batch k while the GPU renders batch k+1
+(`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at most two batches wait
+per thread, so memory stays flat). Steps 1 of all jobs run first, to group the jobs by renderer.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -142,6 +144,32 @@ def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
     return size, max(2, out_h + out_h % 2)
 
 
+#: On CUDA, videos are prepared (faces, 3DMM, audio networks) on a thread up to this many ahead of the renderer,
+#: so that work overlaps the frames of the video before; elsewhere each is prepared just before its first frame
+#: (on a CPU the two would only compete for the same cores).
+PREPARE_AHEAD = 2
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One job after step 1: checked settings and found weights; enough to group it with the jobs it shares a
+    renderer with."""
+
+    index: int
+    job: StepJob
+    settings: SadTalkerSettings
+    ckpt: CheckpointSet
+    warnings: list[str]
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Jobs with equal groups share renderer weights, device and dtype, so their frames share batches."""
+        from renderer.sadtalker.facerender import mapping_channels
+
+        size, preprocess = self.settings.size, self.settings.preprocess
+        return (size, mapping_channels(preprocess), str(self.ckpt.root), self.job.device, self.settings.dtype)
+
+
 @dataclasses.dataclass
 class _Video:
     """One job between preparation and its last frame."""
@@ -167,57 +195,59 @@ class _Video:
     def num_frames(self) -> int:
         return len(self.target)
 
-    @property
-    def renderer_key(self) -> tuple[int, int, str]:
-        from renderer.sadtalker.facerender import mapping_channels
-
-        return (self.settings.size, mapping_channels(self.settings.preprocess), str(self.ckpt.root))
-
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order."""
     failed: dict[int, RenderError] = {}
-    videos: list[_Video] = []
-    started = time.perf_counter()
+    groups: dict[tuple[Any, ...], list[_Plan]] = {}
     for index, job in enumerate(jobs):
         try:
-            videos.append(_prepare(index, job, pool))
+            plan = _plan(index, job)
         except RenderError as exc:
             failed[index] = _labelled(exc, job)
-    prepared = time.perf_counter()
-    groups: dict[tuple[Any, ...], list[_Video]] = {}
-    for video in videos:
-        groups.setdefault((*video.renderer_key, video.job.device, video.settings.dtype), []).append(video)
-    for group in groups.values():
-        _render_group(group, pool)
-    frames = sum(video.written for video in videos)
+            continue
+        groups.setdefault(plan.group, []).append(plan)
+    plans = [plan for group in groups.values() for plan in group]
+    ahead = _lookahead(plans)
+    videos: list[_Video] = []
+    started = time.perf_counter()
+    preparer = _Preparer(plans, pool, ahead)
+    try:
+        for group in groups.values():
+            videos += _render_group(group, preparer, pool)
+    finally:
+        preparer.close()
+    failed.update(preparer.failed)
     logger.info(
-        "sadtalker: %d videos prepared in %.1f s (faces, 3DMM, audio networks); %d frames rendered and encoded "
-        "in %.1f s",
-        len(jobs),
-        prepared - started,
-        frames,
-        time.perf_counter() - prepared,
+        "sadtalker: %d videos prepared (faces, 3DMM, audio networks) in %.1f s%s, the renderer waited %.1f s for "
+        "them; %d frames rendered and encoded, %.1f s in all",
+        len(plans),
+        preparer.busy_s,
+        f" on a thread up to {ahead} videos ahead" if ahead else " before their first frames",
+        preparer.waited_s,
+        sum(video.written for video in videos),
+        time.perf_counter() - started,
     )
     done = {v.index: _labelled(v.error, v.job) if v.error else _info(v) for v in videos}
     return [failed[i] if i in failed else done[i] for i in range(len(jobs))]
+
+
+def _lookahead(plans: Sequence[_Plan]) -> int:
+    return PREPARE_AHEAD if any(plan.job.device.startswith("cuda") for plan in plans) else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Steps 1–3: per-job preparation (CPU work and the small networks)
 
 
-def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
-    import torch
+def _plan(index: int, job: StepJob) -> _Plan:
+    """Step 1: settings, inputs and weights of one job: all that decides which renderer it needs (no models)."""
+    from renderer.sadtalker import weights
 
-    from renderer import faces
-    from renderer.sadtalker import audio, audio2coeff, facerender, preprocess, recon, weights
-    from renderer.sadtalker.paste import PasteBack
-
-    # 1. Settings, inputs, weights.
     settings = SadTalkerSettings.from_mapping(job.settings, job.label)
     settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, job.device))
-    portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
+    for name in ("portrait", "audio"):
+        _input(job, name)
     ckpt = weights.checkpoint_set(Path(job.checkpoints), settings.size, settings.preprocess)
     warnings = []
     if settings.dtype == "float16" and not job.device.startswith("cuda"):
@@ -230,6 +260,19 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
         warnings.append(
             "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")
         )
+    return _Plan(index, job, settings, ckpt, warnings)
+
+
+def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
+    """Steps 2–3 of one planned job (CPU work and the small networks; thread-safe: see `_Preparer`)."""
+    import torch
+
+    from renderer import faces
+    from renderer.sadtalker import audio, audio2coeff, facerender, preprocess, recon
+    from renderer.sadtalker.paste import PasteBack
+
+    job, settings, ckpt = plan.job, plan.settings, plan.ckpt
+    portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
 
     # 2. Face and render source.
     image = faces.load_image(portrait_path)
@@ -286,7 +329,7 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
     else:
         frame_size = output_size(settings.size, crop.crop_info.size)
     return _Video(
-        index=index,
+        index=plan.index,
         job=job,
         settings=settings,
         ckpt=ckpt,
@@ -296,7 +339,7 @@ def _prepare(index: int, job: StepJob, pool: ModelPool) -> _Video:
         crop_info=crop.crop_info,
         frame_size=frame_size,
         paste=paste,
-        warnings=warnings,
+        warnings=list(plan.warnings),
     )
 
 
@@ -331,16 +374,20 @@ def _pooled(pool: ModelPool, ckpt: CheckpointSet, network: str, device: str, bui
 # Step 4–5: batched rendering, streamed to the encoders
 
 
-def _render_group(group: list[_Video], pool: ModelPool) -> None:
-    """Render every frame of the group's videos in shared forward batches, streaming each frame out."""
+def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> list[_Video]:
+    """Render every frame of the group's videos in shared forward batches, streaming each frame out.
+
+    The videos come from `preparer` in the order of `plans` (all of one group); the prepared ones are returned,
+    each with its outcome (`written`, `error`)."""
     import torch
 
     from renderer.sadtalker import weights
 
-    first = group[0]
-    size, channels, _ = first.renderer_key
+    first = plans[0]
+    size, channels, *_ = first.group
     device, dtype = first.job.device, first.settings.dtype
     model_id = f"sadtalker/render/{size}/{channels}/{'legacy' if first.ckpt.legacy else 'v002'}@{first.ckpt.root}"
+    videos: list[_Video] = []
     try:
         renderer = pool.get(
             model_id,
@@ -349,22 +396,25 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
             lambda: weights.load_face_renderer(first.ckpt.root, size, first.settings.preprocess, device),
         )
     except RenderError as exc:
-        for video in group:
-            video.error = _copy(exc)
-        return
-    batch_size = min(video.settings.batch_size for video in group)
+        for _ in plans:  # keep the preparer in step with the groups
+            if (video := preparer.next()) is not None:
+                video.error = _copy(exc)
+                videos.append(video)
+        return videos
+    batch_size = min(plan.settings.batch_size for plan in plans)
     graphs = _Graphs(
         batch_size,
         getattr(torch, dtype) if dtype != "float32" else None,
         torch.device(device).type,
-        compile=any(video.settings.compile for video in group),
+        compile=any(plan.settings.compile for plan in plans),
+        lock=preparer.gpu,
     )
     emitter = _Emitter()
     batch: list[tuple[_Video, int]] = []
     started = time.perf_counter()
     try:
         with torch.inference_mode(), _autocast(device, dtype):
-            for video, frame in _frames(group, renderer):
+            for video, frame in _frames(len(plans), preparer, renderer, videos):
                 batch.append((video, frame))
                 if len(batch) == batch_size:
                     _flush(renderer, batch, graphs, emitter)
@@ -376,7 +426,7 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
             emitter.close()
         finally:
             graphs.graph = None  # the recorded graph's memory pool goes with it
-            for video in group:
+            for video in videos:
                 _finish(video)
             logger.info(
                 "sadtalker: render loop %.1f s; %d encoder threads busy %.1f s in all; the renderer waited %.1f s "
@@ -386,6 +436,87 @@ def _render_group(group: list[_Video], pool: ModelPool) -> None:
                 emitter.busy_s,
                 emitter.waited_s,
             )
+    return videos
+
+
+class _Preparer:
+    """Prepares the planned videos in order (steps 2–3), `ahead` of the renderer on a thread, or on demand.
+
+    With `ahead` > 0 a thread prepares up to `ahead` videos beyond the one being rendered, so faces, 3DMM and audio
+    networks of video k+1 run while the GPU renders video k; memory stays bounded by `ahead` prepared videos. The
+    small networks then run on the GPU concurrently with the render loop (both on the device's default stream,
+    which orders them), but never while a CUDA graph is recorded: recording forbids other threads' GPU calls, so
+    the thread prepares each video holding `gpu`, and `_Graphs` takes it to record. A job's failure (RenderError)
+    lands in `failed`; a bug in the thread is re-raised by `next`. `busy_s` is the time spent preparing,
+    `waited_s` the time the renderer waited for a prepared video.
+    """
+
+    def __init__(self, plans: Sequence[_Plan], pool: ModelPool, ahead: int = 0) -> None:
+        import queue
+        import threading
+
+        self.gpu = threading.Lock()
+        self.failed: dict[int, RenderError] = {}
+        self.busy_s = self.waited_s = 0.0
+        self._plans = list(plans)
+        self._pool = pool
+        self._next = 0
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if ahead > 0 and self._plans:
+            self._queue = queue.Queue(maxsize=ahead)
+            self._thread = threading.Thread(target=self._work, name="sadtalker-prepare", daemon=True)
+            self._thread.start()
+
+    def next(self) -> _Video | None:
+        """The next plan's prepared video, or None when its preparation failed (see `failed`)."""
+        if self._queue is None:
+            plan = self._plans[self._next]
+            self._next += 1
+            return self._prepare(plan)
+        started = time.perf_counter()
+        item = self._queue.get()
+        self.waited_s += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop preparing (the video in progress is finished first) and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _prepare(self, plan: _Plan) -> _Video | None:
+        started = time.perf_counter()
+        try:
+            with self.gpu:
+                return _prepare(plan, self._pool)
+        except RenderError as exc:
+            self.failed[plan.index] = _labelled(exc, plan.job)
+            return None
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _work(self) -> None:
+        import queue
+
+        for plan in self._plans:
+            if self._stop.is_set():
+                return
+            try:
+                item: _Video | BaseException | None = self._prepare(plan)
+            except BaseException as exc:  # noqa: BLE001 - a bug: handed to the renderer's thread by next()
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
 
 
 class _Emitter:
@@ -460,11 +591,16 @@ class _Emitter:
             raise self._errors[0]
 
 
-def _frames(group: list[_Video], renderer: FaceRenderer) -> Iterator[tuple[_Video, int]]:
-    """(video, frame index) in render order; a video's per-video state is made just before its first frame."""
-    for video in group:
-        if video.error is not None:
+def _frames(
+    count: int, preparer: _Preparer, renderer: FaceRenderer, videos: list[_Video]
+) -> Iterator[tuple[_Video, int]]:
+    """(video, frame index) in render order for the preparer's next `count` videos, each appended to `videos`; a
+    video's per-video state is made just before its first frame."""
+    for _ in range(count):
+        video = preparer.next()
+        if video is None:
             continue
+        videos.append(video)
         try:
             _start(video, renderer)
         except RenderError as exc:
@@ -497,30 +633,39 @@ class _Graphs:
     dtype: Any  # torch dtype of the autocast, None for float32
     device_type: str
     compile: bool = False  # torch.compile the step before recording it (video.compile)
+    #: Held while recording: no other thread may use the GPU then (`_Preparer.gpu`).
+    lock: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     graph: Any = None
     failed: bool = False
 
     def render(self, renderer: FaceRenderer, *tensors: Any) -> np.ndarray | None:
         """uint8 frames through the graph, or None when this batch must run eagerly."""
-        from renderer.sadtalker.graphs import CompileUnavailable, GraphedRender, GraphUnavailable
+        from renderer.sadtalker.graphs import GraphUnavailable
 
         if self.device_type != "cuda" or self.failed or tensors[0].shape[0] != self.batch_size:
             return None
         if self.graph is None:
             try:
-                try:
-                    started = time.perf_counter()
-                    self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype, compile=self.compile)
-                    if self.compile:
-                        logger.info("compiled and recorded the render step in %.1f s", time.perf_counter() - started)
-                except CompileUnavailable as exc:
-                    logger.warning("%s; rendering without torch.compile", exc)
-                    self.graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
+                with self.lock:
+                    self.graph = self._capture(renderer, *tensors)
             except GraphUnavailable as exc:
                 logger.warning("%s; rendering without CUDA graphs", exc)
                 self.failed = True
                 return None
         return self.graph(*tensors) if self.graph.matches(*tensors) else None
+
+    def _capture(self, renderer: FaceRenderer, *tensors: Any) -> Any:
+        from renderer.sadtalker.graphs import CompileUnavailable, GraphedRender
+
+        try:
+            started = time.perf_counter()
+            graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype, compile=self.compile)
+            if self.compile:
+                logger.info("compiled and recorded the render step in %.1f s", time.perf_counter() - started)
+            return graph
+        except CompileUnavailable as exc:
+            logger.warning("%s; rendering without torch.compile", exc)
+            return GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
 
 
 def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs, emitter: _Emitter) -> None:
