@@ -968,7 +968,7 @@ def test_preparer_thread_prepares_the_same_videos_as_on_demand(fake_checkpoints:
 def _fake_plans(count: int) -> list:
     from types import SimpleNamespace
 
-    return [SimpleNamespace(index=i, job=SimpleNamespace(label=f"videos[{i}]")) for i in range(count)]
+    return [SimpleNamespace(index=i, job=SimpleNamespace(label=f"videos[{i}]", device="cpu")) for i in range(count)]
 
 
 def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
