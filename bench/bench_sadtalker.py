@@ -296,8 +296,8 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
     else:  # CPU: the whole front half, the render set-up, then only `frames_cap` frames
         prepare, full = pipeline._prepare, []
 
-        def capped(plan, pool):  # bench-only: the stage's preparation, then the first frames_cap frames kept
-            video = prepare(plan, pool)
+        def capped(plan, pool, times=None):  # bench-only: the stage's preparation, then frames_cap frames kept
+            video = prepare(plan, pool, times)
             full.append(len(video.target))
             video.target = np.asarray(video.target[:frames_cap])
             return video
@@ -317,15 +317,28 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
 
 
 def child_clips(
-    first: int, count: int, seconds: float, device: str, ckpt: Path, batch_size: int, compile: bool = False
+    first: int,
+    count: int,
+    seconds: float,
+    device: str,
+    ckpt: Path,
+    batch_size: int,
+    compile: bool = False,
+    prepare: str | None = None,
 ) -> dict:
-    """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1)."""
+    """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1).
+
+    `prepare`: "AHEAD[:PRIORITY]" overrides pipeline.PREPARE_AHEAD (and PREPARE_STREAM_PRIORITY)."""
     import logging
 
     from renderer.base import ModelPool
     from renderer.encode import probe
     from renderer.sadtalker import pipeline
 
+    if prepare:
+        ahead, _, priority = prepare.partition(":")
+        pipeline.PREPARE_AHEAD = int(ahead)
+        pipeline.PREPARE_STREAM_PRIORITY = int(priority or pipeline.PREPARE_STREAM_PRIORITY)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stage's own time split, on stderr
     work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
     jobs = [
@@ -348,16 +361,21 @@ def bench_clips(
     landmarks: Path | None,
     compile: bool = False,
     cold_clips: int | None = None,
+    prepare: list[str] | None = None,
 ) -> None:
-    """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model)."""
+    """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model).
+
+    `prepare`: warm runs with these "AHEAD[:PRIORITY]" preparation settings, one after another (default: the
+    stage's own)."""
     if _fill() is None:
         print("clips: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
         return
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoints(Path(tmp))
 
-        def child(first: int, n: int) -> tuple[float, dict]:
+        def child(first: int, n: int, variant: str | None = None) -> tuple[float, dict]:
             cmd = [sys.executable, __file__, "--child-clips", str(first), str(n), "--clip-seconds", str(seconds)]
+            cmd += ["--prepare", variant] if variant else []
             cmd += ["--device", device, "--ckpt", tmp, "--batch-size", str(batch_size)]
             cmd += ["--landmarks", str(landmarks)] if landmarks else []
             cmd += ["--compile"] if compile else []
@@ -373,18 +391,21 @@ def bench_clips(
             f"{count} clips of {seconds:g} s on {device}, size 256, batch {batch_size}, dtype auto"
             + (", video.compile: true (both arms)" if compile else "")
         )
-        warm_s, info = child(0, count)
-        print(f"  one warm process: {warm_s:.1f} s for {info['frames']} frames", flush=True)
-        for line in info["split"]:
-            print(f"    {line}")
+        warm = {}
+        for variant in prepare or [None]:
+            warm[variant], info = child(0, count, variant)
+            label = f" (prepare ahead:priority {variant})" if variant else ""
+            print(f"  one warm process{label}: {warm[variant]:.1f} s for {info['frames']} frames", flush=True)
+            for line in info["split"]:
+                print(f"    {line}")
         measured = min(count, cold_clips or count)
         cold = [child(i, 1)[0] for i in range(measured)]
         cold_s = sum(cold) * count / measured
         scaled = "" if measured == count else f", {measured} of {count} run and their mean scaled to {count}"
-        print(
-            f"  one process per clip: {cold_s:.1f} s (per clip {min(cold):.1f}–{max(cold):.1f} s{scaled}); "
-            f"warm run {cold_s / warm_s:.1f}× faster"
-        )
+        print(f"  one process per clip: {cold_s:.1f} s (per clip {min(cold):.1f}–{max(cold):.1f} s{scaled})")
+        for variant, warm_s in warm.items():
+            label = f" (prepare {variant})" if variant else ""
+            print(f"  warm run{label} {cold_s / warm_s:.1f}× faster")
 
 
 def bench_memory(device: str, lengths: list[float], batch_size: int, landmarks: Path | None) -> None:
@@ -435,6 +456,11 @@ def main() -> None:
         help="clips: run only this many one-process-per-clip children "
         "and scale their mean to --clips (states that it did)",
     )
+    parser.add_argument(
+        "--prepare",
+        nargs="+",
+        help='clips: warm runs with these preparation settings "AHEAD[:STREAM_PRIORITY]", e.g. 0 2 2:0',
+    )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
     parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
@@ -460,7 +486,10 @@ def main() -> None:
         if args.child_memory is not None:
             info = child_memory(args.child_memory, device, args.ckpt, args.frames_cap, args.batch_size)
         else:
-            info = child_clips(*args.child_clips, args.clip_seconds, device, args.ckpt, args.batch_size, args.compile)
+            prepare = args.prepare[0] if args.prepare else None
+            info = child_clips(
+                *args.child_clips, args.clip_seconds, device, args.ckpt, args.batch_size, args.compile, prepare
+            )
         print(json.dumps(info))
         return
     cuda = device.startswith("cuda")
@@ -480,7 +509,14 @@ def main() -> None:
             bench_memory(device, args.memory_seconds, args.batch_size, args.landmarks)
     if args.clips:
         bench_clips(
-            device, args.clips, args.clip_seconds, args.batch_size, args.landmarks, args.compile, args.cold_clips
+            device,
+            args.clips,
+            args.clip_seconds,
+            args.batch_size,
+            args.landmarks,
+            args.compile,
+            args.cold_clips,
+            args.prepare,
         )
 
 

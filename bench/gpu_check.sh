@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        profile sdcompile (the last not in the default list: minutes of compiling)
+#                                        big profile sdcompile (the last not in the default list: minutes of compiling)
 #                                        (default: all but sdcompile, in this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -87,10 +87,13 @@ except ImportError:
         part sdcompile 240 python3 bench/bench_sd.py --compile --batch-sizes 8 16 --repeats 2 ;;
     clips)  # the one-process-per-clip arm runs 5 of the 20 clips (each ~10 s) and scales their mean
         part clips 200 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
-            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" ;;
+            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0 2 2:0 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;
+    big)  # 512 × 32 as a CUDA graph alone (an 80 GB card fits it only when the warm-up's cache is freed first)
+        part big 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 --sizes 512 \
+            --batches 32 --dtypes float16 --modes graph ;;
     profile)
         part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 8 --dtype float16 ;;
     cudnn)

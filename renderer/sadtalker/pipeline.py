@@ -148,6 +148,9 @@ def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
 #: so that work overlaps the frames of the video before; elsewhere each is prepared just before its first frame
 #: (on a CPU the two would only compete for the same cores).
 PREPARE_AHEAD = 2
+#: CUDA priority of the preparation thread's stream (lower is sooner): its small kernels then take the SMs as the
+#: render batch's blocks finish instead of queueing behind them.
+PREPARE_STREAM_PRIORITY = -1
 
 
 @dataclasses.dataclass
@@ -219,10 +222,11 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
         preparer.close()
     failed.update(preparer.failed)
     logger.info(
-        "sadtalker: %d videos prepared (faces, 3DMM, audio networks) in %.1f s%s, the renderer waited %.1f s for "
-        "them; %d frames rendered and encoded, %.1f s in all",
+        "sadtalker: %d videos prepared in %.1f s (%s)%s, the renderer waited %.1f s for them; %d frames rendered "
+        "and encoded, %.1f s in all",
         len(plans),
         preparer.busy_s,
+        ", ".join(f"{name} {seconds:.1f} s" for name, seconds in preparer.times.items()) or "none",
         f" on a thread up to {ahead} videos ahead" if ahead else " before their first frames",
         preparer.waited_s,
         sum(video.written for video in videos),
@@ -263,8 +267,10 @@ def _plan(index: int, job: StepJob) -> _Plan:
     return _Plan(index, job, settings, ckpt, warnings)
 
 
-def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
-    """Steps 2–3 of one planned job (CPU work and the small networks; thread-safe: see `_Preparer`)."""
+def _prepare(plan: _Plan, pool: ModelPool, times: dict[str, float] | None = None) -> _Video:
+    """Steps 2–3 of one planned job (CPU work and the small networks; thread-safe: see `_Preparer`).
+
+    `times`: seconds spent on the face (load, detect, crop), the 3DMM and the audio side are added to it."""
     import torch
 
     from renderer import faces
@@ -273,6 +279,15 @@ def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
 
     job, settings, ckpt = plan.job, plan.settings, plan.ckpt
     portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
+
+    times = {} if times is None else times
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - clock
+        clock = now
 
     # 2. Face and render source.
     image = faces.load_image(portrait_path)
@@ -284,9 +299,12 @@ def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
             f"cannot crop the face in {portrait_path}: {exc}", "use a portrait with the whole face inside"
         ) from exc
 
+    lap("face")
+
     # 3. Coefficients: source 3DMM, mel windows, driving coefficients.
     recon_net = _pooled(pool, ckpt, "face_3drecon", job.device, recon.ReconNet.from_state_dict)
     source_coeff, _ = recon.coeffs_from_crop(recon_net, crop.crop, crop.landmarks_in_crop)
+    lap("3DMM")
     wav = audio.load_wav_16k(audio_path)
     windows = audio.mel_windows(wav)
     if len(windows) == 0:
@@ -312,6 +330,8 @@ def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
     # predict_coeffs already scaled the expression and froze the pose: the render preparation must not scale again.
     target = facerender.target_coefficients(coeffs, source_coeff, settings.preprocess, 1.0, settings.still)
 
+    lap("audio")
+
     # Output geometry.
     paste = None
     if settings.preprocess == "full":
@@ -328,6 +348,7 @@ def _prepare(plan: _Plan, pool: ModelPool) -> _Video:
         frame_size = (even.shape[1], even.shape[0])
     else:
         frame_size = output_size(settings.size, crop.crop_info.size)
+    lap("face")
     return _Video(
         index=plan.index,
         job=job,
@@ -460,6 +481,7 @@ class _Preparer:
         self.gpu = threading.Lock()
         self.failed: dict[int, RenderError] = {}
         self.busy_s = self.waited_s = 0.0
+        self.times: dict[str, float] = {}  # busy_s by part (`_prepare`)
         self._plans = list(plans)
         self._pool = pool
         self._next = 0
@@ -495,7 +517,7 @@ class _Preparer:
         started = time.perf_counter()
         try:
             with self.gpu, self._stream(plan.job.device):
-                return _prepare(plan, self._pool)
+                return _prepare(plan, self._pool, self.times)
         except RenderError as exc:
             self.failed[plan.index] = _labelled(exc, plan.job)
             return None
@@ -510,7 +532,7 @@ class _Preparer:
         import torch
 
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            self._streams[device] = torch.cuda.Stream(device, priority=PREPARE_STREAM_PRIORITY)
         return torch.cuda.stream(self._streams[device])
 
     def _work(self) -> None:
