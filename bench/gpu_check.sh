@@ -91,7 +91,7 @@ except ImportError:
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;
-    big)  # 512 × 32 as a CUDA graph alone (an 80 GB card fits it only when the warm-up's cache is freed first)
+    big)  # 512 × 32 as a CUDA graph alone (on an 80 GB H100 recording runs out of memory and the stage stays eager)
         part big 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 --sizes 512 \
             --batches 32 --dtypes float16 --modes graph ;;
     profile)

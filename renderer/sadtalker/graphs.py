@@ -95,10 +95,6 @@ class GraphedRender:
                 raise CompileUnavailable(f"torch.compile of the render step failed: {exc}") from exc
             raise
         torch.cuda.current_stream(device).wait_stream(side)
-        # The warm-up's activations stay cached in the allocator's general pool, which the graph's private pool
-        # cannot use: hand them back first, or large batches (512 × 32: ~60 GB each) need twice the memory.
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -148,9 +148,9 @@ def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
 #: so that work overlaps the frames of the video before; elsewhere each is prepared just before its first frame
 #: (on a CPU the two would only compete for the same cores).
 PREPARE_AHEAD = 2
-#: CUDA priority of the preparation thread's stream (lower is sooner): its small kernels then take the SMs as the
-#: render batch's blocks finish instead of queueing behind them.
-PREPARE_STREAM_PRIORITY = -1
+#: CUDA priority of the preparation thread's stream (0: PyTorch's default; -1 is higher). On an H100, 20 clips
+#: measured 21.5 s at -1 and 21.1 s at 0 (bench/results/2026-11-26-h100b): no gain from the higher priority.
+PREPARE_STREAM_PRIORITY = 0
 
 
 @dataclasses.dataclass
@@ -465,13 +465,14 @@ class _Preparer:
 
     With `ahead` > 0 a thread prepares up to `ahead` videos beyond the one being rendered, so faces, 3DMM and audio
     networks of video k+1 run while the GPU renders video k; memory stays bounded by `ahead` prepared videos. The
-    small networks then run on the GPU concurrently with the render loop, on the thread's own stream (measured on
-    an H100 with both on the default stream: each host copy of the preparation waited for the render batches
-    queued before it, and preparing 20 clips took 14.8 s instead of 2.9 s), but never while a CUDA graph is
-    recorded: recording forbids other threads' GPU calls, so the thread prepares each video holding `gpu`, and
-    `_Graphs` takes it to record. Prepared videos hold host arrays only, so no tensor crosses the streams. A job's failure (RenderError)
-    lands in `failed`; a bug in the thread is re-raised by `next`. `busy_s` is the time spent preparing,
-    `waited_s` the time the renderer waited for a prepared video.
+    small networks then run on the GPU next to the render loop, on the thread's own stream (its host copies wait
+    for its own work only), but never while a CUDA graph is recorded: recording forbids other threads' GPU calls,
+    so the thread prepares each video holding `gpu`, and `_Graphs` takes it to record. Prepared videos hold host
+    arrays only, so no tensor crosses the streams. Measured on an H100 (20 clips of 4 s, batch 16,
+    bench/results/2026-11-26-h100b): 21.1 s for the run against 22.0 s preparing on demand. Alone, preparing the
+    20 took 3.6 s; on the thread beside the render batches, 14.4 s (the 3DMM pass 9× slower), so the overlap hides
+    only part of it. A job's failure (RenderError) lands in `failed`; a bug in the thread is re-raised by `next`.
+    `busy_s` is the time spent preparing (`times`: by part), `waited_s` the time the renderer waited for it.
     """
 
     def __init__(self, plans: Sequence[_Plan], pool: ModelPool, ahead: int = 0) -> None:
