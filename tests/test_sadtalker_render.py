@@ -1075,3 +1075,32 @@ def test_model_pool_loads_each_model_once_and_different_models_in_parallel() -> 
         thread.join(10)
     assert results == ["A", "A", "A"] and calls.count("a") == 1 and calls.count("b") == 1
     assert pool.loads == {("a", "cpu", "float32"): 1, ("b", "cpu", "float32"): 1}
+
+
+def test_renderer_that_fails_to_load_fails_its_group_and_keeps_the_preparer_in_step(
+    fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose renderer cannot load fails each of its prepared videos with that error (a copy per video),
+    and takes exactly its own videos from the preparer, so the next group gets the right ones."""
+    from types import SimpleNamespace
+
+    def fail(*args, **kwargs):
+        raise MissingWeightsError("SadTalker_V0.0.2_256.safetensors is damaged", "run `make checkpoints`")
+
+    monkeypatch.setattr(weights, "load_face_renderer", fail)
+    monkeypatch.setattr(
+        pipeline, "_prepare", lambda plan, pool, times=None: SimpleNamespace(index=plan.index, error=None)
+    )
+    portrait, audio = tmp_path / "p.png", tmp_path / "a.wav"
+    portrait.write_bytes(b"x")
+    audio.write_bytes(b"x")
+    plans = [pipeline._plan(i, _job(tmp_path, f"v{i}", fake_checkpoints, portrait, audio, seed=i)) for i in range(3)]
+    preparer = pipeline._Preparer(plans, ModelPool(), ahead=1)
+    try:
+        videos = pipeline._render_group(plans[:2], preparer, ModelPool())
+        assert [v.index for v in videos] == [0, 1]
+        assert all(isinstance(v.error, MissingWeightsError) and "damaged" in v.error.message for v in videos)
+        assert videos[0].error is not videos[1].error
+        assert preparer.next().index == 2
+    finally:
+        preparer.close()
