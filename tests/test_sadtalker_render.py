@@ -981,7 +981,7 @@ def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.Monke
     held: list[bool] = []
     gate = threading.Event()
 
-    def prepare(plan, pool):
+    def prepare(plan, pool, times=None):
         assert gate.wait(10)
         started.append(plan.index)
         held.append(preparer.gpu.locked())
@@ -1003,7 +1003,7 @@ def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.Monke
 
 
 def test_preparer_thread_bug_reaches_the_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
-    def prepare(plan, pool):
+    def prepare(plan, pool, times=None):
         if plan.index == 1:
             raise ZeroDivisionError("bug in preparation")
         if plan.index == 2:
