@@ -747,21 +747,27 @@ def _job(tmp: Path, name: str, ckpt: Path, portrait: Path, audio: Path, seed: in
     )
 
 
+def _portraits(folder: Path) -> tuple[Path, Path]:
+    """The astronaut portrait and a blank picture without a face, as PNG files in `folder`."""
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    portrait, blank = folder / "portrait.png", folder / "blank.png"
+    Image.fromarray(skimage_data.astronaut()).save(portrait)
+    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank)
+    return portrait, blank
+
+
 def test_pipeline_renders_batched_videos_on_fill_weights(
     fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Five jobs, one run: two identical crop videos share forward batches ([a0, a1, b0], [b1]) and must come out
     identical; a `full` video is pasted into the portrait; two broken jobs fail alone. The videos are prepared on
     the thread CUDA runs use (`_Preparer`), here on the CPU."""
-    from PIL import Image
-
     from renderer.encode import probe, read_frames
 
     skimage_data = pytest.importorskip("skimage.data")
-    portrait = tmp_path / "portrait.png"
-    Image.fromarray(skimage_data.astronaut()).save(portrait)
-    blank = tmp_path / "blank.png"
-    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank)
+    portrait, blank = _portraits(tmp_path)
     speech = tmp_path / "speech.wav"
     write_wav(speech, tone(2 * SAMPLES_PER_FRAME / 16000 + 0.02, 16000), 16000)  # 2 frames + a remainder
     short = tmp_path / "short.wav"
@@ -925,13 +931,7 @@ def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() ->
 def test_preparer_thread_prepares_the_same_videos_as_on_demand(fake_checkpoints: Path, tmp_path: Path) -> None:
     """The real steps 2–3 (dlib face, 3DMM, audio networks) on the preparation thread give bit-identical videos to
     preparing each on demand; a failing job lands in `failed` with its label and the others still come."""
-    from PIL import Image
-
-    skimage_data = pytest.importorskip("skimage.data")
-    portrait = tmp_path / "portrait.png"
-    Image.fromarray(skimage_data.astronaut()).save(portrait)
-    blank = tmp_path / "blank.png"
-    Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(blank)
+    portrait, blank = _portraits(tmp_path)
     speech = tmp_path / "speech.wav"
     write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
     specs = [("a", portrait, 1), ("noface", blank, 2), ("b", portrait, 3), ("c", portrait, 4)]
