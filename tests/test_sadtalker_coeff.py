@@ -7,6 +7,7 @@ check behaviour on small synthetic inputs.
 
 from __future__ import annotations
 
+import copy
 import json
 import wave
 from pathlib import Path
@@ -29,27 +30,35 @@ from _sadtalker_util import (  # noqa: E402
 
 from renderer.base import SAMPLES_PER_FRAME  # noqa: E402
 from renderer.sadtalker import audio, audio2coeff, preprocess, recon  # noqa: E402
+from renderer.sadtalker.fold import fold_batchnorms  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures: the three networks built from the golden fill (loaded once per module).
 
 
-@pytest.fixture(scope="module")
-def exp_net() -> audio2coeff.ExpNet:
+# Each network as loaded and with its BatchNorms folded into the convolutions, as the stage runs it (fold.py).
+
+
+def _maybe_folded(net: torch.nn.Module, request: pytest.FixtureRequest) -> torch.nn.Module:
+    return fold_batchnorms(net) if request.param == "folded" else net
+
+
+@pytest.fixture(scope="module", params=["loaded", "folded"])
+def exp_net(request: pytest.FixtureRequest) -> audio2coeff.ExpNet:
     require_shared()
-    return audio2coeff.ExpNet.from_state_dict(filled_weights("audio2exp"))
+    return _maybe_folded(audio2coeff.ExpNet.from_state_dict(filled_weights("audio2exp")), request)
 
 
-@pytest.fixture(scope="module")
-def pose_net() -> audio2coeff.PoseVAE:
+@pytest.fixture(scope="module", params=["loaded", "folded"])
+def pose_net(request: pytest.FixtureRequest) -> audio2coeff.PoseVAE:
     require_shared()
-    return audio2coeff.PoseVAE.from_state_dict(filled_weights("audio2pose"))
+    return _maybe_folded(audio2coeff.PoseVAE.from_state_dict(filled_weights("audio2pose")), request)
 
 
-@pytest.fixture(scope="module")
-def recon_net() -> recon.ReconNet:
+@pytest.fixture(scope="module", params=["loaded", "folded"])
+def recon_net(request: pytest.FixtureRequest) -> recon.ReconNet:
     require_shared()
-    return recon.ReconNet.from_state_dict(filled_weights("recon"))
+    return _maybe_folded(recon.ReconNet.from_state_dict(filled_weights("recon")), request)
 
 
 def _tiny_nets() -> tuple[audio2coeff.ExpNet, audio2coeff.PoseVAE]:
@@ -474,3 +483,37 @@ def test_predict_coeffs_rejects_empty_audio() -> None:
         audio2coeff.predict_coeffs(
             exp_net, pose_net, np.zeros((0, 1, 80, 16), np.float32), np.zeros(73), generator=torch.Generator()
         )
+
+
+@pytest.mark.parametrize("name", ["recon", "audio2exp", "audio2pose"])
+def test_fold_batchnorms_keeps_outputs_and_leaves_only_unfoldable_norms(name: str) -> None:
+    """Folding (done at load by the stage) keeps every output within float32 rounding, with random BatchNorm
+    statistics so the fold has work to do; only the pose U-Net's pre-activation norms (BN → ReLU → conv) stay."""
+    torch.manual_seed(3)
+    build = {"recon": recon.ReconNet, "audio2exp": audio2coeff.ExpNet, "audio2pose": audio2coeff.PoseVAE}[name]
+    net = build().eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batchnorms(copy.deepcopy(net))
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert norms > 0 and left == {"recon": 0, "audio2exp": 0, "audio2pose": 6}[name], (norms, left)
+    with torch.no_grad():
+        if name == "recon":
+            image = torch.rand(2, 3, 224, 224)
+            pairs = [(net(image), folded(image))]
+        elif name == "audio2exp":
+            mel, ref, blink = torch.randn(4, 1, 80, 16), torch.randn(4, 64), torch.rand(4, 1)
+            pairs = [(net(mel, ref, blink), folded(mel, ref, blink))]
+        else:
+            mel = torch.randn(1, 32, 1, 80, 16)
+            z, style, ref = torch.randn(1, 64), torch.tensor([3]), torch.randn(1, 6)
+            emb, emb_folded = net.audio_encoder(mel), folded.audio_encoder(mel)
+            pairs = [(emb, emb_folded), (net.decoder(z, style, ref, emb), folded.decoder(z, style, ref, emb))]
+    for expected, got in pairs:
+        assert not torch.equal(expected, torch.zeros_like(expected))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -375,9 +375,12 @@ def _input(job: StepJob, name: str) -> Path:
 
 
 def _pooled(pool: ModelPool, ckpt: CheckpointSet, network: str, device: str, build: Callable[[Any], Any]) -> Any:
-    """A coefficient network from the pool (float32: they are small), loaded strictly on first use."""
+    """A coefficient network from the pool (float32: they are small), loaded strictly on first use, its
+    BatchNorms folded into the convolutions (`fold.py`)."""
 
     def load() -> Any:
+        from renderer.sadtalker.fold import fold_batchnorms
+
         try:
             net = build(ckpt.state_dict(network))
         except KeyError as exc:
@@ -385,7 +388,7 @@ def _pooled(pool: ModelPool, ckpt: CheckpointSet, network: str, device: str, bui
                 f"{ckpt.files()[0]} ({network}) does not match the network: {exc}",
                 "it is not a SadTalker V0.0.2 checkpoint: run `make checkpoints`",
             ) from exc
-        return net.to(device).eval().requires_grad_(False)
+        return fold_batchnorms(net).to(device)
 
     model_id = f"sadtalker/{network}/{ckpt.size}/{'legacy' if ckpt.legacy else 'v002'}@{ckpt.root}"
     return pool.get(model_id, device, "float32", load)

@@ -27,6 +27,8 @@ _EXPANSION = 4
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1×1 → 3×3 (carries the stride) → 1×1 (×4), identity or projected shortcut."""
 
+    CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # pairs `fold.fold_batchnorms` may fold
+
     def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
         cout = width * _EXPANSION
@@ -51,6 +53,8 @@ class Bottleneck(nn.Module):
 
 class ResNet50Backbone(nn.Module):
     """ResNet-50 without its classifier: (B, 3, H, W) → globally averaged features (B, 2048, 1, 1)."""
+
+    CONV_BN = (("conv1", "bn1"),)
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,0 +1,36 @@
+"""Fold eval-mode BatchNorms into the convolutions that feed them (the coefficient networks, at load).
+
+A folded network runs one convolution where it ran a convolution and a normalisation: the same result in real
+arithmetic, float32 rounding apart, and half the kernel launches in the 3DMM regressor and the audio encoders,
+which are small enough on a GPU to be bound by launching kernels. The renderer folds its own blocks in
+`facerender.fuse_for_inference`.
+
+Pairs are found in two places: a Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential`, and the
+attribute names a module lists in `CONV_BN` (e.g. ResNet's `("conv1", "bn1")`). The BatchNorm becomes an
+`nn.Identity`, so forward code stays unchanged; the state-dict layout does not (load first, then fold).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+def fold_batchnorms(module: nn.Module) -> nn.Module:
+    """Fold every (Conv2d, BatchNorm2d) pair of `module` in place; returns it in eval mode, without gradients."""
+    module.eval()
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.Sequential):
+            names = list(sub._modules)
+            for first, second in zip(names, names[1:], strict=False):
+                _fold(sub, first, second)
+        for conv_name, bn_name in getattr(sub, "CONV_BN", ()):
+            _fold(sub, conv_name, bn_name)
+    return module.requires_grad_(False)
+
+
+def _fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(parent, bn_name, nn.Identity())
