@@ -13,7 +13,7 @@ Per job (SPEC §1.2), in numbered steps:
    or in `preprocess: full` a Poisson paste back into the portrait (`paste.PasteBack`).
 
 Models come from the pool once per run: the renderer (KPDetector + MappingNet + generator) per (size, 70|73
-inputs), the 3DMM regressor and the two audio networks per size.
+inputs), the 3DMM regressor and the two audio networks per size (their BatchNorms folded into the convolutions).
 
 Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
 asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
