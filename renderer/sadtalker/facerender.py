@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from renderer.sadtalker.fold import fold_bn
+
 #: Number of keypoints (face-vid2vid's num_kp).
 NUM_KP = 15
 #: Head-pose bins of the mapping net: degree = 3·E[bin] − 99.
@@ -140,16 +142,6 @@ def kp_to_gaussian(kp: torch.Tensor, spatial_size: tuple[int, int, int], varianc
 # Building blocks (SPEC §7.1). Each block with a conv directly followed by BatchNorm can fold the norm (`fuse`).
 
 
-def _fold_bn(conv: nn.Module, bn: nn.Module) -> None:
-    """Fold an eval-mode BatchNorm into the preceding convolution's weight and bias, in place (exact in math)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-    bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
-    conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
-    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-
-
 class SameBlock2d(nn.Module):
     """Conv2d (k, same padding) → BatchNorm → ReLU or LeakyReLU(0.01)."""
 
@@ -164,7 +156,7 @@ class SameBlock2d(nn.Module):
         return F.leaky_relu(out, 0.01) if self.lrelu else F.relu(out)
 
     def fuse(self) -> None:
-        _fold_bn(self.conv, self.norm)
+        fold_bn(self.conv, self.norm)
         self.norm = nn.Identity()
 
 
@@ -180,7 +172,7 @@ class DownBlock2d(nn.Module):
         return F.avg_pool2d(F.relu(self.norm(self.conv(x))), 2)
 
     def fuse(self) -> None:
-        _fold_bn(self.conv, self.norm)
+        fold_bn(self.conv, self.norm)
         self.norm = nn.Identity()
 
 
@@ -196,7 +188,7 @@ class DownBlock3d(nn.Module):
         return F.avg_pool3d(F.relu(self.norm(self.conv(x))), (1, 2, 2))
 
     def fuse(self) -> None:
-        _fold_bn(self.conv, self.norm)
+        fold_bn(self.conv, self.norm)
         self.norm = nn.Identity()
 
 
@@ -213,7 +205,7 @@ class UpBlock3d(nn.Module):
         return F.relu(self.norm(self.conv(x)))
 
     def fuse(self) -> None:
-        _fold_bn(self.conv, self.norm)
+        fold_bn(self.conv, self.norm)
         self.norm = nn.Identity()
 
 
@@ -236,7 +228,7 @@ class ResBlock3d(nn.Module):
         return out + x
 
     def fuse(self) -> None:
-        _fold_bn(self.conv1, self.norm2)
+        fold_bn(self.conv1, self.norm2)
         self.norm2 = nn.Identity()
 
 
@@ -416,7 +408,7 @@ class HourglassDecoder(nn.Module):
         return F.relu(self.norm(self.conv(out)))
 
     def fuse(self) -> None:
-        _fold_bn(self.conv, self.norm)
+        fold_bn(self.conv, self.norm)
         self.norm = nn.Identity()
 
 
@@ -465,7 +457,8 @@ class MotionHeads(nn.Module):
         self.kernels, self.taps, self.depth, self.padding = kernels, taps, depth, occlusion.padding
 
     def forward(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hourglass output [B, C, D, H, W] → float32 mask logits [B, 16, D, H, W], occlusion logits [B, 1, H, W]."""
+        """Hourglass output [B, C, D, H, W] → float32 mask logits [B, 16, D, H, W] and occlusion logits
+        [B, 1, H, W]."""
         b, c, d, h, w = prediction.shape
         if d != self.depth:
             raise ValueError(f"motion heads were built for depth {self.depth}, got {d}")
@@ -508,7 +501,7 @@ class DenseMotionNetwork(nn.Module):
         self.heads: MotionHeads | None = None
 
     def fuse(self) -> None:
-        _fold_bn(self.compress, self.norm)
+        fold_bn(self.compress, self.norm)
         self.norm = nn.Identity()
         self.heads = MotionHeads(self.mask, self.occlusion)
         del self.mask, self.occlusion

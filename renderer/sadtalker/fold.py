@@ -2,8 +2,8 @@
 
 A folded network runs one convolution where it ran a convolution and a normalisation: the same result in real
 arithmetic, float32 rounding apart, and half the kernel launches in the 3DMM regressor and the audio encoders,
-which are small enough on a GPU to be bound by launching kernels. The renderer folds its own blocks in
-`facerender.fuse_for_inference`.
+which are small enough on a GPU to be bound by launching kernels. The renderer's blocks call `fold_bn` from
+their own `fuse` (`facerender.fuse_for_inference`).
 
 Pairs are found in two places: a Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential`, and the
 attribute names a module lists in `CONV_BN` (e.g. ResNet's `("conv1", "bn1")`). The BatchNorm becomes an
@@ -12,8 +12,8 @@ attribute names a module lists in `CONV_BN` (e.g. ResNet's `("conv1", "bn1")`). 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def fold_batchnorms(module: nn.Module) -> nn.Module:
@@ -29,8 +29,18 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
 
+def fold_bn(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into the preceding convolution's weight and bias, in place (exact in math)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
+    conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+
+
 def _fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
     conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
     if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
-        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+        fold_bn(conv, bn)
         setattr(parent, bn_name, nn.Identity())

@@ -18,8 +18,9 @@ inputs), the 3DMM regressor and the two audio networks per size (their BatchNorm
 Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
 asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
 convolutions under `torch.autocast` with float32 weights; keypoint maths, grids, warps, softmaxes and the uint8
-conversion stay float32, and instance-norm statistics accumulate in float32. Measured max error vs float32 (golden generator input, S = 256, fill-rule
-weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24, mean |Δ| = 0.021 (uint8: max 60 levels, mean 5.2).
+conversion stay float32, and instance-norm statistics accumulate in float32. Measured max error vs float32
+(golden generator input, S = 256, fill-rule weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24,
+mean |Δ| = 0.021 (uint8: max 60 levels, mean 5.2).
 The SPADE decoder alone in bfloat16 gives 0.097 max / 0.010 mean; the random fill weights amplify small changes
 strongly (float32 thread-count noise of 1e-7 already moves the output by 6e-5), so trained weights should fare
 better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machine) bfloat16 is also faster:
@@ -32,11 +33,12 @@ of compiling once per run, then about 1.8× the frame rate; compiled float16 dif
 levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
 
 On CUDA the work overlaps in three places: a thread prepares (steps 2–3) up to two videos ahead of the one being
-rendered (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording forbids
-GPU calls from other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to the eager pass, which
-partial batches use); and encoder threads paste or resize and encode batch k while the GPU renders batch k+1
-(`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at most two batches wait
-per thread, so memory stays flat). Steps 1 of all jobs run first, to group the jobs by renderer.
+rendered (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
+forbids GPU calls from other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to
+the eager pass, which partial batches use); and encoder threads paste or resize and encode batch k while the
+GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at
+most two batches wait per thread, so memory stays flat). Step 1 of every job runs first, to group the jobs by
+renderer.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
