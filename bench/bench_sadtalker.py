@@ -294,15 +294,16 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
         result = pipeline.run([job], pool)[0]
         frames = result["frames"] if isinstance(result, dict) else str(result)
     else:  # CPU: the whole front half, the render set-up, then only `frames_cap` frames
-        prepare, full = pipeline._prepare, []
+        prepare, full = pipeline._prepare_batch, []
 
-        def capped(plan, pool, times=None):  # bench-only: the stage's preparation, then frames_cap frames kept
-            video = prepare(plan, pool, times)
-            full.append(len(video.target))
-            video.target = np.asarray(video.target[:frames_cap])
-            return video
+        def capped(plans, pool, times=None):  # bench-only: the stage's preparation, then frames_cap frames kept
+            videos = prepare(plans, pool, times)
+            for video in videos:
+                full.append(len(video.target))
+                video.target = np.asarray(video.target[:frames_cap])
+            return videos
 
-        pipeline._prepare = capped
+        pipeline._prepare_batch = capped
         result = pipeline.run([job], pool)[0]
         assert isinstance(result, dict), result
         frames = f"{result['frames']} of {full[0]} rendered"
@@ -328,7 +329,7 @@ def child_clips(
 ) -> dict:
     """Run in a fresh process: `count` clips through the stage with one model pool (seeds first..first+count-1).
 
-    `prepare`: "AHEAD[:PRIORITY]" overrides pipeline.PREPARE_AHEAD (and PREPARE_STREAM_PRIORITY)."""
+    `prepare`: "AHEAD[:BATCH]" overrides pipeline.PREPARE_AHEAD (and PREPARE_BATCH)."""
     import logging
 
     from renderer.base import ModelPool
@@ -336,21 +337,63 @@ def child_clips(
     from renderer.sadtalker import pipeline
 
     if prepare:
-        ahead, _, priority = prepare.partition(":")
+        ahead, _, batch = prepare.partition(":")
         pipeline.PREPARE_AHEAD = int(ahead)
-        pipeline.PREPARE_STREAM_PRIORITY = int(priority or pipeline.PREPARE_STREAM_PRIORITY)
+        pipeline.PREPARE_BATCH = int(batch or pipeline.PREPARE_BATCH)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stage's own time split, on stderr
     work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
     jobs = [
         _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size, compile=compile)
         for i in range(first, first + count)
     ]
-    results = pipeline.run(jobs, ModelPool())
+    with _GilProbe() as gil:
+        results = pipeline.run(jobs, ModelPool())
+    print(f"bench: {gil}", file=sys.stderr)
     failed = [str(r) for r in results if not isinstance(r, dict)]
     if failed:
         raise SystemExit(f"clips failed: {failed[:2]}")
     frames = sum(probe(Path(job.out_dir) / pipeline.OUTPUT_NAME).frames for job in jobs)
     return {"clips": count, "frames": frames}
+
+
+class _GilProbe:
+    """A thread that sleeps 5 ms at a time and records how much later it got the GIL back: how long any thread
+    that releases the GIL (every torch call does) waits to run Python again while the stage runs."""
+
+    SLEEP_S = 0.005
+
+    def __init__(self) -> None:
+        import threading
+
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(self.SLEEP_S)
+            self.late.append(time.perf_counter() - start - self.SLEEP_S)
+
+    def __enter__(self) -> _GilProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __str__(self) -> str:
+        import numpy as np
+
+        late = np.asarray(self.late) * 1e3
+        if late.size == 0:
+            return "GIL probe: no samples"
+        p50, p90, p99 = np.percentile(late, [50, 90, 99])
+        return (
+            f"GIL probe: a thread waking from a 5 ms sleep ran again {p50:.2f} ms late (median), {p90:.2f} ms "
+            f"(90th percentile), {p99:.2f} ms (99th), {late.size} samples"
+        )
 
 
 def bench_clips(
@@ -365,7 +408,7 @@ def bench_clips(
 ) -> None:
     """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model).
 
-    `prepare`: warm runs with these "AHEAD[:PRIORITY]" preparation settings, one after another (default: the
+    `prepare`: warm runs with these "AHEAD[:BATCH]" preparation settings, one after another (default: the
     stage's own)."""
     if _fill() is None:
         print("clips: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
@@ -384,7 +427,7 @@ def bench_clips(
             wall = time.perf_counter() - start
             if out.returncode != 0:
                 raise SystemExit(f"clip child failed:\n{out.stderr[-3000:]}")
-            split = [line for line in out.stderr.splitlines() if line.startswith("sadtalker:")]
+            split = [line for line in out.stderr.splitlines() if line.startswith(("sadtalker:", "bench:"))]
             return wall, {**json.loads(out.stdout.strip().splitlines()[-1]), "split": split}
 
         print(
@@ -394,7 +437,7 @@ def bench_clips(
         warm = {}
         for variant in prepare or [None]:
             warm[variant], info = child(0, count, variant)
-            label = f" (prepare ahead:priority {variant})" if variant else ""
+            label = f" (prepare ahead:batch {variant})" if variant else ""
             print(f"  one warm process{label}: {warm[variant]:.1f} s for {info['frames']} frames", flush=True)
             for line in info["split"]:
                 print(f"    {line}")
@@ -459,7 +502,8 @@ def main() -> None:
     parser.add_argument(
         "--prepare",
         nargs="+",
-        help='clips: warm runs with these preparation settings "AHEAD[:STREAM_PRIORITY]", e.g. 0 2 2:0',
+        help='clips: warm runs with these preparation settings "AHEAD[:BATCH]" (batches prepared ahead on a thread, '
+        "videos per batch), e.g. 0:1 1:1 1:4",
     )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")

@@ -86,8 +86,8 @@ except ImportError:
     sdcompile)
         part sdcompile 240 python3 bench/bench_sd.py --compile --batch-sizes 8 16 --repeats 2 ;;
     clips)  # the one-process-per-clip arm runs 5 of the 20 clips (each ~10 s) and scales their mean
-        part clips 200 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
-            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0 2 2:0 ;;
+        part clips 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0:1 0:4 1:1 1:4 1:8 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;

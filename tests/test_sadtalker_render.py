@@ -32,7 +32,15 @@ from _sadtalker_util import (  # noqa: E402
     require_shared,
 )
 
-from renderer.base import SAMPLES_PER_FRAME, BackendError, BadInputError, MissingWeightsError, ModelPool, StepJob  # noqa: E402
+from renderer.base import (  # noqa: E402
+    SAMPLES_PER_FRAME,
+    BackendError,
+    BadInputError,
+    MissingWeightsError,
+    ModelPool,
+    RenderError,
+    StepJob,
+)
 from renderer.sadtalker import facerender as fr  # noqa: E402
 from renderer.sadtalker import pipeline, weights  # noqa: E402
 from renderer.sadtalker.paste import PasteBack  # noqa: E402
@@ -928,52 +936,94 @@ def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() ->
 # Preparation ahead of the renderer (a thread on CUDA) and the model pool it shares
 
 
-def test_preparer_thread_prepares_the_same_videos_as_on_demand(fake_checkpoints: Path, tmp_path: Path) -> None:
-    """The real steps 2–3 (dlib face, 3DMM, audio networks) on the preparation thread give bit-identical videos to
-    preparing each on demand; a failing job lands in `failed` with its label and the others still come."""
+def test_preparer_thread_and_batches_prepare_the_same_videos_as_one_at_a_time(
+    fake_checkpoints: Path, tmp_path: Path
+) -> None:
+    """The real steps 2–3 (dlib face, 3DMM, audio networks) give the same videos whether each is prepared alone on
+    demand, on the preparation thread (bit-identical), or with companions in one batch (the networks' passes then
+    cover several videos: equal up to float noise); a failing job lands in `failed` with its label and the others
+    still come, still or moving, short or long."""
     portrait, blank = _portraits(tmp_path)
-    speech = tmp_path / "speech.wav"
-    write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
-    specs = [("a", portrait, 1), ("noface", blank, 2), ("b", portrait, 3), ("c", portrait, 4)]
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    write_wav(short, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    write_wav(long, tone(40 * SAMPLES_PER_FRAME / 16000, 16000, freq=300.0), 16000)  # two pose windows
+    specs = [
+        ("a", portrait, short, 1, {}),
+        ("noface", blank, short, 2, {}),
+        ("b", portrait, long, 3, {"pose_style": 5}),
+        ("c", portrait, short, 4, {"still": True, "expression_scale": 1.5}),
+        ("d", portrait, long, 3, {"pose_style": 5}),
+    ]
     prepared = {}
-    for ahead in (0, 1, 3):
-        out = tmp_path / f"ahead{ahead}"
+    for ahead, batch in ((0, 1), (1, 1), (3, 1), (0, 3), (1, 5)):
+        out = tmp_path / f"ahead{ahead}-batch{batch}"
         out.mkdir()
         plans = [
-            pipeline._plan(i, _job(out, name, fake_checkpoints, image, speech, seed=seed))
-            for i, (name, image, seed) in enumerate(specs)
+            pipeline._plan(i, _job(out, name, fake_checkpoints, image, speech, seed=seed, **video))
+            for i, (name, image, speech, seed, video) in enumerate(specs)
         ]
-        preparer = pipeline._Preparer(plans, ModelPool(), ahead)
+        preparer = pipeline._Preparer(plans, ModelPool(), ahead, batch)
         try:
-            prepared[ahead] = [preparer.next() for _ in plans]
+            prepared[ahead, batch] = [preparer.next() for _ in plans]
         finally:
             preparer.close()
-        assert prepared[ahead][1] is None and set(preparer.failed) == {1}
+        assert prepared[ahead, batch][1] is None and set(preparer.failed) == {1}
         assert "videos.noface" in preparer.failed[1].message and "no face" in preparer.failed[1].message
-        assert preparer.busy_s > 0
+        assert preparer.busy_s > 0 and set(preparer.times) == {"face", "3DMM", "audio"}
         if ahead:
             assert preparer._thread is not None and not preparer._thread.is_alive()
-    for ahead in (1, 3):
-        for on_demand, threaded in zip(prepared[0], prepared[ahead], strict=True):
-            if on_demand is None:
+    alone = prepared[0, 1]
+    for key, videos in prepared.items():
+        exact = key[1] == 1
+        for one, other in zip(alone, videos, strict=True):
+            if one is None:
                 continue
-            assert threaded.index == on_demand.index and threaded.frame_size == on_demand.frame_size
-            np.testing.assert_array_equal(threaded.target, on_demand.target)
-            np.testing.assert_array_equal(threaded.source_coeff, on_demand.source_coeff)
-            np.testing.assert_array_equal(threaded.source_crop, on_demand.source_crop)
-    a, _, b, _ = prepared[0]
-    assert a.target.shape == (5, 70) and not np.array_equal(a.target, b.target)  # the seeds differ
+            assert other.index == one.index and other.frame_size == one.frame_size
+            np.testing.assert_array_equal(other.source_crop, one.source_crop)
+            if exact:
+                np.testing.assert_array_equal(other.target, one.target)
+                np.testing.assert_array_equal(other.source_coeff, one.source_coeff)
+            else:
+                np.testing.assert_allclose(other.target, one.target, rtol=0, atol=1e-5)
+                np.testing.assert_allclose(other.source_coeff, one.source_coeff, rtol=0, atol=1e-5)
+    a, _, b, c, d = alone
+    assert a.target.shape == (5, 70) and b.target.shape == (40, 70)
+    np.testing.assert_array_equal(b.target, d.target)  # same seed, same audio: same video, whatever the batch
+    assert not np.allclose(a.target, c.target)  # other seed and scale
+    assert np.ptp(c.target[:, 64:], axis=0).max() == 0 and np.ptp(b.target[:, 64:], axis=0).max() > 0  # still
 
 
 def _fake_plans(count: int) -> list:
     from types import SimpleNamespace
 
-    return [SimpleNamespace(index=i, job=SimpleNamespace(label=f"videos[{i}]", device="cpu")) for i in range(count)]
+    return [
+        SimpleNamespace(index=i, group="g", job=SimpleNamespace(label=f"videos[{i}]", device="cpu"))
+        for i in range(count)
+    ]
 
 
-def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The thread prepares holding `gpu` (so a CUDA graph is never recorded meanwhile) and at most `ahead` videos
-    beyond the one the renderer took; closing early stops it without preparing the rest."""
+def _per_video(prepare):
+    """A fake `_prepare_batch` from a fake preparation of one plan (its RenderError fails that plan only)."""
+
+    def prepare_batch(plans, pool, times=None):
+        out = []
+        for plan in plans:
+            try:
+                out.append(prepare(plan, pool, times))
+            except RenderError as exc:
+                out.append(exc)
+        return out
+
+    return prepare_batch
+
+
+@pytest.mark.parametrize(("batch", "expected"), [(1, 4), (3, 12)])
+def test_preparer_holds_the_gpu_lock_and_stays_bounded(
+    batch: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread prepares holding `gpu` (so a CUDA graph is never recorded meanwhile) and at most `ahead` batches
+    beyond the one the renderer took (plus the one waiting to be queued); closing early stops it without
+    preparing the rest."""
     import threading
     import time
 
@@ -987,19 +1037,37 @@ def test_preparer_holds_the_gpu_lock_and_stays_bounded(monkeypatch: pytest.Monke
         held.append(preparer.gpu.locked())
         return plan.index
 
-    monkeypatch.setattr(pipeline, "_prepare", prepare)
-    preparer = pipeline._Preparer(_fake_plans(10), ModelPool(), ahead=2)
+    monkeypatch.setattr(pipeline, "_prepare_batch", _per_video(prepare))
+    preparer = pipeline._Preparer(_fake_plans(20), ModelPool(), ahead=2, batch=batch)
     gate.set()
     assert preparer.next() == 0
-    for _ in range(100):  # let the thread fill the queue: 2 waiting + 1 blocked in put
-        if len(started) >= 4:
+    for _ in range(100):  # let the thread fill the queue: 2 batches waiting + 1 blocked in put
+        if len(started) >= expected:
             break
         time.sleep(0.02)
     time.sleep(0.1)
-    assert len(started) == 4, started
+    assert len(started) == expected, started
+    assert [preparer.next() for _ in range(batch)] == list(range(1, batch + 1))  # in order across batches
     preparer.close()
-    assert len(started) == 4 and all(held)
+    assert len(started) <= expected + batch and all(held)
     assert not preparer._thread.is_alive()
+
+
+def test_preparer_batches_stay_within_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch never mixes groups (their networks or devices may differ): groups a a b a a a with batch 2 are
+    prepared as [a a] [b] [a a] [a]."""
+    seen: list[list[int]] = []
+
+    def prepare_batch(plans, pool, times=None):
+        seen.append([plan.index for plan in plans])
+        return [plan.index for plan in plans]
+
+    monkeypatch.setattr(pipeline, "_prepare_batch", prepare_batch)
+    plans = _fake_plans(6)
+    plans[2].group = "other"
+    preparer = pipeline._Preparer(plans, ModelPool(), ahead=0, batch=2)
+    assert [preparer.next() for _ in plans] == list(range(6))
+    assert seen == [[0, 1], [2], [3, 4], [5]]
 
 
 def test_preparer_thread_bug_reaches_the_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1010,7 +1078,7 @@ def test_preparer_thread_bug_reaches_the_renderer(monkeypatch: pytest.MonkeyPatc
             raise BadInputError("no face", "use another portrait")
         return plan.index
 
-    monkeypatch.setattr(pipeline, "_prepare", prepare)
+    monkeypatch.setattr(pipeline, "_prepare_batch", _per_video(prepare))
     for ahead in (0, 1):
         preparer = pipeline._Preparer(_fake_plans(3), ModelPool(), ahead=ahead)
         assert preparer.next() == 0
@@ -1089,7 +1157,7 @@ def test_renderer_that_fails_to_load_fails_its_group_and_keeps_the_preparer_in_s
 
     monkeypatch.setattr(weights, "load_face_renderer", fail)
     monkeypatch.setattr(
-        pipeline, "_prepare", lambda plan, pool, times=None: SimpleNamespace(index=plan.index, error=None)
+        pipeline, "_prepare_batch", _per_video(lambda plan, pool, times: SimpleNamespace(index=plan.index, error=None))
     )
     portrait, audio = tmp_path / "p.png", tmp_path / "a.wav"
     portrait.write_bytes(b"x")

@@ -16,6 +16,7 @@ strictly. Differences from upstream, all deliberate:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -290,18 +291,19 @@ def random_blinks(frames: int, generator: torch.Generator) -> np.ndarray:
 def predict_expression(
     exp_net: ExpNet, mel_windows: np.ndarray | torch.Tensor, ref_exp: np.ndarray, blink: np.ndarray
 ) -> np.ndarray:
-    """ExpNet over every frame: (N, 1, 80, 16) windows, (64,) source expression, (N, 1) blinks → (N, 64) float32."""
+    """ExpNet over every frame: (N, 1, 80, 16) windows, the source expression ((64,), or (N, 64): one per frame, as
+    when several videos run at once) and (N, 1) blinks → (N, 64) float32, `_CHUNK` frames per forward pass."""
     device, dtype = _net_placement(exp_net)
     windows = _as_windows(mel_windows)
     frames = windows.shape[0]
-    ref = torch.as_tensor(np.asarray(ref_exp, dtype=np.float32).reshape(1, NUM_EXP))
+    ref = torch.as_tensor(np.asarray(ref_exp, dtype=np.float32).reshape(-1, NUM_EXP)).expand(frames, NUM_EXP)
     ratio = torch.as_tensor(np.asarray(blink, dtype=np.float32).reshape(frames, 1))
     out = []
     for start in range(0, frames, _CHUNK):
         stop = min(start + _CHUNK, frames)
         pred = exp_net(
             windows[start:stop].to(device, dtype),
-            ref.expand(stop - start, NUM_EXP).to(device, dtype),
+            ref[start:stop].to(device, dtype),
             ratio[start:stop].to(device, dtype),
         )
         out.append(pred.float().cpu())
@@ -336,7 +338,17 @@ def encode_pose_audio(pose_net: PoseVAE, mel_windows: np.ndarray | torch.Tensor)
     return torch.cat(out) if out else torch.zeros(0, 512)
 
 
-@torch.no_grad()
+@dataclasses.dataclass(frozen=True)
+class PoseRequest:
+    """One clip's inputs to `predict_poses`: mel windows (N, 1, 80, 16), reference pose (6,), pose style, and one
+    64-d latent per window of `pose_windows(N)`, in that order."""
+
+    mel_windows: np.ndarray | torch.Tensor
+    ref_pose: np.ndarray
+    pose_style: int
+    latents: torch.Tensor
+
+
 def predict_pose(
     pose_net: PoseVAE,
     mel_windows: np.ndarray | torch.Tensor,
@@ -348,28 +360,61 @@ def predict_pose(
 
     `latents` holds one 64-d z per window of `pose_windows(N)`, in that order.
     """
-    windows = _as_windows(mel_windows)
-    frames = windows.shape[0]
-    plan = pose_windows(frames)
-    latents = torch.as_tensor(latents).reshape(-1, POSE_LATENT)
-    if latents.shape[0] != len(plan):
-        raise ValueError(f"{len(plan)} pose windows need {len(plan)} latents, got {latents.shape[0]}")
-    if not 0 <= pose_style < NUM_POSE_STYLES:
-        raise ValueError(f"pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {pose_style}")
+    return predict_poses(pose_net, [PoseRequest(mel_windows, ref_pose, pose_style, latents)])[0]
+
+
+@torch.no_grad()
+def predict_poses(pose_net: PoseVAE, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
+    """`predict_pose` for several clips at once: the audio encoder runs over all their frames and the decoder over
+    all their windows, `_CHUNK` at a time, instead of once per clip and window (equal up to float noise)."""
     device, dtype = _net_placement(pose_net)
-    ref = np.asarray(ref_pose, dtype=np.float32).reshape(NUM_POSE)
-    motion = [torch.zeros(1, NUM_POSE)]
-    if plan:
-        embeddings = encode_pose_audio(pose_net, windows[1:])
-        style = torch.tensor([pose_style], dtype=torch.int64, device=device)
-        ref_t = torch.as_tensor(ref)[None].to(device, dtype)
-        for (first, stop, keep), z in zip(plan, latents, strict=True):
-            emb = embeddings[first:stop]
+    plans, windows, refs, styles, latents = [], [], [], [], []
+    for request in requests:
+        clip = _as_windows(request.mel_windows)
+        plan = pose_windows(clip.shape[0])
+        z = torch.as_tensor(request.latents).reshape(-1, POSE_LATENT)
+        if z.shape[0] != len(plan):
+            raise ValueError(f"{len(plan)} pose windows need {len(plan)} latents, got {z.shape[0]}")
+        if not 0 <= request.pose_style < NUM_POSE_STYLES:
+            raise ValueError(f"pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {request.pose_style}")
+        plans.append(plan)
+        windows.append(clip[1:])
+        refs.append(torch.as_tensor(np.asarray(request.ref_pose, dtype=np.float32).reshape(NUM_POSE)))
+        styles += [request.pose_style] * len(plan)
+        latents.append(z)
+    # Embeddings of every motion frame of every clip, then the decoder's (32, 512) window per latent.
+    embeddings = encode_pose_audio(pose_net, torch.cat(windows)) if windows else torch.zeros(0, 512)
+    inputs, offset = [], 0
+    for plan, clip in zip(plans, windows, strict=True):
+        own = embeddings[offset : offset + clip.shape[0]]
+        offset += clip.shape[0]
+        for first, stop, _ in plan:
+            emb = own[first:stop]
             if emb.shape[0] < POSE_SEQ_LEN:  # short clip: left-pad by repeating the first embedding
                 emb = torch.cat([emb[:1].expand(POSE_SEQ_LEN - emb.shape[0], -1), emb])
-            pred = pose_net.decoder(z[None].to(device, dtype), style, ref_t, emb[None].to(device, dtype))
-            motion.append(pred[0, -keep:].float().cpu())
-    return (torch.as_tensor(ref)[None] + torch.cat(motion)).numpy()
+            inputs.append(emb)
+    ref_rows = torch.cat([ref[None].expand(len(plan), -1) for ref, plan in zip(refs, plans, strict=True)])
+    z_rows = torch.cat(latents) if latents else torch.zeros(0, POSE_LATENT)
+    style_rows = torch.tensor(styles, dtype=torch.int64)
+    motion = []
+    for start in range(0, len(inputs), _CHUNK):
+        stop = min(start + _CHUNK, len(inputs))
+        pred = pose_net.decoder(
+            z_rows[start:stop].to(device, dtype),
+            style_rows[start:stop].to(device),
+            ref_rows[start:stop].to(device, dtype),
+            torch.stack(inputs[start:stop]).to(device, dtype),
+        )
+        motion.append(pred.float().cpu())
+    predicted = torch.cat(motion) if motion else torch.zeros(0, POSE_SEQ_LEN, NUM_POSE)
+    out, row = [], 0
+    for plan, ref in zip(plans, refs, strict=True):
+        kept = [torch.zeros(1, NUM_POSE)]
+        for _, _, keep in plan:
+            kept.append(predicted[row, -keep:])
+            row += 1
+        out.append((ref[None] + torch.cat(kept)).numpy())
+    return out
 
 
 def smooth_pose(pose: np.ndarray) -> np.ndarray:
@@ -382,6 +427,18 @@ def smooth_pose(pose: np.ndarray) -> np.ndarray:
     if window <= SMOOTH_ORDER:
         return pose.copy()
     return savgol_filter(pose, window, SMOOTH_ORDER, axis=0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoeffRequest:
+    """One video's inputs to `predict_coeffs_batch` (the arguments of `predict_coeffs`)."""
+
+    mel_windows: np.ndarray | torch.Tensor
+    source_coeff: np.ndarray
+    generator: torch.Generator
+    pose_style: int = 0
+    still: bool = False
+    expression_scale: float = 1.0
 
 
 def predict_coeffs(
@@ -401,21 +458,47 @@ def predict_coeffs(
     the predicted expression (the source's is unchanged); `still` freezes the pose to the source pose, and then
     `pose_net` may be None. Random draws (blinks, then pose latents) come from `generator` (a CPU generator).
     """
-    windows = _as_windows(mel_windows)
-    frames = windows.shape[0]
-    if frames < 1:
-        raise ValueError("no audio frames: the audio is shorter than one video frame (40 ms)")
-    ref = np.asarray(source_coeff, dtype=np.float32).reshape(-1)
-    if ref.size < NUM_COEFFS:
-        raise ValueError(f"source_coeff needs at least {NUM_COEFFS} values, got {ref.size}")
-    ref = ref[:NUM_COEFFS]
-    blink = random_blinks(frames, generator)
-    exp = predict_expression(exp_net, windows, ref[:NUM_EXP], blink)
-    if still:
-        pose = np.repeat(ref[None, NUM_EXP:], frames, axis=0)
-    else:
-        if pose_net is None:
-            raise ValueError("pose_net is required unless still=True")
-        latents = torch.randn(len(pose_windows(frames)), POSE_LATENT, generator=generator)
-        pose = smooth_pose(predict_pose(pose_net, windows, ref[NUM_EXP:], pose_style, latents))
-    return np.concatenate([exp * np.float32(expression_scale), pose], axis=1).astype(np.float32)
+    request = CoeffRequest(mel_windows, source_coeff, generator, pose_style, still, expression_scale)
+    return predict_coeffs_batch(exp_net, pose_net, [request])[0]
+
+
+def predict_coeffs_batch(
+    exp_net: ExpNet, pose_net: PoseVAE | None, requests: Sequence[CoeffRequest]
+) -> list[np.ndarray]:
+    """`predict_coeffs` for several videos at once: each network runs over all their frames together (a few forward
+    passes instead of a few per video; equal up to float noise). Each video's random draws come from its own
+    generator, in the same order as alone, so a video's coefficients do not depend on its companions."""
+    windows, refs, blinks, poses = [], [], [], []
+    for request in requests:
+        clip = _as_windows(request.mel_windows)
+        frames = clip.shape[0]
+        if frames < 1:
+            raise ValueError("no audio frames: the audio is shorter than one video frame (40 ms)")
+        ref = np.asarray(request.source_coeff, dtype=np.float32).reshape(-1)
+        if ref.size < NUM_COEFFS:
+            raise ValueError(f"source_coeff needs at least {NUM_COEFFS} values, got {ref.size}")
+        windows.append(clip)
+        refs.append(ref[:NUM_COEFFS])
+        blinks.append(random_blinks(frames, request.generator))
+        if not request.still:
+            if pose_net is None:
+                raise ValueError("pose_net is required unless still=True")
+            latents = torch.randn(len(pose_windows(frames)), POSE_LATENT, generator=request.generator)
+            poses.append(PoseRequest(clip, ref[NUM_EXP:NUM_COEFFS], request.pose_style, latents))
+    if not requests:
+        return []
+    frame_refs = np.concatenate(
+        [np.repeat(ref[None, :NUM_EXP], len(clip), axis=0) for ref, clip in zip(refs, windows, strict=True)]
+    )
+    exp = predict_expression(exp_net, torch.cat(windows), frame_refs, np.concatenate(blinks))
+    raw_poses = iter(predict_poses(pose_net, poses)) if poses else iter(())
+    out, offset = [], 0
+    for request, ref, clip in zip(requests, refs, windows, strict=True):
+        own = exp[offset : offset + len(clip)] * np.float32(request.expression_scale)
+        offset += len(clip)
+        if request.still:
+            pose = np.repeat(ref[None, NUM_EXP:], len(clip), axis=0)
+        else:
+            pose = smooth_pose(next(raw_poses))
+        out.append(np.concatenate([own, pose], axis=1).astype(np.float32))
+    return out

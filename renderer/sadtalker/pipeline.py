@@ -5,7 +5,8 @@ Per job (SPEC §1.2), in numbered steps:
 1. check the settings and inputs; find the checkpoints (MissingWeightsError names the files);
 2. detect the face (dlib, `renderer.faces`) and cut the S×S render source (`preprocess.crop_face`);
 3. 3DMM coefficients of the source (`recon`), mel windows of the speech (`audio`) and the driving coefficients
-   (`audio2coeff.predict_coeffs`: expression, blinks, head pose; every random draw from `job.seed`);
+   (`audio2coeff.predict_coeffs_batch`: expression, blinks, head pose; every random draw from `job.seed`); steps
+   2–3 run for a few jobs at a time, so each network makes one pass over all of them (`_prepare_batch`);
 4. render: the frames of all jobs that use the same renderer weights share forward batches of
    `video.batch_size` frames; each batch goes straight to its videos' encoders, so memory stays flat however long
    the audio is (only the N×70 coefficients are kept per job);
@@ -32,8 +33,8 @@ frame rate (bench/results/).
 of compiling once per run, then about 1.8× the frame rate; compiled float16 differs from float32 by 1.5 of 255
 levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
 
-On CUDA the work overlaps in three places: a thread prepares (steps 2–3) up to two videos ahead of the one being
-rendered (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
+On CUDA the work overlaps in three places: a thread prepares (steps 2–3) the next batch of videos while the current
+ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
 forbids GPU calls from other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to
 the eager pass, which partial batches use); and encoder threads paste or resize and encode batch k while the
 GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at
@@ -146,10 +147,13 @@ def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
     return size, max(2, out_h + out_h % 2)
 
 
-#: On CUDA, videos are prepared (faces, 3DMM, audio networks) on a thread up to this many ahead of the renderer,
-#: so that work overlaps the frames of the video before; elsewhere each is prepared just before its first frame
-#: (on a CPU the two would only compete for the same cores).
-PREPARE_AHEAD = 2
+#: Videos are prepared (faces, 3DMM, audio networks) in batches of up to this many videos of one group: the
+#: networks run once per batch, not once per video.
+PREPARE_BATCH = 4
+#: On CUDA a thread prepares up to this many batches ahead of the renderer, so that work overlaps the frames of the
+#: videos before; elsewhere each batch is prepared just before its first frame (on a CPU the two would only compete
+#: for the same cores).
+PREPARE_AHEAD = 1
 #: CUDA priority of the preparation thread's stream (0: PyTorch's default; -1 is higher). On an H100, 20 clips
 #: measured 21.5 s at -1 and 21.1 s at 0 (bench/results/2026-11-26-h100b): no gain from the higher priority.
 PREPARE_STREAM_PRIORITY = 0
@@ -216,7 +220,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     ahead = _lookahead(plans)
     videos: list[_Video] = []
     started = time.perf_counter()
-    preparer = _Preparer(plans, pool, ahead)
+    preparer = _Preparer(plans, pool, ahead, PREPARE_BATCH)
     try:
         for group in groups.values():
             videos += _render_group(group, preparer, pool)
@@ -224,12 +228,13 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
         preparer.close()
     failed.update(preparer.failed)
     logger.info(
-        "sadtalker: %d videos prepared in %.1f s (%s)%s, the renderer waited %.1f s for them; %d frames rendered "
-        "and encoded, %.1f s in all",
+        "sadtalker: %d videos prepared in %.1f s (%s) in batches of up to %d, %s, the renderer waited %.1f s for "
+        "them; %d frames rendered and encoded, %.1f s in all",
         len(plans),
         preparer.busy_s,
         ", ".join(f"{name} {seconds:.1f} s" for name, seconds in preparer.times.items()) or "none",
-        f" on a thread up to {ahead} videos ahead" if ahead else " before their first frames",
+        PREPARE_BATCH,
+        f"on a thread up to {ahead} batches ahead" if ahead else "each before its first frame",
         preparer.waited_s,
         sum(video.written for video in videos),
         time.perf_counter() - started,
@@ -269,18 +274,20 @@ def _plan(index: int, job: StepJob) -> _Plan:
     return _Plan(index, job, settings, ckpt, warnings)
 
 
-def _prepare(plan: _Plan, pool: ModelPool, times: dict[str, float] | None = None) -> _Video:
-    """Steps 2–3 of one planned job (CPU work and the small networks; thread-safe: see `_Preparer`).
+def _prepare_batch(
+    plans: Sequence[_Plan], pool: ModelPool, times: dict[str, float] | None = None
+) -> list[_Video | RenderError]:
+    """Steps 2–3 of several planned jobs of one group (`_Plan.group`: the same weights and device), in order: a
+    `_Video` per job, or the RenderError that failed it. Thread-safe (see `_Preparer`).
 
-    `times`: seconds spent on the face (load, detect, crop), the 3DMM and the audio side are added to it."""
+    Faces, crops and mel windows are made per job on the CPU; the 3DMM and audio networks then run once over all
+    the batch's jobs (a few forward passes in all rather than a few per video: on a GPU each pass costs launches and
+    a wait for its result). A job's coefficients do not depend on its companions beyond float noise, and each draws
+    its randomness from its own seed. `times`: seconds spent on the face (load, detect, crop, output geometry), the
+    3DMM and the audio side are added to it."""
     import torch
 
-    from renderer import faces
-    from renderer.sadtalker import audio, audio2coeff, facerender, preprocess, recon
-    from renderer.sadtalker.paste import PasteBack
-
-    job, settings, ckpt = plan.job, plan.settings, plan.ckpt
-    portrait_path, audio_path = _input(job, "portrait"), _input(job, "audio")
+    from renderer.sadtalker import audio2coeff, facerender, recon
 
     times = {} if times is None else times
     clock = time.perf_counter()
@@ -291,22 +298,115 @@ def _prepare(plan: _Plan, pool: ModelPool, times: dict[str, float] | None = None
         times[name] = times.get(name, 0.0) + now - clock
         clock = now
 
+    out: list[_Video | RenderError | None] = [None] * len(plans)
+
+    def each(step: Callable[[_Plan], Any]) -> dict[int, Any]:
+        """`step` on every job still alive; a RenderError fails that job only."""
+        done = {}
+        for i, plan in enumerate(plans):
+            if out[i] is None:
+                try:
+                    done[i] = step(plan)
+                except RenderError as exc:
+                    out[i] = exc
+        return done
+
     # 2. Face and render source.
+    crops = each(lambda plan: _face(plan, pool))
+    lap("face")
+
+    # 3. Coefficients: source 3DMM, mel windows, driving coefficients.
+    def network(name: str, build: Callable[[Any], Any], jobs: Sequence[int]) -> Any:
+        """A network of the batch's weights, or None when it failed to load (and with it each of `jobs`)."""
+        if not jobs:
+            return None
+        try:
+            return _pooled(pool, plans[0].ckpt, name, plans[0].job.device, build)
+        except RenderError as exc:
+            for i in jobs:
+                out[i] = _copy(exc)
+            return None
+
+    recon_net = network("face_3drecon", recon.ReconNet.from_state_dict, list(crops))
+    source_coeffs: dict[int, np.ndarray] = {}
+    if recon_net is not None:
+        results = recon.coeffs_from_crops(
+            recon_net, [crop.crop for _, crop in crops.values()], [crop.landmarks_in_crop for _, crop in crops.values()]
+        )
+        source_coeffs = {i: coeff for i, (coeff, _) in zip(crops, results, strict=True)}
+    lap("3DMM")
+    windows = each(_mel_windows)
+    exp_net = network("audio2exp", audio2coeff.ExpNet.from_state_dict, list(windows))
+    moving = [i for i in windows if not plans[i].settings.still]
+    pose_net = network("audio2pose", audio2coeff.PoseVAE.from_state_dict, moving)
+    live = [i for i in windows if out[i] is None]
+    requests = [
+        audio2coeff.CoeffRequest(
+            windows[i],
+            source_coeffs[i],
+            torch.Generator().manual_seed(int(plans[i].job.seed)),
+            pose_style=plans[i].settings.pose_style,
+            still=plans[i].settings.still,
+            expression_scale=plans[i].settings.expression_scale,
+        )
+        for i in live
+    ]
+    coeffs = dict(zip(live, audio2coeff.predict_coeffs_batch(exp_net, pose_net, requests), strict=True))
+    lap("audio")
+
+    # Output geometry, and the videos.
+    for i, plan in enumerate(plans):
+        if out[i] is not None:
+            continue
+        image, crop = crops[i]
+        settings = plan.settings
+        try:
+            paste, frame_size = _geometry(plan, image, crop)
+        except RenderError as exc:
+            out[i] = exc
+            continue
+        # predict_coeffs_batch already scaled the expression and froze the pose: the render preparation must not
+        # scale again.
+        target = facerender.target_coefficients(coeffs[i], source_coeffs[i], settings.preprocess, 1.0, settings.still)
+        out[i] = _Video(
+            index=plan.index,
+            job=plan.job,
+            settings=settings,
+            ckpt=plan.ckpt,
+            target=target,
+            source_coeff=np.asarray(source_coeffs[i], dtype=np.float32).reshape(-1),
+            source_crop=crop.crop,
+            crop_info=crop.crop_info,
+            frame_size=frame_size,
+            paste=paste,
+            warnings=list(plan.warnings),
+        )
+    lap("face")
+    return out
+
+
+def _face(plan: _Plan, pool: ModelPool) -> tuple[np.ndarray, Any]:
+    """Step 2 of one job: the portrait, its face (dlib) and the S×S render source (`preprocess.CropResult`)."""
+    from renderer import faces
+    from renderer.sadtalker import preprocess
+
+    portrait_path = _input(plan.job, "portrait")
     image = faces.load_image(portrait_path)
     face = faces.detect_face(image, source=str(portrait_path), pool=pool)
     try:
-        crop = preprocess.crop_face(image, face.landmarks, settings.preprocess, settings.size)
+        crop = preprocess.crop_face(image, face.landmarks, plan.settings.preprocess, plan.settings.size)
     except ValueError as exc:
         raise BadInputError(
             f"cannot crop the face in {portrait_path}: {exc}", "use a portrait with the whole face inside"
         ) from exc
+    return image, crop
 
-    lap("face")
 
-    # 3. Coefficients: source 3DMM, mel windows, driving coefficients.
-    recon_net = _pooled(pool, ckpt, "face_3drecon", job.device, recon.ReconNet.from_state_dict)
-    source_coeff, _ = recon.coeffs_from_crop(recon_net, crop.crop, crop.landmarks_in_crop)
-    lap("3DMM")
+def _mel_windows(plan: _Plan) -> np.ndarray:
+    """The speech's mel window per video frame (N, 1, 80, 16)."""
+    from renderer.sadtalker import audio
+
+    audio_path = _input(plan.job, "audio")
     wav = audio.load_wav_16k(audio_path)
     windows = audio.mel_windows(wav)
     if len(windows) == 0:
@@ -314,56 +414,25 @@ def _prepare(plan: _Plan, pool: ModelPool, times: dict[str, float] | None = None
             f"audio {audio_path} is {len(wav)} samples long, shorter than one video frame (40 ms)",
             "give a longer speech WAV",
         )
-    exp_net = _pooled(pool, ckpt, "audio2exp", job.device, audio2coeff.ExpNet.from_state_dict)
-    pose_net = None
-    if not settings.still:
-        pose_net = _pooled(pool, ckpt, "audio2pose", job.device, audio2coeff.PoseVAE.from_state_dict)
-    generator = torch.Generator().manual_seed(int(job.seed))
-    coeffs = audio2coeff.predict_coeffs(
-        exp_net,
-        pose_net,
-        windows,
-        source_coeff,
-        pose_style=settings.pose_style,
-        still=settings.still,
-        expression_scale=settings.expression_scale,
-        generator=generator,
-    )
-    # predict_coeffs already scaled the expression and froze the pose: the render preparation must not scale again.
-    target = facerender.target_coefficients(coeffs, source_coeff, settings.preprocess, 1.0, settings.still)
+    return windows
 
-    lap("audio")
 
-    # Output geometry.
-    paste = None
-    if settings.preprocess == "full":
-        height, width = image.shape[:2]
-        even = image[: height - height % 2, : width - width % 2]
-        if even.shape[0] < 2 or even.shape[1] < 2:
-            raise BadInputError(f"portrait {portrait_path} is too small ({width}×{height})", "give a larger portrait")
-        try:
-            paste = PasteBack(even, crop.crop_info.paste_box)
-        except ValueError as exc:
-            raise BadInputError(
-                f"cannot paste the face back into {portrait_path}: {exc}", "use preprocess: crop"
-            ) from exc
-        frame_size = (even.shape[1], even.shape[0])
-    else:
-        frame_size = output_size(settings.size, crop.crop_info.size)
-    lap("face")
-    return _Video(
-        index=plan.index,
-        job=job,
-        settings=settings,
-        ckpt=ckpt,
-        target=target,
-        source_coeff=np.asarray(source_coeff, dtype=np.float32).reshape(-1),
-        source_crop=crop.crop,
-        crop_info=crop.crop_info,
-        frame_size=frame_size,
-        paste=paste,
-        warnings=list(plan.warnings),
-    )
+def _geometry(plan: _Plan, image: np.ndarray, crop: Any) -> tuple[PasteBack | None, tuple[int, int]]:
+    """The paste-back (`preprocess: full`) and the output frame size of one job."""
+    from renderer.sadtalker.paste import PasteBack
+
+    if plan.settings.preprocess != "full":
+        return None, output_size(plan.settings.size, crop.crop_info.size)
+    portrait_path = plan.job.inputs["portrait"]
+    height, width = image.shape[:2]
+    even = image[: height - height % 2, : width - width % 2]
+    if even.shape[0] < 2 or even.shape[1] < 2:
+        raise BadInputError(f"portrait {portrait_path} is too small ({width}×{height})", "give a larger portrait")
+    try:
+        paste = PasteBack(even, crop.crop_info.paste_box)
+    except ValueError as exc:
+        raise BadInputError(f"cannot paste the face back into {portrait_path}: {exc}", "use preprocess: crop") from exc
+    return paste, (even.shape[1], even.shape[0])
 
 
 def _input(job: StepJob, name: str) -> Path:
@@ -466,69 +535,83 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
 
 
 class _Preparer:
-    """Prepares the planned videos in order (steps 2–3), `ahead` of the renderer on a thread, or on demand.
+    """Prepares the planned videos in order (steps 2–3) in batches of up to `batch` videos of one group
+    (`_prepare_batch`: its networks run once per batch), `ahead` of the renderer on a thread, or on demand.
 
-    With `ahead` > 0 a thread prepares up to `ahead` videos beyond the one being rendered, so faces, 3DMM and audio
-    networks of video k+1 run while the GPU renders video k; memory stays bounded by `ahead` prepared videos. The
-    small networks then run on the GPU next to the render loop, on the thread's own stream (its host copies wait
-    for its own work only), but never while a CUDA graph is recorded: recording forbids other threads' GPU calls,
-    so the thread prepares each video holding `gpu`, and `_Graphs` takes it to record. Prepared videos hold host
-    arrays only, so no tensor crosses the streams. Measured on an H100 (20 clips of 4 s, batch 16,
-    bench/results/2026-11-26-h100b): 21.1 s for the run against 22.0 s preparing on demand. Alone, preparing the
-    20 took 3.6 s; on the thread beside the render batches, 14.4 s (the 3DMM pass 9× slower), so the overlap hides
-    only part of it. A job's failure (RenderError) lands in `failed`; a bug in the thread is re-raised by `next`.
-    `busy_s` is the time spent preparing (`times`: by part), `waited_s` the time the renderer waited for it.
+    With `ahead` > 0 a thread prepares up to `ahead` batches beyond the one being rendered, so faces, 3DMM and audio
+    networks of the next videos run while the GPU renders the current ones; memory stays bounded by `ahead` + 2
+    batches of prepared videos. The small networks then run on the GPU next to the render loop, on the thread's own
+    stream (its host copies wait for its own work only), but never while a CUDA graph is recorded: recording
+    forbids other threads' GPU calls, so the thread prepares each batch holding `gpu`, and `_Graphs` takes it to
+    record. Prepared videos hold host arrays only, so no tensor crosses the streams.
+
+    Measured on an H100 (20 clips of 4 s, render batch 16, bench/results/2026-11-26-h100b): prepared one video at
+    a time, preparing the 20 took 3.6 s alone but 14.4 s on the thread beside the render batches (the 3DMM pass
+    9× slower), so the renderer still waited 1.7 s; the overlap saved 0.9 s of 22.0. Batches cut the networks'
+    forward passes (and the waits for their results) by the batch size.
+
+    A job's failure (RenderError) lands in `failed`; a bug in the thread is re-raised by `next`. `busy_s` is the
+    time spent preparing (`times`: by part), `waited_s` the time the renderer waited for it.
     """
 
-    def __init__(self, plans: Sequence[_Plan], pool: ModelPool, ahead: int = 0) -> None:
+    def __init__(self, plans: Sequence[_Plan], pool: ModelPool, ahead: int = 0, batch: int = 1) -> None:
+        import collections
         import queue
         import threading
 
         self.gpu = threading.Lock()
         self.failed: dict[int, RenderError] = {}
         self.busy_s = self.waited_s = 0.0
-        self.times: dict[str, float] = {}  # busy_s by part (`_prepare`)
-        self._plans = list(plans)
+        self.times: dict[str, float] = {}  # busy_s by part (`_prepare_batch`)
+        self._batches = _batches(plans, batch)
         self._pool = pool
         self._next = 0
+        self._ready: collections.deque[_Video | None] = collections.deque()
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._streams: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
-        if ahead > 0 and self._plans:
+        if ahead > 0 and self._batches:
             self._queue = queue.Queue(maxsize=ahead)
             self._thread = threading.Thread(target=self._work, name="sadtalker-prepare", daemon=True)
             self._thread.start()
 
     def next(self) -> _Video | None:
         """The next plan's prepared video, or None when its preparation failed (see `failed`)."""
-        if self._queue is None:
-            plan = self._plans[self._next]
-            self._next += 1
-            return self._prepare(plan)
-        started = time.perf_counter()
-        item = self._queue.get()
-        self.waited_s += time.perf_counter() - started
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        if not self._ready:
+            if self._queue is None:
+                batch = self._batches[self._next]
+                self._next += 1
+                self._ready.extend(self._prepare(batch))
+            else:
+                started = time.perf_counter()
+                item = self._queue.get()
+                self.waited_s += time.perf_counter() - started
+                if isinstance(item, BaseException):
+                    raise item
+                self._ready.extend(item)
+        return self._ready.popleft()
 
     def close(self) -> None:
-        """Stop preparing (the video in progress is finished first) and wait for the thread."""
+        """Stop preparing (the batch in progress is finished first) and wait for the thread."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
 
-    def _prepare(self, plan: _Plan) -> _Video | None:
+    def _prepare(self, batch: list[_Plan]) -> list[_Video | None]:
         started = time.perf_counter()
         try:
-            with self.gpu, self._stream(plan.job.device):
-                return _prepare(plan, self._pool, self.times)
-        except RenderError as exc:
-            self.failed[plan.index] = _labelled(exc, plan.job)
-            return None
+            with self.gpu, self._stream(batch[0].job.device):
+                results = _prepare_batch(batch, self._pool, self.times)
         finally:
             self.busy_s += time.perf_counter() - started
+        videos: list[_Video | None] = []
+        for plan, result in zip(batch, results, strict=True):
+            if isinstance(result, RenderError):
+                self.failed[plan.index] = _labelled(result, plan.job)
+                result = None
+            videos.append(result)
+        return videos
 
     def _stream(self, device: str) -> contextlib.AbstractContextManager:
         """On the thread, its own CUDA stream: its copies to the host then wait for its own small networks only,
@@ -544,11 +627,11 @@ class _Preparer:
     def _work(self) -> None:
         import queue
 
-        for plan in self._plans:
+        for batch in self._batches:
             if self._stop.is_set():
                 return
             try:
-                item: _Video | BaseException | None = self._prepare(plan)
+                item: list[_Video | None] | BaseException = self._prepare(batch)
             except BaseException as exc:  # noqa: BLE001 - a bug: handed to the renderer's thread by next()
                 item = exc
             while not self._stop.is_set():
@@ -559,6 +642,17 @@ class _Preparer:
                     continue
             if isinstance(item, BaseException):
                 return
+
+
+def _batches(plans: Sequence[_Plan], size: int) -> list[list[_Plan]]:
+    """`plans` in order, cut into runs of at most `size` plans of one group each."""
+    batches: list[list[_Plan]] = []
+    for plan in plans:
+        if batches and len(batches[-1]) < size and batches[-1][0].group == plan.group:
+            batches[-1].append(plan)
+        else:
+            batches.append([plan])
+    return batches
 
 
 class _Emitter:

@@ -22,6 +22,8 @@ _FINAL_CHANNELS = (80, 64, 80, 3, 27, 2, 1)
 #: Bottleneck blocks per ResNet-50 stage and their widths.
 _STAGES = ((3, 64), (4, 128), (6, 256), (3, 512))
 _EXPANSION = 4
+#: Face crops per forward pass of `coeffs_from_crops`.
+BATCH = 16
 
 
 class Bottleneck(nn.Module):
@@ -120,7 +122,6 @@ def recon_input(aligned_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
 
 
-@torch.no_grad()
 def coeffs_from_crop(
     net: ReconNet, crop_rgb: np.ndarray, landmarks: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -129,11 +130,25 @@ def coeffs_from_crop(
     `crop_rgb` is the S×S render source, `landmarks` its 68 points in crop pixels (None = no face: the standard
     5-point placement is used). coeff_3dmm = expression 64 | angles 3 | translation 3 | s, tx, ty of the alignment.
     """
-    aligned, trans_params = align_for_recon(crop_rgb, landmarks)
+    return coeffs_from_crops(net, [crop_rgb], [landmarks])[0]
+
+
+@torch.no_grad()
+def coeffs_from_crops(
+    net: ReconNet, crops_rgb: list[np.ndarray], landmarks: list[np.ndarray | None]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`coeffs_from_crop` for several crops, `BATCH` per forward pass (equal to one at a time up to float noise)."""
+    aligned = [align_for_recon(crop, points) for crop, points in zip(crops_rgb, landmarks, strict=True)]
     param = next(net.parameters())
-    full = net(recon_input(aligned).to(param.device, param.dtype)).float().cpu().numpy()
-    parts = split_coeffs(full)
-    coeff = np.concatenate(
-        [parts["exp"], parts["angle"], parts["trans"], trans_params[2:].astype(np.float32)[None]], axis=1
-    )
-    return coeff.astype(np.float32), full.astype(np.float32)
+    full = np.zeros((len(aligned), 257), dtype=np.float32)
+    for start in range(0, len(aligned), BATCH):
+        batch = torch.cat([recon_input(image) for image, _ in aligned[start : start + BATCH]])
+        full[start : start + len(batch)] = net(batch.to(param.device, param.dtype)).float().cpu().numpy()
+    out = []
+    for row, (_, trans_params) in zip(full, aligned, strict=True):
+        parts = split_coeffs(row[None])
+        coeff = np.concatenate(
+            [parts["exp"], parts["angle"], parts["trans"], trans_params[2:].astype(np.float32)[None]], axis=1
+        )
+        out.append((coeff.astype(np.float32), row[None].copy()))
+    return out
