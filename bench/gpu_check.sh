@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile sdcompile (the last not in the default list: minutes of compiling)
+#                                        big profile prepstage sdcompile (the last not in the default list: minutes of compiling)
 #                                        (default: all but sdcompile, in this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -87,13 +87,15 @@ except ImportError:
         part sdcompile 240 python3 bench/bench_sd.py --compile --batch-sizes 8 16 --repeats 2 ;;
     clips)  # the one-process-per-clip arm runs 5 of the 20 clips (each ~10 s) and scales their mean
         part clips 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
-            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0:1 0:4 1:1 1:4 1:8 ;;
+            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0:1 1:4 1:8 1:20 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;
     big)  # 512 × 32 as a CUDA graph alone (on an 80 GB H100 recording runs out of memory and the stage stays eager)
         part big 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 --sizes 512 \
             --batches 32 --dtypes float16 --modes graph ;;
+    prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
+        part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ;;
     profile)
         part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 8 --dtype float16 ;;
     cudnn)

@@ -1005,7 +1005,7 @@ def _fake_plans(count: int) -> list:
 def _per_video(prepare):
     """A fake `_prepare_batch` from a fake preparation of one plan (its RenderError fails that plan only)."""
 
-    def prepare_batch(plans, pool, times=None):
+    def prepare_batch(plans, pool, times=None, gpu=None):
         out = []
         for plan in plans:
             try:
@@ -1021,9 +1021,9 @@ def _per_video(prepare):
 def test_preparer_holds_the_gpu_lock_and_stays_bounded(
     batch: int, expected: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The thread prepares holding `gpu` (so a CUDA graph is never recorded meanwhile) and at most `ahead` batches
-    beyond the one the renderer took (plus the one waiting to be queued); closing early stops it without
-    preparing the rest."""
+    """The thread hands `gpu` to the preparation (which holds it while its networks run, so a CUDA graph is never
+    recorded meanwhile) and prepares at most `ahead` batches beyond the one the renderer took (plus the one waiting
+    to be queued); closing early stops it without preparing the rest."""
     import threading
     import time
 
@@ -1034,10 +1034,14 @@ def test_preparer_holds_the_gpu_lock_and_stays_bounded(
     def prepare(plan, pool, times=None):
         assert gate.wait(10)
         started.append(plan.index)
-        held.append(preparer.gpu.locked())
         return plan.index
 
-    monkeypatch.setattr(pipeline, "_prepare_batch", _per_video(prepare))
+    def prepare_batch(plans, pool, times=None, gpu=None):
+        assert gate.wait(10)
+        held.append(gpu is preparer.gpu)
+        return _per_video(prepare)(plans, pool, times)
+
+    monkeypatch.setattr(pipeline, "_prepare_batch", prepare_batch)
     preparer = pipeline._Preparer(_fake_plans(20), ModelPool(), ahead=2, batch=batch)
     gate.set()
     assert preparer.next() == 0
@@ -1053,12 +1057,58 @@ def test_preparer_holds_the_gpu_lock_and_stays_bounded(
     assert not preparer._thread.is_alive()
 
 
+def test_prepare_batch_holds_the_gpu_lock_only_while_networks_run(
+    fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graph recording waits for the lock only while the 3DMM and audio networks load and run, not while faces are
+    found or audio is read (CPU work)."""
+    import threading
+
+    from renderer import faces
+    from renderer.sadtalker import audio, audio2coeff, recon
+
+    lock = threading.Lock()
+    held: dict[str, list[bool]] = {}
+
+    def watch(module, name):
+        original = getattr(module, name)
+
+        def watched(*args, **kwargs):
+            held.setdefault(name, []).append(lock.locked())
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, watched)
+
+    for module, name in (
+        (faces, "detect_face"),
+        (audio, "load_wav_16k"),
+        (pipeline, "_pooled"),
+        (recon, "coeffs_from_crops"),
+        (audio2coeff, "predict_coeffs_batch"),
+    ):
+        watch(module, name)
+    portrait, _ = _portraits(tmp_path)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    plans = [pipeline._plan(i, _job(tmp_path, f"v{i}", fake_checkpoints, portrait, speech, seed=i)) for i in range(2)]
+    videos = pipeline._prepare_batch(plans, ModelPool(), gpu=lock)
+    assert all(isinstance(video, pipeline._Video) for video in videos)
+    assert held == {
+        "detect_face": [False, False],
+        "_pooled": [True, True, True],  # 3DMM, ExpNet, PoseVAE
+        "coeffs_from_crops": [True],  # one pass for both videos
+        "load_wav_16k": [False, False],
+        "predict_coeffs_batch": [True],
+    }
+    assert not lock.locked()
+
+
 def test_preparer_batches_stay_within_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch never mixes groups (their networks or devices may differ): groups a a b a a a with batch 2 are
     prepared as [a a] [b] [a a] [a]."""
     seen: list[list[int]] = []
 
-    def prepare_batch(plans, pool, times=None):
+    def prepare_batch(plans, pool, times=None, gpu=None):
         seen.append([plan.index for plan in plans])
         return [plan.index for plan in plans]
 

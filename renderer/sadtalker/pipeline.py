@@ -275,7 +275,10 @@ def _plan(index: int, job: StepJob) -> _Plan:
 
 
 def _prepare_batch(
-    plans: Sequence[_Plan], pool: ModelPool, times: dict[str, float] | None = None
+    plans: Sequence[_Plan],
+    pool: ModelPool,
+    times: dict[str, float] | None = None,
+    gpu: contextlib.AbstractContextManager | None = None,
 ) -> list[_Video | RenderError]:
     """Steps 2–3 of several planned jobs of one group (`_Plan.group`: the same weights and device), in order: a
     `_Video` per job, or the RenderError that failed it. Thread-safe (see `_Preparer`).
@@ -284,12 +287,14 @@ def _prepare_batch(
     the batch's jobs (a few forward passes in all rather than a few per video: on a GPU each pass costs launches and
     a wait for its result). A job's coefficients do not depend on its companions beyond float noise, and each draws
     its randomness from its own seed. `times`: seconds spent on the face (load, detect, crop, output geometry), the
-    3DMM and the audio side are added to it."""
+    3DMM and the audio side are added to it. `gpu` is held while the networks load and run, and only then (`_Preparer`:
+    no CUDA graph may be recorded meanwhile; the CPU work of faces and audio need not keep one waiting)."""
     import torch
 
     from renderer.sadtalker import audio2coeff, facerender, recon
 
     times = {} if times is None else times
+    gpu = contextlib.nullcontext() if gpu is None else gpu
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -327,19 +332,18 @@ def _prepare_batch(
                 out[i] = _copy(exc)
             return None
 
-    recon_net = network("face_3drecon", recon.ReconNet.from_state_dict, list(crops))
     source_coeffs: dict[int, np.ndarray] = {}
-    if recon_net is not None:
-        results = recon.coeffs_from_crops(
-            recon_net, [crop.crop for _, crop in crops.values()], [crop.landmarks_in_crop for _, crop in crops.values()]
-        )
-        source_coeffs = {i: coeff for i, (coeff, _) in zip(crops, results, strict=True)}
+    with gpu:
+        recon_net = network("face_3drecon", recon.ReconNet.from_state_dict, list(crops))
+        if recon_net is not None:
+            results = recon.coeffs_from_crops(
+                recon_net,
+                [crop.crop for _, crop in crops.values()],
+                [crop.landmarks_in_crop for _, crop in crops.values()],
+            )
+            source_coeffs = {i: coeff for i, (coeff, _) in zip(crops, results, strict=True)}
     lap("3DMM")
     windows = each(_mel_windows)
-    exp_net = network("audio2exp", audio2coeff.ExpNet.from_state_dict, list(windows))
-    moving = [i for i in windows if not plans[i].settings.still]
-    pose_net = network("audio2pose", audio2coeff.PoseVAE.from_state_dict, moving)
-    live = [i for i in windows if out[i] is None]
     requests = [
         audio2coeff.CoeffRequest(
             windows[i],
@@ -349,9 +353,15 @@ def _prepare_batch(
             still=plans[i].settings.still,
             expression_scale=plans[i].settings.expression_scale,
         )
-        for i in live
+        for i in windows
     ]
-    coeffs = dict(zip(live, audio2coeff.predict_coeffs_batch(exp_net, pose_net, requests), strict=True))
+    with gpu:
+        exp_net = network("audio2exp", audio2coeff.ExpNet.from_state_dict, list(windows))
+        moving = [i for i in windows if not plans[i].settings.still]
+        pose_net = network("audio2pose", audio2coeff.PoseVAE.from_state_dict, moving)
+        live = [(i, request) for i, request in zip(windows, requests, strict=True) if out[i] is None]
+        coeffs = audio2coeff.predict_coeffs_batch(exp_net, pose_net, [request for _, request in live])
+    coeffs = dict(zip([i for i, _ in live], coeffs, strict=True))
     lap("audio")
 
     # Output geometry, and the videos.
@@ -542,7 +552,7 @@ class _Preparer:
     networks of the next videos run while the GPU renders the current ones; memory stays bounded by `ahead` + 2
     batches of prepared videos. The small networks then run on the GPU next to the render loop, on the thread's own
     stream (its host copies wait for its own work only), but never while a CUDA graph is recorded: recording
-    forbids other threads' GPU calls, so the thread prepares each batch holding `gpu`, and `_Graphs` takes it to
+    forbids other threads' GPU calls, so the thread runs the networks holding `gpu`, and `_Graphs` takes it to
     record. Prepared videos hold host arrays only, so no tensor crosses the streams.
 
     Measured on an H100 (20 clips of 4 s, render batch 16, bench/results/2026-11-26-h100b): prepared one video at
@@ -601,8 +611,8 @@ class _Preparer:
     def _prepare(self, batch: list[_Plan]) -> list[_Video | None]:
         started = time.perf_counter()
         try:
-            with self.gpu, self._stream(batch[0].job.device):
-                results = _prepare_batch(batch, self._pool, self.times)
+            with self._stream(batch[0].job.device):
+                results = _prepare_batch(batch, self._pool, self.times, self.gpu)
         finally:
             self.busy_s += time.perf_counter() - started
         videos: list[_Video | None] = []
