@@ -86,9 +86,10 @@ except ImportError:
         part sd 60 python3 bench/bench_sd.py --stage --batch-sizes 16 --repeats 2 ;;
     sdcompile)
         part sdcompile 240 python3 bench/bench_sd.py --compile --batch-sizes 8 16 --repeats 2 ;;
-    clips)  # the one-process-per-clip arm runs 5 of the 20 clips (each ~10 s) and scales their mean
+    clips)  # the one-process-per-clip arm runs $COLD_CLIPS (5) of the 20 clips (each ~10 s) and scales their mean;
+        # one warm run per preparation setting in $PREPARE ("AHEAD:BATCH" ...)
         part clips 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
-            --cold-clips 5 --batch-size 16 --landmarks "$LANDMARKS" --prepare 0:1 1:4 1:8 1:20 ;;
+            --cold-clips "${COLD_CLIPS:-5}" --batch-size 16 --landmarks "$LANDMARKS" --prepare ${PREPARE:-0:1 1:4 1:8} ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;
@@ -96,7 +97,7 @@ except ImportError:
         part big 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 --sizes 512 \
             --batches 32 --dtypes float16 --modes graph ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
-        part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ;;
+        part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
     profile)
         part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 8 --dtype float16 ;;
     cudnn)

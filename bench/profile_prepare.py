@@ -4,8 +4,8 @@ Prints, with fill-rule checkpoints in the official layout (needs ../shared/sadta
 
 * load time of each network (the 3DMM regressor, ExpNet, PoseVAE, the renderer);
 * `pipeline._prepare_batch` of 1, 4 and 8 clips of 4 s: first call (new input shapes) and again (same shapes);
-* the same batches while another thread replays render batches on the GPU, as during a run (CUDA only): prepared
-  on the default stream vs on a stream of their own;
+* 1 and 8 clips while another thread replays render batches on the GPU, as during a run (CUDA only), on a stream
+  of their own: with the stage's copies through pinned buffers (`transfer.py`), then with plain pageable copies;
 * first call vs repeat of ExpNet for new frame counts (does each new input shape cost extra set-up?).
 
     python bench/profile_prepare.py --device cuda --landmarks .gpu/astronaut_face.npz
@@ -14,7 +14,6 @@ Prints, with fill-rule checkpoints in the official layout (needs ../shared/sadta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import threading
@@ -45,6 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--landmarks", type=Path, help="saved face (bench_sadtalker.py --save-landmarks)")
     parser.add_argument("--render-batch", type=int, default=16)
+    parser.add_argument("--skip-alone", action="store_true", help="only the runs beside the render loop")
     args = parser.parse_args()
     import torch
 
@@ -86,8 +86,8 @@ def main() -> None:
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in times.items())
         return f"{seconds * 1e3:.0f} ms ({parts})"
 
-    for count in (1, 4, 8):
-        print(f"  prepare {count} clips: first {prepare(count, 0)}; again {prepare(count, 8)}")
+    for count in () if args.skip_alone else (1, 4, 8):
+        print(f"  prepare {count} clips: first {prepare(count, 0)}; again {prepare(count, 8)}", flush=True)
 
     if device.startswith("cuda"):
         from renderer.sadtalker import facerender
@@ -103,33 +103,47 @@ def main() -> None:
             windows = torch.from_numpy(facerender.target_windows(video.target, list(range(batch)))).to(device)
             graphs = pipeline._Graphs(batch, torch.float16, "cuda")
             graphs.render(renderer, feature, kp_c, kp_s, windows)
-        stop = threading.Event()
-        rendered = [0]
 
-        def render_loop() -> None:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                while not stop.is_set():
-                    graphs.render(renderer, feature, kp_c, kp_s, windows)
-                    rendered[0] += batch
+        def beside(label: str, counts: tuple[int, ...]) -> None:
+            stop = threading.Event()
+            rendered = [0]
 
-        thread = threading.Thread(target=render_loop, daemon=True)
-        thread.start()
-        time.sleep(1.0)
-        stream = torch.cuda.Stream()
-        for label, context in (
-            ("default stream", contextlib.nullcontext),
-            ("own stream", lambda: torch.cuda.stream(stream)),
-        ):
-            for count in (1, 8):
-                with context():
+            def render_loop() -> None:
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                    while not stop.is_set():
+                        graphs.render(renderer, feature, kp_c, kp_s, windows)
+                        rendered[0] += batch
+
+            thread = threading.Thread(target=render_loop, daemon=True)
+            thread.start()
+            time.sleep(0.5)
+            start, frames = time.perf_counter(), rendered[0]
+            for count in counts:
+                with torch.cuda.stream(torch.cuda.Stream()):
                     first, again = prepare(count, 0), prepare(count, 8)
-                print(f"  beside the render loop, {label}, prepare {count} clips: {first}; again {again}")
-        start, frames = time.perf_counter(), rendered[0]
-        time.sleep(2.0)
-        print(f"  render loop alone-ish: {(rendered[0] - frames) / (time.perf_counter() - start):.0f} frames/s")
-        stop.set()
-        thread.join()
+                print(f"  beside the render loop, {label}, prepare {count} clips: {first}; again {again}", flush=True)
+            fps = (rendered[0] - frames) / (time.perf_counter() - start)
+            stop.set()
+            thread.join()
+            print(f"  the render loop meanwhile: {fps:.0f} frames/s", flush=True)
 
+        beside("copies through pinned buffers (transfer.py)", (1, 8))
+        # The same with the plain pageable copies the stage used before (tensor.cpu(), tensor.to(device)).
+        from renderer.sadtalker import graphs as graphs_module
+        from renderer.sadtalker import transfer
+
+        plain_host = lambda tensor: tensor.detach().cpu()  # noqa: E731
+        plain_device = lambda tensor, device, dtype=None: tensor.to(device, dtype)  # noqa: E731
+        for module in (graphs_module, audio2coeff, recon):
+            if hasattr(module, "to_host"):
+                module.to_host = plain_host
+            if hasattr(module, "to_device"):
+                module.to_device = plain_device
+        assert transfer.to_host is not plain_host
+        beside("plain pageable copies", (1,))
+
+    if args.skip_alone:
+        return
     exp_net = pipeline._pooled(pool, ckpt, "audio2exp", device, audio2coeff.ExpNet.from_state_dict)
     ref = torch.zeros(64).numpy()
     for frames in (100, 101, 102, 400, 401):

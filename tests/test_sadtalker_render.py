@@ -638,6 +638,34 @@ def test_generator_on_cuda_matches_golden_and_half_precision_stays_close(generat
     assert error.mean().item() < 0.02  # bfloat16 on CPU measured 0.021 with these weights; float16 is finer
 
 
+def test_transfer_copies_keep_values_and_dtypes_on_the_cpu() -> None:
+    from renderer.sadtalker.transfer import to_device, to_host
+
+    x = torch.arange(12, dtype=torch.float64).reshape(3, 4)[:, 1:]  # not contiguous
+    assert torch.equal(to_host(x), x)
+    y = to_device(x, "cpu", torch.float32)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float())
+    assert to_device(torch.tensor([1, 2]), "cpu").dtype == torch.int64
+
+
+@pytest.mark.gpu
+def test_transfer_round_trip_on_cuda_keeps_values_in_stream_order() -> None:
+    """RUN_GPU=1: pinned, asynchronous copies arrive whole and in order on the current stream, also on a side
+    stream, right after the work that made them."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from renderer.sadtalker.transfer import to_device, to_host
+
+    host = torch.randn(64, 3, 128, 128)
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            on_gpu = to_device(host, "cuda", torch.float16)
+            assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float16
+            doubled = to_host(on_gpu.float() * 2)  # the multiply is queued; the copy must wait for it
+            assert doubled.device.type == "cpu" and torch.equal(doubled, host.half().float() * 2)
+    assert torch.equal(to_host(to_device(torch.tensor([3, 1, 2]), "cuda")), torch.tensor([3, 1, 2]))
+
+
 def _source_batch(renderer: fr.FaceRenderer, rng: np.random.Generator, batch: int) -> list[torch.Tensor]:
     """One random portrait's per-video state on CUDA, repeated `batch` times: [feature, kp_canonical, kp_source]
     (prepared under the caller's autocast)."""

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from renderer.sadtalker.transfer import to_device, to_host
+
 #: Frames per PoseVAE window, latent size, number of pose styles.
 POSE_SEQ_LEN = 32
 POSE_LATENT = 64
@@ -302,11 +304,11 @@ def predict_expression(
     for start in range(0, frames, _CHUNK):
         stop = min(start + _CHUNK, frames)
         pred = exp_net(
-            windows[start:stop].to(device, dtype),
-            ref[start:stop].to(device, dtype),
-            ratio[start:stop].to(device, dtype),
+            to_device(windows[start:stop], device, dtype),
+            to_device(ref[start:stop], device, dtype),
+            to_device(ratio[start:stop], device, dtype),
         )
-        out.append(pred.float().cpu())
+        out.append(to_host(pred.float()))
     if not out:
         return np.zeros((0, NUM_EXP), dtype=np.float32)
     return torch.cat(out).numpy()
@@ -332,7 +334,7 @@ def encode_pose_audio(pose_net: PoseVAE, mel_windows: np.ndarray | torch.Tensor)
     device, dtype = _net_placement(pose_net)
     windows = _as_windows(mel_windows)
     out = [
-        pose_net.audio_encoder(windows[start : start + _CHUNK][None].to(device, dtype))[0].float().cpu()
+        to_host(pose_net.audio_encoder(to_device(windows[start : start + _CHUNK][None], device, dtype))[0].float())
         for start in range(0, windows.shape[0], _CHUNK)
     ]
     return torch.cat(out) if out else torch.zeros(0, 512)
@@ -400,12 +402,12 @@ def predict_poses(pose_net: PoseVAE, requests: Sequence[PoseRequest]) -> list[np
     for start in range(0, len(inputs), _CHUNK):
         stop = min(start + _CHUNK, len(inputs))
         pred = pose_net.decoder(
-            z_rows[start:stop].to(device, dtype),
-            style_rows[start:stop].to(device),
-            ref_rows[start:stop].to(device, dtype),
-            torch.stack(inputs[start:stop]).to(device, dtype),
+            to_device(z_rows[start:stop], device, dtype),
+            to_device(style_rows[start:stop], device),
+            to_device(ref_rows[start:stop], device, dtype),
+            to_device(torch.stack(inputs[start:stop]), device, dtype),
         )
-        motion.append(pred.float().cpu())
+        motion.append(to_host(pred.float()))
     predicted = torch.cat(motion) if motion else torch.zeros(0, POSE_SEQ_LEN, NUM_POSE)
     out, row = [], 0
     for plan, ref in zip(plans, refs, strict=True):

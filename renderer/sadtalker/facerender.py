@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from renderer.sadtalker.fold import fold_bn
+from renderer.sadtalker.transfer import to_host
 
 #: Number of keypoints (face-vid2vid's num_kp).
 NUM_KP = 15
@@ -815,7 +816,7 @@ def frames_to_uint8_tensor(frames: torch.Tensor) -> torch.Tensor:
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] → [B, H, W, 3] uint8 on the host (np.rint rounding, clipped)."""
-    return frames_to_uint8_tensor(frames).cpu().numpy()
+    return to_host(frames_to_uint8_tensor(frames)).numpy()
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from renderer.sadtalker.facerender import FaceRenderer, frames_to_uint8_tensor
+from renderer.sadtalker.transfer import to_host
 
 #: Eager warm-up passes before recording (cuDNN algorithm choice and allocator growth happen outside the graph).
 WARMUP_PASSES = 2
@@ -47,7 +48,7 @@ class GraphedRender:
         for static, value in zip(self._inputs, (feature, kp_canonical, kp_source, windows), strict=True):
             static.copy_(value)
         self._graph.replay()
-        return self._output.cpu().numpy()
+        return to_host(self._output).numpy()
 
     @classmethod
     def capture(

@@ -761,11 +761,12 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
 
     from renderer.encode import VideoWriter
     from renderer.sadtalker import facerender
+    from renderer.sadtalker.transfer import to_device
 
     device = next(renderer.parameters()).device
-    source = facerender.image_to_tensor(video.source_crop).to(device)
+    source = to_device(facerender.image_to_tensor(video.source_crop), device)
     semantics = torch.from_numpy(facerender.source_window(video.source_coeff, video.settings.preprocess))[None]
-    video.state = renderer.prepare_source(source, semantics.to(device))
+    video.state = renderer.prepare_source(source, to_device(semantics, device))
     width, height = video.frame_size
     video.writer = VideoWriter(Path(video.job.out_dir) / OUTPUT_NAME, width, height)
 
@@ -819,13 +820,14 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gra
     import torch
 
     from renderer.sadtalker import facerender
+    from renderer.sadtalker.transfer import to_device
 
     device = next(renderer.parameters()).device
     live = [(v, f) for v, f in batch if v.error is None]
     if not live:
         return
     windows = np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live])
-    windows = torch.from_numpy(windows).to(device)
+    windows = to_device(torch.from_numpy(windows), device)
     feature = torch.cat([v.state.feature for v, _ in live])
     kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
     kp_source = torch.cat([v.state.kp_source for v, _ in live])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from renderer.sadtalker.preprocess import align_for_recon
+from renderer.sadtalker.transfer import to_device, to_host
 
 #: Output layout of the regressor (257 numbers): identity, expression, texture, angles, lighting, translation.
 COEFF_SPLITS = {"id": 80, "exp": 64, "tex": 80, "angle": 3, "gamma": 27, "trans": 3}
@@ -143,7 +144,7 @@ def coeffs_from_crops(
     full = np.zeros((len(aligned), 257), dtype=np.float32)
     for start in range(0, len(aligned), BATCH):
         batch = torch.cat([recon_input(image) for image, _ in aligned[start : start + BATCH]])
-        full[start : start + len(batch)] = net(batch.to(param.device, param.dtype)).float().cpu().numpy()
+        full[start : start + len(batch)] = to_host(net(to_device(batch, param.device, param.dtype)).float()).numpy()
     out = []
     for row, (_, trans_params) in zip(full, aligned, strict=True):
         parts = split_coeffs(row[None])

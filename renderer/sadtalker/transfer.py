@@ -1,0 +1,37 @@
+"""Copies between the host and a CUDA device that never stall the process's other threads.
+
+A plain `tensor.cpu()` or `tensor.to("cuda")` goes through pageable host memory: the driver then waits for the stream
+inside the copy call, and while it waits other threads' CUDA calls on the same device wait too. With the stage's
+preparation thread beside the render loop, that made every small network call of the preparation wait for a whole
+render batch: on an H100, preparing one 4 s clip took 10–14 s beside the render loop against 39 ms alone
+(bench/profile_prepare.py, bench/results/2026-11-26-h100c). Here copies go through pinned (page-locked) buffers,
+asynchronously on the current stream, and the host waits on an event with blocking sync, outside the driver's copy
+path and without spinning a core. On the CPU both functions are plain conversions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a CPU tensor (the same values; a CUDA tensor is copied through a pinned buffer)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach(), non_blocking=True)
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
+    return host
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` on `device` (converted to `dtype` first, on the host); from the host to a CUDA device through a pinned
+    buffer, queued on the current stream (the copy is ordered before the work that uses it)."""
+    device = torch.device(device)
+    if dtype is not None and tensor.device.type == "cpu":
+        tensor = tensor.to(dtype)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device, dtype)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
