@@ -18,7 +18,9 @@ Front half — source image and audio → driving coefficients:
   `predict_coeffs(exp_net, pose_net, mel_windows, source_coeff, *, pose_style, still, expression_scale, generator)`
   → (N, 70) float32 = expression 64 | angles 3 | translation 3. It already applies `expression_scale` (to the 64
   expression columns) and `still` (pose frozen to the source pose): the renderer must not apply them again.
-  Lower-level pieces: `random_blinks`, `predict_expression`, `predict_pose`, `pose_windows`, `smooth_pose`.
+  `predict_coeffs_batch(exp_net, pose_net, [CoeffRequest, …])` does several videos in one pass of each network
+  (`recon.coeffs_from_crops` likewise for the 3DMM). Lower-level pieces: `random_blinks`, `predict_expression`,
+  `predict_pose` / `predict_poses`, `pose_windows`, `smooth_pose`.
 * `fold`: `fold_batchnorms(net)` folds the BatchNorms of the 3DMM and audio networks into their convolutions
   (done at load by the stage).
 
@@ -35,9 +37,11 @@ Back half — coefficients → frames:
   more.
 * `paste` (SPEC §8.3): `PasteBack` — the animated crop blended back into the whole picture (preprocess "full").
 * `graphs`: `GraphedRender.capture(renderer, ...)` records one render batch as a CUDA graph and replays it.
+* `transfer`: `to_host` / `to_device`, host↔GPU copies through pinned buffers that do not stall other threads.
 * `pipeline`: `run(jobs, pool)`, the "animate" stage for `video.renderer: sadtalker`: models load once per run,
-  frames of several videos share forward batches (CUDA-graph replays on a GPU) and stream to encoder threads; on a
-  GPU a thread prepares the next videos (faces, 3DMM, audio networks) while the current one renders.
+  frames of several videos share forward batches (CUDA-graph replays on a GPU) and stream to encoder threads; videos
+  are prepared (faces, 3DMM, audio networks) a few at a time, and on a GPU a thread prepares the next few while the
+  current ones render.
 
 Data: `data/lm3d_std.json` holds the 68 standard 3-D landmarks of the 3DMM alignment. Importing this package is light:
 torch loads only with the network modules.

@@ -148,7 +148,8 @@ def output_size(size: int, crop_size: tuple[int, int]) -> tuple[int, int]:
 
 
 #: Videos are prepared (faces, 3DMM, audio networks) in batches of up to this many videos of one group: the
-#: networks run once per batch, not once per video.
+#: networks run once per batch, not once per video. On an H100, 20 clips took 19.3 s with batches of 4 and 20.2 s
+#: with batches of 8 (bench/results/2026-11-26-h100c); memory holds up to PREPARE_AHEAD + 2 batches.
 PREPARE_BATCH = 4
 #: On CUDA a thread prepares up to this many batches ahead of the renderer, so that work overlaps the frames of the
 #: videos before; elsewhere each batch is prepared just before its first frame (on a CPU the two would only compete
@@ -555,10 +556,11 @@ class _Preparer:
     forbids other threads' GPU calls, so the thread runs the networks holding `gpu`, and `_Graphs` takes it to
     record. Prepared videos hold host arrays only, so no tensor crosses the streams.
 
-    Measured on an H100 (20 clips of 4 s, render batch 16, bench/results/2026-11-26-h100b): prepared one video at
-    a time, preparing the 20 took 3.6 s alone but 14.4 s on the thread beside the render batches (the 3DMM pass
-    9× slower), so the renderer still waited 1.7 s; the overlap saved 0.9 s of 22.0. Batches cut the networks'
-    forward passes (and the waits for their results) by the batch size.
+    Measured on an H100 (20 clips of 4 s, render batch 16, bench/results/2026-11-26-h100c): 19.3 s for the run
+    with the thread and batches of 4, against 22.3 s preparing one video at a time on demand. The thread only pays
+    because every copy goes through `transfer.py`; with plain copies one clip took 16 s to prepare beside the
+    render loop instead of 88 ms. The renderer still waits about 1 s for the first batch, whose first calls load
+    CUDA kernels and set up cuDNN.
 
     A job's failure (RenderError) lands in `failed`; a bug in the thread is re-raised by `next`. `busy_s` is the
     time spent preparing (`times`: by part), `waited_s` the time the renderer waited for it.

@@ -3,10 +3,10 @@
 A plain `tensor.cpu()` or `tensor.to("cuda")` goes through pageable host memory: the driver then waits for the stream
 inside the copy call, and while it waits other threads' CUDA calls on the same device wait too. With the stage's
 preparation thread beside the render loop, that made every small network call of the preparation wait for a whole
-render batch: on an H100, preparing one 4 s clip took 10–14 s beside the render loop against 39 ms alone
-(bench/profile_prepare.py, bench/results/2026-11-26-h100c). Here copies go through pinned (page-locked) buffers,
-asynchronously on the current stream, and the host waits on an event with blocking sync, outside the driver's copy
-path and without spinning a core. On the CPU both functions are plain conversions.
+render batch. On an H100, preparing one 4 s clip beside the render loop took 16.2 s with plain copies and 88 ms
+with these (39 ms alone; bench/profile_prepare.py, bench/results/2026-11-26-h100c). Here copies go through pinned
+(page-locked) buffers, asynchronously on the current stream, and the host waits on an event with blocking sync,
+outside the driver's copy path and without spinning a core. On the CPU both functions are plain conversions.
 """
 
 from __future__ import annotations
