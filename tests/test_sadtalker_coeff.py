@@ -365,6 +365,11 @@ def test_recon_stage_matches_golden(recon_net: recon.ReconNet) -> None:
     stacked = {k: np.stack(v) for k, v in out.items()}
     stacked["lm3d_std_5"] = preprocess.standard_five_points().astype(np.float64)
     assert_matches("stage_recon224", stacked, arrays, sidecar)
+    # The same crops in one forward pass, as the stage prepares several videos at once.
+    batched = recon.coeffs_from_crops(recon_net, [image] * len(inp["landmarks_68"]), list(inp["landmarks_68"]))
+    stacked["coeff_3dmm"] = np.stack([coeff[0] for coeff, _ in batched])
+    stacked["full_3dmm"] = np.stack([full[0] for _, full in batched])
+    assert_matches("stage_recon224", stacked, arrays, sidecar)
 
 
 def test_coeffs_from_crop_without_landmarks_uses_standard_placement(recon_net: recon.ReconNet) -> None:
@@ -462,6 +467,29 @@ def test_predict_coeffs_is_reproducible_from_the_generator() -> None:
     )
     assert np.array_equal(still[:, 64:], np.repeat(source[:, 64:70], frames, axis=0))
     np.testing.assert_array_equal(still[:, :64], first[:, :64])  # blinks are drawn first, the same way
+
+
+def test_predict_coeffs_batch_equals_one_video_at_a_time() -> None:
+    """Several videos in one pass of each network (as the stage prepares them) give each video what it gets alone,
+    up to float noise: long and short, still and moving, each with its own seed, style and scale."""
+    exp_net, pose_net = _tiny_nets()
+    rng = np.random.default_rng(4)
+    specs = [(35, 7, {"pose_style": 3}), (5, 8, {"still": True}), (70, 9, {"expression_scale": 1.5}), (1, 10, {})]
+    requests, alone = [], []
+    for frames, seed, options in specs:
+        windows = rng.uniform(-4, 4, (frames, 1, 80, 16)).astype(np.float32)
+        source = rng.normal(size=73).astype(np.float32)
+        alone.append(
+            audio2coeff.predict_coeffs(
+                exp_net, pose_net, windows, source, generator=torch.Generator().manual_seed(seed), **options
+            )
+        )
+        requests.append(audio2coeff.CoeffRequest(windows, source, torch.Generator().manual_seed(seed), **options))
+    batched = audio2coeff.predict_coeffs_batch(exp_net, pose_net, requests)
+    assert [coeff.shape for coeff in batched] == [(frames, 70) for frames, _, _ in specs]
+    for one, many in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
+    assert audio2coeff.predict_coeffs_batch(exp_net, pose_net, []) == []
 
 
 def test_predict_coeffs_handles_clips_upstream_crashes_on() -> None:

@@ -1006,7 +1006,7 @@ def test_preparer_thread_and_batches_prepare_the_same_videos_as_one_at_a_time(
         for one, other in zip(alone, videos, strict=True):
             if one is None:
                 continue
-            assert other.index == one.index and other.frame_size == one.frame_size
+            assert other.plan.index == one.plan.index and other.frame_size == one.frame_size
             np.testing.assert_array_equal(other.source_crop, one.source_crop)
             if exact:
                 np.testing.assert_array_equal(other.target, one.target)

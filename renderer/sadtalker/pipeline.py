@@ -162,13 +162,15 @@ PREPARE_STREAM_PRIORITY = 0
 
 @dataclasses.dataclass
 class _Plan:
-    """One job after step 1: checked settings and found weights; enough to group it with the jobs it shares a
-    renderer with."""
+    """One job after step 1: checked settings, inputs and found weights; enough to group it with the jobs it shares
+    a renderer with."""
 
     index: int
     job: StepJob
     settings: SadTalkerSettings
     ckpt: CheckpointSet
+    portrait: Path
+    audio: Path
     warnings: list[str]
 
     @property
@@ -184,10 +186,7 @@ class _Plan:
 class _Video:
     """One job between preparation and its last frame."""
 
-    index: int
-    job: StepJob
-    settings: SadTalkerSettings
-    ckpt: CheckpointSet
+    plan: _Plan
     #: Mapping-net inputs per frame (N, 70|73) and the source's (70|73,) coefficients.
     target: np.ndarray
     source_coeff: np.ndarray
@@ -195,7 +194,6 @@ class _Video:
     crop_info: CropInfo
     frame_size: tuple[int, int]
     paste: PasteBack | None
-    warnings: list[str]
     state: SourceState | None = None
     writer: VideoWriter | None = None
     written: int = 0
@@ -240,7 +238,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
         sum(video.written for video in videos),
         time.perf_counter() - started,
     )
-    done = {v.index: _labelled(v.error, v.job) if v.error else _info(v) for v in videos}
+    done = {v.plan.index: _labelled(v.error, v.plan.job) if v.error else _info(v) for v in videos}
     return [failed[i] if i in failed else done[i] for i in range(len(jobs))]
 
 
@@ -258,8 +256,7 @@ def _plan(index: int, job: StepJob) -> _Plan:
 
     settings = SadTalkerSettings.from_mapping(job.settings, job.label)
     settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, job.device))
-    for name in ("portrait", "audio"):
-        _input(job, name)
+    portrait, audio = _input(job, "portrait"), _input(job, "audio")
     ckpt = weights.checkpoint_set(Path(job.checkpoints), settings.size, settings.preprocess)
     warnings = []
     if settings.dtype == "float16" and not job.device.startswith("cuda"):
@@ -272,7 +269,7 @@ def _plan(index: int, job: StepJob) -> _Plan:
         warnings.append(
             "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")
         )
-    return _Plan(index, job, settings, ckpt, warnings)
+    return _Plan(index, job, settings, ckpt, portrait, audio, warnings)
 
 
 def _prepare_batch(
@@ -380,17 +377,13 @@ def _prepare_batch(
         # scale again.
         target = facerender.target_coefficients(coeffs[i], source_coeffs[i], settings.preprocess, 1.0, settings.still)
         out[i] = _Video(
-            index=plan.index,
-            job=plan.job,
-            settings=settings,
-            ckpt=plan.ckpt,
+            plan=plan,
             target=target,
             source_coeff=np.asarray(source_coeffs[i], dtype=np.float32).reshape(-1),
             source_crop=crop.crop,
             crop_info=crop.crop_info,
             frame_size=frame_size,
             paste=paste,
-            warnings=list(plan.warnings),
         )
     lap("face")
     return out
@@ -401,7 +394,7 @@ def _face(plan: _Plan, pool: ModelPool) -> tuple[np.ndarray, Any]:
     from renderer import faces
     from renderer.sadtalker import preprocess
 
-    portrait_path = _input(plan.job, "portrait")
+    portrait_path = plan.portrait
     image = faces.load_image(portrait_path)
     face = faces.detect_face(image, source=str(portrait_path), pool=pool)
     try:
@@ -417,7 +410,7 @@ def _mel_windows(plan: _Plan) -> np.ndarray:
     """The speech's mel window per video frame (N, 1, 80, 16)."""
     from renderer.sadtalker import audio
 
-    audio_path = _input(plan.job, "audio")
+    audio_path = plan.audio
     wav = audio.load_wav_16k(audio_path)
     windows = audio.mel_windows(wav)
     if len(windows) == 0:
@@ -434,7 +427,7 @@ def _geometry(plan: _Plan, image: np.ndarray, crop: Any) -> tuple[PasteBack | No
 
     if plan.settings.preprocess != "full":
         return None, output_size(plan.settings.size, crop.crop_info.size)
-    portrait_path = plan.job.inputs["portrait"]
+    portrait_path = plan.portrait
     height, width = image.shape[:2]
     even = image[: height - height % 2, : width - width % 2]
     if even.shape[0] < 2 or even.shape[1] < 2:
@@ -767,10 +760,10 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
 
     device = next(renderer.parameters()).device
     source = to_device(facerender.image_to_tensor(video.source_crop), device)
-    semantics = torch.from_numpy(facerender.source_window(video.source_coeff, video.settings.preprocess))[None]
+    semantics = torch.from_numpy(facerender.source_window(video.source_coeff, video.plan.settings.preprocess))[None]
     video.state = renderer.prepare_source(source, to_device(semantics, device))
     width, height = video.frame_size
-    video.writer = VideoWriter(Path(video.job.out_dir) / OUTPUT_NAME, width, height)
+    video.writer = VideoWriter(Path(video.plan.job.out_dir) / OUTPUT_NAME, width, height)
 
 
 @dataclasses.dataclass
@@ -842,7 +835,7 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gra
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
             video.error = BackendError(
-                f"out of GPU memory rendering a batch of {len(live)} frames at size {video.settings.size}",
+                f"out of GPU memory rendering a batch of {len(live)} frames at size {video.plan.settings.size}",
                 "lower video.batch_size or use video.dtype: float16",
             )
         return
@@ -892,17 +885,18 @@ def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
 
 
 def _info(video: _Video) -> dict:
+    settings = video.plan.settings
     return {
         "renderer": "sadtalker",
         "frames": video.written,
         "size": list(video.frame_size),
-        "render_size": video.settings.size,
-        "preprocess": video.settings.preprocess,
-        "still": video.settings.still,
-        "dtype": video.settings.dtype,
-        "batch_size": video.settings.batch_size,
-        "checkpoints": "legacy" if video.ckpt.legacy else "v0.0.2",
-        "warnings": video.warnings,
+        "render_size": settings.size,
+        "preprocess": settings.preprocess,
+        "still": settings.still,
+        "dtype": settings.dtype,
+        "batch_size": settings.batch_size,
+        "checkpoints": "legacy" if video.plan.ckpt.legacy else "v0.0.2",
+        "warnings": list(video.plan.warnings),
     }
 
 
