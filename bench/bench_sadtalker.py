@@ -296,11 +296,12 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
     else:  # CPU: the whole front half, the render set-up, then only `frames_cap` frames
         prepare, full = pipeline._prepare_batch, []
 
-        def capped(plans, pool, times=None):  # bench-only: the stage's preparation, then frames_cap frames kept
-            videos = prepare(plans, pool, times)
+        def capped(plans, pool, times=None, gpu=None):  # bench-only: the stage's preparation, frames_cap frames kept
+            videos = prepare(plans, pool, times, gpu)
             for video in videos:
-                full.append(len(video.target))
-                video.target = np.asarray(video.target[:frames_cap])
+                if isinstance(video, pipeline._Video):
+                    full.append(len(video.target))
+                    video.target = np.asarray(video.target[:frames_cap])
             return videos
 
         pipeline._prepare_batch = capped
