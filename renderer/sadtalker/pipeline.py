@@ -233,7 +233,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
         preparer.busy_s,
         ", ".join(f"{name} {seconds:.1f} s" for name, seconds in preparer.times.items()) or "none",
         PREPARE_BATCH,
-        f"on a thread up to {ahead} batches ahead" if ahead else "each before its first frame",
+        f"on a thread up to {ahead} batch{'es' if ahead > 1 else ''} ahead" if ahead else "each before its first frame",
         preparer.waited_s,
         sum(video.written for video in videos),
         time.perf_counter() - started,
