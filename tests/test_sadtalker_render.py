@@ -638,6 +638,71 @@ def test_generator_on_cuda_matches_golden_and_half_precision_stays_close(generat
     assert error.mean().item() < 0.02  # bfloat16 on CPU measured 0.021 with these weights; float16 is finer
 
 
+def _frames_and_keypoints(renderer: fr.FaceRenderer, device: str, dtype: torch.dtype) -> list[np.ndarray]:
+    """One random portrait rendered for 2 frames under autocast: [source feature, driving keypoints, uint8 frames]."""
+    rng = np.random.default_rng(5)
+    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32)).to(device)
+    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
+    windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32)).to(device)
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False):
+        state = renderer.prepare_source(image, semantics)
+        feature = state.feature.expand(2, -1, -1, -1, -1).contiguous()
+        kp_driving = renderer.driving_keypoints(state.kp_canonical.expand(2, -1, -1), windows)
+        frames = fr.frames_to_uint8(renderer.render(feature, state.kp_source.expand(2, -1, -1), kp_driving).prediction)
+    return [state.feature.float().cpu().numpy(), kp_driving.float().cpu().numpy(), frames]
+
+
+def test_renderer_weights_cast_for_autocast_give_the_same_frames(kp_detector, mappings, generator) -> None:
+    """A half-precision run stores the renderer's convolution and linear weights in the autocast dtype (autocast
+    would cast them on every batch, every graph replay): bfloat16 frames stay bit-identical, and only what feeds
+    float32 arithmetic on purpose stays float32 (BatchNorm statistics, the motion heads' summed biases)."""
+    import copy
+
+    plain = fr.FaceRenderer(copy.deepcopy(kp_detector), copy.deepcopy(mappings[70]), copy.deepcopy(generator)).eval()
+    cast = weights.cast_for_autocast(copy.deepcopy(plain), torch.bfloat16)
+    tensors = [*cast.named_parameters(), *cast.named_buffers()]
+    kept = {name for name, t in tensors if t.dtype == torch.float32}
+    assert {name for name, t in tensors if t.dtype == torch.bfloat16} and kept
+    assert all(".norm" in name or name.endswith(("heads.mask_bias", "heads.occlusion_bias")) for name in kept), kept
+    assert sum(t.numel() for name, t in tensors if name in kept) < 1000
+    for one, other in zip(
+        _frames_and_keypoints(plain, "cpu", torch.bfloat16),
+        _frames_and_keypoints(cast, "cpu", torch.bfloat16),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(one, other)
+
+
+@pytest.mark.gpu
+def test_renderer_weights_cast_for_autocast_give_the_same_frames_on_cuda(kp_detector, mappings, generator) -> None:
+    """RUN_GPU=1: the same on CUDA in float16, eager and as a recorded graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import copy
+
+    from renderer.sadtalker.graphs import GraphedRender
+
+    plain = weights.place(
+        fr.FaceRenderer(copy.deepcopy(kp_detector), copy.deepcopy(mappings[70]), copy.deepcopy(generator)).eval(),
+        "cuda",
+    )
+    cast = weights.cast_for_autocast(copy.deepcopy(plain), torch.float16)
+    for one, other in zip(
+        _frames_and_keypoints(plain, "cuda", torch.float16),
+        _frames_and_keypoints(cast, "cuda", torch.float16),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(one, other)
+    rng = np.random.default_rng(6)
+    windows = torch.from_numpy(rng.normal(size=(4, 70, fr.WINDOW)).astype(np.float32)).cuda()
+    frames = []
+    for renderer in (plain, cast):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            tensors = _source_batch(renderer, np.random.default_rng(7), 4)
+            frames.append(GraphedRender.capture(renderer, *tensors, windows, dtype=torch.float16)(*tensors, windows))
+    np.testing.assert_array_equal(frames[0], frames[1])
+
+
 def test_transfer_copies_keep_values_and_dtypes_on_the_cpu() -> None:
     from renderer.sadtalker.transfer import to_device, to_host
 
@@ -1129,6 +1194,23 @@ def test_prepare_batch_holds_the_gpu_lock_only_while_networks_run(
         "predict_coeffs_batch": [True],
     }
     assert not lock.locked()
+
+
+def test_half_precision_run_pools_a_renderer_with_weights_in_that_dtype(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """A bfloat16 job loads the renderer once more for its dtype, with its convolution weights stored in bfloat16
+    (`weights.cast_for_autocast`), and renders with it."""
+    from renderer.sadtalker.facerender import FaceRenderer
+
+    portrait, _ = _portraits(tmp_path)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(SAMPLES_PER_FRAME / 16000, 16000), 16000)  # one frame
+    pool = ModelPool()
+    job = _job(tmp_path, "half", fake_checkpoints, portrait, speech, seed=1, dtype="bfloat16")
+    [info] = pipeline.run([job], pool)
+    assert isinstance(info, dict) and info["frames"] == 1 and info["dtype"] == "bfloat16", info
+    [(key, renderer)] = [(k, m) for k, m in pool._models.items() if isinstance(m, FaceRenderer)]
+    assert key[2] == "bfloat16"
+    assert renderer.generator.decoder.conv_img.weight.dtype == torch.bfloat16
 
 
 def test_preparer_batches_stay_within_one_group(monkeypatch: pytest.MonkeyPatch) -> None:

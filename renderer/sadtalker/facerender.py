@@ -240,6 +240,9 @@ class SNConv2d(nn.Module):
     `fuse` computes it once and drops the triplet.
     """
 
+    #: Tensors that only feed autocast-cast convolutions (`weights.cast_for_autocast`; `weight` once fused).
+    AUTOCAST_TENSORS = ("weight", "bias")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, bias: bool = True):
         super().__init__()
         self.padding = padding
@@ -270,6 +273,8 @@ class SNConv2d(nn.Module):
 
 class AntiAliasDownsample(nn.Module):
     """Depthwise Gaussian blur (13×13, σ 1.5, stored as buffer `weight`) then every 4th pixel."""
+
+    AUTOCAST_TENSORS = ("weight",)
 
     def __init__(self, channels: int = 3, scale: float = 0.25) -> None:
         super().__init__()
@@ -440,6 +445,8 @@ class MotionHeads(nn.Module):
 
     The partial sums are added in float32. Arithmetic is the same as the two convolutions up to summation order.
     """
+
+    AUTOCAST_TENSORS = ("weight",)  # the biases are added in float32
 
     def __init__(self, mask: nn.Conv3d, occlusion: nn.Conv2d) -> None:
         super().__init__()

@@ -18,8 +18,9 @@ inputs), the 3DMM regressor and the two audio networks per size (their BatchNorm
 
 Precision (`video.dtype`): "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 elsewhere; float16
 asked for on a CPU runs float32 with a warning, CPU half convolutions being emulated). Half precision runs the
-convolutions under `torch.autocast` with float32 weights; keypoint maths, grids, warps, softmaxes and the uint8
-conversion stay float32, and instance-norm statistics accumulate in float32. Measured max error vs float32
+convolutions under `torch.autocast`, their weights stored in its dtype at load (`weights.cast_for_autocast`: the
+values autocast would make on every batch, so the frames are the same); keypoint maths, grids, warps, softmaxes
+and the uint8 conversion stay float32, and instance-norm statistics accumulate in float32. Measured max error vs float32
 (golden generator input, S = 256, fill-rule weights, CPU bfloat16 autocast): prediction max |Δ| = 0.24,
 mean |Δ| = 0.021 (uint8: max 60 levels, mean 5.2).
 The SPADE decoder alone in bfloat16 gives 0.097 max / 0.010 mean; the random fill weights amplify small changes
@@ -487,13 +488,14 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
     device, dtype = first.job.device, first.settings.dtype
     model_id = f"sadtalker/render/{size}/{channels}/{'legacy' if first.ckpt.legacy else 'v002'}@{first.ckpt.root}"
     videos: list[_Video] = []
+
+    def load() -> FaceRenderer:
+        renderer = weights.load_face_renderer(first.ckpt.root, size, first.settings.preprocess, device)
+        # Half precision: weights stored in the autocast dtype, as autocast would cast them on every batch.
+        return renderer if dtype == "float32" else weights.cast_for_autocast(renderer, getattr(torch, dtype))
+
     try:
-        renderer = pool.get(
-            model_id,
-            device,
-            "float32",
-            lambda: weights.load_face_renderer(first.ckpt.root, size, first.settings.preprocess, device),
-        )
+        renderer = pool.get(model_id, device, dtype, load)
     except RenderError as exc:
         for _ in plans:  # keep the preparer in step with the groups
             if (video := preparer.next()) is not None:

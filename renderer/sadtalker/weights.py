@@ -270,6 +270,27 @@ def place(module: torch.nn.Module, device: str, channels_last: bool | None = Non
     return module
 
 
+def cast_for_autocast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the weights and biases of `module`'s convolutions and linear layers in `dtype` (in place).
+
+    Under autocast to `dtype` these layers cast their float32 weights on every call; a recorded CUDA graph must
+    run autocast with its weight cache off, so every replay would cast all of them again (about 122 M values per
+    batch for the renderer). Autocast rounds them to the same values either way, so outputs are unchanged (bit for
+    bit: tests/test_sadtalker_render.py), and these weights take half the memory. The project's own layers name
+    such tensors in `AUTOCAST_TENSORS`; everything else keeps float32, since some parameters feed float32
+    arithmetic on purpose."""
+    from torch import nn
+
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+    for sub in module.modules():
+        names = ("weight", "bias") if isinstance(sub, layers) else getattr(sub, "AUTOCAST_TENSORS", ())
+        for name in names:
+            tensor = getattr(sub, name, None)
+            if tensor is not None:
+                tensor.data = tensor.data.to(dtype)
+    return module
+
+
 def load_face_renderer(
     root: Path, size: int = 256, preprocess: str = "crop", device: str = "cpu", fuse: bool = True
 ) -> FaceRenderer:
