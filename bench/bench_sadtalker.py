@@ -97,21 +97,43 @@ def _step(renderer, kp_canonical, kp_source, feature, windows) -> None:
 
 
 def bench_speed(
-    device: str, sizes: list[int], batches: list[int], dtypes: list[str], min_seconds: float, modes: list[str]
+    device: str,
+    sizes: list[int],
+    batches: list[int],
+    dtypes: list[str],
+    min_seconds: float,
+    modes: list[str],
+    float32_weights: bool = False,
 ) -> None:
     """modes: "eager" (what the stage runs for a partial batch), "graph" (a recorded CUDA graph replayed per
     batch, what the stage runs for full batches on CUDA) and "compiled" (the step through torch.compile, then
-    recorded: the stage with `video.compile: true`)."""
+    recorded: the stage with `video.compile: true`). Half dtypes use a renderer whose weights are stored in that
+    dtype, as the stage's (`weights.cast_for_autocast`), unless `float32_weights` (autocast then casts them on
+    every batch, as before)."""
+    import copy
+
     import numpy as np
     import torch
 
     from renderer.sadtalker import facerender as fr
+    from renderer.sadtalker import weights
     from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
     from renderer.sadtalker.pipeline import _autocast
 
-    renderer, source = build_renderer(device)
+    base, source = build_renderer(device)
+    renderers = {"float32": base}
+
+    def renderer_for(dtype: str):
+        if dtype not in renderers:
+            renderers[dtype] = weights.cast_for_autocast(copy.deepcopy(base), getattr(torch, dtype))
+        return base if float32_weights else renderers[dtype]
+
+    weights_note = "float32 weights, cast by autocast per batch" if float32_weights else "weights in the dtype"
+    renderer = base
     cuda = device.startswith("cuda")
-    print(f"renderer on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {source}")
+    print(
+        f"renderer on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {source}; half: {weights_note}"
+    )
     if cuda:
         print(
             f"torch {torch.__version__}; cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (default), "
@@ -124,6 +146,7 @@ def bench_speed(
         semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
         for mode in modes if cuda else ["eager"]:
             for dtype in dtypes:
+                renderer = renderer_for(dtype)
                 for batch in batches:
                     windows = torch.from_numpy(rng.normal(size=(batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
                     label = f"{size:>5} {batch:>6} {dtype:>9} {mode:>6}"
@@ -507,6 +530,12 @@ def main() -> None:
         "videos per batch), e.g. 0:1 1:1 1:4",
     )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    parser.add_argument(
+        "--float32-weights",
+        action="store_true",
+        help="speed: half dtypes keep float32 weights that autocast casts per batch (the stage before it stored "
+        "them in the dtype)",
+    )
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
     parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
     parser.add_argument("--batch-size", type=int, default=8, help="video.batch_size for the memory and clip runs")
@@ -548,6 +577,7 @@ def main() -> None:
             args.dtypes or (["float32", "float16"] if cuda else ["float32", "bfloat16"]),
             args.min_seconds,
             args.modes or ["eager", "graph"],
+            args.float32_weights,
         )
     if not args.skip_memory:
         with contextlib.suppress(KeyboardInterrupt):

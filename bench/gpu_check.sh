@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage sdcompile (the last not in the default list:
-#                                        minutes of compiling) (default: all but big, prepstage and sdcompile, in
+#                                        big profile prepstage halfweights sdcompile (the last not in the default
+#                                        list: minutes of compiling) (default: all but the last four, in
 #                                        this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -96,6 +96,11 @@ except ImportError:
     big)  # 512 × 32 as a CUDA graph alone (on an 80 GB H100 recording runs out of memory and the stage stays eager)
         part big 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 --sizes 512 \
             --batches 32 --dtypes float16 --modes graph ;;
+    halfweights)  # float16 graphs with the weights stored in float16 (the stage) vs float32 cast per batch (before)
+        for flag in "" --float32-weights; do
+            part halfweights 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
+                --sizes 256 --batches 1 8 16 --dtypes float16 --modes graph $flag
+        done ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
     profile)
