@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage halfweights sdcompile (the last not in the default
-#                                        list: minutes of compiling) (default: all but the last four, in
+#                                        big profile prepstage halfweights sdcompile (default: all but big,
+#                                        prepstage, halfweights and sdcompile (minutes of compiling), in
 #                                        this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
