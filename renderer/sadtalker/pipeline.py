@@ -491,7 +491,8 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
 
     def load() -> FaceRenderer:
         renderer = weights.load_face_renderer(first.ckpt.root, size, first.settings.preprocess, device)
-        # Half precision: weights stored in the autocast dtype, as autocast would cast them on every batch.
+        # Half precision: weights stored in the autocast dtype, as autocast would cast them on every batch (the
+        # pool keys renderers by dtype: a run mixing dtypes holds one per dtype).
         return renderer if dtype == "float32" else weights.cast_for_autocast(renderer, getattr(torch, dtype))
 
     try:
