@@ -17,7 +17,7 @@ from typing import Any
 from batch.cache import Cache, publish
 from batch.errors import UsageError
 from batch.plan import Plan, Step, VideoPlan
-from batch.stages import ORDER, STAGES, resolve_job_settings
+from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES, resolve_job_settings
 
 logger = logging.getLogger(__name__)
 
@@ -215,20 +215,26 @@ class Runner:
             groups[s.target].append(s)
         chunks: list[list[Step]] = []
         for group in groups.values():
-            size = spec.chunk
+            size = BATCHED_GPU_TARGETS.get(group[0].target, spec.chunk)
             if stage == "image":
                 size = int(group[0].settings.get("batch_size", spec.chunk))
             chunks += [group[i : i + size] for i in range(0, len(group), size)]
+        serial: list[list[Step]] = []  # GPU-batched stages run one chunk at a time
+        parallel: list[list[Step]] = []
+        for c in chunks:
+            (parallel if spec.parallel and c[0].target not in BATCHED_GPU_TARGETS else serial).append(c)
         bar = _progress(stage, len(pending), self.progress)
         try:
-            if spec.parallel and self.jobs > 1 and len(chunks) > 1:
+            for c in serial:
+                self._run_chunk(stage, c, bar)
+            if self.jobs > 1 and len(parallel) > 1:
                 import joblib
 
                 joblib.Parallel(n_jobs=self.jobs, backend="threading")(
-                    joblib.delayed(self._run_chunk)(stage, c, bar) for c in chunks
+                    joblib.delayed(self._run_chunk)(stage, c, bar) for c in parallel
                 )
             else:
-                for c in chunks:
+                for c in parallel:
                     self._run_chunk(stage, c, bar)
         finally:
             bar.close()

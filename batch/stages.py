@@ -59,6 +59,13 @@ TARGETS: Mapping[str, str] = {
     "mux": "renderer.encode:run_mux",
 }
 
+#: Stage functions that batch across videos on one GPU: the runner hands them chunks of this many steps instead of
+#: the stage's `chunk` (the SadTalker renderer shares forward batches, its recorded CUDA graph and its preparation
+#: thread across a chunk's videos), and never runs two of their chunks at once, even with --jobs: two render loops
+#: would only compete for the GPU, and recording a CUDA graph forbids other threads' GPU calls. A chunk's videos are
+#: committed to the cache when the chunk ends, so this also bounds the work an interrupted run loses.
+BATCHED_GPU_TARGETS: Mapping[str, int] = {"renderer.sadtalker.pipeline:run": 16}
+
 #: Settings that change a stage's output (the rest, like batch sizes or hosts, are cosmetic: left out of keys).
 KEYED: Mapping[str, tuple[str, ...]] = {
     "prompt": ("engine", "model", "temperature", "max_length"),

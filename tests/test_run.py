@@ -180,3 +180,46 @@ def test_run_parallel_jobs_build_the_same_outputs(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys)) == 15
     for v in result.videos:
         assert Path(v.output).read_bytes() == (serial / "build" / "m" / f"{v.id}.mp4").read_bytes()
+
+
+def _sadtalker_project(root: Path) -> None:
+    """The test project with every video on the SadTalker renderer (fake checkpoint files: the stage is faked)."""
+    from batch.stages import sadtalker_files
+
+    path = write_project(root)
+    path.write_text(path.read_text().replace("renderer: puppet", "renderer: sadtalker"))
+    for name in sadtalker_files(256, "crop"):
+        (root / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "checkpoints" / name).write_bytes(b"weights")
+
+
+@pytest.mark.parametrize(("chunk", "calls"), [(16, [5]), (2, [2, 2, 1])])
+def test_run_hands_the_gpu_renderer_large_chunks_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, calls: list[int]
+) -> None:
+    """The SadTalker stage batches frames across a chunk's videos on one GPU: it gets chunks of
+    BATCHED_GPU_TARGETS[target] videos (the stage's own chunk is 4), and even with --jobs 4 never two at once."""
+    import threading
+
+    from batch import run
+
+    target = "renderer.sadtalker.pipeline:run"
+    monkeypatch.setitem(run.BATCHED_GPU_TARGETS, target, chunk)
+    _sadtalker_project(tmp_path)
+    registry = make_registry()
+    fake, seen, lock, running = registry[target], [], threading.Lock(), []
+
+    def stage(jobs, pool):
+        with lock:
+            running.append(1)
+            overlapped = len(running) > 1
+        time.sleep(0.05)
+        with lock:
+            seen.append((len(jobs), overlapped))
+            running.pop()
+        return fake(jobs, pool)
+
+    registry[target] = stage
+    result = build(tmp_path, registry, jobs=4)
+    assert [v.status for v in result.videos] == ["built"] * 5
+    assert sorted(n for n, _ in seen) == sorted(calls) and not any(overlapped for _, overlapped in seen)
