@@ -129,7 +129,6 @@ def bench_speed(
         return base if float32_weights else renderers[dtype]
 
     weights_note = "float32 weights, cast by autocast per batch" if float32_weights else "weights in the dtype"
-    renderer = base
     cuda = device.startswith("cuda")
     print(
         f"renderer on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {source}; half: {weights_note}"

@@ -18,6 +18,7 @@ def main() -> None:
     import torch
 
     from renderer.sadtalker import facerender as fr
+    from renderer.sadtalker import weights
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, choices=[256, 512])
@@ -29,11 +30,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     renderer, source = bench_sadtalker.build_renderer("cuda")
+    half = args.dtype != "float32"
+    if half:  # as the stage loads it for a half dtype
+        weights.cast_for_autocast(renderer, getattr(torch, args.dtype))
     print(f"{source}; size {args.size}, batch {args.batch}, {args.dtype}")
     image = torch.rand(1, 3, args.size, args.size, device="cuda")
     semantics = torch.randn(1, 70, fr.WINDOW, device="cuda")
     windows = torch.randn(args.batch, 70, fr.WINDOW, device="cuda")
-    half = args.dtype != "float32"
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=half):
         state = renderer.prepare_source(image, semantics)

@@ -369,6 +369,8 @@ def predict_pose(
 def predict_poses(pose_net: PoseVAE, requests: Sequence[PoseRequest]) -> list[np.ndarray]:
     """`predict_pose` for several clips at once: the audio encoder runs over all their frames and the decoder over
     all their windows, `_CHUNK` at a time, instead of once per clip and window (equal up to float noise)."""
+    if not requests:
+        return []
     device, dtype = _net_placement(pose_net)
     plans, windows, refs, styles, latents = [], [], [], [], []
     for request in requests:
@@ -385,7 +387,7 @@ def predict_poses(pose_net: PoseVAE, requests: Sequence[PoseRequest]) -> list[np
         styles += [request.pose_style] * len(plan)
         latents.append(z)
     # Embeddings of every motion frame of every clip, then the decoder's (32, 512) window per latent.
-    embeddings = encode_pose_audio(pose_net, torch.cat(windows)) if windows else torch.zeros(0, 512)
+    embeddings = encode_pose_audio(pose_net, torch.cat(windows))
     inputs, offset = [], 0
     for plan, clip in zip(plans, windows, strict=True):
         own = embeddings[offset : offset + clip.shape[0]]
@@ -396,7 +398,7 @@ def predict_poses(pose_net: PoseVAE, requests: Sequence[PoseRequest]) -> list[np
                 emb = torch.cat([emb[:1].expand(POSE_SEQ_LEN - emb.shape[0], -1), emb])
             inputs.append(emb)
     ref_rows = torch.cat([ref[None].expand(len(plan), -1) for ref, plan in zip(refs, plans, strict=True)])
-    z_rows = torch.cat(latents) if latents else torch.zeros(0, POSE_LATENT)
+    z_rows = torch.cat(latents)
     style_rows = torch.tensor(styles, dtype=torch.int64)
     motion = []
     for start in range(0, len(inputs), _CHUNK):
@@ -493,7 +495,7 @@ def predict_coeffs_batch(
         [np.repeat(ref[None, :NUM_EXP], len(clip), axis=0) for ref, clip in zip(refs, windows, strict=True)]
     )
     exp = predict_expression(exp_net, torch.cat(windows), frame_refs, np.concatenate(blinks))
-    raw_poses = iter(predict_poses(pose_net, poses)) if poses else iter(())
+    raw_poses = iter(predict_poses(pose_net, poses))
     out, offset = [], 0
     for request, ref, clip in zip(requests, refs, windows, strict=True):
         own = exp[offset : offset + len(clip)] * np.float32(request.expression_scale)

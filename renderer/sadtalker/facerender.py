@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from renderer.sadtalker.fold import fold_bn
+from renderer.sadtalker.fold import fold_pair
 from renderer.sadtalker.transfer import to_host
 
 #: Number of keypoints (face-vid2vid's num_kp).
@@ -157,8 +157,7 @@ class SameBlock2d(nn.Module):
         return F.leaky_relu(out, 0.01) if self.lrelu else F.relu(out)
 
     def fuse(self) -> None:
-        fold_bn(self.conv, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "conv", "norm")
 
 
 class DownBlock2d(nn.Module):
@@ -173,8 +172,7 @@ class DownBlock2d(nn.Module):
         return F.avg_pool2d(F.relu(self.norm(self.conv(x))), 2)
 
     def fuse(self) -> None:
-        fold_bn(self.conv, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "conv", "norm")
 
 
 class DownBlock3d(nn.Module):
@@ -189,8 +187,7 @@ class DownBlock3d(nn.Module):
         return F.avg_pool3d(F.relu(self.norm(self.conv(x))), (1, 2, 2))
 
     def fuse(self) -> None:
-        fold_bn(self.conv, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "conv", "norm")
 
 
 class UpBlock3d(nn.Module):
@@ -206,8 +203,7 @@ class UpBlock3d(nn.Module):
         return F.relu(self.norm(self.conv(x)))
 
     def fuse(self) -> None:
-        fold_bn(self.conv, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "conv", "norm")
 
 
 class ResBlock3d(nn.Module):
@@ -229,8 +225,7 @@ class ResBlock3d(nn.Module):
         return out + x
 
     def fuse(self) -> None:
-        fold_bn(self.conv1, self.norm2)
-        self.norm2 = nn.Identity()
+        fold_pair(self, "conv1", "norm2")
 
 
 class SNConv2d(nn.Module):
@@ -414,8 +409,7 @@ class HourglassDecoder(nn.Module):
         return F.relu(self.norm(self.conv(out)))
 
     def fuse(self) -> None:
-        fold_bn(self.conv, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "conv", "norm")
 
 
 class Hourglass(nn.Module):
@@ -509,8 +503,7 @@ class DenseMotionNetwork(nn.Module):
         self.heads: MotionHeads | None = None
 
     def fuse(self) -> None:
-        fold_bn(self.compress, self.norm)
-        self.norm = nn.Identity()
+        fold_pair(self, "compress", "norm")
         self.heads = MotionHeads(self.mask, self.occlusion)
         del self.mask, self.occlusion
 

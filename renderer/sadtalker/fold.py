@@ -2,7 +2,7 @@
 
 A folded network runs one convolution where it ran a convolution and a normalisation: the same result in real
 arithmetic, float32 rounding apart, and half the kernel launches in the 3DMM regressor and the audio encoders,
-which are small enough on a GPU to be bound by launching kernels. The renderer's blocks call `fold_bn` from
+which are small enough on a GPU to be bound by launching kernels. The renderer's blocks call `fold_pair` from
 their own `fuse` (`facerender.fuse_for_inference`).
 
 Pairs are found in two places: a Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential`, and the
@@ -20,13 +20,20 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
     """Fold every (Conv2d, BatchNorm2d) pair of `module` in place; returns it in eval mode, without gradients."""
     module.eval()
     for sub in list(module.modules()):
+        pairs = list(getattr(sub, "CONV_BN", ()))
         if isinstance(sub, nn.Sequential):
             names = list(sub._modules)
-            for first, second in zip(names, names[1:], strict=False):
-                _fold(sub, first, second)
-        for conv_name, bn_name in getattr(sub, "CONV_BN", ()):
-            _fold(sub, conv_name, bn_name)
+            pairs += zip(names, names[1:], strict=False)
+        for conv_name, bn_name in pairs:
+            if type(getattr(sub, conv_name)) is nn.Conv2d and type(getattr(sub, bn_name)) is nn.BatchNorm2d:
+                fold_pair(sub, conv_name, bn_name)
     return module.requires_grad_(False)
+
+
+def fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Fold `parent.<bn_name>` into `parent.<conv_name>` (`fold_bn`) and replace the norm by an `nn.Identity`."""
+    fold_bn(getattr(parent, conv_name), getattr(parent, bn_name))
+    setattr(parent, bn_name, nn.Identity())
 
 
 def fold_bn(conv: nn.Module, bn: nn.Module) -> None:
@@ -37,10 +44,3 @@ def fold_bn(conv: nn.Module, bn: nn.Module) -> None:
     bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
     conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
     conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-
-
-def _fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
-    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
-        fold_bn(conv, bn)
-        setattr(parent, bn_name, nn.Identity())

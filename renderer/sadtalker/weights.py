@@ -274,7 +274,7 @@ def cast_for_autocast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.M
     """Store the weights and biases of `module`'s convolutions and linear layers in `dtype` (in place).
 
     Under autocast to `dtype` these layers cast their float32 weights on every call; a recorded CUDA graph must
-    run autocast with its weight cache off, so every replay would cast all of them again (about 122 M values per
+    run autocast with its weight cache off, so every replay would cast all of them again (about 153 M values per
     batch for the renderer). Autocast rounds them to the same values either way, so outputs are unchanged (bit for
     bit: tests/test_sadtalker_render.py), and these weights take half the memory. The project's own layers name
     such tensors in `AUTOCAST_TENSORS`; everything else keeps float32, since some parameters feed float32
