@@ -102,7 +102,7 @@ def main() -> None:
             kp_s = state.kp_source.expand(batch, -1, -1).contiguous()
             windows = torch.from_numpy(facerender.target_windows(video.target, list(range(batch)))).to(device)
             graphs = pipeline._Graphs(batch, torch.float16, "cuda")
-            graphs.render(renderer, feature, kp_c, kp_s, windows)
+            graphs.launch(renderer, feature, kp_c, kp_s, windows).result()
 
         def beside(label: str, counts: tuple[int, ...]) -> None:
             stop = threading.Event()
@@ -111,7 +111,7 @@ def main() -> None:
             def render_loop() -> None:
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
                     while not stop.is_set():
-                        graphs.render(renderer, feature, kp_c, kp_s, windows)
+                        graphs.launch(renderer, feature, kp_c, kp_s, windows).result()
                         rendered[0] += batch
 
             thread = threading.Thread(target=render_loop, daemon=True)
@@ -134,7 +134,16 @@ def main() -> None:
 
         plain_host = lambda tensor: tensor.detach().cpu()  # noqa: E731
         plain_device = lambda tensor, device, dtype=None: tensor.to(device, dtype)  # noqa: E731
-        for module in (graphs_module, audio2coeff, recon):
+
+        class PlainCopy:  # transfer.HostCopy's interface, copying at once through pageable memory
+            def __init__(self, tensor: torch.Tensor) -> None:
+                self._host = plain_host(tensor)
+
+            def result(self) -> torch.Tensor:
+                return self._host
+
+        graphs_module.HostCopy = PlainCopy
+        for module in (audio2coeff, recon):
             if hasattr(module, "to_host"):
                 module.to_host = plain_host
             if hasattr(module, "to_device"):

@@ -731,6 +731,24 @@ def test_transfer_round_trip_on_cuda_keeps_values_in_stream_order() -> None:
     assert torch.equal(to_host(to_device(torch.tensor([3, 1, 2]), "cuda")), torch.tensor([3, 1, 2]))
 
 
+@pytest.mark.gpu
+def test_host_copy_on_cuda_keeps_the_values_it_was_started_with() -> None:
+    """RUN_GPU=1: a `HostCopy` returns at once, and work queued after it may overwrite its source (as the next
+    graph replay overwrites the static output): the copy still delivers the values of its own moment."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from renderer.sadtalker.transfer import HostCopy
+
+    source = torch.zeros(16, 256, 256, 3, dtype=torch.uint8, device="cuda")
+    copies = []
+    for value in range(1, 6):
+        torch.cuda._sleep(20_000_000)  # keep the stream busy, so the copies are still queued when the next comes
+        source.fill_(value)
+        copies.append(HostCopy(source))
+    assert [int(c.result().unique().item()) for c in copies] == [1, 2, 3, 4, 5]
+    assert all(c.result().is_pinned() for c in copies)
+
+
 def _source_batch(renderer: fr.FaceRenderer, rng: np.random.Generator, batch: int) -> list[torch.Tensor]:
     """One random portrait's per-video state on CUDA, repeated `batch` times: [feature, kp_canonical, kp_source]
     (prepared under the caller's autocast)."""
@@ -923,6 +941,49 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
     assert changed.mean() > 0.02, "the rendered face was not pasted"
     assert 100 < xs.mean() < 300 and ys.mean() < 250, "the paste landed away from the face"
     assert not list(jobs[3].out_dir.iterdir()) and not list(jobs[4].out_dir.iterdir())
+
+
+@pytest.mark.gpu
+def test_pipeline_on_cuda_makes_the_cpu_run_videos(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """RUN_GPU=1: the whole stage on CUDA (the preparation thread, a recorded graph for full batches, an eager last
+    batch, each batch queued before the one before it reaches the encoders) makes the CPU run's videos: every
+    frame, in order, the same up to float noise, in float32 and within half precision's error in float16."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import dataclasses
+
+    from renderer.encode import read_frames
+
+    portrait, _ = _portraits(tmp_path)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000 + 0.02, 16000), 16000)  # 5 frames
+    videos = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "float16")):
+            folder = tmp_path / f"{device}-{dtype}"
+            folder.mkdir()
+            # 3 videos of 5 frames in batches of 2: 7 full batches, some spanning two videos, and a last one of 1.
+            jobs = [
+                dataclasses.replace(
+                    _job(folder, f"v{i}", fake_checkpoints, portrait, speech, seed=i, batch_size=2, dtype=dtype),
+                    device=device,
+                )
+                for i in range(3)
+            ]
+            results = pipeline.run(jobs, ModelPool())
+            assert all(isinstance(r, dict) and r["frames"] == 5 for r in results), results
+            videos[device, dtype] = [np.stack(list(read_frames(job.out_dir / "video.mp4"))).astype(int) for job in jobs]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for key, bound in ((("cuda", "float32"), 2.0), (("cuda", "float16"), 3.0)):
+        for cpu, gpu in zip(videos["cpu", "float32"], videos[key], strict=True):
+            assert gpu.shape == cpu.shape == (5, 256, 256, 3)
+            # Decoded frames compared on average (see test_pipeline_renders_batched_videos_on_fill_weights).
+            per_frame = np.abs(gpu - cpu).mean(axis=(1, 2, 3))
+            assert per_frame.max() < bound, (key, per_frame)
+            assert np.abs(gpu[0] - gpu[4]).mean() > 2 * per_frame.max(), "frames out of order or frozen"
 
 
 def test_cli_build_picks_sadtalker_when_its_checkpoints_exist(fake_checkpoints: Path, tmp_path: Path) -> None:
@@ -1252,7 +1313,7 @@ def test_preparer_thread_bug_reaches_the_renderer(monkeypatch: pytest.MonkeyPatc
 
 def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_Graphs` records under the preparer's lock: no preparation runs on the GPU while a graph is recorded."""
-    from renderer.sadtalker import graphs
+    from renderer.sadtalker import graphs, transfer
 
     lock = pipeline._Preparer([], ModelPool()).gpu
     seen = []
@@ -1261,8 +1322,8 @@ def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPa
         def matches(self, *tensors):
             return True
 
-        def __call__(self, *tensors):
-            return np.zeros((2, 4, 4, 3), np.uint8)
+        def launch(self, *tensors):
+            return transfer.HostCopy(torch.zeros((2, 4, 4, 3), dtype=torch.uint8))
 
     def capture(renderer, *tensors, dtype=None, compile=False):
         seen.append(lock.locked())
@@ -1270,8 +1331,8 @@ def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(capture))
     state = pipeline._Graphs(2, None, "cuda", lock=lock)
-    frames = state.render(None, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
-    assert frames.shape == (2, 4, 4, 3) and seen == [True] and not lock.locked()
+    frames = state.launch(None, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    assert frames.result().shape == (2, 4, 4, 3) and seen == [True] and not lock.locked()
 
 
 def test_model_pool_loads_each_model_once_and_different_models_in_parallel() -> None:

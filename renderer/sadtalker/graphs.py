@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from renderer.sadtalker.facerender import FaceRenderer, frames_to_uint8_tensor
-from renderer.sadtalker.transfer import to_host
+from renderer.sadtalker.transfer import HostCopy
 
 #: Eager warm-up passes before recording (cuDNN algorithm choice and allocator growth happen outside the graph).
 WARMUP_PASSES = 2
@@ -45,10 +45,18 @@ class GraphedRender:
     def __call__(
         self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
     ) -> np.ndarray:
+        """The batch's uint8 frames on the host [B, S, S, 3]."""
+        return self.launch(feature, kp_canonical, kp_source, windows).result().numpy()
+
+    def launch(
+        self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
+    ) -> HostCopy:
+        """Queue the batch (copies into the static inputs, the replay, the frames' copy to the host) and return
+        without waiting for it. A later launch may follow at once: its copies and replay queue behind this one's."""
         for static, value in zip(self._inputs, (feature, kp_canonical, kp_source, windows), strict=True):
             static.copy_(value)
         self._graph.replay()
-        return to_host(self._output).numpy()
+        return HostCopy(self._output)
 
     @classmethod
     def capture(

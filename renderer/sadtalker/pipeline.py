@@ -34,13 +34,14 @@ frame rate (bench/results/).
 of compiling once per run, then about 1.8× the frame rate; compiled float16 differs from float32 by 1.5 of 255
 levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
 
-On CUDA the work overlaps in three places: a thread prepares (steps 2–3) the next batch of videos while the current
+On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
 forbids GPU calls from other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to
-the eager pass, which partial batches use); and encoder threads paste or resize and encode batch k while the
-GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at
-most two batches wait per thread, so memory stays flat). Step 1 of every job runs first, to group the jobs by
-renderer.
+the eager pass, which partial batches use); the render loop queues batch k+1 before it waits for batch k's frames
+(`_launch`, `_hand_on`), so the GPU does not idle while the host gathers the next batch's inputs or starts a
+video; and encoder threads paste or resize and encode batch k while the GPU renders batch k+1 (`_Emitter`: up to
+four threads, each video pinned to one so its frames stay in order; at most two batches wait per thread, so memory
+stays flat). Step 1 of every job runs first, to group the jobs by renderer.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from renderer.sadtalker.facerender import FaceRenderer, SourceState
     from renderer.sadtalker.paste import PasteBack
     from renderer.sadtalker.preprocess import CropInfo
+    from renderer.sadtalker.transfer import HostCopy
     from renderer.sadtalker.weights import CheckpointSet
 
 logger = logging.getLogger(__name__)
@@ -513,16 +515,18 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
     )
     emitter = _Emitter()
     batch: list[tuple[_Video, int]] = []
+    in_flight: _InFlight | None = None  # the batch the GPU is rendering: handed on once the next one is queued
     started = time.perf_counter()
     try:
         with torch.inference_mode(), _autocast(device, dtype):
             for video, frame in _frames(len(plans), preparer, renderer, videos):
                 batch.append((video, frame))
                 if len(batch) == batch_size:
-                    _flush(renderer, batch, graphs, emitter)
+                    in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
                     batch = []
             if batch:
-                _flush(renderer, batch, graphs, emitter)
+                in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
+            _hand_on(in_flight, None, emitter)
     finally:
         try:
             emitter.close()
@@ -783,8 +787,9 @@ class _Graphs:
     graph: Any = None
     failed: bool = False
 
-    def render(self, renderer: FaceRenderer, *tensors: Any) -> np.ndarray | None:
-        """uint8 frames through the graph, or None when this batch must run eagerly."""
+    def launch(self, renderer: FaceRenderer, *tensors: Any) -> HostCopy | None:
+        """The batch queued through the graph (its uint8 frames on their way to the host), or None when it must run
+        eagerly."""
         from renderer.sadtalker.graphs import GraphUnavailable
 
         if self.device_type != "cuda" or self.failed or tensors[0].shape[0] != self.batch_size:
@@ -797,7 +802,7 @@ class _Graphs:
                 logger.warning("%s; rendering without CUDA graphs", exc)
                 self.failed = True
                 return None
-        return self.graph(*tensors) if self.graph.matches(*tensors) else None
+        return self.graph.launch(*tensors) if self.graph.matches(*tensors) else None
 
     def _capture(self, renderer: FaceRenderer, *tensors: Any) -> Any:
         from renderer.sadtalker.graphs import CompileUnavailable, GraphedRender
@@ -813,27 +818,37 @@ class _Graphs:
             return GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
 
 
-def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs, emitter: _Emitter) -> None:
-    """One forward pass over frames of possibly several videos; the frames go to the encoder thread."""
+@dataclasses.dataclass
+class _InFlight:
+    """A launched batch: its rows' (video, frame) and its uint8 frames on their way to the host."""
+
+    live: list[tuple[_Video, int]]
+    frames: HostCopy
+
+
+def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs) -> _InFlight | None:
+    """Queue one forward pass over frames of possibly several videos, without waiting for it (CUDA: the caller
+    assembles and queues the next batch while the GPU renders this one; on a CPU the pass runs here)."""
     import torch
 
     from renderer.sadtalker import facerender
-    from renderer.sadtalker.transfer import to_device
+    from renderer.sadtalker.transfer import HostCopy, to_device
 
     device = next(renderer.parameters()).device
     live = [(v, f) for v, f in batch if v.error is None]
     if not live:
-        return
+        return None
     windows = np.concatenate([facerender.target_windows(v.target, [f]) for v, f in live])
     windows = to_device(torch.from_numpy(windows), device)
     feature = torch.cat([v.state.feature for v, _ in live])
     kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
-        frames = graphs.render(renderer, feature, kp_canonical, kp_source, windows)
+        frames = graphs.launch(renderer, feature, kp_canonical, kp_source, windows)
         if frames is None:
             kp_driving = renderer.driving_keypoints(kp_canonical, windows)
-            frames = facerender.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
+            prediction = renderer.render(feature, kp_source, kp_driving).prediction
+            frames = HostCopy(facerender.frames_to_uint8_tensor(prediction))
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
@@ -841,8 +856,16 @@ def _flush(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gra
                 f"out of GPU memory rendering a batch of {len(live)} frames at size {video.plan.settings.size}",
                 "lower video.batch_size or use video.dtype: float16",
             )
-        return
-    emitter.put(live, frames)
+        return None
+    return _InFlight(live, frames)
+
+
+def _hand_on(done: _InFlight | None, launched: _InFlight | None, emitter: _Emitter) -> _InFlight | None:
+    """Wait for the earlier batch `done` and hand its frames to the encoders (the GPU meanwhile renders the batch
+    just `launched`, queued behind it); returns `launched`, the batch now in flight."""
+    if done is not None:
+        emitter.put(done.live, done.frames.result().numpy())
+    return launched
 
 
 def _emit(video: _Video, frame: np.ndarray) -> None:

@@ -14,16 +14,34 @@ from __future__ import annotations
 import torch
 
 
+class HostCopy:
+    """A copy of `tensor` to the host, started now and queued on the current stream; `result()` waits for it.
+
+    The render loop starts a batch's copy, queues the next batch behind it and only then waits, so the GPU never
+    idles while the host hands frames on. The source may be overwritten by work queued after the copy (a graph's
+    static output, replayed again): the stream runs the copy first."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._done: torch.cuda.Event | None = None
+        if tensor.device.type != "cuda":
+            self._host = tensor.detach().cpu()
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor.detach(), non_blocking=True)
+        self._done = torch.cuda.Event(blocking=True)
+        self._done.record()
+
+    def result(self) -> torch.Tensor:
+        """The CPU tensor, once the copy has arrived."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return self._host
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` as a CPU tensor (the same values; a CUDA tensor is copied through a pinned buffer)."""
-    if tensor.device.type != "cuda":
-        return tensor.detach().cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor.detach(), non_blocking=True)
-    done = torch.cuda.Event(blocking=True)
-    done.record()
-    done.synchronize()
-    return host
+    return HostCopy(tensor).result()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
