@@ -428,11 +428,12 @@ def bench_clips(
     compile: bool = False,
     cold_clips: int | None = None,
     prepare: list[str] | None = None,
+    kernels: list[str] | None = None,
 ) -> None:
     """`count` clips in one warm process vs one process per clip (each reloading Python, torch and every model).
 
     `prepare`: warm runs with these "AHEAD[:BATCH]" preparation settings, one after another (default: the
-    stage's own)."""
+    stage's own). `kernels`: kernel flags (--fused-conv-relu, --broadcast-upsample) for every child, both arms."""
     if _fill() is None:
         print("clips: skipped (needs ../shared/sadtalker for fill-rule checkpoints in the official layout)")
         return
@@ -445,6 +446,7 @@ def bench_clips(
             cmd += ["--device", device, "--ckpt", tmp, "--batch-size", str(batch_size)]
             cmd += ["--landmarks", str(landmarks)] if landmarks else []
             cmd += ["--compile"] if compile else []
+            cmd += kernels or []
             start = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - start
@@ -535,6 +537,16 @@ def main() -> None:
         help="speed: half dtypes keep float32 weights that autocast casts per batch (the stage before it stored "
         "them in the dtype)",
     )
+    parser.add_argument(
+        "--fused-conv-relu",
+        action="store_true",
+        help="CUDA half precision: convolutions followed by a ReLU as one cuDNN call (facerender.FUSED_CONV_RELU)",
+    )
+    parser.add_argument(
+        "--broadcast-upsample",
+        action="store_true",
+        help="CUDA: nearest upsamplings as one broadcast copy (facerender.BROADCAST_UPSAMPLE)",
+    )
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time per configuration on CUDA")
     parser.add_argument("--memory-seconds", type=float, nargs="+", default=[30.0, 300.0])
     parser.add_argument("--batch-size", type=int, default=8, help="video.batch_size for the memory and clip runs")
@@ -554,6 +566,12 @@ def main() -> None:
         return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    from renderer.sadtalker import facerender
+
+    facerender.FUSED_CONV_RELU, facerender.BROADCAST_UPSAMPLE = args.fused_conv_relu, args.broadcast_upsample
+    kernels = ["--fused-conv-relu"] * args.fused_conv_relu + ["--broadcast-upsample"] * args.broadcast_upsample
+    if kernels and not args.child_clips:
+        print("kernels: " + " ".join(kernels))
     if args.child_memory is not None or args.child_clips is not None:
         use_landmarks(args.landmarks)
         if args.child_memory is not None:
@@ -591,6 +609,7 @@ def main() -> None:
             args.compile,
             args.cold_clips,
             args.prepare,
+            kernels,
         )
 
 

@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage halfweights sdcompile (default: all but big,
-#                                        prepstage, halfweights and sdcompile (minutes of compiling), in
+#                                        big profile prepstage halfweights kernels sdcompile (default: all but big,
+#                                        prepstage, halfweights, kernels and sdcompile (minutes of compiling), in
 #                                        this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -101,10 +101,19 @@ except ImportError:
             part halfweights 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
                 --sizes 256 --batches 1 8 16 --dtypes float16 --modes graph $flag
         done ;;
+    kernels)  # the renderer's kernel options, still off by default (facerender.FUSED_CONV_RELU, BROADCAST_UPSAMPLE)
+        for flags in "" --broadcast-upsample --fused-conv-relu "--fused-conv-relu --broadcast-upsample"; do
+            part kernels 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
+                --sizes 256 --batches 8 16 --dtypes float16 --modes graph $flags
+        done
+        part kernels 90 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+            tests/test_sadtalker_render.py -k "kernel_options or host_copy or pipeline_on_cuda"
+        part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 \
+            --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
     profile)
-        part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 8 --dtype float16 ;;
+        part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 ;;
     cudnn)
         part cudnn 90 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
             --cudnn-benchmark --batches 8 32 --dtypes float16 ;;

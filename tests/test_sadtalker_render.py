@@ -703,6 +703,89 @@ def test_renderer_weights_cast_for_autocast_give_the_same_frames_on_cuda(kp_dete
     np.testing.assert_array_equal(frames[0], frames[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "factors"),
+    [((2, 5, 7, 9), (2, 2)), ((2, 5, 7, 9), (4, 4)), ((2, 3, 4, 6, 5), (1, 2, 2)), ((1, 1, 3, 3), (3, 2))],
+)
+def test_repeat_nearest_is_nearest_upsampling_in_the_input_layout(shape, factors, dtype) -> None:
+    """`repeat_nearest` (the CUDA path of BROADCAST_UPSAMPLE) gives F.interpolate's nearest values bit for bit, for
+    2-D and 3-D maps, and keeps a channels-last input channels-last (the layout the convolutions after it use)."""
+    import torch.nn.functional as F
+
+    last = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape).to(dtype)
+    for layout in (torch.contiguous_format, last):
+        xx = x.contiguous(memory_format=layout)
+        out = fr.repeat_nearest(xx, factors)
+        assert torch.equal(out, F.interpolate(xx, scale_factor=tuple(map(float, factors)), mode="nearest"))
+        assert out.is_contiguous(memory_format=layout)
+    with pytest.raises(ValueError, match="whole factors"):
+        fr.repeat_nearest(x, (2,) * (len(shape) - 1))
+
+
+def test_conv_relu_is_relu_of_conv_and_norm_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`conv_relu` keeps an unfolded norm between the two, and FUSED_CONV_RELU changes nothing off CUDA."""
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4).eval()
+    norm.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    monkeypatch.setattr(fr, "FUSED_CONV_RELU", True)
+    with torch.inference_mode():
+        assert torch.equal(fr.conv_relu(conv, x, norm), torch.relu(norm(conv(x))))
+        assert torch.equal(fr.conv_relu(conv, x, torch.nn.Identity()), torch.relu(conv(x)))
+        assert torch.equal(fr.conv_relu(conv, x), torch.relu(conv(x)))
+
+
+@pytest.mark.gpu
+def test_kernel_options_on_cuda_keep_the_frames(kp_detector, mappings, generator, monkeypatch) -> None:
+    """RUN_GPU=1: BROADCAST_UPSAMPLE renders the same float16 frames bit for bit; FUSED_CONV_RELU really runs cuDNN's
+    fused convolution, and its float16 frames are no further from float32 than the unfused ones; a recorded graph
+    with both on replays its eager frames exactly."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import copy
+
+    from renderer.sadtalker.graphs import GraphedRender
+
+    renderer = weights.place(
+        fr.FaceRenderer(copy.deepcopy(kp_detector), copy.deepcopy(mappings[70]), copy.deepcopy(generator)).eval(),
+        "cuda",
+    )
+    half = weights.cast_for_autocast(copy.deepcopy(renderer), torch.float16)
+    rng = np.random.default_rng(8)
+    windows = torch.from_numpy(rng.normal(size=(4, 70, fr.WINDOW)).astype(np.float32)).cuda()
+
+    def frames(model, dtype, fused=False, broadcast=False, graph=False):
+        monkeypatch.setattr(fr, "FUSED_CONV_RELU", fused)
+        monkeypatch.setattr(fr, "BROADCAST_UPSAMPLE", broadcast)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype is not None):
+            tensors = _source_batch(model, np.random.default_rng(9), 4)
+            if graph:
+                return GraphedRender.capture(model, *tensors, windows, dtype=dtype)(*tensors, windows).astype(int)
+            kp_driving = model.driving_keypoints(tensors[1], windows)
+            return fr.frames_to_uint8(model.render(tensors[0], tensors[2], kp_driving).prediction).astype(int)
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        reference = frames(renderer, None)
+        plain = frames(half, torch.float16)
+        np.testing.assert_array_equal(frames(half, torch.float16, broadcast=True), plain)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused = frames(half, torch.float16, fused=True)
+        assert any(event.name == "aten::cudnn_convolution_relu" for event in prof.events())
+        np.testing.assert_array_equal(
+            frames(half, torch.float16, True, True, graph=True), frames(half, torch.float16, True, True)
+        )
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    plain_error, fused_error = np.abs(plain - reference), np.abs(fused - reference)
+    print(f"float16 vs float32, uint8 levels: unfused max {plain_error.max()} mean {plain_error.mean():.3f}; "
+          f"fused max {fused_error.max()} mean {fused_error.mean():.3f}")  # fmt: skip
+    assert fused_error.mean() <= 1.5 * plain_error.mean() + 0.05 and fused_error.max() <= 2 * plain_error.max() + 2
+
+
 def test_transfer_copies_keep_values_and_dtypes_on_the_cpu() -> None:
     from renderer.sadtalker.transfer import to_device, to_host
 

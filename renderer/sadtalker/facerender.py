@@ -142,6 +142,65 @@ def kp_to_gaussian(kp: torch.Tensor, spatial_size: tuple[int, int, int], varianc
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks (SPEC §7.1). Each block with a conv directly followed by BatchNorm can fold the norm (`fuse`).
 
+#: Run each convolution that a ReLU follows as one cuDNN call (`torch.cudnn_convolution_relu`: convolution, bias
+#: and ReLU fused) on CUDA in half precision, instead of PyTorch's three kernels (a cuDNN convolution, then the
+#: bias added and the ReLU applied in two more passes over the output). Off: not yet measured on a GPU
+#: (`bench_sadtalker.py --fused-conv-relu`); the fused kernel also rounds once where the three round twice.
+FUSED_CONV_RELU = False
+
+
+def conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    """relu(norm(conv(x))); with the norm folded away (`fuse`) and FUSED_CONV_RELU on, one fused cuDNN call."""
+    if norm is not None and not isinstance(norm, nn.Identity):
+        return F.relu(norm(conv(x)))
+    if FUSED_CONV_RELU and x.is_cuda and conv.bias is not None and conv.padding_mode == "zeros":
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            weight = conv.weight.to(dtype)
+            return torch.cudnn_convolution_relu(
+                x.to(dtype), weight, conv.bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups
+            )
+    return F.relu(conv(x))
+
+
+#: On CUDA, make the nearest upsamplings of the decoder and the dense-motion hourglass by one copy of a broadcast view
+#: (`repeat_nearest`) instead of PyTorch's nearest kernel. Off: not yet measured on a GPU
+#: (`bench_sadtalker.py --broadcast-upsample`); the values are the same either way. On a CPU PyTorch's kernel is
+#: the faster (70 vs 88 ms for [8, 256, 64, 64] × 4 in bfloat16 on this project's 2-core machine).
+BROADCAST_UPSAMPLE = False
+
+
+def upsample_nearest(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """Nearest upsampling of the spatial dims by whole `factors` (see BROADCAST_UPSAMPLE)."""
+    if BROADCAST_UPSAMPLE and x.is_cuda:
+        return repeat_nearest(x, factors)
+    return F.interpolate(x, scale_factor=tuple(float(f) for f in factors), mode="nearest")
+
+
+def repeat_nearest(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """The values of `F.interpolate(mode="nearest")` by whole `factors`, made by one copy of a broadcast view, in
+    x's memory layout (channels-last stays channels-last).
+
+    Why: CUDA's channels-last nearest kernel took 584 µs per decoder upsampling at batch 8 on an H200, 5.8 % of the
+    render's GPU time (bench/results/2026-11-26-h200/call1-profile.log): about 0.4 of the GPU's 4.8 TB/s."""
+    spatial = x.dim() - 2
+    if len(factors) != spatial or any(f < 1 for f in factors):
+        raise ValueError(f"need {spatial} whole factors ≥ 1, got {tuple(factors)}")
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    channels_last = last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last)
+    view = x.movedim(1, -1) if channels_last else x  # channels-last: [B, *spatial, C] is the contiguous order
+    first = 1 if channels_last else 2
+    factor_of = {first + i: f for i, f in enumerate(factors)}
+    # Each spatial dim n gets a broadcast dim of its factor f right after it: [.., n, f, ..] → [.., n·f, ..].
+    ones, broadcast, merged = [], [], []
+    for dim, n in enumerate(view.shape):
+        f = factor_of.get(dim)
+        ones += [n] if f is None else [n, 1]
+        broadcast += [n] if f is None else [n, f]
+        merged.append(n if f is None else n * f)
+    out = view.reshape(ones).expand(broadcast).reshape(merged)
+    return out.movedim(-1, 1) if channels_last else out
+
 
 class SameBlock2d(nn.Module):
     """Conv2d (k, same padding) → BatchNorm → ReLU or LeakyReLU(0.01)."""
@@ -153,8 +212,9 @@ class SameBlock2d(nn.Module):
         self.lrelu = lrelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm(self.conv(x))
-        return F.leaky_relu(out, 0.01) if self.lrelu else F.relu(out)
+        if self.lrelu:
+            return F.leaky_relu(self.norm(self.conv(x)), 0.01)
+        return conv_relu(self.conv, x, self.norm)
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -169,7 +229,7 @@ class DownBlock2d(nn.Module):
         self.norm: nn.Module = nn.BatchNorm2d(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(F.relu(self.norm(self.conv(x))), 2)
+        return F.avg_pool2d(conv_relu(self.conv, x, self.norm), 2)
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -184,7 +244,7 @@ class DownBlock3d(nn.Module):
         self.norm: nn.Module = nn.BatchNorm3d(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(F.relu(self.norm(self.conv(x))), (1, 2, 2))
+        return F.avg_pool3d(conv_relu(self.conv, x, self.norm), (1, 2, 2))
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -199,8 +259,7 @@ class UpBlock3d(nn.Module):
         self.norm: nn.Module = nn.BatchNorm3d(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        return F.relu(self.norm(self.conv(x)))
+        return conv_relu(self.conv, upsample_nearest(x, (1, 2, 2)), self.norm)
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -220,8 +279,8 @@ class ResBlock3d(nn.Module):
         self.norm2: nn.Module = nn.BatchNorm3d(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(F.relu(self.norm1(x)))
-        out = self.conv2(F.relu(self.norm2(out)))
+        out = conv_relu(self.conv1, F.relu(self.norm1(x)), self.norm2)
+        out = self.conv2(out)
         return out + x
 
     def fuse(self) -> None:
@@ -406,7 +465,7 @@ class HourglassDecoder(nn.Module):
         out = outs.pop()
         for block in self.up_blocks:
             out = torch.cat([block(out), outs.pop()], dim=1)
-        return F.relu(self.norm(self.conv(out)))
+        return conv_relu(self.conv, out, self.norm)
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -514,7 +573,7 @@ class DenseMotionNetwork(nn.Module):
         k1 = NUM_KP + 1
         # Geometry (grids, warps, heatmaps, the mask mixture) runs in float32 even under autocast: it is cheap, and
         # half-precision coordinates would shift every sample; only the convolutions use the autocast dtype.
-        feature = F.relu(self.norm(self.compress(feature))).float()
+        feature = conv_relu(self.compress, feature, self.norm).float()
         kp_driving, kp_source = kp_driving.float(), kp_source.float()
         # Sparse motions [B, 16, d, h, w, 3]: identity (background), then grid − kp_driving + kp_source.
         grid = make_coordinate_grid(d, h, w, device=feature.device).view(1, 1, d, h, w, 3)
@@ -577,7 +636,7 @@ class SPADE(nn.Module):
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         if seg.shape[-2:] != x.shape[-2:]:
             seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
-        actv = self.mlp_shared(seg)
+        actv = conv_relu(self.mlp_shared[0], seg)  # mlp_shared: Conv2d, ReLU
         gain = self.mlp_gamma(actv)
         if self.gain_offset:
             gain = gain + self.gain_offset
@@ -632,11 +691,10 @@ class SPADEDecoder(nn.Module):
             x = getattr(self, f"G_middle_{i}")(x, seg)
         # Each up block's three SPADEs need the map at the block's size: resize it once per size, not per SPADE
         # (nearest resizing is a pure copy, so the values are the same).
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
-        x = self.up_0(x, seg)
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.up_1(x, F.interpolate(seg, size=x.shape[-2:], mode="nearest"))
+        x = upsample_nearest(x, (2, 2))
+        x = self.up_0(x, upsample_nearest(seg, (2, 2)))
+        x = upsample_nearest(x, (2, 2))
+        x = self.up_1(x, upsample_nearest(seg, (4, 4)))
         x = self.conv_img(F.leaky_relu(x, 0.2))
         return torch.sigmoid(x)
 
