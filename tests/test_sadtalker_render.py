@@ -638,6 +638,15 @@ def test_generator_on_cuda_matches_golden_and_half_precision_stays_close(generat
     assert error.mean().item() < 0.02  # bfloat16 on CPU measured 0.021 with these weights; float16 is finer
 
 
+def _cuda_renderer(kp_detector, mappings, generator) -> fr.FaceRenderer:
+    """A renderer of copies of the fixture networks, placed on CUDA as the stage does (the fixtures stay on the
+    CPU for the other tests)."""
+    import copy
+
+    networks = (kp_detector, mappings[70], generator)
+    return weights.place(fr.FaceRenderer(*(copy.deepcopy(net) for net in networks)).eval(), "cuda")
+
+
 def _frames_and_keypoints(renderer: fr.FaceRenderer, device: str, dtype: torch.dtype) -> list[np.ndarray]:
     """One random portrait rendered for 2 frames under autocast: [source feature, driving keypoints, uint8 frames]."""
     rng = np.random.default_rng(5)
@@ -682,10 +691,7 @@ def test_renderer_weights_cast_for_autocast_give_the_same_frames_on_cuda(kp_dete
 
     from renderer.sadtalker.graphs import GraphedRender
 
-    plain = weights.place(
-        fr.FaceRenderer(copy.deepcopy(kp_detector), copy.deepcopy(mappings[70]), copy.deepcopy(generator)).eval(),
-        "cuda",
-    )
+    plain = _cuda_renderer(kp_detector, mappings, generator)
     cast = weights.cast_for_autocast(copy.deepcopy(plain), torch.float16)
     for one, other in zip(
         _frames_and_keypoints(plain, "cuda", torch.float16),
@@ -748,10 +754,7 @@ def test_kernel_options_on_cuda_keep_the_frames(kp_detector, mappings, generator
 
     from renderer.sadtalker.graphs import GraphedRender
 
-    renderer = weights.place(
-        fr.FaceRenderer(copy.deepcopy(kp_detector), copy.deepcopy(mappings[70]), copy.deepcopy(generator)).eval(),
-        "cuda",
-    )
+    renderer = _cuda_renderer(kp_detector, mappings, generator)
     half = weights.cast_for_autocast(copy.deepcopy(renderer), torch.float16)
     rng = np.random.default_rng(8)
     windows = torch.from_numpy(rng.normal(size=(4, 70, fr.WINDOW)).astype(np.float32)).cuda()
@@ -851,7 +854,7 @@ def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator,
         pytest.skip("no CUDA device")
     from renderer.sadtalker.graphs import GraphedRender
 
-    renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
+    renderer = _cuda_renderer(kp_detector, mappings, generator)
     rng = np.random.default_rng(3)
 
     def windows() -> torch.Tensor:
@@ -878,7 +881,7 @@ def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, gener
         pytest.skip("no CUDA device")
     from renderer.sadtalker.graphs import GraphedRender
 
-    renderer = weights.place(fr.FaceRenderer(kp_detector, mappings[70], generator).eval(), "cuda")
+    renderer = _cuda_renderer(kp_detector, mappings, generator)
     rng = np.random.default_rng(5)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
