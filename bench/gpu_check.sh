@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage halfweights kernels sdcompile (default: all but big,
-#                                        prepstage, halfweights, kernels and sdcompile (minutes of compiling), in
+#                                        big profile prepstage halfweights kernels clipscompiled sdcompile (default:
+#                                        all but big, prepstage, halfweights, kernels, clipscompiled and sdcompile, in
 #                                        this order: about 12 minutes on an H100,
 #                                        so through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -74,7 +74,8 @@ except ImportError:
         part pytest 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
     speed)
         part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 ;;
-    compiled)  # torch.compile + CUDA graph (video.compile: true); each shape compiles once (about a minute)
+    compiled)  # video.compile: true (compiled.py: AOTInductor package, loaded, recorded as a CUDA graph); each
+        # shape compiles once (about a minute), then the bench loads the package again and times that too
         part compiled 150 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
             --modes compiled --dtypes float16 --sizes 256 --batches 32
         part compiled 120 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
@@ -90,6 +91,9 @@ except ImportError:
         # one warm run per preparation setting in $PREPARE ("AHEAD:BATCH" ...)
         part clips 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --cold-clips "${COLD_CLIPS:-5}" --batch-size 16 --landmarks "$LANDMARKS" --prepare ${PREPARE:-0:1 1:4 1:8} ;;
+    clipscompiled)  # the same with video.compile: true, the package compiled once beforehand (both arms load it)
+        part clipscompiled 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+            --cold-clips "${COLD_CLIPS:-3}" --batch-size 16 --landmarks "$LANDMARKS" --compile --prepare 1:4 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
             --landmarks "$LANDMARKS" ;;

@@ -873,12 +873,16 @@ def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator,
 
 
 @pytest.mark.gpu
-def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, generator) -> None:
-    """RUN_GPU=1: `video.compile`'s step (torch.compile, then recorded as a CUDA graph) against the eager float32
-    frames: compiled float32 differs by rounding only; compiled float16 stays within the bound the eager float16
-    test uses (mean error < 0.02 of full scale). Compiles twice (about 40 s each on an H200)."""
+def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, generator, tmp_path: Path) -> None:
+    """RUN_GPU=1: `video.compile`'s step (compiled ahead of time into a package, loaded, recorded as a CUDA graph)
+    against the eager float32 frames: compiled float32 differs by rounding only; compiled float16 stays within the
+    bound the eager float16 test uses (mean error < 0.02 of full scale). A second call loads the package instead of
+    compiling. Compiles twice (about 40 s each with torch.compile on an H200)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    import time
+
+    from renderer.sadtalker import compiled
     from renderer.sadtalker.graphs import GraphedRender
 
     renderer = _cuda_renderer(kp_detector, mappings, generator)
@@ -889,20 +893,134 @@ def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, gener
         with torch.inference_mode():
             tensors = _source_batch(renderer, rng, 2)
             windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32)).cuda()
-            tensors.append(windows)
+            tensors = [t.contiguous() for t in [*tensors, windows]]
             kp_driving = renderer.driving_keypoints(tensors[1], windows)
             eager = fr.frames_to_uint8(renderer.render(tensors[0], tensors[2], kp_driving).prediction).astype(int)
             errors = {}
             for dtype in (None, torch.float16):
-                graphed = GraphedRender.capture(renderer, *tensors, dtype=dtype, compile=True)
+                compiled.compiled_step(renderer, tensors, dtype, tmp_path)
+                started = time.perf_counter()
+                step = compiled.compiled_step(renderer, tensors, dtype, tmp_path)
+                print(f"compiled {dtype or 'float32'} package loaded in {time.perf_counter() - started:.2f} s")
+                graphed = GraphedRender.capture(renderer, *tensors, dtype=dtype, step=step)
                 errors[dtype] = np.abs(graphed(*tensors).astype(int) - eager)
-                del graphed
+                del graphed, step
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert len(list(tmp_path.glob("render-*.pt2"))) == 2, "compiled just in time: no packages were written"
     for dtype, error in errors.items():
         print(f"compiled {dtype or 'float32'} vs eager float32: max {error.max()} levels, mean {error.mean():.4f}")
     assert errors[None].mean() < 0.1
     assert errors[torch.float16].mean() < 0.02 * 255
+
+
+def test_compiled_step_is_compiled_once_then_loaded_from_its_package(
+    kp_detector, mappings, generator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`video.compile`'s step, here on the CPU (the stage compiles on CUDA only; the mechanism is the same): the
+    first call exports and compiles it ahead of time into a package, a second call (a later run) loads that package
+    without compiling, and the compiled bfloat16 frames are no further from float32 than the eager bfloat16 ones.
+    A different batch shape needs another package. About 45 s (the compile) on the project's 2-core machine."""
+    import copy
+    import logging
+    import time
+
+    from renderer.sadtalker import compiled
+    from renderer.sadtalker.graphs import RenderStep
+
+    networks = (kp_detector, mappings[70], generator)
+    plain = fr.FaceRenderer(*(copy.deepcopy(net) for net in networks)).eval()
+    half = weights.cast_for_autocast(copy.deepcopy(plain), torch.bfloat16)
+    rng = np.random.default_rng(11)
+    image = torch.from_numpy(rng.random((1, 3, 256, 256), dtype=np.float32))
+    semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32))
+    windows = torch.from_numpy(rng.normal(size=(2, 70, fr.WINDOW)).astype(np.float32))
+    with torch.inference_mode():
+        state = plain.prepare_source(image, semantics)
+        tensors = (state.feature.expand(2, -1, -1, -1, -1).contiguous(), state.kp_canonical.expand(2, -1, -1).contiguous(),
+                   state.kp_source.expand(2, -1, -1).contiguous(), windows)  # fmt: skip
+        reference = RenderStep(plain, None)(*tensors).numpy().astype(int)
+        eager = RenderStep(half, torch.bfloat16)(*tensors).numpy().astype(int)
+        with (
+            caplog.at_level(logging.INFO, logger="renderer.sadtalker.compiled"),
+            torch.autocast("cpu", dtype=torch.bfloat16),  # as in the stage's render loop
+        ):
+            compiled.compiled_step(half, tensors, torch.bfloat16, tmp_path)
+            assert "compiled the render step ahead of time" in caplog.text
+            caplog.clear()
+            started = time.perf_counter()
+            step = compiled.compiled_step(half, tensors, torch.bfloat16, tmp_path)
+            loaded_in = time.perf_counter() - started
+            assert "loaded the compiled render step" in caplog.text and "compiled the" not in caplog.text
+        frames = step(*tensors).numpy().astype(int)
+    packages = list(tmp_path.glob("render-*.pt2"))
+    assert len(packages) == 1 and not list(tmp_path.glob(".*")), "one package, no temporary file left"
+    assert loaded_in < 5, loaded_in
+    assert frames.shape == (2, 256, 256, 3)
+    compiled_error, eager_error = np.abs(frames - reference).mean(), np.abs(eager - reference).mean()
+    assert compiled_error <= 1.5 * eager_error, (compiled_error, eager_error)
+    assert np.abs(frames[0] - frames[1]).mean() > 1, "the two frames of the batch should differ"
+    other = tuple(t[:1] for t in tensors)
+    step_of = RenderStep(half, torch.bfloat16)
+    assert compiled.package_key(step_of, other) != compiled.package_key(step_of, tensors)
+
+
+def test_compiled_step_falls_back_in_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A package that does not load is compiled again; where compiling ahead of time fails, the step is compiled
+    just in time; where the cache folder cannot be written, the package goes to a temporary folder for the run."""
+    import logging
+
+    from renderer.sadtalker import compiled
+
+    monkeypatch.setattr(compiled, "package_key", lambda step, example: "k")
+    calls = []
+    monkeypatch.setattr(compiled, "_compile_ahead", lambda path, step, example: calls.append(("ahead", path)) or "A")
+    monkeypatch.setattr(compiled, "_compile_just_in_time", lambda step, example: calls.append(("jit",)) or "J")
+    renderer = torch.nn.Module()
+    (tmp_path / "render-k.pt2").write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+        assert compiled.compiled_step(renderer, (torch.zeros(1),), None, tmp_path) == "A"
+    assert calls == [("ahead", tmp_path / "render-k.pt2")] and "does not load" in caplog.text
+
+    def refuse(path, step, example):
+        raise RuntimeError("export refused")
+
+    monkeypatch.setattr(compiled, "_compile_ahead", refuse)
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+        assert compiled.compiled_step(renderer, (torch.zeros(1),), None, tmp_path / "new") == "J"
+    assert calls == [("jit",)] and "export refused" in caplog.text
+
+
+def test_compiled_package_goes_to_a_temporary_folder_when_the_cache_is_not_writable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    from renderer.sadtalker import compiled
+
+    written = []
+
+    def package(program, package_path, inductor_configs):
+        Path(package_path).write_bytes(b"package")
+        written.append(Path(package_path))
+
+    monkeypatch.setattr(torch.export, "export", lambda step, example: "program")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
+    monkeypatch.setattr(compiled, "_load", lambda path, step, example: path)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+        path = compiled._compile_ahead(blocked / "compiled" / "render-k.pt2", torch.nn.Module(), (torch.zeros(1),))
+    assert path.name == "render-k.pt2" and path.read_bytes() == b"package" and tmp_path not in path.parents
+    assert "for this run only" in caplog.text and not written[0].exists()
+    shutil.rmtree(path.parent)
+    path = compiled._compile_ahead(tmp_path / "cache" / "render-k.pt2", torch.nn.Module(), (torch.zeros(1),))
+    assert path == tmp_path / "cache" / "render-k.pt2" and path.read_bytes() == b"package"
+    assert [p.name for p in path.parent.iterdir()] == ["render-k.pt2"]
 
 
 def test_spade_fuse_folds_the_one_without_touching_the_loaded_tensors() -> None:
@@ -1411,7 +1529,7 @@ def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPa
         def launch(self, *tensors):
             return transfer.HostCopy(torch.zeros((2, 4, 4, 3), dtype=torch.uint8))
 
-    def capture(renderer, *tensors, dtype=None, compile=False):
+    def capture(renderer, *tensors, dtype=None, step=None):
         seen.append(lock.locked())
         return Recorded()
 
@@ -1419,6 +1537,36 @@ def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPa
     state = pipeline._Graphs(2, None, "cuda", lock=lock)
     frames = state.launch(None, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     assert frames.result().shape == (2, 4, 4, 3) and seen == [True] and not lock.locked()
+
+
+def test_compiled_step_runs_without_graphs_when_recording_it_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`video.compile`: where the compiled step cannot be recorded as a CUDA graph, full batches call it directly
+    (still compiled); where nothing compiles, the uncompiled step is recorded."""
+    from renderer.sadtalker import compiled, graphs
+
+    seen = []
+
+    def capture(renderer, *tensors, dtype=None, step=None):
+        seen.append(step)
+        if step is not None:
+            raise graphs.GraphUnavailable("recording failed")
+        return "recorded eager step"
+
+    monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(capture))
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: lambda *t: t[0] * 2)
+    state = pipeline._Graphs(2, None, "cuda", compile=True, compiled_dir=tmp_path)
+    tensors = (torch.ones(2, 3), torch.zeros(2, 1))
+    direct = state._capture(None, *tensors)
+    assert direct.matches(*tensors) and not direct.matches(torch.ones(1, 3), torch.zeros(1, 1))
+    assert torch.equal(direct.launch(*tensors).result(), torch.full((2, 3), 2.0))
+
+    def refuse(renderer, tensors, dtype, folder):
+        raise compiled.CompileUnavailable("no compiler")
+
+    monkeypatch.setattr(compiled, "compiled_step", refuse)
+    assert state._capture(None, *tensors) == "recorded eager step" and seen[-1] is None
 
 
 def test_model_pool_loads_each_model_once_and_different_models_in_parallel() -> None:

@@ -36,7 +36,10 @@ Back half — coefficients → frames:
   `python -m renderer.sadtalker.weights convert --trust FILE` for a one-time, explicit conversion of one that needs
   more.
 * `paste` (SPEC §8.3): `PasteBack` — the animated crop blended back into the whole picture (preprocess "full").
-* `graphs`: `GraphedRender.capture(renderer, ...)` records one render batch as a CUDA graph and replays it.
+* `graphs`: `RenderStep` (the per-batch render work as one module); `GraphedRender.capture(renderer, ...)` records
+  one render batch as a CUDA graph and replays it.
+* `compiled`: `compiled_step(renderer, example, dtype, folder)`, the render step compiled ahead of time by
+  AOTInductor into a package on disk, loaded by later runs (`video.compile: true`).
 * `transfer`: `to_host` / `to_device`, host↔GPU copies through pinned buffers that do not stall other threads.
 * `pipeline`: `run(jobs, pool)`, the "animate" stage for `video.renderer: sadtalker`: models load once per run,
   frames of several videos share forward batches (CUDA-graph replays on a GPU) and stream to encoder threads; videos

@@ -8,10 +8,13 @@ run of the same batch (same kernels, same algorithms). Measured on an H100 at 25
 A graph is recorded for one batch size, dtype and set of input shapes: `GraphedRender` owns static input buffers;
 each call copies the batch into them, replays, and copies the uint8 frames to the host. Batches of another size
 (a group's last, partial batch) run eagerly. CUDA only; `GraphedRender.capture` raises `GraphUnavailable` when
-recording fails (an unsupported op, a driver without graph support), and callers then stay eager.
+recording fails (an unsupported op, a driver without graph support), and callers then stay eager. The recorded step
+is `RenderStep` (eager) or, with `video.compile: true`, its ahead-of-time compiled form (compiled.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,8 +30,28 @@ class GraphUnavailable(RuntimeError):
     """Recording a CUDA graph failed; run eagerly instead."""
 
 
-class CompileUnavailable(GraphUnavailable):
-    """torch.compile of the render step failed; record the uncompiled step instead."""
+class RenderStep(torch.nn.Module):
+    """The per-batch render work as one module: mapping net → driving keypoints → generator → uint8 frames
+    [B, S, S, 3], under autocast to `dtype` (None: float32) with its weight cache off, as graphs need.
+
+    What a graph records and what compiled.py exports and compiles; the renderer's parameters are its own (under
+    the attribute `renderer`)."""
+
+    def __init__(self, renderer: FaceRenderer, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.renderer = renderer
+        self.dtype = dtype
+
+    def forward(
+        self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
+    ) -> torch.Tensor:
+        device_type = feature.device.type
+        with torch.autocast(
+            device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None, cache_enabled=False
+        ):
+            kp_driving = self.renderer.driving_keypoints(kp_canonical, windows)
+            prediction = self.renderer.render(feature, kp_source, kp_driving).prediction
+        return frames_to_uint8_tensor(prediction)
 
 
 class GraphedRender:
@@ -67,28 +90,18 @@ class GraphedRender:
         kp_source: torch.Tensor,
         windows: torch.Tensor,
         dtype: torch.dtype | None,
-        compile: bool = False,
+        step: Callable[..., torch.Tensor] | None = None,
     ) -> GraphedRender:
         """Record the batch given by these example tensors (their values are only used for the warm-up).
 
-        `dtype`: the autocast dtype (None: float32). Autocast runs with its weight-cast cache off, as graphs need.
-        `compile`: run the step through `torch.compile` (TorchInductor fuses the elementwise work around the
-        convolutions) before recording; the warm-up passes compile it. Raises `CompileUnavailable` when compiling
-        fails (no Triton, no C compiler), so the caller can record the eager step instead.
+        `dtype`: the autocast dtype (None: float32). `step`: what to record instead of the eager `RenderStep`
+        (the compiled step of compiled.py, which takes the same tensors and returns the same frames).
         """
         if feature.device.type != "cuda":
             raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
         device = feature.device
         inputs = tuple(t.clone() for t in (feature, kp_canonical, kp_source, windows))
-
-        def step(feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor):
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-                kp_driving = renderer.driving_keypoints(kp_canonical, windows)
-                prediction = renderer.render(feature, kp_source, kp_driving).prediction
-            return frames_to_uint8_tensor(prediction)
-
-        if compile:
-            step = torch.compile(step, dynamic=False)
+        step = step or RenderStep(renderer, dtype)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:
@@ -98,11 +111,6 @@ class GraphedRender:
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.synchronize(device)
             raise GraphUnavailable(f"warming up the render batch ran out of GPU memory: {exc}") from exc
-        except Exception as exc:
-            torch.cuda.synchronize(device)
-            if compile:
-                raise CompileUnavailable(f"torch.compile of the render step failed: {exc}") from exc
-            raise
         torch.cuda.current_stream(device).wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()

@@ -30,9 +30,11 @@ better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machi
 TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
 frame rate (bench/results/).
 
-`video.compile: true` (CUDA) runs the render step through `torch.compile` before recording it (graphs.py): 40–55 s
-of compiling once per run, then about 1.8× the frame rate; compiled float16 differs from float32 by 1.5 of 255
-levels on average (eager float16: 0.8). Measured on an H200: bench/results/2026-11-26-h200/.
+`video.compile: true` (CUDA) records the render step compiled by TorchInductor (compiled.py): ahead of time, once
+per machine, into a package in `<checkpoints>/compiled/` that later runs load in milliseconds (just in time by
+`torch.compile`, every run, where that fails). With `torch.compile` the step took 40–55 s to compile and then ran at
+about 1.8× the frame rate; compiled float16 differed from float32 by 1.5 of 255 levels on average (eager float16:
+0.8). Measured on an H200: bench/results/2026-11-26-h200/; the ahead-of-time package is not yet measured on a GPU.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
@@ -511,6 +513,7 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
         getattr(torch, dtype) if dtype != "float32" else None,
         torch.device(device).type,
         compile=any(plan.settings.compile for plan in plans),
+        compiled_dir=first.ckpt.root / "compiled",
         lock=preparer.gpu,
     )
     emitter = _Emitter()
@@ -776,12 +779,14 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
 @dataclasses.dataclass
 class _Graphs:
     """A group's recorded render batch (CUDA only, renderer/sadtalker/graphs.py): recorded at the first full batch
-    and replayed for every later one, bit-identical to the eager pass; partial batches and failures run eagerly."""
+    and replayed for every later one, bit-identical to the eager pass; partial batches and failures run eagerly.
+    With `compile` the recorded step is the compiled one (compiled.py, its packages kept in `compiled_dir`)."""
 
     batch_size: int
     dtype: Any  # torch dtype of the autocast, None for float32
     device_type: str
-    compile: bool = False  # torch.compile the step before recording it (video.compile)
+    compile: bool = False  # video.compile
+    compiled_dir: Path | None = None
     #: Held while recording: no other thread may use the GPU then (`_Preparer.gpu`).
     lock: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     graph: Any = None
@@ -805,17 +810,39 @@ class _Graphs:
         return self.graph.launch(*tensors) if self.graph.matches(*tensors) else None
 
     def _capture(self, renderer: FaceRenderer, *tensors: Any) -> Any:
-        from renderer.sadtalker.graphs import CompileUnavailable, GraphedRender
+        from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
 
+        step = None
+        if self.compile:
+            from renderer.sadtalker import compiled
+
+            try:
+                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir or Path("compiled"))
+            except compiled.CompileUnavailable as exc:
+                logger.warning("%s; rendering without compiling", exc)
         try:
-            started = time.perf_counter()
-            graph = GraphedRender.capture(renderer, *tensors, dtype=self.dtype, compile=self.compile)
-            if self.compile:
-                logger.info("compiled and recorded the render step in %.1f s", time.perf_counter() - started)
-            return graph
-        except CompileUnavailable as exc:
-            logger.warning("%s; rendering without torch.compile", exc)
-            return GraphedRender.capture(renderer, *tensors, dtype=self.dtype)
+            return GraphedRender.capture(renderer, *tensors, dtype=self.dtype, step=step)
+        except GraphUnavailable as exc:
+            if step is None:
+                raise
+            logger.warning("%s; running the compiled render step without CUDA graphs", exc)
+            return _Direct(step, tuple(t.shape for t in tensors))
+
+
+@dataclasses.dataclass
+class _Direct:
+    """The compiled render step called batch by batch, where recording it as a CUDA graph failed."""
+
+    step: Callable[..., Any]
+    shapes: tuple[Any, ...]
+
+    def matches(self, *tensors: Any) -> bool:
+        return tuple(t.shape for t in tensors) == self.shapes
+
+    def launch(self, *tensors: Any) -> HostCopy:
+        from renderer.sadtalker.transfer import HostCopy
+
+        return HostCopy(self.step(*tensors))
 
 
 @dataclasses.dataclass

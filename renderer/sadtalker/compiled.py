@@ -1,0 +1,174 @@
+"""`video.compile: true`: the render step compiled ahead of time (torch.export + AOTInductor) and kept on disk.
+
+Why ahead of time: `torch.compile` compiles again in every process, 40–55 s for the 256 renderer on an H100 or
+H200 (bench/results/2026-11-26-h100b, -h200), so compiling paid only in runs of tens of thousands of frames and never
+in a nightly build of a few dozen clips. Here the step (`graphs.RenderStep`: mapping net → generator → uint8
+frames) is exported and compiled by AOTInductor, with the same compiler, once, into a package under
+`<checkpoints>/compiled/`; every later run, in any process, loads it in milliseconds. The package holds code only:
+the weights stay the loaded renderer's own tensors, handed to it at load (`load_constants(user_managed=True)`), so
+no second copy of them is made or stored.
+
+A package is made for one batch shape and dtype, one PyTorch build, one GPU model, the renderer's kernel options
+and the source of the modules it was compiled from: all of them go into its name (`package_key`), so a change of
+any compiles anew and nothing stale is loaded. It is written to a temporary file and renamed into place, so a run
+stopped while compiling leaves no half package; a package that fails to load is compiled again. Where the
+checkpoints folder is read-only, the package goes to a temporary folder, for that run only.
+
+A package is native code that the run loads and executes, like TorchInductor's own cache in the temporary folder:
+only this tool writes packages, under names it derives itself, and only those names are ever loaded; do not copy
+packages from elsewhere into `compiled/`.
+
+If exporting or compiling ahead of time fails, the step is compiled just in time by `torch.compile` instead (the
+cost of every run again), and if that fails too, the caller renders without compiling (`CompileUnavailable`).
+
+Measured on the project's 2-core CPU (fill-rule weights, 256, bfloat16 autocast, batch 2): export 3.7 s, compile
+38 s, package 3.7 MB, load 7 ms; its frames are as close to float32 as the eager bfloat16 ones (mean 11.3 vs 14.2
+levels). On CUDA, compile time, load time and frame rate are not yet measured (`bash bench/gpu_check.sh compiled`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from renderer.sadtalker import facerender
+from renderer.sadtalker.graphs import GraphUnavailable, RenderStep
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the package's making changes in a way its key does not capture.
+PACKAGE_FORMAT = 1
+#: Modules whose code a package holds (their bytes are part of its key).
+SOURCES = ("facerender.py", "graphs.py", "compiled.py", "fold.py")
+
+
+class CompileUnavailable(GraphUnavailable):
+    """Neither ahead-of-time nor just-in-time compiling of the render step worked; render without compiling."""
+
+
+def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
+    """Hex digest naming everything a compiled package depends on (see the module docstring)."""
+    device = example[0].device
+    gpu = "cpu"
+    if device.type == "cuda":
+        gpu = f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    source = hashlib.sha256()
+    for name in SOURCES:
+        source.update((Path(__file__).parent / name).read_bytes())
+    facts = {
+        "format": PACKAGE_FORMAT,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": gpu,
+        "autocast": str(step.dtype),
+        "inputs": [[list(t.shape), list(t.stride()), str(t.dtype)] for t in example],
+        "constants": sorted((name, str(t.dtype), list(t.shape)) for name, t in _constants(step).items()),
+        "kernels": {"fused_conv_relu": facerender.FUSED_CONV_RELU, "broadcast_upsample": facerender.BROADCAST_UPSAMPLE},
+        "source": source.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def compiled_step(
+    renderer: facerender.FaceRenderer, example: Sequence[torch.Tensor], dtype: torch.dtype | None, folder: Path
+) -> Callable[..., torch.Tensor]:
+    """The render step for batches shaped like `example` (feature, kp_canonical, kp_source, windows), compiled:
+    loaded from `folder` when compiled before, else compiled and saved there; just in time when that fails.
+    Raises CompileUnavailable when no compiling works."""
+    step = RenderStep(renderer, dtype).eval()
+    example = tuple(example)
+    path = Path(folder) / f"render-{package_key(step, example)}.pt2"
+    if path.is_file():
+        try:
+            return _load(path, step, example)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: compile it again
+            logger.warning("compiled render step %s does not load (%s); compiling it again", path, exc)
+    try:
+        return _compile_ahead(path, step, example)
+    except Exception as exc:  # noqa: BLE001 - export or AOTInductor refused this step: try just in time
+        logger.warning("compiling the render step ahead of time failed (%s: %s); compiling it for this run only",
+                       type(exc).__name__, exc)  # fmt: skip
+    return _compile_just_in_time(step, example)
+
+
+def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
+        os.close(handle)
+    except OSError as exc:
+        folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-"))
+        logger.warning("cannot write %s (%s); the compiled render step is kept in %s for this run only",
+                       path.parent, exc, folder)  # fmt: skip
+        path = folder / path.name
+        name = str(folder / f".{path.stem}.tmp.pt2")
+    partial = Path(name)
+    started = time.perf_counter()
+    try:
+        # Traced as the step alone: outside the caller's inference mode and autocast (the step sets its own).
+        with torch.inference_mode(False), torch.autocast(example[0].device.type, enabled=False):
+            program = torch.export.export(step, example)
+        exported = time.perf_counter() - started
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info(
+        "compiled the render step ahead of time in %.1f s (export %.1f s) into %s; later runs load it",
+        time.perf_counter() - started,
+        exported,
+        path,
+    )
+    return _load(path, step, example)
+
+
+def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+    started = time.perf_counter()
+    device = example[0].device
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+    constants = _constants(step)
+    wanted = runner.get_constant_fqns()
+    missing = [name for name in wanted if name not in constants]
+    if missing:
+        raise ValueError(f"the package wants constants the renderer does not have: {missing[:3]}")
+    runner.load_constants({name: constants[name] for name in wanted}, check_full_update=True, user_managed=True)
+    logger.info("loaded the compiled render step %s in %.2f s", path.name, time.perf_counter() - started)
+    strides = [t.stride() for t in example]
+
+    def run(*tensors: torch.Tensor) -> torch.Tensor:
+        # The package was compiled for the example's memory layout: hand it tensors laid out the same way.
+        tensors = tuple(
+            t if t.stride() == stride else torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+            for t, stride in zip(tensors, strides, strict=True)
+        )
+        return runner(*tensors)
+
+    return run
+
+
+def _compile_just_in_time(step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+    started = time.perf_counter()
+    jit = torch.compile(step, dynamic=False)
+    try:
+        jit(*example)  # compiles now, so a failure shows here rather than inside a graph recording
+    except Exception as exc:
+        raise CompileUnavailable(f"torch.compile of the render step failed: {exc}") from exc
+    logger.info("compiled the render step for this run in %.1f s", time.perf_counter() - started)
+    return jit
+
+
+def _constants(step: RenderStep) -> dict[str, torch.Tensor]:
+    """The step's parameters and buffers by name, aliases included (the names a package asks for)."""
+    named = [*step.named_parameters(remove_duplicate=False), *step.named_buffers(remove_duplicate=False)]
+    return {name: tensor for name, tensor in named}
