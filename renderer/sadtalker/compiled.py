@@ -78,14 +78,18 @@ def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
 
 
 def compiled_step(
-    renderer: facerender.FaceRenderer, example: Sequence[torch.Tensor], dtype: torch.dtype | None, folder: Path
+    renderer: facerender.FaceRenderer,
+    example: Sequence[torch.Tensor],
+    dtype: torch.dtype | None,
+    folder: Path | None,
 ) -> Callable[..., torch.Tensor]:
     """The render step for batches shaped like `example` (feature, kp_canonical, kp_source, windows), compiled:
-    loaded from `folder` when compiled before, else compiled and saved there; just in time when that fails.
-    Raises CompileUnavailable when no compiling works."""
+    loaded from `folder` when compiled before, else compiled and saved there (None: a temporary folder, for this
+    run only); just in time when that fails. Raises CompileUnavailable when no compiling works."""
     step = RenderStep(renderer, dtype).eval()
     example = tuple(example)
-    path = Path(folder) / f"render-{package_key(step, example)}.pt2"
+    folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-")) if folder is None else Path(folder)
+    path = folder / f"render-{package_key(step, example)}.pt2"
     if path.is_file():
         try:
             return _load(path, step, example)

@@ -786,7 +786,7 @@ class _Graphs:
     dtype: Any  # torch dtype of the autocast, None for float32
     device_type: str
     compile: bool = False  # video.compile
-    compiled_dir: Path | None = None
+    compiled_dir: Path | None = None  # None: a temporary folder, for this run only
     #: Held while recording: no other thread may use the GPU then (`_Preparer.gpu`).
     lock: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     graph: Any = None
@@ -817,7 +817,7 @@ class _Graphs:
             from renderer.sadtalker import compiled
 
             try:
-                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir or Path("compiled"))
+                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir)
             except compiled.CompileUnavailable as exc:
                 logger.warning("%s; rendering without compiling", exc)
         try:
