@@ -121,6 +121,11 @@ def bench_speed(
     from renderer.sadtalker.pipeline import _autocast
 
     compiled_dir = Path(tempfile.mkdtemp(prefix="bench_compiled_"))  # a fresh package cache: compile time counts
+    if "compiled" in modes:  # how the step was compiled (ahead of time, or just in time after a failure)
+        import logging
+
+        logging.basicConfig(format="  %(name)s: %(message)s")
+        logging.getLogger("renderer.sadtalker.compiled").setLevel(logging.INFO)
     base, source = build_renderer(device)
     renderers = {"float32": base}
 
