@@ -71,7 +71,7 @@ try:
 except ImportError:
     print(\"no triton: torch.compile unavailable\")"' ;;
     pytest)
-        part pytest 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
+        part pytest 300 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
     speed)
         part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 ;;
     compiled)  # video.compile: true (compiled.py: AOTInductor package, loaded, recorded as a CUDA graph); each
@@ -110,7 +110,7 @@ except ImportError:
             part kernels 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
                 --sizes 256 --batches 8 16 --dtypes float16 --modes graph $flags
         done
-        part kernels 90 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+        part kernels 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu \
             tests/test_sadtalker_render.py -k "kernel_options or host_copy or pipeline_on_cuda"
         part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 \
             --fused-conv-relu --broadcast-upsample ;;
