@@ -105,13 +105,12 @@ except ImportError:
             part halfweights 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
                 --sizes 256 --batches 1 8 16 --dtypes float16 --modes graph $flag
         done ;;
-    kernels)  # the renderer's kernel options, still off by default (facerender.FUSED_CONV_RELU, BROADCAST_UPSAMPLE)
+    kernels)  # the renderer's kernel options, still off by default (facerender.FUSED_CONV_RELU, BROADCAST_UPSAMPLE);
+        # their GPU test (equal frames, the fused op really runs) is in the pytest part
         for flags in "" --broadcast-upsample --fused-conv-relu "--fused-conv-relu --broadcast-upsample"; do
             part kernels 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
                 --sizes 256 --batches 8 16 --dtypes float16 --modes graph $flags
         done
-        part kernels 150 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu \
-            tests/test_sadtalker_render.py -k "kernel_options or host_copy or pipeline_on_cuda"
         part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 \
             --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
