@@ -91,7 +91,8 @@ except ImportError:
         # one warm run per preparation setting in $PREPARE ("AHEAD:BATCH" ...)
         part clips 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --cold-clips "${COLD_CLIPS:-5}" --batch-size 16 --landmarks "$LANDMARKS" --prepare ${PREPARE:-0:1 1:4 1:8} ;;
-    clipscompiled)  # the same with video.compile: true, the package compiled once beforehand (both arms load it)
+    clipscompiled)  # the same with video.compile: true, the package compiled once beforehand; the cold arm runs
+        # compiled (loading the package) and not compiled (the seed's way)
         part clipscompiled 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --cold-clips "${COLD_CLIPS:-3}" --batch-size 16 --landmarks "$LANDMARKS" --compile --prepare 1:4 ;;
     memory)
