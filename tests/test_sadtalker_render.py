@@ -870,6 +870,9 @@ def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator,
             replay = graphed(*tensors, w)
             assert replay.shape == (4, 256, 256, 3)
             assert np.array_equal(replay, eager)
+            # A short batch replays the same graph on its first rows: the full batch's frames of those rows.
+            short = graphed(*(t[:2] for t in tensors), w[:2])
+            assert short.shape == (2, 256, 256, 3) and np.array_equal(short, replay[:2])
 
 
 @pytest.mark.gpu
@@ -1546,6 +1549,31 @@ def test_graph_recording_takes_the_preparation_lock(monkeypatch: pytest.MonkeyPa
     state = pipeline._Graphs(2, None, "cuda", lock=lock)
     frames = state.launch(None, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     assert frames.result().shape == (2, 4, 4, 3) and seen == [True] and not lock.locked()
+
+
+def test_short_batches_replay_the_graph_once_one_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch shorter than `batch_size` runs eagerly while no graph exists (one eager pass is cheaper than
+    recording), and through the recorded graph once there is one; a longer batch never does."""
+    from renderer.sadtalker import graphs, transfer
+
+    launched = []
+
+    class Recorded:
+        def matches(self, *tensors):
+            return True
+
+        def launch(self, *tensors):
+            launched.append(tensors[0].shape[0])
+            return transfer.HostCopy(torch.zeros((tensors[0].shape[0], 4, 4, 3), dtype=torch.uint8))
+
+    monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(lambda *a, **k: Recorded()))
+    state = pipeline._Graphs(4, None, "cuda")
+    rows = lambda n: [torch.zeros(n, 3)] * 4  # noqa: E731
+    assert state.launch(None, *rows(2)) is None and state.graph is None
+    assert state.launch(None, *rows(4)).result().shape[0] == 4
+    assert state.launch(None, *rows(3)).result().shape[0] == 3
+    assert state.launch(None, *rows(5)) is None
+    assert launched == [4, 3]
 
 
 def test_compiled_step_runs_without_graphs_when_recording_it_fails(

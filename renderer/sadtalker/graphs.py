@@ -6,8 +6,8 @@ run of the same batch (same kernels, same algorithms). Measured on an H100 at 25
 69.7 → 89.9 frames/s; from batch 8 on the GPU is the bound and the gain is small (114.5 → 120.7).
 
 A graph is recorded for one batch size, dtype and set of input shapes: `GraphedRender` owns static input buffers;
-each call copies the batch into them, replays, and copies the uint8 frames to the host. Batches of another size
-(a group's last, partial batch) run eagerly. CUDA only; `GraphedRender.capture` raises `GraphUnavailable` when
+each call copies the batch into them, replays, and copies the uint8 frames to the host. A shorter batch (a group's
+last) replays the same graph on its first rows. CUDA only; `GraphedRender.capture` raises `GraphUnavailable` when
 recording fails (an unsupported op, a driver without graph support), and callers then stay eager. The recorded step
 is `RenderStep` (eager) or, with `video.compile: true`, its ahead-of-time compiled form (compiled.py).
 """
@@ -63,7 +63,12 @@ class GraphedRender:
         self._output = output
 
     def matches(self, *tensors: torch.Tensor) -> bool:
-        return all(t.shape == s.shape and t.dtype == s.dtype for t, s in zip(tensors, self._inputs, strict=True))
+        """Whether these tensors fit the recorded batch: the same shapes and dtypes, or fewer rows (a short batch)."""
+        rows = tensors[0].shape[0]
+        return all(
+            t.shape[0] == rows <= s.shape[0] and t.shape[1:] == s.shape[1:] and t.dtype == s.dtype
+            for t, s in zip(tensors, self._inputs, strict=True)
+        )
 
     def __call__(
         self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
@@ -75,11 +80,15 @@ class GraphedRender:
         self, feature: torch.Tensor, kp_canonical: torch.Tensor, kp_source: torch.Tensor, windows: torch.Tensor
     ) -> HostCopy:
         """Queue the batch (copies into the static inputs, the replay, the frames' copy to the host) and return
-        without waiting for it. A later launch may follow at once: its copies and replay queue behind this one's."""
+        without waiting for it. A later launch may follow at once: its copies and replay queue behind this one's.
+
+        A short batch (fewer rows than recorded) fills the first rows and takes their frames: every row is computed
+        on its own, so the rows left from the batch before only cost their share of the replay."""
+        rows = feature.shape[0]
         for static, value in zip(self._inputs, (feature, kp_canonical, kp_source, windows), strict=True):
-            static.copy_(value)
+            static[:rows].copy_(value)
         self._graph.replay()
-        return HostCopy(self._output)
+        return HostCopy(self._output[:rows])
 
     @classmethod
     def capture(

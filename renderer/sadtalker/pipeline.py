@@ -38,8 +38,8 @@ about 1.8× the frame rate; compiled float16 differed from float32 by 1.5 of 255
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
-forbids GPU calls from other threads); full batches replay a recorded CUDA graph (`graphs.py`, bit-identical to
-the eager pass, which partial batches use); the render loop queues batch k+1 before it waits for batch k's frames
+forbids GPU calls from other threads); batches replay a recorded CUDA graph (`graphs.py`, bit-identical to the
+eager pass; a short last batch uses its first rows, a group shorter than one batch runs eagerly); the render loop queues batch k+1 before it waits for batch k's frames
 (`_launch`, `_hand_on`), so the GPU does not idle while the host gathers the next batch's inputs or starts a
 video; and encoder threads paste or resize and encode batch k while the GPU renders batch k+1 (`_Emitter`: up to
 four threads, each video pinned to one so its frames stay in order; at most two batches wait per thread, so memory
@@ -779,7 +779,9 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
 @dataclasses.dataclass
 class _Graphs:
     """A group's recorded render batch (CUDA only, renderer/sadtalker/graphs.py): recorded at the first full batch
-    and replayed for every later one, bit-identical to the eager pass; partial batches and failures run eagerly.
+    and replayed for every later one, bit-identical to the eager pass, and on the first rows for a short last batch
+    (so no batch runs eagerly once a graph exists: an eager pass of a new batch size would set up its own cuDNN
+    plans); a group shorter than one batch, and failures, run eagerly.
     With `compile` the recorded step is the compiled one (compiled.py, its packages kept in `compiled_dir`)."""
 
     batch_size: int
@@ -797,9 +799,12 @@ class _Graphs:
         eagerly."""
         from renderer.sadtalker.graphs import GraphUnavailable
 
-        if self.device_type != "cuda" or self.failed or tensors[0].shape[0] != self.batch_size:
+        rows = tensors[0].shape[0]
+        if self.device_type != "cuda" or self.failed or rows > self.batch_size:
             return None
         if self.graph is None:
+            if rows < self.batch_size:  # a group shorter than one batch: one eager pass beats recording
+                return None
             try:
                 with self.lock:
                     self.graph = self._capture(renderer, *tensors)
