@@ -1089,7 +1089,9 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
 ) -> None:
     """Five jobs, one run: two identical crop videos share forward batches ([a0, a1, b0], [b1]) and must come out
     identical; a `full` video is pasted into the portrait; two broken jobs fail alone. The videos are prepared on
-    the thread CUDA runs use (`_Preparer`), here on the CPU."""
+    the thread CUDA runs use (`_Preparer`), here on the CPU. b asks for `video.compile`, so its group's full batch
+    runs the step compiled into the checkpoints' compiled/ folder (about 45 s here) and the short one eagerly: the
+    frames still agree up to float noise."""
     from renderer.encode import probe, read_frames
 
     skimage_data = pytest.importorskip("skimage.data")
@@ -1104,7 +1106,7 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
 
     jobs = [
         _job(tmp_path, "a", fake_checkpoints, portrait, speech, seed=7),
-        _job(tmp_path, "b", fake_checkpoints, portrait, speech, seed=7, compile=True),  # CUDA only: a warning
+        _job(tmp_path, "b", fake_checkpoints, portrait, speech, seed=7, compile=True),
         _job(tmp_path, "full", fake_checkpoints, portrait, one, seed=1, preprocess="full", dtype="float16"),
         _job(tmp_path, "noface", fake_checkpoints, blank, speech, seed=1),
         _job(tmp_path, "nosound", fake_checkpoints, portrait, short, seed=1),
@@ -1121,7 +1123,7 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
         assert isinstance(info, dict) and info["renderer"] == "sadtalker", info
     assert a["frames"] == b["frames"] == 2 and full["frames"] == 1
     assert a["dtype"] == "float32" and a["warnings"] == []
-    assert b["warnings"] == ["video.compile applies to CUDA devices only; ignored on cpu"]
+    assert b["warnings"] == [] and len(list((fake_checkpoints / "compiled").glob("render-*.pt2"))) == 1
     assert full["dtype"] == "float32" and "float16" in full["warnings"][0]  # CPU half is emulated: refused
     assert all(count == 1 for count in pool.loads.values()), pool.loads  # every model loaded once for all jobs
 
@@ -1580,7 +1582,8 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """`video.compile`: where the compiled step cannot be recorded as a CUDA graph, full batches call it directly
-    (still compiled); where nothing compiles, the uncompiled step is recorded."""
+    (still compiled); where nothing compiles, the uncompiled step is recorded. On a CPU full batches call the
+    compiled step, and without one every batch runs eagerly."""
     from renderer.sadtalker import compiled, graphs
 
     seen = []
@@ -1604,6 +1607,16 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
 
     monkeypatch.setattr(compiled, "compiled_step", refuse)
     assert state._capture(None, *tensors) == "recorded eager step" and seen[-1] is None
+
+    # On a CPU nothing is recorded: the compiled step is called per full batch, or the batches stay eager.
+    seen.clear()
+    on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
+    assert on_cpu._capture(None, *tensors) is None and seen == []
+    assert on_cpu.launch(None, *tensors) is None and on_cpu.failed
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: lambda *t: t[0] + 1)
+    on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
+    assert torch.equal(on_cpu.launch(None, *tensors).result(), torch.full((2, 3), 2.0)) and seen == []
+    assert pipeline._Graphs(2, None, "cpu").launch(None, *tensors) is None  # no compile: eager, as before
 
 
 def test_model_pool_loads_each_model_once_and_different_models_in_parallel() -> None:

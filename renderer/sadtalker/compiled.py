@@ -1,5 +1,7 @@
 """`video.compile: true`: the render step compiled ahead of time (torch.export + AOTInductor) and kept on disk.
 
+On CUDA the stage records the compiled step as a CUDA graph; on a CPU it calls it per full batch.
+
 Why ahead of time: `torch.compile` compiles again in every process, 40–55 s for the 256 renderer on an H100 or
 H200 (bench/results/2026-11-26-h100b, -h200), so compiling paid only in runs of tens of thousands of frames and never
 in a nightly build of a few dozen clips. Here the step (`graphs.RenderStep`: mapping net → generator → uint8

@@ -30,9 +30,10 @@ better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machi
 TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
 frame rate (bench/results/).
 
-`video.compile: true` (CUDA) records the render step compiled by TorchInductor (compiled.py): ahead of time, once
+`video.compile: true` renders with the render step compiled by TorchInductor (compiled.py): ahead of time, once
 per machine, into a package in `<checkpoints>/compiled/` that later runs load in milliseconds (just in time by
-`torch.compile`, every run, where that fails). With `torch.compile` the step took 40–55 s to compile and then ran at
+`torch.compile`, every run, where that fails); on CUDA the compiled step is what the graph records, on a CPU it is
+called per full batch (1.16× the eager bfloat16 speed on this project's 2-core machine, bench/bench_compiled.py). With `torch.compile` the step took 40–55 s to compile and then ran at
 about 1.8× the frame rate; compiled float16 differed from float32 by 1.5 of 255 levels on average (eager float16:
 0.8). Measured on an H200: bench/results/2026-11-26-h200/; the ahead-of-time package is not yet measured on a GPU.
 
@@ -268,8 +269,6 @@ def _plan(index: int, job: StepJob) -> _Plan:
         # CPU float16 convolutions are emulated (tens of times slower than float32): not worth a user's hour.
         settings = dataclasses.replace(settings, dtype="float32")
         warnings.append(f"dtype float16 is not supported efficiently on {job.device}; rendered in float32")
-    if settings.compile and not job.device.startswith("cuda"):
-        warnings.append(f"video.compile applies to CUDA devices only; ignored on {job.device}")
     if ckpt.legacy:
         warnings.append(
             "legacy SadTalker checkpoints in use" + (" (256-trained renderer)" if settings.size != 256 else "")
@@ -778,11 +777,12 @@ def _start(video: _Video, renderer: FaceRenderer) -> None:
 
 @dataclasses.dataclass
 class _Graphs:
-    """A group's recorded render batch (CUDA only, renderer/sadtalker/graphs.py): recorded at the first full batch
+    """A group's recorded render batch (CUDA, renderer/sadtalker/graphs.py): recorded at the first full batch
     and replayed for every later one, bit-identical to the eager pass, and on the first rows for a short last batch
     (so no batch runs eagerly once a graph exists: an eager pass of a new batch size would set up its own cuDNN
     plans); a group shorter than one batch, and failures, run eagerly.
-    With `compile` the recorded step is the compiled one (compiled.py, its packages kept in `compiled_dir`)."""
+    With `compile` the recorded step is the compiled one (compiled.py, its packages kept in `compiled_dir`); on a
+    CPU, with `compile`, full batches call the compiled step (`_Direct`) and the rest run eagerly."""
 
     batch_size: int
     dtype: Any  # torch dtype of the autocast, None for float32
@@ -800,7 +800,7 @@ class _Graphs:
         from renderer.sadtalker.graphs import GraphUnavailable
 
         rows = tensors[0].shape[0]
-        if self.device_type != "cuda" or self.failed or rows > self.batch_size:
+        if (self.device_type != "cuda" and not self.compile) or self.failed or rows > self.batch_size:
             return None
         if self.graph is None:
             if rows < self.batch_size:  # a group shorter than one batch: one eager pass beats recording
@@ -810,11 +810,14 @@ class _Graphs:
                     self.graph = self._capture(renderer, *tensors)
             except GraphUnavailable as exc:
                 logger.warning("%s; rendering without CUDA graphs", exc)
+            if self.graph is None:
                 self.failed = True
                 return None
         return self.graph.launch(*tensors) if self.graph.matches(*tensors) else None
 
     def _capture(self, renderer: FaceRenderer, *tensors: Any) -> Any:
+        """The recorded graph, or the compiled step to call per batch (on a CPU, or where recording it failed), or
+        None: nothing but the eager pass (a CPU run whose step did not compile)."""
         from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
 
         step = None
@@ -825,6 +828,8 @@ class _Graphs:
                 step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir)
             except compiled.CompileUnavailable as exc:
                 logger.warning("%s; rendering without compiling", exc)
+        if self.device_type != "cuda":
+            return None if step is None else _Direct(step, tuple(t.shape for t in tensors))
         try:
             return GraphedRender.capture(renderer, *tensors, dtype=self.dtype, step=step)
         except GraphUnavailable as exc:
@@ -836,7 +841,7 @@ class _Graphs:
 
 @dataclasses.dataclass
 class _Direct:
-    """The compiled render step called batch by batch, where recording it as a CUDA graph failed."""
+    """The compiled render step called batch by batch: on a CPU, or where recording it as a CUDA graph failed."""
 
     step: Callable[..., Any]
     shapes: tuple[Any, ...]
