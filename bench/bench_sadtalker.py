@@ -105,10 +105,10 @@ def bench_speed(
     modes: list[str],
     float32_weights: bool = False,
 ) -> None:
-    """modes: "eager" (what the stage runs for a partial batch), "graph" (a recorded CUDA graph replayed per
-    batch, what the stage runs for full batches on CUDA) and "compiled" (the step compiled ahead of time into a
-    package, loaded, then recorded: the stage with `video.compile: true`, renderer/sadtalker/compiled.py). Half dtypes use a renderer whose weights are stored in that
-    dtype, as the stage's (`weights.cast_for_autocast`), unless `float32_weights` (autocast then casts them on
+    """modes: "eager" (what the stage runs on a CPU, and for a group shorter than one batch), "graph" (a recorded
+    CUDA graph replayed per batch, what the stage runs on CUDA) and "compiled" (the step compiled ahead of time into
+    a package, loaded, then recorded: the stage with `video.compile: true`, renderer/sadtalker/compiled.py). Half
+    dtypes use a renderer whose weights are stored in that dtype, as the stage's (`weights.cast_for_autocast`), unless `float32_weights` (autocast then casts them on
     every batch, as before)."""
     import copy
 

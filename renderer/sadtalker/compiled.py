@@ -115,9 +115,8 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
         folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-"))
         logger.warning("cannot write %s (%s); the compiled render step is kept in %s for this run only",
                        path.parent, exc, folder)  # fmt: skip
-        path = folder / path.name
-        name = str(folder / f".{path.stem}.tmp.pt2")
-    partial = Path(name)
+        path, name = folder / path.name, str(folder / f".{path.name}")
+    partial = Path(name)  # the package is written here, then renamed to `path`
     started = time.perf_counter()
     try:
         # Traced as the step alone: outside the caller's inference mode and autocast (the step sets its own).

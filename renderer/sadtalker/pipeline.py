@@ -30,21 +30,22 @@ better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machi
 TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
 frame rate (bench/results/).
 
-`video.compile: true` renders with the render step compiled by TorchInductor (compiled.py): ahead of time, once
-per machine, into a package in `<checkpoints>/compiled/` that later runs load in milliseconds (just in time by
+`video.compile: true` renders with the render step compiled by TorchInductor (compiled.py): ahead of time, once per
+machine, into a package in `<checkpoints>/compiled/` that later runs load in milliseconds (just in time by
 `torch.compile`, every run, where that fails); on CUDA the compiled step is what the graph records, on a CPU it is
-called per full batch (1.16× the eager bfloat16 speed on this project's 2-core machine, bench/bench_compiled.py). With `torch.compile` the step took 40–55 s to compile and then ran at
-about 1.8× the frame rate; compiled float16 differed from float32 by 1.5 of 255 levels on average (eager float16:
-0.8). Measured on an H200: bench/results/2026-11-26-h200/; the ahead-of-time package is not yet measured on a GPU.
+called per full batch (1.16× the eager bfloat16 speed on this project's 2-core machine, bench/bench_compiled.py).
+With `torch.compile` the step took 40–55 s to compile and then ran at about 1.8× the frame rate; compiled float16
+differed from float32 by 1.5 of 255 levels on average (eager float16: 0.8). Measured on an H200:
+bench/results/2026-11-26-h200/; the ahead-of-time package is not yet measured on a GPU.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
-forbids GPU calls from other threads); batches replay a recorded CUDA graph (`graphs.py`, bit-identical to the
-eager pass; a short last batch uses its first rows, a group shorter than one batch runs eagerly); the render loop queues batch k+1 before it waits for batch k's frames
-(`_launch`, `_hand_on`), so the GPU does not idle while the host gathers the next batch's inputs or starts a
-video; and encoder threads paste or resize and encode batch k while the GPU renders batch k+1 (`_Emitter`: up to
-four threads, each video pinned to one so its frames stay in order; at most two batches wait per thread, so memory
-stays flat). Step 1 of every job runs first, to group the jobs by renderer.
+forbids GPU calls from other threads); batches replay a recorded CUDA graph (`graphs.py`, bit-identical to the eager
+pass; a short last batch uses its first rows, a group shorter than one batch runs eagerly); the render loop queues
+batch k+1 before it waits for batch k's frames (`_launch`, `_hand_on`), so the GPU does not idle while the host
+gathers the next batch's inputs or starts a video; and encoder threads paste or resize and encode batch k while the
+GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at most
+two batches wait per thread, so memory stays flat). Step 1 of every job runs first, to group the jobs by renderer.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
