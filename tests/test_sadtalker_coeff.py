@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import golden_adapter  # noqa: E402
 from _sadtalker_util import (  # noqa: E402
     DATA,
     assert_matches,
@@ -229,19 +230,7 @@ def test_resize_bilinear_is_opencv_exact() -> None:
 
 def test_crop_face_matches_golden() -> None:
     arrays, sidecar = load_golden("stage_crop")
-    inp = golden_inputs(arrays, sidecar)
-    image, landmarks = inp["image_full_u8"], inp["landmarks_68_full"]
-    geometry = preprocess.crop_geometry(landmarks, image.shape[1], image.shape[0])
-    face, info = preprocess.cut_face(image, geometry)
-    out = {
-        "rsize": np.array(geometry.resized_size),
-        "crop": np.array(geometry.crop_box),
-        "quad": np.array(geometry.quad),
-        "crop_info_size": np.array(info.size),
-        "face_crop_u8": face,
-        "source_256_u8": preprocess.crop_face(image, landmarks, "crop", 256).crop,
-        "source_512_u8": preprocess.crop_face(image, landmarks, "crop", 512).crop,
-    }
+    out = golden_adapter.crop_stage(golden_inputs(arrays, sidecar), sidecar["options"]["preprocess"])
     assert_matches("stage_crop", out, arrays, sidecar)
 
 
@@ -389,23 +378,8 @@ def test_audio2coeff_stage_matches_golden(
     name: str, exp_net: audio2coeff.ExpNet, pose_net: audio2coeff.PoseVAE
 ) -> None:
     arrays, sidecar = load_golden(name)
-    inp = golden_inputs(arrays, sidecar)
-    windows = audio.mel_windows(inp["wav_16k"])
-    ref = inp["ref_coeff_70"][0]
-    exp = audio2coeff.predict_expression(exp_net, windows, ref[:64], inp["blink_ratio"])
-    raw = audio2coeff.predict_pose(pose_net, windows, ref[64:], int(inp["pose_style"]), torch.from_numpy(inp["z"]))
-    embeddings = audio2coeff.encode_pose_audio(pose_net, windows[1:])
-    plan = audio2coeff.pose_windows(len(windows))
-    out = {
-        "mel": audio.melspectrogram(audio.trim_to_frames(inp["wav_16k"])),
-        "indiv_mels": windows[:, 0],
-        "exp_pred": exp,
-        "pose_audio_emb": np.stack([embeddings[first:stop].numpy() for first, stop, _ in plan]),
-        "pose_motion_pred": raw - ref[None, 64:],
-        "pose_pred_raw": raw,
-        "coeff_70": np.concatenate([exp, audio2coeff.smooth_pose(raw)], axis=1),
-    }
-    assert len(plan) == sidecar["options"]["num_pose_windows"]
+    out = golden_adapter.audio2coeff_stage(golden_inputs(arrays, sidecar), exp_net, pose_net)
+    assert len(out["pose_audio_emb"]) == sidecar["options"]["num_pose_windows"]
     assert_matches(name, out, arrays, sidecar)
 
 

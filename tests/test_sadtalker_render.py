@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import golden_adapter  # noqa: E402
 from _audio_util import tone, write_wav  # noqa: E402
 from _sadtalker_util import (  # noqa: E402
     DATA,
@@ -44,7 +45,6 @@ from renderer.base import (  # noqa: E402
 from renderer.sadtalker import facerender as fr  # noqa: E402
 from renderer.sadtalker import pipeline, weights  # noqa: E402
 from renderer.sadtalker.paste import PasteBack  # noqa: E402
-from renderer.sadtalker.preprocess import resize_bilinear  # noqa: E402
 
 slow = pytest.mark.skipif(
     os.environ.get("RUN_SLOW") != "1", reason="renders several large frames (minutes on 2 cores): set RUN_SLOW=1"
@@ -163,20 +163,15 @@ def test_window_indices_match_test_vector() -> None:
         assert fr.window_indices(int(frame), 10).tolist() == want
 
 
-def _pad_reshape(sequence: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pad a per-frame sequence with its last value to a multiple of the batch size, reshape row-major (SPEC §6.4)."""
-    steps = math.ceil(len(sequence) / batch_size)
-    padded = np.concatenate([sequence, np.repeat(sequence[-1:], steps * batch_size - len(sequence), axis=0)])
-    return padded.reshape(batch_size, steps, *sequence.shape[1:])
-
-
 def test_camera_pose_sequence_matches_test_vector() -> None:
     vector = _vectors()["gen_camera_pose"]
     got = fr.camera_pose_sequence(vector["yaw_list"], vector["frame_num"])
-    np.testing.assert_allclose(_pad_reshape(got, vector["batch_size"]), np.array(vector["out"]), atol=1e-9)
+    np.testing.assert_allclose(
+        golden_adapter.pad_reshape(got, vector["batch_size"]), np.array(vector["out"]), atol=1e-9
+    )
     single = vector["single_value"]
     got = fr.camera_pose_sequence(single["list"], single["frame_num"])
-    np.testing.assert_array_equal(_pad_reshape(got, single["batch_size"]), np.array(single["out"]))
+    np.testing.assert_array_equal(golden_adapter.pad_reshape(got, single["batch_size"]), np.array(single["out"]))
     with pytest.raises(ValueError, match="repeat"):
         fr.camera_pose_sequence([10, 10, 20], 8)
 
@@ -318,93 +313,55 @@ def test_generator_512_matches_golden(generator: fr.OcclusionAwareSPADEGenerator
 # Render stage vs golden files (SPEC §6, §7.10, §8.1): upstream's batch layout, reproduced for the comparison
 
 
-def _prepare_render(inp: dict, opt: dict, prefix: str, kp_detector, mappings) -> tuple[dict, dict]:
-    """Everything of make_animation up to the keypoints, in upstream's [bs, L] layout."""
-    bs, mode = opt["batch_size"], opt["preprocess"]
-    target = fr.target_coefficients(
-        inp["target_coeff_70"], inp["source_coeff_73"], mode, opt["expression_scale"], opt["still_mode"]
-    )
-    frames, channels = target.shape
-    steps = math.ceil(frames / bs)
-    order = np.minimum(np.arange(bs * steps), frames - 1)  # padded with the last window
-    windows = fr.target_windows(target, order).reshape(bs, steps, channels, fr.WINDOW)
-    mapping = mappings[fr.mapping_channels(mode)]
-    source = fr.image_to_tensor(inp["source_256_u8"])
-    semantics = torch.from_numpy(fr.source_window(inp["source_coeff_73"], mode))[None]
-    free = {}
-    for axis in ("yaw", "pitch", "roll"):
-        degrees = opt.get(f"input_{axis}_list")
-        if degrees:
-            free[axis] = _pad_reshape(fr.camera_pose_sequence(degrees, frames), bs).astype(np.float32)
-    with torch.inference_mode():
-        kp_canonical = kp_detector(source).expand(bs, -1, -1)
-        he_source = mapping(semantics.expand(bs, -1, -1))
-        kp_source = fr.transform_keypoints(kp_canonical, he_source)
-        kp_driving, he_driving = [], []
-        for t in range(steps):
-            he = mapping(torch.from_numpy(windows[:, t]))
-            angles = {k: torch.from_numpy(v[:, t]) for k, v in free.items()}
-            kp_driving.append(fr.transform_keypoints(kp_canonical, he, **angles))
-            he_driving.append(he)
-    got = {
-        f"{prefix}target_semantics_list": windows,
-        f"{prefix}kp_source": kp_source,
-        f"{prefix}kp_driving": torch.stack(kp_driving),
-    }
-    got.update({f"{prefix}{k}_c_seq": v for k, v in free.items()})
-    state = {"source": source, "kp_canonical": kp_canonical, "he_source": he_source, "he_driving": he_driving}
-    return got, state
+def _renderer(kp_detector, mappings, generator, preprocess: str) -> fr.FaceRenderer:
+    return fr.FaceRenderer(kp_detector, mappings[fr.mapping_channels(preprocess)], generator)
 
 
-def test_facerender_kp_variants_match_golden(kp_detector, mappings) -> None:
+def test_facerender_kp_variants_match_golden(kp_detector, mappings, generator) -> None:
     arrays, sidecar = load_golden("stage_facerender_kp_variants")
     inp = golden_inputs(arrays, sidecar)
     got = {}
     for i, variant in enumerate(sidecar["options"]["variants"]):
-        outputs, state = _prepare_render(inp, variant, f"v{i}_", kp_detector, mappings)
+        renderer = _renderer(kp_detector, mappings, generator, variant["preprocess"])
+        outputs, prepared = golden_adapter.prepare_render(inp, variant, f"v{i}_", renderer)
         got.update(outputs)
-    got["kp_canonical"] = state["kp_canonical"][:1]
+    got["kp_canonical"] = prepared["state"].kp_canonical[:1]
     assert_matches("stage_facerender_kp_variants", got, arrays, sidecar)
 
 
-def _restore_aspect(frames_u8: np.ndarray, size: int) -> np.ndarray:
-    """Upstream's cv2.resize(frame, (S, int(S·h0/w0))) with crop_info[0] from the matching stage_crop golden."""
+def _crop_size() -> tuple[int, int]:
+    """crop_info[0] of the matching stage_crop golden (upstream restores the aspect ratio from it)."""
     crop_arrays, _ = load_golden("stage_crop")
     width, height = crop_arrays["crop_info_size"].tolist()
-    out_h = int(size * height / width)
-    return np.stack([f if f.shape[:2] == (out_h, size) else resize_bilinear(f, (size, out_h)) for f in frames_u8])
+    return width, height
 
 
 def _check_facerender_stage(kp_detector, mappings, generator, all_frames: bool) -> None:
     arrays, sidecar = load_golden("stage_facerender")
     opt = sidecar["options"]
-    got, state = _prepare_render(golden_inputs(arrays, sidecar), opt, "", kp_detector, mappings)
-    he_s, he_d = state["he_source"], state["he_driving"]
-    for head in ("yaw", "pitch", "roll", "t", "exp"):
-        got[f"he_source_{head}"] = getattr(he_s, head)
-        got[f"he_driving_{head}"] = torch.stack([getattr(h, head) for h in he_d])
-    got["kp_canonical"] = state["kp_canonical"]
-    bs, frames = opt["batch_size"], opt["num_frames"]
-    steps = got["kp_driving"].shape[0]
+    if all_frames:  # every render step, all batch rows, like make_animation: the checker's adapter as it is
+        inp = golden_inputs(arrays, sidecar)
+        renderer = _renderer(kp_detector, mappings, generator, opt["preprocess"])
+        got = golden_adapter.render_stage(inp, opt, renderer, crop_size=_crop_size())
+        assert got["kp_driving"].shape[0] == opt["render_steps"]
+        assert_matches("stage_facerender", got, arrays, sidecar)
+        return
+    # Frame 0 only (render step 0, batch row 0): the same chain at a sixth of the cost.
+    renderer = _renderer(kp_detector, mappings, generator, opt["preprocess"])
+    got, prepared = golden_adapter.prepare_render(golden_inputs(arrays, sidecar), opt, "", renderer)
+    state = prepared["state"]
     with torch.inference_mode():
-        feature = generator.encode_source(state["source"])
-        if all_frames:  # every render step, all batch rows, like make_animation
-            outs = [
-                generator.animate(feature.expand(bs, -1, -1, -1, -1), got["kp_source"], kp) for kp in got["kp_driving"]
-            ]
-            got["occlusion_map"] = torch.stack([o.occlusion_map for o in outs])
-            rendered = torch.stack([o.prediction for o in outs], dim=1).flatten(0, 1)[:frames]
-            selection = slice(None)
-        else:  # frame 0 only (render step 0, batch row 0): the same chain at a sixth of the cost
-            out = generator.animate(feature, got["kp_source"][:1], got["kp_driving"][0, :1])
-            rendered, selection = out.prediction, slice(0, 1)
-            got["occlusion_map"] = out.occlusion_map[None]
-            arrays = dict(arrays, occlusion_map=arrays["occlusion_map"][:1, :1])
-    frames_u8 = fr.frames_to_uint8(rendered)
-    got.update(frames=rendered, frames_u8=frames_u8, frames_final_u8=_restore_aspect(frames_u8, opt["size"]))
+        out = renderer.render(state.feature[:1], state.kp_source[:1], got["kp_driving"][0, :1])
+    frames_u8 = fr.frames_to_uint8(out.prediction)
+    got.update(
+        occlusion_map=out.occlusion_map[None],
+        frames=out.prediction,
+        frames_u8=frames_u8,
+        frames_final_u8=golden_adapter.restore_aspect(frames_u8, opt["size"], _crop_size()),
+    )
+    arrays = dict(arrays, occlusion_map=arrays["occlusion_map"][:1, :1])
     for key in ("frames", "frames_u8", "frames_final_u8"):
-        arrays = dict(arrays, **{key: arrays[key][selection]})
-    assert steps == opt["render_steps"]
+        arrays = dict(arrays, **{key: arrays[key][:1]})
     assert_matches("stage_facerender", got, arrays, sidecar)
 
 
