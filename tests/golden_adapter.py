@@ -181,17 +181,20 @@ def stage_crop(inp: Arrays, state: WeightsFn, options: Mapping) -> dict:
 
 
 def crop_stage(inp: Arrays, mode: str) -> dict:
-    """CropAndExtract's crop of the full image from given landmarks, at 256 and 512."""
+    """CropAndExtract's crop of the full image from given landmarks, at 256 and 512. The face geometry
+    (align_face's rsize, crop box, quad) is the same in every mode; `resize` uses none of it: its face is the whole
+    image and crop_info[0] the image size."""
     image, landmarks = inp["image_full_u8"], inp["landmarks_68_full"]
     geometry = preprocess.crop_geometry(landmarks, image.shape[1], image.shape[0])
-    face, info = preprocess.cut_face(image, geometry, mode)
+    source_256 = preprocess.crop_face(image, landmarks, mode, 256)
+    face = image if mode == "resize" else preprocess.cut_face(image, geometry, mode)[0]
     return {
         "rsize": np.array(geometry.resized_size),
         "crop": np.array(geometry.crop_box),
         "quad": np.array(geometry.quad),
-        "crop_info_size": np.array(info.size),
+        "crop_info_size": np.array(source_256.crop_info.size),
         "face_crop_u8": face,
-        "source_256_u8": preprocess.crop_face(image, landmarks, mode, 256).crop,
+        "source_256_u8": source_256.crop,
         "source_512_u8": preprocess.crop_face(image, landmarks, mode, 512).crop,
     }
 

@@ -234,6 +234,29 @@ def test_crop_face_matches_golden() -> None:
     assert_matches("stage_crop", out, arrays, sidecar)
 
 
+def test_crop_stage_modes_follow_upstream() -> None:
+    """SPEC §3.3: full crops as crop; ext modes keep the bordered box; resize keeps the whole image; crop_info[0]
+    is the quad's size except in resize (the image's)."""
+    arrays, sidecar = load_golden("stage_crop")
+    inp = golden_inputs(arrays, sidecar)
+    crop = golden_adapter.crop_stage(inp, "crop")
+    full = golden_adapter.crop_stage(inp, "full")
+    assert all(np.array_equal(crop[k], full[k]) for k in crop)  # full differs later (73 inputs, paste-back)
+    ext = golden_adapter.crop_stage(inp, "extcrop")
+    clx, cly, crx, cry = ext["crop"].tolist()
+    assert ext["face_crop_u8"].shape == (cry - cly, crx - clx, 3)
+    assert ext["crop_info_size"].tolist() == crop["crop_info_size"].tolist()
+    assert not np.array_equal(ext["source_256_u8"], crop["source_256_u8"])
+    resize = golden_adapter.crop_stage(inp, "resize")
+    image = inp["image_full_u8"]
+    assert resize["crop_info_size"].tolist() == [image.shape[1], image.shape[0]]
+    assert np.array_equal(resize["face_crop_u8"], image)
+    assert np.array_equal(resize["source_512_u8"], image)  # the astronaut is 512×512: nothing to resize
+    geometry = preprocess.crop_geometry(inp["landmarks_68_full"], image.shape[1], image.shape[0])
+    with pytest.raises(ValueError, match="resize"):
+        preprocess.cut_face(image, geometry, "resize")
+
+
 def test_crop_geometry_matches_test_vector_with_height_quirk() -> None:
     require_shared()
     vector = json.loads((DATA / "test_vectors.json").read_text())["croper_align_face_synthetic"]

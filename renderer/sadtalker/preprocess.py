@@ -210,7 +210,10 @@ def crop_geometry(landmarks: np.ndarray, width: int, height: int, output_size: i
 
 
 def cut_face(image: np.ndarray, geometry: CropGeometry, preprocess: str = "crop") -> tuple[np.ndarray, CropInfo]:
-    """Apply `geometry` to an image: resize (if shrunk), take the crop box, then the face quad (not in ext* modes)."""
+    """Apply `geometry` to an image: resize (if shrunk), take the crop box, then the face quad (not in ext* modes).
+    `resize` mode cuts nothing (the whole image is the face): `crop_face` handles it, this refuses it."""
+    if preprocess not in PREPROCESS_MODES or preprocess == "resize":
+        raise ValueError(f"cut_face applies crop, extcrop, full or extfull, not {preprocess!r}")
     height, width = image.shape[:2]
     resized = resize_bilinear(image, geometry.resized_size)
     clx, cly, crx, cry = geometry.crop_box
