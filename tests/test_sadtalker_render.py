@@ -877,8 +877,8 @@ def test_compiled_render_step_matches_eager_float32(kp_detector, mappings, gener
 def test_compiled_step_is_compiled_once_then_loaded_from_its_package(
     kp_detector, mappings, generator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`video.compile`'s step, here on the CPU (the stage compiles on CUDA only; the mechanism is the same): the
-    first call exports and compiles it ahead of time into a package, a second call (a later run) loads that package
+    """`video.compile`'s step, here on the CPU (where the stage calls it per full batch; on CUDA it is recorded as
+    a graph): the first call exports and compiles it ahead of time into a package, a second call (a later run) loads that package
     without compiling, and the compiled bfloat16 frames are no further from float32 than the eager bfloat16 ones.
     A different batch shape needs another package. About 45 s (the compile) on the project's 2-core machine."""
     import copy

@@ -142,7 +142,9 @@ def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Ca
     started = time.perf_counter()
     device = example[0].device
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
-    runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+    # Single-threaded: only the render loop calls the step, and the default runner records a CUDA event after each
+    # call and queries it before the next, which a CUDA graph recording forbids (the recording would fail).
+    runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
     constants = _constants(step)
     wanted = runner.get_constant_fqns()
     missing = [name for name in wanted if name not in constants]
