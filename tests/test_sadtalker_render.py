@@ -1535,6 +1535,59 @@ def test_short_batches_replay_the_graph_once_one_is_recorded(monkeypatch: pytest
     assert launched == [4, 3]
 
 
+class _MemoryBoundRenderer:
+    """Renders a frame as its feature (already [B, 3, H, W] in 0..1); more than `limit` rows at once raise CUDA's
+    out-of-memory error."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.calls = limit, []
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+    def driving_keypoints(self, kp_canonical, windows):
+        return kp_canonical
+
+    def render(self, feature, kp_source, kp_driving):
+        from types import SimpleNamespace
+
+        self.calls.append(len(feature))
+        if len(feature) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return SimpleNamespace(prediction=feature)
+
+
+def test_batches_that_run_out_of_gpu_memory_are_rendered_in_pieces() -> None:
+    """A pass that runs out of GPU memory is retried in halves, and later batches go in pieces of the size that
+    fitted, without trying the full batch again; the frames and their order are unchanged."""
+    renderer = _MemoryBoundRenderer(limit=3)
+    graphs = pipeline._Graphs(8, None, "cpu")
+    feature = torch.rand(8, 3, 4, 4)
+    rest = (torch.zeros(8, 15, 3), torch.zeros(8, 15, 3), torch.zeros(8, 70, 27))
+    frames = pipeline._render_rows(renderer, graphs, feature, *rest).result()
+    assert torch.equal(frames, fr.frames_to_uint8_tensor(feature))
+    assert graphs.max_rows == 2 and renderer.calls == [8, 4, 2, 2, 2, 2]
+    renderer.calls.clear()
+    again = pipeline._render_rows(renderer, graphs, feature.flip(0), *rest).result()
+    assert torch.equal(again, fr.frames_to_uint8_tensor(feature.flip(0))) and renderer.calls == [2, 2, 2, 2]
+
+
+def test_a_frame_too_large_for_gpu_memory_fails_its_videos_with_a_hint() -> None:
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(feature=torch.rand(1, 3, 4, 4), kp_canonical=torch.zeros(1, 15, 3),
+                            kp_source=torch.zeros(1, 15, 3))  # fmt: skip
+    plan = SimpleNamespace(settings=SimpleNamespace(size=512))
+    videos = [SimpleNamespace(error=None, target=np.zeros((3, 70), np.float32), state=state, plan=plan) for _ in "ab"]
+    graphs = pipeline._Graphs(2, None, "cpu")
+    assert pipeline._launch(_MemoryBoundRenderer(limit=0), [(videos[0], 0), (videos[1], 2)], graphs) is None
+    for video in videos:
+        assert isinstance(video.error, BackendError)
+        assert "out of GPU memory rendering a single frame at size 512" in video.error.message
+        assert "float16" in video.error.hint
+    assert graphs.max_rows == 1
+
+
 def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -46,6 +46,8 @@ batch k+1 before it waits for batch k's frames (`_launch`, `_hand_on`), so the G
 gathers the next batch's inputs or starts a video; and encoder threads paste or resize and encode batch k while the
 GPU renders batch k+1 (`_Emitter`: up to four threads, each video pinned to one so its frames stay in order; at most
 two batches wait per thread, so memory stays flat). Step 1 of every job runs first, to group the jobs by renderer.
+A batch that runs out of GPU memory is rendered in halves, and the rest of its group in pieces that fit
+(`_render_rows`); only a single frame that does not fit fails its videos.
 
 Deliberate differences from upstream: landmarks come from dlib (see `preprocess`); frames of one video are
 rendered in frame order, several videos per batch (upstream: `bs` rows of consecutive frame blocks; frames are
@@ -530,6 +532,13 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
             if batch:
                 in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
             _hand_on(in_flight, None, emitter)
+        if graphs.max_rows is not None:
+            note = (
+                f"video.batch_size {batch_size} ran out of GPU memory: frames were rendered {graphs.max_rows} at a "
+                "time (set a smaller video.batch_size to skip the failed attempt)"
+            )
+            for video in videos:
+                video.plan.warnings.append(note)
     finally:
         try:
             emitter.close()
@@ -794,6 +803,8 @@ class _Graphs:
     lock: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     graph: Any = None
     failed: bool = False
+    #: Set when a pass ran out of GPU memory: the most rows rendered at once from then on (`_render_rows`).
+    max_rows: int | None = None
 
     def launch(self, renderer: FaceRenderer, *tensors: Any) -> HostCopy | None:
         """The batch queued through the graph (its uint8 frames on their way to the host), or None when it must run
@@ -861,7 +872,7 @@ class _InFlight:
     """A launched batch: its rows' (video, frame) and its uint8 frames on their way to the host."""
 
     live: list[tuple[_Video, int]]
-    frames: HostCopy
+    frames: HostCopy | _Joined
 
 
 def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Graphs) -> _InFlight | None:
@@ -870,7 +881,7 @@ def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gr
     import torch
 
     from renderer.sadtalker import facerender
-    from renderer.sadtalker.transfer import HostCopy, to_device
+    from renderer.sadtalker.transfer import to_device
 
     device = next(renderer.parameters()).device
     live = [(v, f) for v, f in batch if v.error is None]
@@ -882,20 +893,61 @@ def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gr
     kp_canonical = torch.cat([v.state.kp_canonical for v, _ in live])
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
-        frames = graphs.launch(renderer, feature, kp_canonical, kp_source, windows)
-        if frames is None:
-            kp_driving = renderer.driving_keypoints(kp_canonical, windows)
-            prediction = renderer.render(feature, kp_source, kp_driving).prediction
-            frames = HostCopy(facerender.frames_to_uint8_tensor(prediction))
+        frames = _render_rows(renderer, graphs, feature, kp_canonical, kp_source, windows)
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
             video.error = BackendError(
-                f"out of GPU memory rendering a batch of {len(live)} frames at size {video.plan.settings.size}",
-                "lower video.batch_size or use video.dtype: float16",
+                f"out of GPU memory rendering a single frame at size {video.plan.settings.size}",
+                "use video.dtype: float16, video.size: 256, or a GPU with more free memory",
             )
         return None
     return _InFlight(live, frames)
+
+
+def _render_rows(renderer: FaceRenderer, graphs: _Graphs, *tensors: Any) -> HostCopy | _Joined:
+    """The frames of these rows, queued: through the recorded graph, or eagerly. Where a pass runs out of GPU memory
+    the rows are rendered in halves, and every later batch of the group in pieces of at most that size
+    (`_Graphs.max_rows`): frames do not depend on their batch companions. Raises OutOfMemoryError only for a single
+    row."""
+    import torch
+
+    from renderer.sadtalker import facerender
+    from renderer.sadtalker.transfer import HostCopy
+
+    rows = tensors[0].shape[0]
+    if graphs.max_rows is not None and rows > graphs.max_rows:
+        step = graphs.max_rows
+        return _Joined(
+            [_render_rows(renderer, graphs, *(t[i : i + step] for t in tensors)) for i in range(0, rows, step)]
+        )
+    try:
+        frames = graphs.launch(renderer, *tensors)
+        if frames is None:
+            feature, kp_canonical, kp_source, windows = tensors
+            kp_driving = renderer.driving_keypoints(kp_canonical, windows)
+            prediction = renderer.render(feature, kp_source, kp_driving).prediction
+            frames = HostCopy(facerender.frames_to_uint8_tensor(prediction))
+        return frames
+    except torch.cuda.OutOfMemoryError:
+        if rows == 1:
+            raise
+    torch.cuda.empty_cache()  # the failed pass's blocks, for the smaller ones
+    graphs.max_rows = rows // 2
+    logger.warning("out of GPU memory rendering %d frames at once; rendering at most %d at a time", rows, rows // 2)
+    return _render_rows(renderer, graphs, *tensors)
+
+
+@dataclasses.dataclass
+class _Joined:
+    """The frames of a batch rendered in pieces (`_render_rows`), in order; `result()` as HostCopy's."""
+
+    parts: list[Any]  # HostCopy | _Joined
+
+    def result(self) -> Any:
+        import torch
+
+        return torch.cat([part.result() for part in self.parts])
 
 
 def _hand_on(done: _InFlight | None, launched: _InFlight | None, emitter: _Emitter) -> _InFlight | None:
