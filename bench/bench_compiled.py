@@ -14,13 +14,13 @@ import argparse
 import copy
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sadtalker  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
             state.kp_source.expand(args.batch, -1, -1).contiguous(),
             windows,
         )
-        folder = Path(tempfile.mkdtemp(prefix="bench_compiled_"))
+        folder = scratch_dir("bench_compiled_")
         _, compile_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         step, load_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         packages = list(folder.glob("render-*.pt2"))

@@ -38,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from scratch import scratch_dir  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "sadtalker"
 INVENTORY = {
@@ -120,7 +123,7 @@ def bench_speed(
     from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
     from renderer.sadtalker.pipeline import _autocast
 
-    compiled_dir = Path(tempfile.mkdtemp(prefix="bench_compiled_"))  # a fresh package cache: compile time counts
+    compiled_dir = scratch_dir("bench_compiled_")  # a fresh package cache: compile time counts
     if "compiled" in modes:  # how the step was compiled (ahead of time, or just in time after a failure)
         import logging
 
@@ -317,7 +320,7 @@ def child_memory(seconds: float, device: str, ckpt: Path, frames_cap: int, batch
     from renderer.base import ModelPool
     from renderer.sadtalker import pipeline
 
-    work = Path(tempfile.mkdtemp(prefix="bench_sadtalker_"))
+    work = scratch_dir("bench_sadtalker_")
     job = _stage_job(work, "speech", seconds, device, ckpt, 0, batch_size)
     pool = ModelPool()
     if device.startswith("cuda"):
@@ -375,7 +378,7 @@ def child_clips(
         pipeline.PREPARE_AHEAD = int(ahead)
         pipeline.PREPARE_BATCH = int(batch or pipeline.PREPARE_BATCH)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stage's own time split, on stderr
-    work = Path(tempfile.mkdtemp(prefix="bench_clips_"))
+    work = scratch_dir("bench_clips_")
     jobs = [
         _stage_job(work, f"clip{i}", seconds, device, ckpt, seed=i, batch_size=batch_size, compile=compile)
         for i in range(first, first + count)

@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scratch import scratch_dir  # noqa: E402
+
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-clip-tokenizer"
 GOAL_S_PER_IMAGE = 0.2
 # Short enough for the fixture's byte-level tokenizer to stay within CLIP's 77 tokens (the encoder always sees 77).
@@ -193,12 +197,11 @@ def _stage_settings(steps: int, size: int, model: str | None = None):
 
 def through_stage(pipe: Any, device: str, steps: int, size: int) -> Any:
     """Save `pipe` as a diffusers folder and load it back with the image stage's own loader and options."""
-    import tempfile
 
     from renderer.base import ModelPool
     from renderer.portrait import configure, load_pipeline
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_sd_")) / "sd"
+    folder = scratch_dir("bench_sd_") / "sd"
     pipe.save_pretrained(folder, variant="fp16" if device.startswith("cuda") else None)
     del pipe
     settings = _stage_settings(steps, size, model=str(folder))

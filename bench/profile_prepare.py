@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def main() -> None:
         raise SystemExit("needs ../shared/sadtalker for the fill-rule checkpoints")
     bench.use_landmarks(args.landmarks)
     device = args.device
-    work = Path(tempfile.mkdtemp(prefix="profile_prepare_"))
+    work = bench.scratch_dir("profile_prepare_")
     ckpt_root = work / "ckpt"
     ckpt_root.mkdir()
     bench.write_checkpoints(ckpt_root)
