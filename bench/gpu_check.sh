@@ -3,11 +3,11 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage halfweights kernels clipscompiled sdcompile (default:
-#                                        all but big, prepstage, halfweights, kernels, clipscompiled and sdcompile, in
-#                                        this order: about 12 minutes on an H100,
-#                                        so through the device tool run it as two calls, e.g. "setup pytest speed
-#                                        compiled" then "setup sd clips memory cudnn profile")
+#                                        big profile prepstage halfweights kernels clipscompiled sdcompile
+#                                        rendermemory (default: setup pytest speed compiled sd clips memory cudnn
+#                                        profile, in this order: about 12 minutes on an H100, so through the device
+#                                        tool run it as two calls, e.g. "setup pytest speed compiled" then
+#                                        "setup sd clips memory cudnn profile")
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
 # diffusers, PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from
@@ -118,6 +118,8 @@ except ImportError:
             --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
+    rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
+        part rendermemory 120 python3 bench/bench_render_memory.py --device cuda --sizes 256 512 --batches 1 8 ;;
     profile)
         part profile 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 ;;
     cudnn)
