@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch import __version__
 from batch.cache import Cache
@@ -18,6 +18,9 @@ from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest
 from batch.plan import Plan, plan_manifest, select_videos
 from batch.stages import ORDER
+
+if TYPE_CHECKING:
+    from batch.run import RunResult
 
 logger = logging.getLogger("batch")
 
@@ -200,18 +203,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     elif not args.quiet:
-        for v in result.videos:
-            ran = [s.stage for s in v.steps if s.status == "ran"]
-            detail = f"ran {', '.join(ran)}" if ran else "all steps cached"
-            if v.status in ("failed", "skipped"):
-                print(f"FAILED  {v.id}: {v.error}")
-            else:
-                print(f"{v.status:<7} {v.id}: {display_path(Path(v.output))} ({detail}, renderer {v.renderer})")
-        ok = sum(v.status in ("built", "cached") for v in result.videos)
-        print(
-            f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s — report: {display_path(report.with_suffix('.html'))}"
-        )
+        print_build(result, report)
     return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def print_build(result: RunResult, report: Path) -> None:
+    """One line per video, each stage warning under its video, and the totals."""
+    for v in result.videos:
+        ran = [s.stage for s in v.steps if s.status == "ran"]
+        detail = f"ran {', '.join(ran)}" if ran else "all steps cached"
+        if v.status in ("failed", "skipped"):
+            print(f"FAILED  {v.id}: {v.error}")
+        else:
+            print(f"{v.status:<7} {v.id}: {display_path(Path(v.output))} ({detail}, renderer {v.renderer})")
+        for stage, text in v.warnings:
+            print(f"  warning: {stage}: {text}")
+    ok = sum(v.status in ("built", "cached") for v in result.videos)
+    warned = sum(len(v.warnings) for v in result.videos)
+    note = f" ({warned} warning{'s' * (warned != 1)})" if warned else ""
+    print(
+        f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s{note} — report: "
+        f"{display_path(report.with_suffix('.html'))}"
+    )
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

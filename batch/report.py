@@ -78,7 +78,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em} .sum span{margin-right:1.2em}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}
-.built{color:#0a6} .cached{color:#357} .failed,.skipped{color:#c22} img{width:128px;border-radius:4px}
+.built{color:#0a6} .cached{color:#357} .failed,.skipped{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px}
 .steps{font-size:.85em;color:#555} .steps b{color:#222} code{font-size:.85em}
 """
 
@@ -94,6 +94,7 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
             + (f" · {s['seconds']:.2f}s" if s["status"] in ("ran", "failed") else "")
             + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
             + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")
+            + "".join(f" · <span class=warn>warning: {e(text)}</span>" for text in s.get("warnings", []))
             for s in v["steps"]
         )
         err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""
@@ -102,6 +103,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
             f"<td class={e(v['status'])}>{e(v['status'])}{err}</td><td class=steps>{steps}</td></tr>"
         )
     summary = " ".join(f"<span class={k}>{k}: {n}</span>" for k, n in data["summary"].items())
+    if data.get("warnings"):
+        summary += f" <span class=warn>warnings: {data['warnings']}</span>"
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Digital Human Batch — {e(Path(data['manifest']).name)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{e(Path(data['manifest']).name)}</h1>"

@@ -45,8 +45,14 @@ class StepOutcome:
             return "not run"
         return "failed" if self.error else "ran"
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the stage said about its output (`info["warnings"]`: no face in some frames, a silent track)."""
+        found = self.info.get("warnings") if isinstance(self.info, dict) else None
+        return [str(w) for w in found] if isinstance(found, list) else []
+
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "status": self.status}
+        return {**dataclasses.asdict(self), "status": self.status, "warnings": self.warnings}
 
 
 @dataclasses.dataclass
@@ -58,6 +64,11 @@ class VideoResult:
     steps: list[StepOutcome]
     error: str | None = None
     seconds: float = 0.0
+
+    @property
+    def warnings(self) -> list[tuple[str, str]]:
+        """(stage, warning) of every step, cached ones included: they still describe the output."""
+        return [(step.stage, text) for step in self.steps for text in step.warnings]
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -84,6 +95,7 @@ class RunResult:
             "device": self.device,
             "model_loads": self.model_loads,
             "summary": {s: sum(v.status == s for v in self.videos) for s in ("built", "cached", "failed", "skipped")},
+            "warnings": sum(len(v.warnings) for v in self.videos),
             "videos": [v.as_dict() for v in self.videos],
         }
 

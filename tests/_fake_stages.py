@@ -48,7 +48,7 @@ def make_registry(log: Path | None = None, delay: float = 0.0, chunk_delay: floa
                 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 os.write(fd, f"{job.stage} {job.key} {os.getpid()}\n".encode())
                 os.close(fd)
-            out.append({"fake": True})
+            out.append({"fake": True, "warnings": ["the text asks for a warning"] if "WARN" in job.text else []})
         if chunk_delay:
             time.sleep(chunk_delay)
         return out
