@@ -1,10 +1,11 @@
 """Peak memory of one SadTalker render batch (mapping net → generator → uint8 frames), per size and batch.
 
 Each setting runs in a fresh process, so the figures do not mix: on a CPU the rise of the resident set during the
-batch above where it stood before (float32), on CUDA the peak allocated by PyTorch during the batch (float16 autocast, weights in float16,
-as the stage runs it). The frames' checksum shows that two versions of the renderer compute the same thing.
+batch above where it stood before, on CUDA the peak allocated by PyTorch during the batch. Half dtypes autocast with
+the weights stored in that dtype, as the stage runs them (default: float16 on CUDA, float32 on a CPU). The frames'
+checksum shows that two versions of the renderer compute the same thing.
 
-    python bench/bench_render_memory.py [--device cpu|cuda] [--sizes 256 512] [--batches 1 2]
+    python bench/bench_render_memory.py [--device cpu|cuda] [--dtype ...] [--sizes 256 512] [--batches 1 2]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sadtalker  # noqa: E402
 
 
-def child(device: str, size: int, batch: int) -> dict:
+def child(device: str, size: int, batch: int, dtype: str) -> dict:
     import numpy as np
     import torch
 
@@ -31,7 +32,6 @@ def child(device: str, size: int, batch: int) -> dict:
     from renderer.sadtalker.pipeline import _autocast
 
     renderer, source = bench_sadtalker.build_renderer(device)
-    dtype = "float16" if device.startswith("cuda") else "float32"
     if dtype != "float32":
         renderer = weights.cast_for_autocast(renderer, getattr(torch, dtype))
     rng = np.random.default_rng(0)
@@ -63,16 +63,30 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                        help="autocast dtype (auto: float16 on CUDA, float32 on a CPU)")  # fmt: skip
     parser.add_argument("--child", nargs=2, type=int, metavar=("SIZE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dtype = args.dtype if args.dtype != "auto" else "float16" if args.device.startswith("cuda") else "float32"
     if args.child:
-        print(json.dumps(child(args.device, *args.child)))
+        print(json.dumps(child(args.device, *args.child, dtype)))
         return
-    what = "peak allocated by PyTorch, float16" if args.device.startswith("cuda") else "peak RSS rise, float32"
+    what = "peak allocated by PyTorch" if args.device.startswith("cuda") else "peak RSS rise"
+    what += f", {dtype}"
     print(f"one render batch on {args.device}: {what}")
     for size in args.sizes:
         for batch in args.batches:
-            cmd = [sys.executable, __file__, "--device", args.device, "--child", str(size), str(batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--dtype",
+                dtype,
+                "--child",
+                str(size),
+                str(batch),
+            ]
             # glibc then maps every block of 128 KiB or more on its own and returns it when freed, so the resident
             # set follows the live tensors and its peak is the batch's (by default freed blocks stay resident).
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}

@@ -150,9 +150,10 @@ FUSED_CONV_RELU = False
 
 
 def conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-    """relu(norm(conv(x))); with the norm folded away (`fuse`) and FUSED_CONV_RELU on, one fused cuDNN call."""
+    """relu(norm(conv(x))); with the norm folded away (`fuse`) and FUSED_CONV_RELU on, one fused cuDNN call. The
+    relu works in place on the tensor the convolution (or norm) just made: one full-size tensor fewer, same values."""
     if norm is not None and not isinstance(norm, nn.Identity):
-        return F.relu(norm(conv(x)))
+        return F.relu_(norm(conv(x)))
     if FUSED_CONV_RELU and x.is_cuda and conv.bias is not None and conv.padding_mode == "zeros":
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         if dtype in (torch.float16, torch.bfloat16):
@@ -160,7 +161,7 @@ def conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | No
             return torch.cudnn_convolution_relu(
                 x.to(dtype), weight, conv.bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups
             )
-    return F.relu(conv(x))
+    return F.relu_(conv(x))
 
 
 #: On CUDA, make the nearest upsamplings of the decoder and the dense-motion hourglass by one copy of a broadcast view
