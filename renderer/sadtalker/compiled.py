@@ -119,13 +119,14 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
     partial = Path(name)  # the package is written here, then renamed to `path`
     started = time.perf_counter()
     try:
-        # Traced as the step alone: outside the caller's inference mode and autocast (the step sets its own).
+        # Traced and compiled as the step alone: outside the caller's inference mode and autocast (the step sets its
+        # own), so the package is the same whatever the caller had switched on.
         with torch.inference_mode(False), torch.autocast(example[0].device.type, enabled=False):
             program = torch.export.export(step, example)
-        exported = time.perf_counter() - started
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
-        )
+            exported = time.perf_counter() - started
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
+            )
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
