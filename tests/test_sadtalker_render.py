@@ -803,6 +803,39 @@ def _source_batch(renderer: fr.FaceRenderer, rng: np.random.Generator, batch: in
 
 
 @pytest.mark.gpu
+def test_batch_too_large_for_the_gpu_is_rendered_in_pieces_on_cuda(kp_detector, mappings, generator) -> None:
+    """RUN_GPU=1: with the process held to about 6 GB above what it already uses, a float16 batch of 32 frames at
+    256 (about 16 GB eagerly on an H100) runs out of memory; the stage's `_render_rows` renders it in pieces that fit,
+    and the frames equal those of the same pieces rendered with no limit."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    renderer = weights.cast_for_autocast(_cuda_renderer(kp_detector, mappings, generator), torch.float16)
+    rng = np.random.default_rng(9)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        feature, kp_c, kp_s = _source_batch(renderer, rng, 32)
+        windows = torch.from_numpy(rng.normal(size=(32, 70, fr.WINDOW)).astype(np.float32)).cuda()
+        tensors = (feature, kp_c.contiguous(), kp_s.contiguous(), windows)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 6 * 2**30) / total))
+        try:
+            graphs = pipeline._Graphs(32, torch.float16, "cuda")  # recording runs out of memory too: eager pieces
+            frames = pipeline._render_rows(renderer, graphs, *tensors).result().numpy()
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+        assert graphs.max_rows is not None and graphs.max_rows < 32
+        step = graphs.max_rows
+        pieces = [tuple(t[i : i + step] for t in tensors) for i in range(0, 32, step)]
+        reference = np.concatenate([
+            fr.frames_to_uint8(renderer.render(f, s, renderer.driving_keypoints(c, w)).prediction)
+            for f, c, s, w in pieces
+        ])  # fmt: skip
+    assert np.array_equal(frames, reference)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_cuda_graph_replay_equals_eager_render(kp_detector, mappings, generator, dtype) -> None:
     """RUN_GPU=1: the recorded render batch (renderer/sadtalker/graphs.py) gives the eager batch's exact frames,
