@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench checkpoints clean
+.PHONY: setup demo test lint bench golden checkpoints clean
 
 # The venv is (re)installed when setup.cfg changes; otherwise `make test` starts testing at once.
 $(STAMP): setup.cfg pyproject.toml
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The SadTalker port against upstream's golden data, through the reference checker (needs ../shared/sadtalker);
+# another set in the same format: make golden GOLDEN=path/to/its/folder
+GOLDEN ?= ../shared/sadtalker/golden/public
+golden: $(STAMP)
+	$(PY) ../shared/sadtalker/golden/check_golden.py --strict --golden $(GOLDEN) --adapter tests/golden_adapter.py
 
 checkpoints: $(STAMP)
 	$(PY) -m renderer.checkpoints --dest checkpoints

@@ -2,8 +2,8 @@
 
 Run it on the public golden set, or on the held-back one, from the repository root::
 
-    .venv/bin/python ../shared/sadtalker/golden/check_golden.py --strict \\
-        --golden ../shared/sadtalker/golden/public --adapter tests/golden_adapter.py
+    make golden                                   # ../shared/sadtalker/golden/public
+    make golden GOLDEN=path/to/another/set        # the same checker and adapter on another set
 
 Every golden file has an adapter here: `fn(inputs, weights, options) -> {golden name: array}` (the checker's
 interface, see its docstring). Each builds the networks the way the stage does, from the filled state dicts the
