@@ -1650,6 +1650,7 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
 
     monkeypatch.setattr(compiled, "compiled_step", refuse)
     assert state._capture(None, *tensors) == "recorded eager step" and seen[-1] is None
+    assert state.notes == ["video.compile: no compiler; rendered without compiling"]  # each video reports it
 
     # On a CPU nothing is recorded: the compiled step is called per full batch, or the batches stay eager.
     seen.clear()

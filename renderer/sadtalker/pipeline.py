@@ -533,12 +533,12 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
                 in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
             _hand_on(in_flight, None, emitter)
         if graphs.max_rows is not None:
-            note = (
+            graphs.notes.append(
                 f"video.batch_size {batch_size} ran out of GPU memory: frames were rendered {graphs.max_rows} at a "
                 "time (set a smaller video.batch_size to skip the failed attempt)"
             )
-            for video in videos:
-                video.plan.warnings.append(note)
+        for video in videos:
+            video.plan.warnings.extend(graphs.notes)
     finally:
         try:
             emitter.close()
@@ -805,6 +805,8 @@ class _Graphs:
     failed: bool = False
     #: Set when a pass ran out of GPU memory: the most rows rendered at once from then on (`_render_rows`).
     max_rows: int | None = None
+    #: What the group's videos should report (a `video.compile` that could not compile).
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def launch(self, renderer: FaceRenderer, *tensors: Any) -> HostCopy | None:
         """The batch queued through the graph (its uint8 frames on their way to the host), or None when it must run
@@ -840,6 +842,7 @@ class _Graphs:
                 step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir)
             except compiled.CompileUnavailable as exc:
                 logger.warning("%s; rendering without compiling", exc)
+                self.notes.append(f"video.compile: {exc}; rendered without compiling")
         if self.device_type != "cuda":
             return None if step is None else _Direct(step, tuple(t.shape for t in tensors))
         try:
