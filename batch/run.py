@@ -47,9 +47,12 @@ class StepOutcome:
 
     @property
     def warnings(self) -> list[str]:
-        """What the stage said about its output (`info["warnings"]`: no face in some frames, a silent track)."""
-        found = self.info.get("warnings") if isinstance(self.info, dict) else None
-        return [str(w) for w in found] if isinstance(found, list) else []
+        """What the stage said about its output (`info["warnings"]`: no face in some frames, a silent track), and,
+        for a step that ran now, about how this run made it (`info["run_notes"]`: a batch split to fit in memory);
+        a cached step's run notes belong to the run that built it."""
+        info = self.info if isinstance(self.info, dict) else {}
+        found = [info.get("warnings")] + ([] if self.cached else [info.get("run_notes")])
+        return [str(w) for items in found if isinstance(items, list) for w in items]
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "status": self.status, "warnings": self.warnings}

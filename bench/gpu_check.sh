@@ -63,7 +63,8 @@ for p in "${parts[@]}"; do
     setup)
         # g++ builds AOTInductor's wrapper (video.compile); without it the stage compiles just in time instead
         part setup 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-g++ --version | head -1 || echo "no g++: AOTInductor packages cannot be built"; python3 -c "
+if command -v g++ >/dev/null; then g++ --version | head -1; else echo "no g++: AOTInductor packages cannot be built"; fi
+python3 -c "
 import torch, diffusers, transformers, av, soxr
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())
 print(\"diffusers\", diffusers.__version__, \"transformers\", transformers.__version__, \"av\", av.__version__)

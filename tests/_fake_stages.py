@@ -48,7 +48,9 @@ def make_registry(log: Path | None = None, delay: float = 0.0, chunk_delay: floa
                 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 os.write(fd, f"{job.stage} {job.key} {os.getpid()}\n".encode())
                 os.close(fd)
-            out.append({"fake": True, "warnings": ["the text asks for a warning"] if "WARN" in job.text else []})
+            warnings = ["the text asks for a warning"] if "WARN" in job.text else []
+            notes = ["this run made it another way"] if "NOTE" in job.text else []
+            out.append({"fake": True, "warnings": warnings, "run_notes": notes})
         if chunk_delay:
             time.sleep(chunk_delay)
         return out

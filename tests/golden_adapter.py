@@ -298,6 +298,15 @@ def prepare_render(inp: Arrays, opt: Mapping, prefix: str, renderer: fr.FaceRend
     return got, {"state": state, "source": source, "he_source": he_source, "he_driving": he_driving}
 
 
+def mapping_outputs(prepared: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The mapping net's heads for the source and every render step (`he_source_*`, `he_driving_*` [L, bs, ...])."""
+    got = {}
+    for head in ("yaw", "pitch", "roll", "t", "exp"):
+        got[f"he_source_{head}"] = getattr(prepared["he_source"], head)
+        got[f"he_driving_{head}"] = torch.stack([getattr(he, head) for he in prepared["he_driving"]])
+    return got
+
+
 def stage_facerender_kp_variants(inp: Arrays, state: WeightsFn, options: Mapping) -> dict:
     got: dict[str, Any] = {}
     for i, variant in enumerate(options["variants"]):
@@ -343,10 +352,8 @@ def render_stage(
     """make_animation and AnimateFromCoeff's frame handling: every render step, every batch row."""
     bs, mode = int(options["batch_size"]), options["preprocess"]
     got, prepared = prepare_render(inp, options, "", renderer)
-    he_source, he_driving, state = prepared["he_source"], prepared["he_driving"], prepared["state"]
-    for head in ("yaw", "pitch", "roll", "t", "exp"):
-        got[f"he_source_{head}"] = getattr(he_source, head)
-        got[f"he_driving_{head}"] = torch.stack([getattr(h, head) for h in he_driving])
+    state = prepared["state"]
+    got.update(mapping_outputs(prepared))
     got["source_image"] = prepared["source"].expand(bs, -1, -1, -1)
     got["source_semantics"] = torch.from_numpy(fr.source_window(inp["source_coeff_73"], mode))[None].expand(bs, -1, -1)
     got["kp_canonical"] = state.kp_canonical

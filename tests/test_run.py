@@ -37,30 +37,34 @@ def test_run_stage_warnings_reach_the_report_and_the_build_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A stage's warnings (info["warnings"]) are shown under their video in report.json, report.html and the CLI's
-    summary, and still are when the step is cached."""
+    summary, and still are when the step is cached; notes on how a run made a step (info["run_notes"]) are shown by
+    that run only."""
     from batch.cli import print_build
 
-    write_project(tmp_path, hello="Hello, WARN me.")
+    write_project(tmp_path, hello="Hello, WARN me.", ceo="a NOTE-worthy CEO")
     for run in ("built", "cached"):
         result = build(tmp_path, make_registry())
         warned = {v.id: v.warnings for v in result.videos if v.warnings}
+        note = [("prompt", "this run made it another way")] if run == "built" else []
         assert warned == {
-            "ceo-hello": [("voice", "the text asks for a warning")],
+            "ceo-hello": [*note, ("voice", "the text asks for a warning")],
             "cto-hello": [("voice", "the text asks for a warning")],
+            **({"ceo-bye": note} if note else {}),
         }, run
+        count = 4 if run == "built" else 2
         report = json.loads((tmp_path / "build" / "m" / "report.json").read_text())
-        assert report["warnings"] == 2
+        assert report["warnings"] == count
         steps = {(v["id"], s["stage"]): s for v in report["videos"] for s in v["steps"]}
         assert steps[("ceo-hello", "voice")]["warnings"] == ["the text asks for a warning"]
         assert steps[("ceo-bye", "voice")]["warnings"] == []
         html = (tmp_path / "build" / "m" / "report.html").read_text()
         assert html.count("<span class=warn>warning: the text asks for a warning</span>") == 2
-        assert "warnings: 2" in html
+        assert html.count("this run made it another way") == count - 2 and f"warnings: {count}" in html
         print_build(result, tmp_path / "build" / "m" / "report.json")
         out = capsys.readouterr().out.splitlines()
-        at = next(i for i, line in enumerate(out) if " ceo-hello: " in line)
+        at = next(i for i, line in enumerate(out) if " cto-hello: " in line)
         assert out[at].startswith(run) and out[at + 1] == "  warning: voice: the text asks for a warning"
-        assert "5/5 videos ready" in out[-1] and "(2 warnings)" in out[-1]
+        assert "5/5 videos ready" in out[-1] and f"({count} warnings)" in out[-1]
 
 
 def test_run_loads_each_model_once_per_run(tmp_path: Path) -> None:

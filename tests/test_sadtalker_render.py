@@ -350,6 +350,8 @@ def _check_facerender_stage(kp_detector, mappings, generator, all_frames: bool) 
     renderer = _renderer(kp_detector, mappings, generator, opt["preprocess"])
     got, prepared = golden_adapter.prepare_render(golden_inputs(arrays, sidecar), opt, "", renderer)
     state = prepared["state"]
+    assert got["kp_driving"].shape[0] == opt["render_steps"]
+    got.update(golden_adapter.mapping_outputs(prepared), kp_canonical=state.kp_canonical)
     with torch.inference_mode():
         out = renderer.render(state.feature[:1], state.kp_source[:1], got["kp_driving"][0, :1])
     frames_u8 = fr.frames_to_uint8(out.prediction)
@@ -821,18 +823,25 @@ def test_batch_too_large_for_the_gpu_is_rendered_in_pieces_on_cuda(kp_detector, 
         torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 6 * 2**30) / total))
         try:
             graphs = pipeline._Graphs(32, torch.float16, "cuda")  # recording runs out of memory too: eager pieces
-            frames = pipeline._render_rows(renderer, graphs, *tensors).result().numpy()
+            rendered = pipeline._render_rows(renderer, graphs, *tensors)
+            frames = rendered.result().numpy()
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()
         assert graphs.max_rows is not None and graphs.max_rows < 32
-        step = graphs.max_rows
-        pieces = [tuple(t[i : i + step] for t in tensors) for i in range(0, 32, step)]
+
+        def sizes(node) -> list[int]:  # the rows of each piece actually rendered, in order
+            if isinstance(node, pipeline._Joined):
+                return [n for part in node.parts for n in sizes(part)]
+            return [len(node.result())]
+
+        starts = np.cumsum([0, *sizes(rendered)])
         reference = np.concatenate([
-            fr.frames_to_uint8(renderer.render(f, s, renderer.driving_keypoints(c, w)).prediction)
-            for f, c, s, w in pieces
+            fr.frames_to_uint8(renderer.render(feature[a:b], tensors[2][a:b],
+                                               renderer.driving_keypoints(tensors[1][a:b], windows[a:b])).prediction)
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
         ])  # fmt: skip
-    assert np.array_equal(frames, reference)
+    assert starts[-1] == 32 and np.array_equal(frames, reference)
 
 
 @pytest.mark.gpu
@@ -1619,6 +1628,42 @@ def test_a_frame_too_large_for_gpu_memory_fails_its_videos_with_a_hint() -> None
         assert "out of GPU memory rendering a single frame at size 512" in video.error.message
         assert "float16" in video.error.hint
     assert graphs.max_rows == 1
+
+
+def test_a_failing_compiled_step_is_given_up_and_the_videos_say_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The compiled step reports every failure, running out of memory included, as a plain RuntimeError (the
+    AOTInductor runner keeps no error type): the group then renders eagerly, where running out of memory splits the
+    batch, and the videos of the batch carry both notes for this run (`run_notes`)."""
+    from types import SimpleNamespace
+
+    from renderer.sadtalker import compiled
+
+    calls = []
+
+    def failing(*tensors):
+        calls.append(len(tensors[0]))
+        raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
+
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: failing)
+    state = SimpleNamespace(feature=torch.rand(1, 3, 4, 4), kp_canonical=torch.zeros(1, 15, 3),
+                            kp_source=torch.zeros(1, 15, 3))  # fmt: skip
+    plan = SimpleNamespace(settings=SimpleNamespace(size=256))
+    videos = [SimpleNamespace(error=None, target=np.zeros((4, 70), np.float32), state=state, plan=plan, run_notes=[])
+              for _ in "ab"]  # fmt: skip
+    graphs = pipeline._Graphs(4, None, "cpu", compile=True, compiled_dir=tmp_path)
+    renderer = _MemoryBoundRenderer(limit=2)
+    launched = pipeline._launch(renderer, [(videos[i % 2], i) for i in range(4)], graphs)
+    assert launched.frames.result().shape == (4, 4, 4, 3)
+    assert calls == [4] and graphs.failed and graphs.graph is None
+    assert renderer.calls == [4, 2, 2]
+    for video in videos:
+        assert video.error is None and len(video.run_notes) == 2
+        assert video.run_notes[0].startswith("the compiled render step failed (run_func_(")
+        assert video.run_notes[1].startswith("video.batch_size 4 ran out of GPU memory: frames were rendered 2 at")
+    pipeline._launch(renderer, [(videos[0], 0), (videos[0], 1)], graphs)
+    assert len(videos[0].run_notes) == 2  # each note once
 
 
 def test_compiled_step_runs_without_graphs_when_recording_it_fails(

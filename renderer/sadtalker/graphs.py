@@ -117,9 +117,9 @@ class GraphedRender:
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_PASSES):
                     step(*inputs)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:  # out of memory (a compiled step reports it as a plain RuntimeError), or worse
             torch.cuda.synchronize(device)
-            raise GraphUnavailable(f"warming up the render batch ran out of GPU memory: {exc}") from exc
+            raise GraphUnavailable(f"warming up the render batch failed: {exc}") from exc
         torch.cuda.current_stream(device).wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()

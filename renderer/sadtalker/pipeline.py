@@ -207,6 +207,9 @@ class _Video:
     writer: VideoWriter | None = None
     written: int = 0
     error: RenderError | None = None
+    #: What this run did differently from the settings (a batch split for memory, compiling that failed): shown
+    #: for the run that rendered the video, not kept with the cached result (`info["run_notes"]`).
+    run_notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
@@ -532,13 +535,6 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
             if batch:
                 in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
             _hand_on(in_flight, None, emitter)
-        if graphs.max_rows is not None:
-            graphs.notes.append(
-                f"video.batch_size {batch_size} ran out of GPU memory: frames were rendered {graphs.max_rows} at a "
-                "time (set a smaller video.batch_size to skip the failed attempt)"
-            )
-        for video in videos:
-            video.plan.warnings.extend(graphs.notes)
     finally:
         try:
             emitter.close()
@@ -805,12 +801,14 @@ class _Graphs:
     failed: bool = False
     #: Set when a pass ran out of GPU memory: the most rows rendered at once from then on (`_render_rows`).
     max_rows: int | None = None
-    #: What the group's videos should report (a `video.compile` that could not compile).
+    #: What the videos rendered from then on report (`_Video.run_notes`): compiling that failed, a step given up.
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def launch(self, renderer: FaceRenderer, *tensors: Any) -> HostCopy | None:
         """The batch queued through the graph (its uint8 frames on their way to the host), or None when it must run
         eagerly."""
+        import torch
+
         from renderer.sadtalker.graphs import GraphUnavailable
 
         rows = tensors[0].shape[0]
@@ -827,7 +825,23 @@ class _Graphs:
             if self.graph is None:
                 self.failed = True
                 return None
-        return self.graph.launch(*tensors) if self.graph.matches(*tensors) else None
+        if not self.graph.matches(*tensors):
+            return None
+        try:
+            return self.graph.launch(*tensors)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            # The compiled step reports any failure as a plain RuntimeError, running out of memory included (the
+            # AOTInductor runner does not keep the error's type): give it up and run eagerly, where running out of
+            # memory is recognised and the batch gets split (`_render_rows`).
+            what = "compiled render step" if self.compile else "recorded render batch"
+            logger.warning("the %s failed (%s); rendering without it", what, exc)
+            self.notes.append(f"the {what} failed ({str(exc).splitlines()[0][:200]}); rendered without it")
+            self.graph, self.failed = None, True
+            if self.device_type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
     def _capture(self, renderer: FaceRenderer, *tensors: Any) -> Any:
         """The recorded graph, or the compiled step to call per batch (on a CPU, or where recording it failed), or
@@ -897,6 +911,16 @@ def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gr
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
         frames = _render_rows(renderer, graphs, feature, kp_canonical, kp_source, windows)
+        notes = graphs.notes + (
+            [
+                f"video.batch_size {graphs.batch_size} ran out of GPU memory: frames were rendered {graphs.max_rows} at a "
+                "time (a smaller video.batch_size skips the failed attempt)"
+            ]
+            if graphs.max_rows is not None
+            else []
+        )
+        for video, _ in live:
+            video.run_notes.extend(note for note in notes if note not in video.run_notes)
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
@@ -1016,6 +1040,7 @@ def _info(video: _Video) -> dict:
         "batch_size": settings.batch_size,
         "checkpoints": "legacy" if video.plan.ckpt.legacy else "v0.0.2",
         "warnings": list(video.plan.warnings),
+        "run_notes": list(video.run_notes),
     }
 
 
