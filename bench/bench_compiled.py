@@ -58,13 +58,7 @@ def main() -> None:
     semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
     windows = torch.from_numpy(rng.normal(size=(args.batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
     with torch.inference_mode():
-        state = plain.prepare_source(image, semantics)
-        tensors = (
-            state.feature.expand(args.batch, -1, -1, -1, -1).contiguous(),
-            state.kp_canonical.expand(args.batch, -1, -1).contiguous(),
-            state.kp_source.expand(args.batch, -1, -1).contiguous(),
-            windows,
-        )
+        tensors = (*bench_sadtalker.source_batch(plain, image, semantics, args.batch), windows)
         folder = scratch_dir("bench_compiled_")
         _, compile_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         step, load_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))

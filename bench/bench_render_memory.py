@@ -47,10 +47,7 @@ def child(device: str, size: int, batch: int, dtype: str) -> dict:
     semantics = torch.from_numpy(rng.normal(size=(1, 70, fr.WINDOW)).astype(np.float32)).to(device)
     windows = torch.from_numpy(rng.normal(size=(batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
     with torch.inference_mode(), _autocast(device, dtype):
-        state = renderer.prepare_source(image, semantics)
-        feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
-        kp_c = state.kp_canonical.expand(batch, -1, -1).contiguous()
-        kp_s = state.kp_source.expand(batch, -1, -1).contiguous()
+        feature, kp_c, kp_s = bench_sadtalker.source_batch(renderer, image, semantics, batch)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -59,8 +56,7 @@ def child(device: str, size: int, batch: int, dtype: str) -> dict:
             # one by one, see main: the resident set follows the live tensors)
             before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
             Path("/proc/self/clear_refs").write_text("5")
-        prediction = renderer.render(feature, kp_s, renderer.driving_keypoints(kp_c, windows)).prediction
-        frames = fr.frames_to_uint8(prediction)
+        frames = bench_sadtalker._step(renderer, kp_c, kp_s, feature, windows)
         if device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated(device)
         else:

@@ -91,12 +91,23 @@ def build_renderer(device: str):
     return weights.place(renderer, device), source
 
 
-def _step(renderer, kp_canonical, kp_source, feature, windows) -> None:
-    """One forward batch as the stage runs it: driving keypoints, generator, uint8 frames on the host."""
+def source_batch(renderer, image, semantics, batch: int) -> tuple:
+    """One portrait's per-video state repeated `batch` times, as a render batch takes it (under the caller's
+    autocast): (feature, kp_canonical, kp_source), contiguous."""
+    state = renderer.prepare_source(image, semantics)
+    return (
+        state.feature.expand(batch, -1, -1, -1, -1).contiguous(),
+        state.kp_canonical.expand(batch, -1, -1).contiguous(),
+        state.kp_source.expand(batch, -1, -1).contiguous(),
+    )
+
+
+def _step(renderer, kp_canonical, kp_source, feature, windows):
+    """One forward batch as the stage runs it: driving keypoints, generator, uint8 frames on the host (returned)."""
     from renderer.sadtalker import facerender as fr
 
     kp_driving = renderer.driving_keypoints(kp_canonical, windows)
-    fr.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
+    return fr.frames_to_uint8(renderer.render(feature, kp_source, kp_driving).prediction)
 
 
 def bench_speed(
@@ -160,10 +171,7 @@ def bench_speed(
                     label = f"{size:>5} {batch:>6} {dtype:>9} {mode:>6}"
                     try:
                         with torch.inference_mode(), _autocast(device, dtype):
-                            state = renderer.prepare_source(image, semantics)
-                            feature = state.feature.expand(batch, -1, -1, -1, -1).contiguous()
-                            kp_c = state.kp_canonical.expand(batch, -1, -1).contiguous()
-                            kp_s = state.kp_source.expand(batch, -1, -1).contiguous()
+                            feature, kp_c, kp_s = source_batch(renderer, image, semantics, batch)
                             if mode in ("graph", "compiled"):
                                 half = None if dtype == "float32" else getattr(torch, dtype)
                                 tensors = (feature, kp_c, kp_s, windows)

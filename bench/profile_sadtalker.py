@@ -51,9 +51,7 @@ def main() -> None:
     windows = torch.randn(args.batch, 70, fr.WINDOW, device="cuda")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=half):
-        state = renderer.prepare_source(image, semantics)
-        feature = state.feature.expand(args.batch, -1, -1, -1, -1).contiguous()
-        kp_c, kp_s = state.kp_canonical.expand(args.batch, -1, -1), state.kp_source.expand(args.batch, -1, -1)
+        feature, kp_c, kp_s = bench_sadtalker.source_batch(renderer, image, semantics, args.batch)
         for _ in range(3):
             bench_sadtalker._step(renderer, kp_c, kp_s, feature, windows)
         torch.cuda.synchronize()

@@ -200,7 +200,11 @@ def crop_stage(inp: Arrays, mode: str) -> dict:
 
 
 def stage_recon224(inp: Arrays, state: WeightsFn, options: Mapping) -> dict:
-    net = _coefficient_net(recon.ReconNet, "recon", state)
+    return recon_stage(inp, _coefficient_net(recon.ReconNet, "recon", state))
+
+
+def recon_stage(inp: Arrays, net: recon.ReconNet) -> dict:
+    """The 224 alignment and the 3DMM regressor on the 256 source, for each landmark case."""
     image, cases = inp["image_256_u8"], list(inp["landmarks_68"])
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("lm5", "trans_params", "aligned_224_u8", "recon_input")}
     for landmarks in cases:  # all −1: the no-face fallback

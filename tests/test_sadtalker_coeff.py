@@ -362,25 +362,13 @@ def test_align_for_recon_matches_test_vector() -> None:
 def test_recon_stage_matches_golden(recon_net: recon.ReconNet) -> None:
     arrays, sidecar = load_golden("stage_recon224")
     inp = golden_inputs(arrays, sidecar)
-    image = inp["image_256_u8"]
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("lm5", "trans_params", "aligned_224_u8", "recon_input")}
-    out.update(full_3dmm=[], coeff_3dmm=[])
-    for landmarks in inp["landmarks_68"]:  # case 2 is all −1: the no-face fallback
-        out["lm5"].append(preprocess.alignment_points(image, landmarks))
-        aligned, trans_params = preprocess.align_for_recon(image, landmarks)
-        out["aligned_224_u8"].append(aligned)
-        out["trans_params"].append(trans_params)
-        out["recon_input"].append(recon.recon_input(aligned)[0].numpy())
-        coeff, full = recon.coeffs_from_crop(recon_net, image, landmarks)
-        out["coeff_3dmm"].append(coeff[0])
-        out["full_3dmm"].append(full[0])
-    stacked = {k: np.stack(v) for k, v in out.items()}
-    stacked["lm3d_std_5"] = preprocess.standard_five_points().astype(np.float64)
+    # Every crop in one forward pass, as the stage prepares several videos at once.
+    stacked = golden_adapter.recon_stage(inp, recon_net)
     assert_matches("stage_recon224", stacked, arrays, sidecar)
-    # The same crops in one forward pass, as the stage prepares several videos at once.
-    batched = recon.coeffs_from_crops(recon_net, [image] * len(inp["landmarks_68"]), list(inp["landmarks_68"]))
-    stacked["coeff_3dmm"] = np.stack([coeff[0] for coeff, _ in batched])
-    stacked["full_3dmm"] = np.stack([full[0] for _, full in batched])
+    # The same crops one at a time (case 2 is all −1: the no-face fallback).
+    single = [recon.coeffs_from_crop(recon_net, inp["image_256_u8"], points) for points in inp["landmarks_68"]]
+    stacked["coeff_3dmm"] = np.stack([coeff[0] for coeff, _ in single])
+    stacked["full_3dmm"] = np.stack([full[0] for _, full in single])
     assert_matches("stage_recon224", stacked, arrays, sidecar)
 
 

@@ -801,8 +801,19 @@ class _Graphs:
     failed: bool = False
     #: Set when a pass ran out of GPU memory: the most rows rendered at once from then on (`_render_rows`).
     max_rows: int | None = None
-    #: What the videos rendered from then on report (`_Video.run_notes`): compiling that failed, a step given up.
+    #: What happened to the group's rendering (compiling that failed, a step given up); see `run_notes`.
     notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def run_notes(self) -> list[str]:
+        """What the videos rendered from now on report (`_Video.run_notes`): `notes`, and a batch split for memory."""
+        if self.max_rows is None:
+            return self.notes
+        return [
+            *self.notes,
+            f"video.batch_size {self.batch_size} ran out of GPU memory: frames were rendered {self.max_rows} at a "
+            "time (a smaller video.batch_size skips the failed attempt)",
+        ]
 
     def launch(self, renderer: FaceRenderer, *tensors: Any) -> HostCopy | None:
         """The batch queued through the graph (its uint8 frames on their way to the host), or None when it must run
@@ -911,16 +922,9 @@ def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gr
     kp_source = torch.cat([v.state.kp_source for v, _ in live])
     try:
         frames = _render_rows(renderer, graphs, feature, kp_canonical, kp_source, windows)
-        notes = graphs.notes + (
-            [
-                f"video.batch_size {graphs.batch_size} ran out of GPU memory: frames were rendered {graphs.max_rows} at a "
-                "time (a smaller video.batch_size skips the failed attempt)"
-            ]
-            if graphs.max_rows is not None
-            else []
-        )
-        for video, _ in live:
-            video.run_notes.extend(note for note in notes if note not in video.run_notes)
+        if notes := graphs.run_notes:
+            for video, _ in live:
+                video.run_notes.extend(note for note in notes if note not in video.run_notes)
     except torch.cuda.OutOfMemoryError as exc:
         logger.warning("out of GPU memory: %s", exc)
         for video, _ in live:
@@ -939,7 +943,7 @@ def _render_rows(renderer: FaceRenderer, graphs: _Graphs, *tensors: Any) -> Host
     row."""
     import torch
 
-    from renderer.sadtalker import facerender
+    from renderer.sadtalker.graphs import RenderStep
     from renderer.sadtalker.transfer import HostCopy
 
     rows = tensors[0].shape[0]
@@ -950,12 +954,7 @@ def _render_rows(renderer: FaceRenderer, graphs: _Graphs, *tensors: Any) -> Host
         )
     try:
         frames = graphs.launch(renderer, *tensors)
-        if frames is None:
-            feature, kp_canonical, kp_source, windows = tensors
-            kp_driving = renderer.driving_keypoints(kp_canonical, windows)
-            prediction = renderer.render(feature, kp_source, kp_driving).prediction
-            frames = HostCopy(facerender.frames_to_uint8_tensor(prediction))
-        return frames
+        return frames if frames is not None else HostCopy(RenderStep(renderer, graphs.dtype)(*tensors))
     except torch.cuda.OutOfMemoryError:
         if rows == 1:
             raise
