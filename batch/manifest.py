@@ -222,7 +222,8 @@ def _load_tree(file: Path, root: Path, display: str, problems: _Collector, docs:
             problems.problems.extend(exc.problems)
 
 
-_BAD_ID = "{!r} is not a valid id: use letters, digits, '-', '_' and '.' (no '..'), at most 64 characters"
+_ID_RULE = "use letters, digits, '-', '_' and '.' (no '..'), at most 64 characters"
+_BAD_ID = "{!r} is not a valid id: " + _ID_RULE
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
@@ -304,9 +305,14 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
     videos: list[Video] = []
     seen: dict[str, Location] = {}
 
+    id_pattern = re.compile(schema()["$defs"]["id"]["pattern"])
+
     def add_video(doc: Located, path: tuple, vid: str, char: str, script: str, overrides: Any) -> None:
         loc = _loc(doc, path)
         ok = True
+        if path[0] == "matrix" and not id_pattern.match(vid):  # `videos[].id` is checked by the schema
+            problems.add(doc, (*path, "id"), f"makes the video id {vid!r}, which is not valid: {_ID_RULE}")
+            return
         if char not in characters:
             problems.add(doc, (*path, "character"), f"unknown character {char!r} (known: {_known(characters)})")
             ok = False

@@ -303,9 +303,10 @@ class Planner:
                 continue
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
             decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
-            out.append(
-                VideoPlan(video, self.build_dir / self.manifest.name / f"{video.id}.mp4", renderer, steps, decisions)
-            )
+            output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
+            if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
+                raise ValueError(f"video id {video.id!r} would leave the build folder")
+            out.append(VideoPlan(video, output, renderer, steps, decisions))
         if problems:
             raise ManifestError(problems)
         self.hasher.save()

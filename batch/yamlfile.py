@@ -7,6 +7,7 @@ Only plain data is accepted: `yaml.safe_load` semantics (no object-constructing 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,24 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+_STR, _FLOAT, _MERGE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
+
+
+def _finite(text: str) -> bool:
+    """Whether a YAML float scalar is a finite number (not .nan, .inf or a literal too large for a float)."""
+    text = text.lower().replace("_", "")
+    if "nan" in text or "inf" in text:
+        return False
+    try:
+        return math.isfinite(float(text))
+    except ValueError:  # YAML 1.1 sexagesimal (1:30.5): finite
+        return True
+
+
+def _at(display: str, node: yaml.Node, path: Path_, message: str) -> Problem:
+    return Problem(display, node.start_mark.line + 1, node.start_mark.column + 1, dotted(path), message)
+
+
 def _walk(node: yaml.Node, path: Path_, positions: dict, problems: list[Problem], display: str, depth: int = 0) -> None:
     if depth > 64:
         problems.append(
@@ -146,12 +165,20 @@ def _walk(node: yaml.Node, path: Path_, positions: dict, problems: list[Problem]
         return
     if path not in positions:
         positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.ScalarNode) and node.tag == _FLOAT and not _finite(node.value):
+        problems.append(_at(display, node, path, f"{node.value} is not a finite number; give a number"))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(_at(display, key_node, path, "a key must be plain text, not a list or a mapping"))
                 continue
             key = key_node.value
+            if key_node.tag not in (_STR, _MERGE):
+                kind = key_node.tag.rsplit(":", 1)[-1]
+                problems.append(
+                    _at(display, key_node, (*path, key), f"key {key!r} is read as {kind}, not text; quote it: '{key}'")
+                )
             if key in seen and key != "<<":
                 problems.append(
                     Problem(

@@ -62,6 +62,15 @@ EXPECTED = {
         "unknown_key.yaml:7:6: videos[0].id: '../v1' is not a valid id: use letters, digits, '-', '_' and '.' (no '..'),"
         " at most 64 characters",
     ],
+    "matrix_bad_id.yaml": [
+        "matrix_bad_id.yaml:6:41: matrix.id: makes the video id '../../ceo-hi', which is not valid: use letters, digits,"
+        " '-', '_' and '.' (no '..'), at most 64 characters"
+    ],
+    "bad_keys_numbers.yaml": [
+        "bad_keys_numbers.yaml:2:8: vars.1: key '1' is read as int, not text; quote it: '1'",
+        "bad_keys_numbers.yaml:4:29: defaults.video.expression_scale: .nan is not a finite number; give a number",
+        "bad_keys_numbers.yaml:6:35: characters.ceo.seed: .inf is not a finite number; give a number",
+    ],
     "template_syntax.yaml": [
         "template_syntax.yaml:6:5: scripts.hi.text: line 1: template syntax error: unexpected end of template,"
         " expected 'end of print statement'."

@@ -1151,6 +1151,28 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
     assert not list(jobs[3].out_dir.iterdir()) and not list(jobs[4].out_dir.iterdir())
 
 
+def test_pipeline_interrupted_mid_render_raises_it_and_leaves_no_files(
+    fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the first batch renders (both videos started, no frame written yet): the KeyboardInterrupt
+    reaches the runner as itself (not replaced by an error from closing an empty video), and no file is left."""
+    portrait, _ = _portraits(tmp_path)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(2 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    jobs = [_job(tmp_path, name, fake_checkpoints, portrait, speech, seed=1) for name in ("a", "b")]
+    launched = []
+
+    def interrupted(*args, **kwargs):
+        launched.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(jobs, ModelPool())
+    assert len(launched) == 1
+    assert [p.name for job in jobs for p in job.out_dir.iterdir()] == []
+
+
 @pytest.mark.gpu
 def test_pipeline_on_cuda_makes_the_cpu_run_videos(
     fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

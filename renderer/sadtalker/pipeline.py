@@ -1005,11 +1005,12 @@ def _emit(video: _Video, frame: np.ndarray) -> None:
 
 
 def _finish(video: _Video) -> None:
-    """Close the writer (or drop it on error) and release the per-video tensors."""
+    """Close the writer of a video with all its frames, drop it otherwise (an error, or the loop left early:
+    Ctrl-C, a failure), and release the per-video tensors."""
     writer, video.writer, video.state = video.writer, None, None
     if writer is None:
         return
-    if video.error is not None:
+    if video.error is not None or video.written < video.num_frames:
         writer.abort()
         return
     try:
