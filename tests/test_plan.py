@@ -130,21 +130,48 @@ def test_plan_template_sandbox_blocks_attribute_escapes(tmp_path: Path) -> None:
     assert "scripts.hello.text" in str(info.value)
 
 
-def test_plan_weight_paths_resolve_under_checkpoints_for_stages_only(tmp_path: Path) -> None:
-    from batch.stages import resolve_job_settings
+def test_plan_named_weights_are_keyed_on_what_the_stage_loads(tmp_path: Path) -> None:
+    """voice/llm/image model settings: one rule (`named_weights`) for the key and the stage; the key holds the
+    digest of exactly the loaded file or folder and keeps the manifest's spelling of the setting."""
+    from batch.stages import named_weights
+    from renderer.llm import _local_paths
+    from renderer.portrait import resolve_model
+    from renderer.voice import resolve_piper_model
 
     ck = tmp_path / "checkpoints"
-    assert resolve_job_settings("voice", {"model": "voices/x.onnx"}, ck)["model"] == str(ck / "voices" / "x.onnx")
-    assert resolve_job_settings("voice", {"model": "en_US-joe-medium"}, ck)["model"] == "en_US-joe-medium"
-    assert resolve_job_settings("llm", {"model": "/abs/m.gguf"}, ck)["model"] == "/abs/m.gguf"
-    # Keys use the manifest's spelling, so they do not depend on where the project is checked out.
+    voice = ck / "piper" / "team" / "anna.onnx"
+    voice.parent.mkdir(parents=True)
+    voice.write_bytes(b"onnx")
+    voice.with_name("anna.onnx.json").write_text("{}")
+    (ck / "llm" / "tiny").mkdir(parents=True)
+    (ck / "llm" / "tiny" / "config.json").write_text("{}")
+    (ck / "sd").mkdir()
+
+    assert named_weights("voice", "team/anna", ck).path == voice == resolve_piper_model("team/anna", ck)[0]
+    assert named_weights("voice", "piper/team/anna.onnx", ck).path == voice
+    assert named_weights("voice", "en_US-joe-medium", ck).kind == "package"
+    assert named_weights("llm", None, ck).kind == "package"
+    assert named_weights("llm", "m.gguf", ck).path == ck / "m.gguf"
+    llm = named_weights("llm", "llm/tiny", ck)
+    assert (llm.kind, llm.path) == ("folder", ck / "llm" / "tiny") and _local_paths("llm/tiny", ck, "x")[1] == llm.path
+    sd = named_weights("image", "sd", ck)
+    assert (sd.kind, sd.path) == ("folder", ck / "sd") and resolve_model("sd", ck) == (str(ck / "sd"), ck / "sd")
+    assert named_weights("image", "stabilityai/stable-diffusion-2-1-base", ck).kind == "hub"
+
     write_project(tmp_path)
     path = tmp_path / "m.yaml"
-    path.write_text(path.read_text().replace("engine: piper,", "engine: piper, model: voices/x.onnx,"))
-    p, _ = plan(tmp_path)
-    voice = next(s for s in p.videos[1].steps if s.stage == "voice")
-    assert voice.fingerprint["settings"]["model"] == "voices/x.onnx"
-    assert voice.fingerprint["weights"] == {"piper": "missing:voices/x.onnx"}
+    path.write_text(path.read_text().replace("engine: piper,", "engine: piper, model: team/anna,"))
+
+    def voice_step():
+        p, _ = plan(tmp_path)
+        return next(s for s in p.videos[1].steps if s.stage == "voice")
+
+    first = voice_step()
+    assert first.fingerprint["settings"]["model"] == "team/anna"  # not where the project is checked out
+    assert set(first.fingerprint["weights"]) == {"piper", "config"}
+    assert "missing" not in str(first.fingerprint["weights"])
+    voice.with_name("anna.onnx.json").write_text('{"audio": {"sample_rate": 16000}}')
+    assert voice_step().key != first.key  # the voice's config is part of it
 
 
 def test_plan_auto_renderer_follows_checkpoints_and_explains_the_switch(built: Path) -> None:
