@@ -184,12 +184,26 @@ class WavSink:
             self.abort()
 
 
+#: FFmpeg demuxers accepted for recordings (`scripts.*.audio`, TTS output): media files, never playlists.
+AUDIO_FORMATS = frozenset(
+    {"wav", "w64", "mp3", "flac", "ogg", "mov", "mp4", "m4a", "matroska", "webm", "aac", "aiff", "caf", "au", "opus"}
+)
+
+
 def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndarray, int]]:
     """Decode any audio file PyAV reads into (mono float32 block, sample rate) pairs."""
     import av
 
     try:
-        with av.open(source) as container:
+        # Only media files: FFmpeg picks the demuxer from the content, and playlist formats (concat, HLS) would read
+        # other files or URLs that the manifest's path rules and the cache key never saw.
+        with av.open(source, options={"protocol_whitelist": "file,pipe"}) as container:
+            formats = set(container.format.name.split(","))
+            if not formats & AUDIO_FORMATS:
+                raise BadInputError(
+                    f"{name} is not an audio recording (FFmpeg reads it as {container.format.name!r})",
+                    "pass a wav, mp3, flac, ogg or m4a file",
+                )
             if not container.streams.audio:
                 raise BadInputError(f"{name} has no audio stream", "pass a wav, mp3, flac, ogg or m4a file")
             # Planar float, channels kept: the mean of the channels is the mono signal. (FFmpeg's own stereo →

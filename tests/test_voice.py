@@ -288,3 +288,15 @@ def test_convert_missing_file_is_bad_input(tmp_path: Path) -> None:
     job = convert_job(tmp_path, tmp_path / "nowhere.wav")
     (result,) = run_convert([job], ModelPool())
     assert isinstance(result, BadInputError) and "nowhere.wav" in str(result)
+
+
+def test_convert_refuses_playlists_that_read_other_files(tmp_path: Path) -> None:
+    """A "recording" that is really an FFmpeg playlist would decode files the manifest never named (past its path
+    rules, and outside the cache key): only media formats are read."""
+    write_wav(tmp_path / "outside.wav", tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
+    source = tmp_path / "speech.wav"
+    source.write_text("ffconcat version 1.0\nfile outside.wav\n")  # FFmpeg's concat demuxer reads the content
+    job = convert_job(tmp_path, source)
+    (result,) = run_convert([job], ModelPool())
+    assert isinstance(result, BadInputError) and "not an audio recording" in str(result), result
+    assert list(job.out_dir.iterdir()) == []
