@@ -361,7 +361,12 @@ class Runner:
         final = vp.steps[-1]
         if error is None and final.key in self.outcomes and self.outcomes[final.key].error is None:
             src = self.cache.output(final.stage, final.key, STAGES[final.stage].outputs[0])
-            publish(src, vp.output)
+            try:
+                publish(src, vp.output)
+            except OSError as exc:  # this video only: the others are still published, and the report written
+                reason = exc.strerror or str(exc)
+                error = f"publish: cannot write {vp.output}: {reason} (it is built and cached: fix the folder and run again)"
+                return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
             status = "cached" if all(o.cached for o in outcomes) else "built"
             return VideoResult(
                 vp.video.id,

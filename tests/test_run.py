@@ -112,6 +112,24 @@ def test_run_failing_video_does_not_stop_the_others(tmp_path: Path) -> None:
     assert not (tmp_path / "build" / "m" / "cto-hello.mp4").exists()
 
 
+def test_run_video_that_cannot_be_published_fails_alone(tmp_path: Path) -> None:
+    """A folder standing where one video's MP4 goes: that video fails with the reason, the others are published and
+    the report is written; once the path is free, the next run publishes it from the cache."""
+    write_project(tmp_path)
+    blocker = tmp_path / "build" / "m" / "ceo-bye.mp4"
+    blocker.mkdir(parents=True)
+    result = build(tmp_path, make_registry())
+    status = {v.id: v.status for v in result.videos}
+    assert status["ceo-bye"] == "failed" and sorted(status.values()).count("built") == 4
+    failed = next(v for v in result.videos if v.id == "ceo-bye")
+    assert failed.error.startswith(f"publish: cannot write {blocker}") and "run again" in failed.error
+    report = json.loads((tmp_path / "build" / "m" / "report.json").read_text())
+    assert report["summary"]["failed"] == 1
+    blocker.rmdir()
+    again = build(tmp_path, make_registry())
+    assert {v.id: v.status for v in again.videos}["ceo-bye"] == "cached" and blocker.is_file()
+
+
 def test_run_fail_fast_stops_at_first_failure(tmp_path: Path) -> None:
     write_project(tmp_path, hello="Please FAIL here.")
     result = build(tmp_path, make_registry(), fail_fast=True)
