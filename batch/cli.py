@@ -16,7 +16,7 @@ from batch import __version__
 from batch.cache import Cache
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest
-from batch.plan import Plan, plan_manifest, select_videos
+from batch.plan import Plan, plan_manifest, select_videos, template_problems
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
@@ -145,6 +145,8 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
+    if problems := template_problems(manifest):
+        raise ManifestError(problems)
     print(
         f"{display_path(manifest.path)}: ok — {len(manifest.characters)} characters, {len(manifest.scripts)} scripts, {len(manifest.videos)} videos"
     )

@@ -11,13 +11,18 @@ from typing import Any
 
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
-from batch.manifest import Manifest, Video, thaw
+from batch.manifest import Character, Manifest, Video, thaw
 from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
 logger = logging.getLogger(__name__)
 
 PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+#: What a prompt template may use (manifest vars are for script texts).
+PROMPT_CONTEXT_HINT = (
+    "a prompt template sees description, engine and character (id, name, description); fix the template, or "
+    "choose another with llm.template"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +178,28 @@ class Planner:
         }
         return Step(stage, step_key(stage, fingerprint), fingerprint, settings, inputs, text, seed or 0, label, target)
 
+    # -- texts ----------------------------------------------------------------------------------------------------
+    def prompt_request(self, character: Character, template_name: str, engine: str) -> str:
+        """The LLM request for a character's portrait: its prompt template rendered (errors located at the
+        character, whose settings chose the template)."""
+        try:
+            source, path = self._template(template_name)
+            context = {"description": character.description, "engine": engine, "character": _char_ctx(character)}
+            return render(source, f"prompt template {path.name}", context, hint=PROMPT_CONTEXT_HINT).strip()
+        except TemplateError as exc:
+            raise TemplateError(f"characters.{character.id}: {exc.message}", exc.hint, character.location) from exc
+
+    def script_text(self, video: Video) -> str:
+        """The script's text rendered for this video (errors located at the script's text)."""
+        m = self.manifest
+        script, character = m.scripts[video.script], m.characters[video.character]
+        context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
+        field = "text_file" if script.text_file else "text"
+        try:
+            return render(script.text or "", f"scripts.{script.id}.{field}", context)
+        except TemplateError as exc:
+            raise TemplateError(exc.message, exc.hint, script.text_location or script.location) from exc
+
     # -- per video ------------------------------------------------------------------------------------------------
     def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
         m = self.manifest
@@ -188,15 +215,7 @@ class Planner:
             portrait_id = self.hasher.digest(character.image)
         else:
             llm = dict(settings["llm"])
-            template_name = llm["template"] or (
-                "image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2"
-            )
-            source, tpath = self._template(template_name)
-            request = render(
-                source,
-                str(tpath.name),
-                {"description": character.description, "engine": llm["engine"], "character": _char_ctx(character)},
-            ).strip()
+            request = self.prompt_request(character, _template_name(llm), llm["engine"])
             prompt = self._step(
                 "prompt",
                 llm,
@@ -231,9 +250,7 @@ class Planner:
                 target="renderer.voice:run_convert",
             )
         else:
-            context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
-            field = "text_file" if script.text_file else "text"
-            text = render(script.text or "", f"{slabel}.{field}", context)
+            text = self.script_text(video)
             speech = self._step(
                 "voice",
                 settings["voice"],
@@ -290,25 +307,18 @@ class Planner:
     def plan(self, videos: Iterable[Video]) -> Plan:
         previous = load_state(state_path(self.build_dir, self.manifest)).get("videos", {})
         out: list[VideoPlan] = []
-        problems: list[Problem] = []
+        videos = tuple(videos)
         for video in videos:
             try:
                 renderer, steps = self.steps_for(video)
-            except TemplateError as exc:
-                script = self.manifest.scripts[video.script]
-                loc = script.text_location or script.location
-                problem = Problem(loc.file, loc.line, loc.column, "", str(exc))
-                if problem not in problems:
-                    problems.append(problem)
-                continue
+            except TemplateError:  # every template problem of these videos at once, located
+                raise ManifestError(template_problems(self.manifest, videos)) from None
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
             decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
             output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
             if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
                 raise ValueError(f"video id {video.id!r} would leave the build folder")
             out.append(VideoPlan(video, output, renderer, steps, decisions))
-        if problems:
-            raise ManifestError(problems)
         self.hasher.save()
         return Plan(self.manifest, self.build_dir, tuple(out))
 
@@ -368,6 +378,35 @@ def _show(value: Any) -> str:
 
 def _char_ctx(character: Any) -> dict[str, Any]:
     return {"id": character.id, "name": character.name, "description": character.description}
+
+
+def _template_name(llm: Mapping[str, Any]) -> str:
+    return llm["template"] or ("image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2")
+
+
+def template_problems(manifest: Manifest, videos: Iterable[Video] | None = None) -> list[Problem]:
+    """The script texts and portrait prompts of `videos` (all by default) rendered as a build would (`dhbatch
+    validate`), without hashing or touching build/: the located problems, one per place."""
+    planner = Planner(manifest, build_dir=Path(), checkpoints=Path(), hasher=None, is_cached=None)
+    problems: list[Problem] = []
+    for video in manifest.videos if videos is None else videos:
+        character = manifest.characters[video.character]
+        settings = manifest.settings(video)
+        checks: list[tuple[Any, tuple]] = []
+        if character.image is None:
+            llm = settings["llm"]
+            checks.append((planner.prompt_request, (character, _template_name(llm), llm["engine"])))
+        if manifest.scripts[video.script].audio is None:
+            checks.append((planner.script_text, (video,)))
+        for check, args in checks:
+            try:
+                check(*args)
+            except TemplateError as exc:
+                loc = exc.location or manifest.scripts[video.script].location
+                problem = Problem(loc.file, loc.line, loc.column, "", str(exc))
+                if problem not in problems:
+                    problems.append(problem)
+    return problems
 
 
 def plan_manifest(

@@ -111,6 +111,7 @@ def load_yaml(path: Path, display: str) -> Located:
 def _check_size(root: yaml.Node, display: str) -> None:
     """Refuse documents whose aliases expand beyond MAX_NODES values (alias bombs)."""
     sizes: dict[int, int] = {}
+    open_: set[int] = set()  # nodes whose children are being sized: meeting one again is a cycle
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, done = stack.pop()
@@ -118,9 +119,13 @@ def _check_size(root: yaml.Node, display: str) -> None:
             continue
         children = _children(node)
         if not done:
+            if id(node) in open_:
+                raise _problem(display, node.start_mark, "an alias refers to a value that contains it; remove the loop")
+            open_.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children if id(c) not in sizes)
             continue
+        open_.discard(id(node))
         total = 1 + sum(sizes.get(id(c), 1) for c in children)
         if total > MAX_NODES:
             raise _problem(

@@ -84,3 +84,38 @@ def test_cli_unwritable_build_folder_is_a_message(tmp_path: Path) -> None:
     blocker.write_text("x")
     out = dhbatch("build", str(m), "--build-dir", str(blocker / "build"))
     assert out.returncode == 1 and "error: Not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_validate_renders_every_template_like_plan(tmp_path: Path) -> None:
+    """What would stop `plan` stops `validate` too (a pull-request check), each problem located where it belongs:
+    prompt templates at the character that uses them, with the variables they can use; script texts at the text;
+    a template's runtime error or runaway expression is a message, not a traceback."""
+    m = write_project(tmp_path, hello="{{ 1/0 }} and {{ 'x' * 10**10 }}")
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "style.j2").write_text("{{ description }} in {{ company }} style")
+    m.write_text(
+        m.read_text()
+        .replace("    seed: 3", "    seed: 3\n    overrides: {llm: {template: style.j2}}")
+        .replace('"Goodbye from {{ company }}."', '"Goodbye from {{ compnay }}."')
+    )
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.j2"
+    outside.write_text("secret")
+    (tmp_path / "prompts" / "leak.j2").symlink_to(outside)
+    expected = [
+        "m.yaml:9:3: characters.ceo: prompt template style.j2: line 1: 'company' is undefined — a prompt template "
+        "sees description, engine and character (id, name, description); fix the template, or choose another with "
+        "llm.template",
+        "m.yaml:17:5: scripts.hello.text: line 1: ZeroDivisionError: division by zero — fix the expression",
+        "m.yaml:19:5: scripts.bye.text: line 1: 'compnay' is undefined — define it under `vars:`",
+    ]
+    for command in ("validate", "plan"):
+        out = dhbatch(command, "m.yaml", cwd=tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert [line.strip() for line in out.stderr.splitlines()[1:]] == expected, out.stderr
+    m.write_text(m.read_text().replace("style.j2", "leak.j2"))
+    out = dhbatch("validate", "m.yaml", cwd=tmp_path)
+    assert "characters.ceo: prompt template" in out.stderr and "links outside" in out.stderr
+    assert "secret" not in out.stderr
+    write_project(tmp_path, hello="{{ 'x' * 10**10 }}")
+    out = dhbatch("validate", "m.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "longer than 1000000 items" in out.stderr

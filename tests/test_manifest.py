@@ -47,6 +47,7 @@ EXPECTED = {
     "alias_bomb.yaml": [
         "alias_bomb.yaml:8:6: the document expands to more than 200000 values through aliases; remove the repeated anchors"
     ],
+    "alias_loop.yaml": ["alias_loop.yaml:2:7: an alias refers to a value that contains it; remove the loop"],
     "empty.yaml": ["empty.yaml:1:1: the file is empty; a manifest starts with `version: 1`"],
     "not_mapping.yaml": ["not_mapping.yaml:1:1: a manifest is a mapping that starts with `version: 1`"],
     "version2.yaml": ["version2.yaml:1:1: version: unsupported manifest version 2; this tool reads version 1"],
