@@ -114,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: nothing partial was kept; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _exit_status["signal"]
     except OSError as exc:  # a full disk, a read-only build folder: say which file, not a traceback
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         logger.debug("details", exc_info=True)
         return EXIT_FAILED
 
 
+#: Exit status after an interruption: 130 for Ctrl-C (SIGINT), 143 for a kill (SIGTERM), as shells report them.
+_exit_status = {"signal": 130}
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _exit_status["signal"] = 128 + signum
     raise KeyboardInterrupt
 
 

@@ -243,16 +243,35 @@ class Runner:
             for c in serial:
                 self._run_chunk(stage, c, bar)
             if self.jobs > 1 and len(parallel) > 1:
-                import joblib
-
-                joblib.Parallel(n_jobs=self.jobs, backend="threading")(
-                    joblib.delayed(self._run_chunk)(stage, c, bar) for c in parallel
-                )
+                self._run_parallel(stage, parallel, bar)
             else:
                 for c in parallel:
                     self._run_chunk(stage, c, bar)
         finally:
             bar.close()
+
+    def _run_parallel(self, stage: str, chunks: list[list[Step]], bar: Any) -> None:
+        """Chunks on `jobs` threads. When the run stops (Ctrl-C, --fail-fast, a bug), no new chunk starts and the
+        running ones finish before this returns: leaving threads inside native code (PyAV, ONNX Runtime) while the
+        interpreter exits crashes the process."""
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        stop = threading.Event()
+
+        def work(chunk: list[Step]) -> None:
+            if not stop.is_set():
+                self._run_chunk(stage, chunk, bar)
+
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix=f"dhbatch-{stage}")
+        try:
+            futures = [pool.submit(work, c) for c in chunks]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                if future.done() and future.exception() is not None:
+                    raise future.exception()
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _run_chunk(self, stage: str, chunk: list[Step], bar: Any) -> None:
         from renderer.base import RenderError, StepJob

@@ -275,3 +275,41 @@ def test_run_hands_the_gpu_renderer_large_chunks_one_at_a_time(
     result = build(tmp_path, registry, jobs=4)
     assert [v.status for v in result.videos] == ["built"] * 5
     assert sorted(n for n, _ in seen) == sorted(calls) and not any(overlapped for _, overlapped in seen)
+
+
+def test_run_interrupted_with_parallel_jobs_waits_for_its_threads(tmp_path: Path) -> None:
+    """Ctrl-C during a --jobs 2 stage: no chunk starts after it, the running ones end before the KeyboardInterrupt
+    leaves the runner (threads left in native code while the interpreter exits crash the process), and nothing
+    half-built is kept."""
+    import threading
+
+    from batch.stages import TARGETS
+
+    write_project(tmp_path)
+    registry = make_registry()
+    fake_voice = registry[TARGETS["voice"]]
+    started: list[str] = []
+    finished: list[str] = []
+
+    def voice(jobs, pool):
+        started.append(jobs[0].key)
+        if len(started) == 1:
+            signal.raise_signal(signal.SIGINT)  # delivered to the main thread, which waits for the workers
+        time.sleep(0.5)  # a chunk still at work when Ctrl-C comes
+        out = fake_voice(jobs, pool)
+        finished.append(jobs[0].key)
+        return out
+
+    registry[TARGETS["voice"]] = voice
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path, registry, jobs=2)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dhbatch-")]
+    assert len(started) == 2 and sorted(finished) == sorted(
+        started
+    )  # the two running chunks ended; the third never started
+    p, _ = plan(tmp_path)
+    assert not (tmp_path / "build" / "cache" / "tmp").exists() or not any(
+        (tmp_path / "build" / "cache" / "tmp").iterdir()
+    )
+    cached = {d.key for v in p.videos for d in v.decisions if d.cached and d.stage in ("voice", "animate", "mux")}
+    assert cached == set(finished)  # what ended is kept (a rerun resumes from it); nothing after the interrupt
