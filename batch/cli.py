@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("batch")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
 
 
 def project_root(manifest: Path) -> Path:
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, many: bool = False) -> None:
+        # -v/-q also after the command (SUPPRESS: when absent there, the value given before the command stands).
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if many:
             sp.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
         else:
@@ -90,8 +93,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _untangle(argv: list[str]) -> list[str]:
+    """Keep the optional values of --force and --only from swallowing the manifest: `--force m.yaml` means
+    `--force all m.yaml`, and a manifest file after `--only` ids is taken as the manifest."""
+    out: list[str] = []
+    manifests: list[str] = []
+    in_only = False
+    for i, token in enumerate(argv):
+        if token.startswith("-"):
+            in_only = token == "--only"
+            out.append(token)
+            if token == "--force" and (i + 1 == len(argv) or argv[i + 1] not in (*ORDER, "all")):
+                out.append("all")
+            continue
+        if in_only and token.endswith((".yaml", ".yml")) and Path(token).is_file():
+            manifests.append(token)
+            continue
+        out.append(token)
+    if manifests:  # the manifest goes right after the command
+        at = next((i + 1 for i, t in enumerate(out) if t in ("plan", "build", "gc", "validate")), len(out))
+        out[at:at] = manifests
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_untangle(sys.argv[1:] if argv is None else list(argv)))
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)
@@ -118,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a full disk, a read-only build folder: say which file, not a traceback
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         logger.debug("details", exc_info=True)
-        return EXIT_FAILED
+        return EXIT_IO
 
 
 #: Exit status after an interruption: 130 for Ctrl-C (SIGINT), 143 for a kill (SIGTERM), as shells report them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -75,8 +76,14 @@ class FileHasher:
         """Write the memo atomically (a lost race just costs a re-hash later)."""
         if self.memo_path is None or not self._dirty:
             return
-        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(canonical_json(self._memo), encoding="utf-8")
-        os.replace(tmp, self.memo_path)
+        try:
+            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(canonical_json(self._memo), encoding="utf-8")
+            os.replace(tmp, self.memo_path)
+        except OSError as exc:  # a memo only: `plan` works in a read-only build folder, hashing again next time
+            logger.info("cannot save the hash memo %s (%s); files will be hashed again", self.memo_path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return
         self._dirty = False

@@ -432,7 +432,7 @@ def plan_manifest(
 
 def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:
     """Videos named by --only (all when empty); an unknown id is a usage error listing the known ones."""
-    only = list(only)
+    only = list(dict.fromkeys(only))  # each video once, in the order given
     if not only:
         return manifest.videos
     known = {v.id: v for v in manifest.videos}

@@ -83,7 +83,7 @@ def test_cli_unwritable_build_folder_is_a_message(tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")
     out = dhbatch("build", str(m), "--build-dir", str(blocker / "build"))
-    assert out.returncode == 1 and "error: Not a directory" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 3 and "error: Not a directory" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_validate_renders_every_template_like_plan(tmp_path: Path) -> None:
@@ -119,3 +119,16 @@ def test_cli_validate_renders_every_template_like_plan(tmp_path: Path) -> None:
     write_project(tmp_path, hello="{{ 'x' * 10**10 }}")
     out = dhbatch("validate", "m.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "longer than 1000000 items" in out.stderr
+
+
+def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
+    """`--force m.yaml` forces all; ids after `--only` end at the manifest file; `-q` may follow the command; an id
+    given twice is planned once."""
+    write_project(tmp_path)
+    forced = dhbatch("plan", "--force", "m.yaml", cwd=tmp_path)
+    assert forced.returncode == 1 and "new" in forced.stdout, forced.stderr
+    only = dhbatch("plan", "--only", "ceo-hello", "ceo-hello", "m.yaml", "--json", "-q", cwd=tmp_path)
+    assert only.returncode == 1, only.stderr
+    assert [v["id"] for v in json.loads(only.stdout)["videos"]] == ["ceo-hello"]
+    stage = dhbatch("plan", "--force", "voice", "m.yaml", cwd=tmp_path)
+    assert stage.returncode == 1 and "Traceback" not in stage.stderr
