@@ -103,7 +103,7 @@ def _untangle(argv: list[str]) -> list[str]:
         if token.startswith("-"):
             in_only = token == "--only"
             out.append(token)
-            if token == "--force" and (i + 1 == len(argv) or argv[i + 1] not in (*ORDER, "all")):
+            if token == "--force" and i + 1 < len(argv) and argv[i + 1].endswith((".yaml", ".yml")):
                 out.append("all")
             continue
         if in_only and token.endswith((".yaml", ".yml")) and Path(token).is_file():

@@ -126,7 +126,7 @@ def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
     given twice is planned once."""
     write_project(tmp_path)
     forced = dhbatch("plan", "--force", "m.yaml", cwd=tmp_path)
-    assert forced.returncode == 1 and "new" in forced.stdout, forced.stderr
+    assert forced.returncode == 1 and "forced (--force)" in forced.stdout, forced.stderr
     only = dhbatch("plan", "--only", "ceo-hello", "ceo-hello", "m.yaml", "--json", "-q", cwd=tmp_path)
     assert only.returncode == 1, only.stderr
     assert [v["id"] for v in json.loads(only.stdout)["videos"]] == ["ceo-hello"]
