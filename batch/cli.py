@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from batch import __version__
 from batch.cache import Cache
 from batch.errors import DHBatchError, ManifestError, UsageError
-from batch.manifest import Manifest, display_path, load_manifest
+from batch.manifest import Manifest, display_path, load_manifest, project_root
 from batch.plan import Plan, plan_manifest, select_videos, template_problems
 from batch.stages import ORDER
 
@@ -25,15 +25,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batch")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
-
-
-def project_root(manifest: Path) -> Path:
-    """The folder holding build/ and checkpoints/: the nearest ancestor of the manifest with .git, else its folder."""
-    start = manifest.resolve().parent
-    for folder in (start, *start.parents):
-        if (folder / ".git").exists() or (folder / "checkpoints").is_dir():
-            return folder
-    return start
 
 
 def _parser() -> argparse.ArgumentParser:

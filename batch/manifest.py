@@ -366,6 +366,20 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
     )
 
 
+def project_root(manifest: Path) -> Path:
+    """The folder holding build/ and checkpoints/: the nearest ancestor of the manifest with .git, else its folder."""
+    start = manifest.resolve().parent
+    for folder in (start, *start.parents):
+        if (folder / ".git").exists() or (folder / "checkpoints").is_dir():
+            return folder
+    return start
+
+
+def manifest_identity(manifest: Manifest) -> str:
+    """The manifest's path from its project root: the same in every checkout of the repository."""
+    return manifest.path.resolve().relative_to(project_root(manifest.path)).as_posix()
+
+
 def _known(ids: Mapping[str, Any]) -> str:
     return ", ".join(sorted(ids)) or "none"
 

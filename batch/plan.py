@@ -11,7 +11,7 @@ from typing import Any
 
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
-from batch.manifest import Character, Manifest, Video, thaw
+from batch.manifest import Character, Manifest, Video, manifest_identity, thaw
 from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
@@ -305,7 +305,16 @@ class Planner:
         return renderer, tuple(steps)
 
     def plan(self, videos: Iterable[Video]) -> Plan:
-        previous = load_state(state_path(self.build_dir, self.manifest)).get("videos", {})
+        state_file = state_path(self.build_dir, self.manifest)
+        state = load_state(state_file)
+        owner, this = state.get("manifest"), manifest_identity(self.manifest)
+        if isinstance(owner, str) and owner != this:
+            raise UsageError(
+                f"{state_file.parent} holds the videos of {owner}, and {this} has the same file name",
+                f"rename one of them, or build it with its own --build-dir (if {this} is {owner} moved, delete "
+                f"{state_file})",
+            )
+        previous = state.get("videos", {})
         out: list[VideoPlan] = []
         videos = tuple(videos)
         for video in videos:

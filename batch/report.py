@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.cache import write_atomic
-from batch.manifest import thaw
+from batch.manifest import manifest_identity, thaw
 from batch.plan import Plan, load_state, state_path
 from batch.run import RunResult
 
@@ -28,7 +28,8 @@ def write_state(plan: Plan, is_cached: Any) -> None:
             if is_cached(step.stage, step.key):
                 entry[step.stage] = {"key": step.key, "fingerprint": thaw(step.fingerprint)}
         videos[vp.video.id] = entry
-    write_atomic(path, json.dumps({"format": 1, "videos": videos}, indent=1, sort_keys=True).encode())
+    data = {"format": 1, "manifest": manifest_identity(plan.manifest), "videos": videos}
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def write_report(plan: Plan, result: RunResult) -> Path:

@@ -132,3 +132,31 @@ def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
     assert [v["id"] for v in json.loads(only.stdout)["videos"]] == ["ceo-hello"]
     stage = dhbatch("plan", "--force", "voice", "m.yaml", cwd=tmp_path)
     assert stage.returncode == 1 and "Traceback" not in stage.stderr
+
+
+def test_cli_two_manifests_with_one_name_do_not_share_outputs(tmp_path: Path) -> None:
+    """a/m.yaml and b/m.yaml would both write build/m/: the second is refused with what to do, instead of
+    overwriting the first one's videos and state."""
+    (tmp_path / ".git").mkdir()
+    for folder in ("a", "b"):
+        write_project(tmp_path / folder)
+    from batch.cache import Cache
+    from batch.manifest import load_manifest
+    from batch.plan import plan_manifest
+    from batch.report import write_state
+
+    build_dir = tmp_path / "build"  # the default for both: the project root holds .git
+    cache = Cache(build_dir / "cache")
+    write_state(
+        plan_manifest(load_manifest(tmp_path / "a" / "m.yaml"), cache, build_dir=build_dir, checkpoints=tmp_path),
+        cache.is_cached,
+    )
+    second = dhbatch("plan", "b/m.yaml", cwd=tmp_path)
+    assert (
+        second.returncode == 2 and "holds the videos of a/m.yaml, and b/m.yaml has the same file name" in second.stderr
+    )
+    assert "--build-dir" in second.stderr and "Traceback" not in second.stderr
+    own = dhbatch("plan", "b/m.yaml", "--build-dir", "build-b", cwd=tmp_path)
+    assert own.returncode == 1, own.stderr
+    again = dhbatch("plan", "a/m.yaml", cwd=tmp_path)
+    assert again.returncode == 1, again.stderr  # its own folder: planned as before
