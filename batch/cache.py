@@ -8,6 +8,7 @@ warning and a miss, never a hit.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import logging
 import os
@@ -182,7 +183,14 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def publish(src: Path, dest: Path) -> None:
-    """Place a finished output at its public path atomically (a copy: editing it can never touch the cache)."""
+    """Place a finished output at its public path atomically (a copy: editing it can never touch the cache). An
+    identical file already there is left alone, so a build with nothing new keeps every output's modification time
+    (a sync step after the build uploads only what changed)."""
+    try:
+        if dest.is_file() and dest.stat().st_size == src.stat().st_size and filecmp.cmp(src, dest, shallow=False):
+            return
+    except OSError:
+        pass  # unreadable: replace it
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
     try:

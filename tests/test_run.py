@@ -313,3 +313,20 @@ def test_run_interrupted_with_parallel_jobs_waits_for_its_threads(tmp_path: Path
     )
     cached = {d.key for v in p.videos for d in v.decisions if d.cached and d.stage in ("voice", "animate", "mux")}
     assert cached == set(finished)  # what ended is kept (a rerun resumes from it); nothing after the interrupt
+
+
+def test_run_with_nothing_new_leaves_the_published_files_alone(tmp_path: Path) -> None:
+    """A cached build does not rewrite identical outputs (their times stay, for sync steps); a changed or damaged
+    output is replaced from the cache."""
+    write_project(tmp_path)
+    build(tmp_path, make_registry())
+    out = tmp_path / "build" / "m"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    time.sleep(0.01)
+    build(tmp_path, make_registry())
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == before
+    damaged = out / "ceo-bye.mp4"
+    good = damaged.read_bytes()
+    damaged.write_bytes(b"x" * len(good))
+    build(tmp_path, make_registry())
+    assert damaged.read_bytes() == good
