@@ -216,6 +216,8 @@ def _load_tree(file: Path, root: Path, display: str, problems: _Collector, docs:
         if not inc.is_file():
             problems.add(doc, ("include", i), f"included file {rel!r} does not exist")
             continue
+        if any(loaded == inc for _, loaded in docs):  # reached again through another include (a diamond): once
+            continue
         try:
             _load_tree(inc, root, display_path(inc), problems, docs, (*stack, file))
         except ManifestError as exc:

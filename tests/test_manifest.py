@@ -166,6 +166,19 @@ def test_manifest_matrix_includes_and_settings_merge(tmp_path: Path) -> None:
     assert special["voice"]["engine"] == section_defaults()["voice"]["engine"] == "piper"
 
 
+def test_manifest_file_included_twice_is_read_once(tmp_path: Path) -> None:
+    """Two team files that both include the shared cast (a diamond): its characters are defined once, no error."""
+    (tmp_path / "cast.yaml").write_text("version: 1\ncharacters:\n  g: {description: a guide}\n")
+    for team in ("team1", "team2"):
+        (tmp_path / f"{team}.yaml").write_text(f"version: 1\ninclude: [cast.yaml]\nscripts:\n  {team}: {{text: hi}}\n")
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\ninclude: [team1.yaml, team2.yaml]\nmatrix: {characters: all, scripts: all}\n"
+    )
+    m = load_manifest(tmp_path / "m.yaml")
+    assert [v.id for v in m.videos] == ["g-team1", "g-team2"]
+    assert sorted(p.name for p in m.files) == ["cast.yaml", "m.yaml", "team1.yaml", "team2.yaml"]
+
+
 def test_manifest_settings_are_frozen(tmp_path: Path) -> None:
     (tmp_path / "m.yaml").write_text(
         "version: 1\ncharacters:\n  a: {description: x}\nscripts:\n  s: {text: hi}\nvideos:\n  - {id: v, character: a, script: s}\n"
