@@ -185,17 +185,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_plan(plan: Plan) -> None:
-    runs = sum(not d.cached for v in plan.videos for d in v.decisions)
+    runs = len({d.key for v in plan.videos for d in v.decisions if not d.cached})  # a shared step runs once
     for v in plan.videos:
         mark = "stale" if v.stale else "up to date"
         print(f"{v.video.id} ({v.renderer}): {mark}")
         for d in v.decisions:
             print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
-    print(f"{len(plan.videos)} videos, {runs} steps to run" if runs else f"{len(plan.videos)} videos, all cached")
+        if not v.published and not any(not d.cached for d in v.decisions):
+            print(f"  publish  {display_path(v.output)} is missing: the build copies it from the cache")
+    unpublished = sum(not v.published for v in plan.videos)
+    totals = [f"{len(plan.videos)} videos", f"{runs} steps to run" if runs else "all cached"]
+    if unpublished:
+        totals.append(f"{unpublished} to publish")
+    print(", ".join(totals))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from batch.report import write_report, write_state
+    from batch.report import prune_removed, write_report, write_state
     from batch.run import Runner
 
     if args.jobs < 1:
@@ -224,10 +230,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         write_state(plan, cache.is_cached)
         cache.hasher.save()
     report = write_report(plan, result)
+    removed = prune_removed(plan)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(json.dumps({**result.as_dict(), "removed": removed}, indent=2))
     elif not args.quiet:
         print_build(result, report)
+        if removed:
+            print(f"removed the videos no longer in the manifest: {', '.join(removed)}")
     return EXIT_FAILED if result.failed else EXIT_OK
 
 
@@ -237,7 +246,7 @@ def print_build(result: RunResult, report: Path) -> None:
         ran = [s.stage for s in v.steps if s.status == "ran"]
         detail = f"ran {', '.join(ran)}" if ran else "all steps cached"
         if v.status in ("failed", "skipped"):
-            print(f"FAILED  {v.id}: {v.error}")
+            print(f"{v.status.upper():<7} {v.id}: {v.error}")
         else:
             print(f"{v.status:<7} {v.id}: {display_path(Path(v.output))} ({detail}, renderer {v.renderer})")
         for stage, text in v.warnings:

@@ -69,10 +69,12 @@ class VideoPlan:
     renderer: str
     steps: tuple[Step, ...]
     decisions: tuple[Decision, ...]
+    #: The MP4 is at `output` (a build with every step cached still publishes it when it is not).
+    published: bool = True
 
     @property
     def stale(self) -> bool:
-        return any(not d.cached for d in self.decisions)
+        return any(not d.cached for d in self.decisions) or not self.published
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Plan:
                     "output": str(v.output),
                     "renderer": v.renderer,
                     "stale": v.stale,
+                    "published": v.published,
                     "steps": [d.as_dict() for d in v.decisions],
                 }
                 for v in self.videos
@@ -327,7 +330,7 @@ class Planner:
             output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
             if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
                 raise ValueError(f"video id {video.id!r} would leave the build folder")
-            out.append(VideoPlan(video, output, renderer, steps, decisions))
+            out.append(VideoPlan(video, output, renderer, steps, decisions, output.is_file()))
         self.hasher.save()
         return Plan(self.manifest, self.build_dir, tuple(out))
 

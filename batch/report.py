@@ -33,8 +33,21 @@ def write_state(plan: Plan, is_cached: Any) -> None:
 
 
 def write_report(plan: Plan, result: RunResult) -> Path:
+    """report.json and report.html for the manifest's videos: this run's, and for the videos a `--only` run left out,
+    their entries from the previous report (marked `earlier_run`), so the report always covers the whole manifest."""
     out_dir = plan.build_dir / plan.manifest.name
     data = result.as_dict()
+    ids = [v.id for v in plan.manifest.videos]
+    ran = {v["id"] for v in data["videos"]}
+    if set(ids) - ran:
+        by_id = {v["id"]: v for v in data["videos"]}
+        for old in _previous_videos(out_dir / "report.json"):
+            if old["id"] in ids and old["id"] not in ran:
+                by_id[old["id"]] = {**old, "earlier_run": True}
+        data["videos"] = [by_id[i] for i in ids if i in by_id]
+        data["only"] = sorted(ran)
+        data["summary"] = {s: sum(v["status"] == s for v in data["videos"]) for s in data["summary"]}
+        data["warnings"] = sum(len(step.get("warnings", [])) for v in data["videos"] for step in v["steps"])
     write_atomic(out_dir / "report.json", json.dumps(data, indent=2, sort_keys=True).encode())
     thumbs = {}
     for v in result.videos:
@@ -44,6 +57,35 @@ def write_report(plan: Plan, result: RunResult) -> Path:
                 thumbs[v.id] = thumb.relative_to(out_dir).as_posix()
     write_atomic(out_dir / "report.html", render_html(data, thumbs, out_dir).encode("utf-8"))
     return out_dir / "report.json"
+
+
+def _previous_videos(path: Path) -> list[dict[str, Any]]:
+    try:
+        videos = json.loads(path.read_text(encoding="utf-8")).get("videos", [])
+        return [v for v in videos if isinstance(v, dict) and isinstance(v.get("id"), str) and "steps" in v]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def prune_removed(plan: Plan) -> list[str]:
+    """Delete the published MP4s (and thumbnails) of videos that the manifest no longer has: the ids this tool
+    published into build/<manifest>/ (state.json), not anything else there. Returns the ids removed."""
+    path = state_path(plan.build_dir, plan.manifest)
+    state = load_state(path)
+    videos = state.get("videos")
+    if not isinstance(videos, dict):
+        return []
+    current = {v.id for v in plan.manifest.videos}
+    gone = sorted(i for i in videos if i not in current)
+    out_dir = path.parent
+    for vid in gone:
+        for stale in (out_dir / f"{vid}.mp4", out_dir / "thumbs" / f"{vid}.png"):
+            if stale.parent in (out_dir, out_dir / "thumbs") and stale.name.startswith(vid):
+                stale.unlink(missing_ok=True)
+        del videos[vid]
+    if gone:
+        write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
+    return gone
 
 
 def _thumbnail(video: Path, dest: Path) -> Path | None:
@@ -99,6 +141,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
             for s in v["steps"]
         )
         err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""
+        if v.get("earlier_run"):
+            err += "<div>(an earlier run: not in this run's --only)</div>"
         rows.append(
             f"<tr><td>{thumb}</td><td><b>{e(v['id'])}</b><br>{link}<br>renderer: {e(v['renderer'])}</td>"
             f"<td class={e(v['status'])}>{e(v['status'])}{err}</td><td class=steps>{steps}</td></tr>"
@@ -106,6 +150,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
     summary = " ".join(f"<span class={k}>{k}: {n}</span>" for k, n in data["summary"].items())
     if data.get("warnings"):
         summary += f" <span class=warn>warnings: {data['warnings']}</span>"
+    if data.get("only"):
+        summary += f" <span>this run: --only {e(' '.join(data['only']))}</span>"
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Digital Human Batch — {e(Path(data['manifest']).name)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{e(Path(data['manifest']).name)}</h1>"

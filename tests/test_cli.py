@@ -160,3 +160,37 @@ def test_cli_two_manifests_with_one_name_do_not_share_outputs(tmp_path: Path) ->
     assert own.returncode == 1, own.stderr
     again = dhbatch("plan", "a/m.yaml", cwd=tmp_path)
     assert again.returncode == 1, again.stderr  # its own folder: planned as before
+
+
+def test_cli_report_covers_the_manifest_after_only_and_removed_videos_go(tmp_path: Path) -> None:
+    """`build --only` rewrites the report with this run's videos and the others' last entries; a video taken out of
+    the manifest has its published MP4 removed by the next build (nothing else in the folder is touched)."""
+    from batch.report import prune_removed, write_report
+
+    m = write_project(tmp_path)
+    build(tmp_path, make_registry())
+    out = tmp_path / "build" / "m"
+    (out / "notes.txt").write_text("mine")
+    p, cache = plan(tmp_path)
+    from batch.run import Runner
+
+    only = Runner(
+        plan_only := type(p)(p.manifest, p.build_dir, tuple(v for v in p.videos if v.video.id == "ceo-bye")),
+        cache,
+        checkpoints=tmp_path / "checkpoints",
+        device="cpu",
+        progress=False,
+        stages=make_registry(),
+    ).run()
+    write_report(plan_only, only)
+    report = json.loads((out / "report.json").read_text())
+    assert [v["id"] for v in report["videos"]] == [v.video.id for v in p.videos] and report["only"] == ["ceo-bye"]
+    assert [v.get("earlier_run", False) for v in report["videos"]].count(True) == 4
+    assert report["summary"] == {"built": 4, "cached": 1, "failed": 0, "skipped": 0}
+    assert "this run: --only ceo-bye" in (out / "report.html").read_text()
+
+    m.write_text(m.read_text().replace("  scripts: [hello, bye]", "  scripts: [hello]"))
+    p, _ = plan(tmp_path)
+    assert prune_removed(p) == ["ceo-bye", "cto-bye"]
+    assert sorted(f.name for f in out.glob("*.mp4")) == ["ceo-hello.mp4", "cto-hello.mp4", "cto-recorded.mp4"]
+    assert (out / "notes.txt").read_text() == "mine" and prune_removed(p) == []
