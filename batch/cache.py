@@ -36,6 +36,24 @@ class Cache:
         self.hasher = FileHasher(root / "hashes.json")
         self._hits: dict[str, dict[str, Any]] = {}
 
+    @contextlib.contextmanager
+    def in_use(self, exclusive: bool = False) -> Iterator[bool]:
+        """A build holds the cache shared for its whole run; `gc` asks for it alone (exclusive) and without waiting:
+        yields False when a build holds it. The OS releases a killed process's hold (flock)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "users.lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def entry(self, stage: str, key: str) -> Path:
         return self.steps / stage / key[:2] / key
 

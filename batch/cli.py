@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ from batch import __version__
 from batch.cache import Cache
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest, project_root
-from batch.plan import Plan, plan_manifest, select_videos, template_problems
+from batch.plan import Plan, load_state, plan_manifest, select_videos, template_problems
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
@@ -261,13 +262,35 @@ def print_build(result: RunResult, report: Path) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove the cache entries that none of the given manifests reaches. Entries that other manifests sharing the
+    build folder last built (their build/<name>/state.json) are kept unless those manifests are given too, and a
+    running build keeps gc from deleting anything."""
     reachable: set[str] = set()
     caches: dict[Path, Cache] = {}
+    given: set[Path] = set()
     for path in args.manifests:
         manifest, build_dir, checkpoints, cache = _setup(args, path)
         caches.setdefault(cache.root, cache)
         plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
         reachable |= {s.key for v in plan.videos for s in v.steps}
+        given.add(build_dir / manifest.name)
+    others: dict[str, int] = {}
+    for cache in caches.values():
+        for state_file in sorted(cache.root.parent.glob("*/state.json")):
+            if state_file.parent in given:
+                continue
+            videos = load_state(state_file).get("videos", {})
+            keys = {
+                e["key"]
+                for v in videos.values()
+                if isinstance(v, dict)
+                for e in v.values()
+                if isinstance(e, dict) and "key" in e
+            }
+            kept = {k for k in keys if k not in reachable}
+            if kept:
+                others[display_path(state_file)] = len(kept)
+            reachable |= keys
     doomed = [
         (stage, key, folder)
         for cache in caches.values()
@@ -278,10 +301,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for stage, key, _ in doomed:
         print(f"{'remove' if args.yes else 'would remove'} {stage} {key[:12]}")
     if args.yes:
-        for _, _, folder in doomed:
-            shutil.rmtree(folder, ignore_errors=True)
-        for cache in caches.values():
-            cache.sweep_tmp()
+        with contextlib.ExitStack() as stack:
+            for cache in caches.values():
+                if not stack.enter_context(cache.in_use(exclusive=True)):
+                    raise UsageError(
+                        f"a build is using the cache {display_path(cache.root)}", "run gc again when it has finished"
+                    )
+            for _, _, folder in doomed:
+                shutil.rmtree(folder, ignore_errors=True)
+            for cache in caches.values():
+                cache.sweep_tmp()
+    for state_file, count in others.items():
+        print(
+            f"kept {count} entries last built for {state_file} (another manifest): give that manifest too to collect them"
+        )
     verb = "removed" if args.yes else "unreachable"
     print(
         f"{len(doomed)} cache entries {verb} ({size / 1e6:.1f} MB)"

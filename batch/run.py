@@ -179,6 +179,10 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with self.cache.in_use():  # `gc` waits until no build uses the cache
+            return self._run()
+
+    def _run(self) -> RunResult:
         t0 = time.perf_counter()
         self.cache.sweep_tmp()
         users: dict[str, list[VideoPlan]] = defaultdict(list)

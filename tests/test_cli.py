@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,35 @@ def test_cli_report_covers_the_manifest_after_only_and_removed_videos_go(tmp_pat
     assert prune_removed(p) == ["ceo-bye", "cto-bye"]
     assert sorted(f.name for f in out.glob("*.mp4")) == ["ceo-hello.mp4", "cto-hello.mp4", "cto-recorded.mp4"]
     assert (out / "notes.txt").read_text() == "mine" and prune_removed(p) == []
+
+
+def test_cli_gc_keeps_other_manifests_entries_and_waits_for_builds(tmp_path: Path) -> None:
+    """Two manifests share build/cache: gc of one keeps what the other last built (and says so); gc of both may
+    collect both; gc --yes refuses while a build uses the cache."""
+    from batch.cache import Cache
+
+    (tmp_path / ".git").mkdir()
+    write_project(tmp_path)
+    build(tmp_path, make_registry())
+    other = tmp_path / "other.yaml"
+    other.write_text((tmp_path / "m.yaml").read_text().replace("Goodbye from", "Farewell from"))
+    from batch.manifest import load_manifest
+    from batch.plan import plan_manifest
+    from batch.report import write_state
+    from batch.run import Runner
+
+    cache = Cache(tmp_path / "build" / "cache")
+    p = plan_manifest(load_manifest(other), cache, build_dir=tmp_path / "build", checkpoints=tmp_path / "checkpoints")
+    Runner(p, cache, checkpoints=tmp_path / "checkpoints", device="cpu", progress=False, stages=make_registry()).run()
+    write_state(p, cache.is_cached)
+
+    alone = dhbatch("gc", "m.yaml", cwd=tmp_path)
+    assert alone.returncode == 0 and "0 cache entries unreachable" in alone.stdout, alone.stdout
+    kept = re.search(r"kept (\d+) entries last built for build/other/state.json \(another manifest\)", alone.stdout)
+    assert kept and int(kept[1]) >= 3, alone.stdout  # its own voice, animate and mux steps at least
+    with cache.in_use():  # a build running
+        held = dhbatch("gc", "m.yaml", "--yes", cwd=tmp_path)
+    assert held.returncode == 2 and "a build is using the cache" in held.stderr
+    other.write_text(other.read_text().replace("Farewell", "Bye"))  # its old entries become garbage
+    both = dhbatch("gc", "m.yaml", "other.yaml", "--yes", cwd=tmp_path)
+    assert both.returncode == 0 and f"{kept[1]} cache entries removed" in both.stdout, both.stdout
