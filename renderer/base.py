@@ -137,6 +137,14 @@ def run_each(jobs: Sequence[StepJob], one: Callable[[StepJob], dict[str, Any]]) 
         except RenderError as exc:
             logger.debug("%s failed: %s", job.label or job.key, exc)
             results.append(labelled(exc, job.label))
+        except OSError as exc:  # a full disk, a file that cannot be read: this job's failure, named for it
+            logger.debug("%s failed", job.label or job.key, exc_info=True)
+            where = f" ({exc.filename})" if exc.filename else ""
+            results.append(
+                labelled(
+                    BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions"), job.label
+                )
+            )
     return results
 
 
@@ -152,6 +160,8 @@ def resolve_device(spec: str) -> str:
         return "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError(f"device {spec!r} was asked for but CUDA is not available", "use --device cpu or auto")
+    if spec == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise BackendError("device 'mps' was asked for but Apple's MPS is not available", "use --device cpu or auto")
     return spec
 
 

@@ -55,7 +55,14 @@ def load_image(path: Path) -> np.ndarray:
                 rgba = im.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, rgba)
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+                # 16-bit or float grayscale: scaled to 8 bits (convert("RGB") would clip it to 255, a white page).
+                gray = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or gray.max() > 255 else 255.0
+                gray = np.clip(np.round(gray / top * 255.0), 0, 255).astype(np.uint8)
+                rgb = np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInputError(
             f"cannot read image {path}: {exc}", "give a PNG or JPEG portrait that opens in an image viewer"

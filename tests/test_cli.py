@@ -77,6 +77,8 @@ def test_cli_build_rejects_unavailable_device_cleanly(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--device 'tpu' is not a device" in bad.stderr
     no_cuda = dhbatch("build", str(m), "--device", "cuda:0")
     assert no_cuda.returncode == 2 and "CUDA is not available" in no_cuda.stderr and "Traceback" not in no_cuda.stderr
+    no_mps = dhbatch("build", str(m), "--device", "mps")
+    assert no_mps.returncode == 2 and "MPS is not available" in no_mps.stderr, no_mps.stderr
 
 
 def test_cli_unwritable_build_folder_is_a_message(tmp_path: Path) -> None:

@@ -95,6 +95,17 @@ def test_load_image_converts_rgba_gray_and_applies_exif(tmp_path: Path, astronau
     assert load_image(tmp_path / "r.jpg").shape == (40, 20, 3)
 
 
+def test_load_image_16_bit_gray_keeps_its_picture_and_face(tmp_path: Path, astronaut: np.ndarray, pool) -> None:
+    """A 16-bit grayscale PNG is scaled to 8 bits, not clipped to white: the face is still found."""
+    gray8 = np.asarray(Image.fromarray(astronaut).convert("L"))
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+    loaded = load_image(tmp_path / "g16.png")
+    assert loaded.dtype == np.uint8 and np.array_equal(loaded[:, :, 0], gray8)
+    assert isinstance(detect_face(loaded, "g16.png", pool), Face)
+
+
 def test_load_image_unreadable_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

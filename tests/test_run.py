@@ -330,3 +330,22 @@ def test_run_with_nothing_new_leaves_the_published_files_alone(tmp_path: Path) -
     damaged.write_bytes(b"x" * len(good))
     build(tmp_path, make_registry())
     assert damaged.read_bytes() == good
+
+
+def test_stage_file_error_fails_only_its_own_video(tmp_path: Path) -> None:
+    """A full disk or an unreadable file while one job of a chunk runs: that job fails, named for its video, and
+    the chunk's other jobs go on (not one message copied onto every video of the chunk)."""
+    import errno
+
+    from renderer.base import BackendError, StepJob, run_each
+
+    jobs = [StepJob(stage="mux", key=k, settings={}, inputs={}, out_dir=tmp_path, label=f"videos.{k}") for k in "ab"]
+
+    def one(job: StepJob) -> dict:
+        if job.key == "a":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "video.mp4"))
+        return {"ok": True}
+
+    first, second = run_each(jobs, one)
+    assert isinstance(first, BackendError) and str(first).startswith("videos.a: No space left on device (")
+    assert second == {"ok": True}
