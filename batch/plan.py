@@ -199,9 +199,17 @@ class Planner:
         context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
         field = "text_file" if script.text_file else "text"
         try:
-            return render(script.text or "", f"scripts.{script.id}.{field}", context)
+            text = render(script.text or "", f"scripts.{script.id}.{field}", context)
         except TemplateError as exc:
             raise TemplateError(exc.message, exc.hint, script.text_location or script.location) from exc
+        if not text.strip():
+            raise TemplateError(
+                f"scripts.{script.id}.{field}: the text is empty"
+                + (f" for video {video.id}" if (script.text or "").strip() else ""),
+                "write what the character says, or give an audio file",
+                script.text_location or script.location,
+            )
+        return text
 
     # -- per video ------------------------------------------------------------------------------------------------
     def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
@@ -326,7 +334,11 @@ class Planner:
             except TemplateError:  # every template problem of these videos at once, located
                 raise ManifestError(template_problems(self.manifest, videos)) from None
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
-            decisions = tuple(self._decide(s, before.get(s.stage) if isinstance(before, dict) else None) for s in steps)
+            forced = forced_keys(steps, self.force)
+            decisions = tuple(
+                self._decide(s, before.get(s.stage) if isinstance(before, dict) else None, s.key in forced)
+                for s in steps
+            )
             output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
             if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
                 raise ValueError(f"video id {video.id!r} would leave the build folder")
@@ -334,13 +346,24 @@ class Planner:
         self.hasher.save()
         return Plan(self.manifest, self.build_dir, tuple(out))
 
-    def _decide(self, step: Step, before: Mapping[str, Any] | None) -> Decision:
-        forced = "all" in self.force or step.stage in self.force
+    def _decide(self, step: Step, before: Mapping[str, Any] | None, forced: bool) -> Decision:
         if forced:
-            return Decision(step.stage, step.key, False, "forced (--force)")
+            why = "forced (--force)" if "all" in self.force or step.stage in self.force else "forced (--force upstream)"
+            return Decision(step.stage, step.key, False, why)
         if self.is_cached(step.stage, step.key):
             return Decision(step.stage, step.key, True, "unchanged")
         return Decision(step.stage, step.key, False, explain(before, step))
+
+
+def forced_keys(steps: Iterable[Step], force: Iterable[str]) -> set[str]:
+    """The keys that `--force` reruns among a video's steps (in chain order): the forced stages and everything made
+    from them, so a rerun stage (a TTS that does not repeat itself exactly) never leaves stale steps after it."""
+    force = set(force)
+    out: set[str] = set()
+    for step in steps:
+        if "all" in force or step.stage in force or any(i.key in out for i in step.inputs if i.key):
+            out.add(step.key)
+    return out
 
 
 _INPUT_WORDS = {

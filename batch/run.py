@@ -16,7 +16,7 @@ from typing import Any
 
 from batch.cache import Cache, publish
 from batch.errors import UsageError
-from batch.plan import Plan, Step, VideoPlan
+from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class Runner:
         self.fail_fast = fail_fast
         self.jobs = max(1, jobs)
         self.force = set(force)
+        self._forced_keys: set[str] | None = None
         self.progress = progress
         self._stages = dict(stages or {})
         self._device: str | None = None
@@ -167,7 +168,9 @@ class Runner:
         return self._device
 
     def _forced(self, step: Step) -> bool:
-        return "all" in self.force or step.stage in self.force
+        if self._forced_keys is None:
+            self._forced_keys = set().union(*(forced_keys(vp.steps, self.force) for vp in self.plan.videos))
+        return step.key in self._forced_keys
 
     def _input_paths(self, step: Step) -> dict[str, Path]:
         paths = {}

@@ -59,9 +59,10 @@ def plan(root: Path, force: tuple[str, ...] = ()) -> tuple[Plan, Cache]:
 
 
 def build(root: Path, registry: dict[str, Any], **kwargs: Any) -> RunResult:
-    p, cache = plan(root, tuple(kwargs.pop("force", ())))
+    force = tuple(kwargs.pop("force", ()))
+    p, cache = plan(root, force)
     result = Runner(
-        p, cache, checkpoints=root / "checkpoints", device="cpu", progress=False, stages=registry, **kwargs
+        p, cache, checkpoints=root / "checkpoints", device="cpu", progress=False, stages=registry, force=force, **kwargs
     ).run()
     write_state(p, cache.is_cached)
     write_report(p, result)

@@ -99,6 +99,25 @@ def test_plan_force_stage_reruns_that_stage(built: Path) -> None:
     assert len(stale) == 5 and all(s == {"mux": "forced (--force)"} for s in stale.values())
 
 
+def test_plan_force_stage_reruns_what_is_made_from_it(built: Path) -> None:
+    """--force voice reruns the voice steps and the animate and mux steps made from them, not the recorded
+    audio's or the portraits' steps; the build runs exactly those."""
+    p, _ = plan(built, force=("voice",))
+    stale = stale_steps(p)
+    assert set(stale) == {"ceo-hello", "ceo-bye", "cto-hello", "cto-bye"}
+    for steps in stale.values():
+        assert steps == {
+            "voice": "forced (--force)",
+            "animate": "forced (--force upstream)",
+            "mux": "forced (--force upstream)",
+        }
+    log = built / "forced.log"
+    build(built, make_registry(log=log), force=("voice",))
+    ran = [line.split()[:2] for line in log.read_text().splitlines()]
+    planned = {(d.stage, d.key) for v in p.videos for d in v.decisions if not d.cached}
+    assert sorted(map(tuple, ran)) == sorted(planned)
+
+
 def test_plan_keys_are_pinned(tmp_path: Path) -> None:
     """Keys that depend on nothing installed are pinned: an accidental change of derivation fails here."""
     write_project(tmp_path)
@@ -187,3 +206,17 @@ def test_plan_auto_renderer_follows_checkpoints_and_explains_the_switch(built: P
     p, _ = plan(built)
     assert {v.renderer for v in p.videos} == {"sadtalker"}
     assert all(s["animate"] == "video.renderer puppet → sadtalker" for s in stale_steps(p).values())
+
+
+def test_plan_empty_script_text_is_located_before_the_build(tmp_path: Path) -> None:
+    from batch.errors import ManifestError
+
+    write_project(tmp_path, hello="{% if false %}never{% endif %}  ")
+    with pytest.raises(ManifestError) as info:
+        plan(tmp_path)
+    problems = [str(p).split("m.yaml:", 1)[1] for p in info.value.problems]
+    assert problems == [
+        f"16:5: scripts.hello.text: the text is empty for video {video} — write what the character says, or give an"
+        " audio file"
+        for video in ("ceo-hello", "cto-hello")
+    ]
