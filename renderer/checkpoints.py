@@ -22,12 +22,14 @@ import http.client
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from renderer.base import BackendError
 
@@ -57,6 +59,8 @@ _SD_LICENSE = "CreativeML Open RAIL++-M"
 _CHUNK = 1 << 20
 #: Where `make checkpoints` remembers (size, mtime) -> sha256 of verified files, so a rerun does not rehash GBs.
 _STAMP_FILE = ".verified.json"
+#: Key in the stamp file of the digests servers published for files the table has none for.
+_PUBLISHED = "@published"
 
 
 class DownloadError(BackendError):
@@ -67,8 +71,9 @@ class DownloadError(BackendError):
 class Checkpoint:
     """One weights file: where it lives under checkpoints/, where it comes from, and how to check it.
 
-    `size` and `sha256` are None where no published value was found (the download is then checked against the
-    server's Content-Length only); `optional` files are fetched only with `--optional`.
+    `size` and `sha256` are None where no published value was found: the download is then checked against the
+    digest a Hugging Face server sends with it (`published_digest`), else against the server's Content-Length only;
+    `optional` files are fetched only with `--optional`.
     """
 
     path: str
@@ -108,7 +113,7 @@ def _sd(path: str, size: int | None = None, sha256: str | None = None, note: str
         size=size,
         sha256=sha256,
         license=_SD_LICENSE,
-        note=note or "small config file: no published digest (not a Git LFS file)",
+        note=note or "small config file (kept in Git): checked against the Git object id Hugging Face sends",
     )
 
 
@@ -246,7 +251,10 @@ CHECKPOINTS: tuple[Checkpoint, ...] = (
     _sd("feature_extractor/preprocessor_config.json"),
     _sd("scheduler/scheduler_config.json"),
     _sd("text_encoder/config.json"),
-    _sd("text_encoder/model.fp16.safetensors", note="about 681 MB; exact size and digest not found"),
+    _sd(
+        "text_encoder/model.fp16.safetensors",
+        note="about 681 MB; no pinned digest found: checked against the sha256 Hugging Face sends (X-Linked-Etag)",
+    ),
     _sd("tokenizer/merges.txt"),
     _sd("tokenizer/special_tokens_map.json"),
     _sd("tokenizer/tokenizer_config.json"),
@@ -376,6 +384,17 @@ class _Stamps:
     def forget(self, rel: str) -> None:
         self.data.pop(rel, None)
 
+    def published(self, rel: str) -> tuple[str, str] | None:
+        """The digest the server published for a file the table has none for (`published_digest`), if recorded."""
+        value = self.data.get(_PUBLISHED, {}).get(rel)
+        return (value[0], value[1]) if isinstance(value, list) and len(value) == 2 else None
+
+    def set_published(self, rel: str, digest: tuple[str, str]) -> None:
+        table = self.data.get(_PUBLISHED)
+        if not isinstance(table, dict):
+            table = self.data[_PUBLISHED] = {}
+        table[rel] = list(digest)
+
     def save(self) -> None:
         if not self.path.parent.is_dir():
             return
@@ -391,7 +410,8 @@ class _Stamps:
 
 
 def _verify(entry: Checkpoint, path: Path, stamps: _Stamps) -> str | None:
-    """None when `path` matches the table's size and digest, else the reason it does not."""
+    """None when `path` matches the table's size and digest (or, where the table has none, the digest the server
+    published for it when it was downloaded), else the reason it does not."""
     size = path.stat().st_size
     if entry.size is not None and size != entry.size:
         return f"size {size} bytes, expected {entry.size}"
@@ -399,6 +419,54 @@ def _verify(entry: Checkpoint, path: Path, stamps: _Stamps) -> str | None:
         got = stamps.digest(entry.path, path)
         if got != entry.sha256:
             return f"sha256 {got}, expected {entry.sha256}"
+        return None
+    published = stamps.published(entry.path)
+    if published is not None:
+        kind, value = published
+        got = stamps.digest(entry.path, path) if kind == "sha256" else git_blob_sha1(path)
+        if got != value:
+            return f"{kind} {got}, expected {value} (published by the server)"
+    return None
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The Git object id of a file's bytes: what Hugging Face sends as the ETag of a file kept in Git (not LFS)."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the redirect's own headers are the ones wanted
+
+
+def published_digest(url: str, timeout: float) -> tuple[str, str] | None:
+    """("sha256", hex) or ("git-sha1", hex) as a Hugging Face server publishes it for `url` (a HEAD request, its
+    redirect not followed): X-Linked-Etag is the sha256 of a Git LFS file, the ETag of a file kept in Git its Git
+    object id. None when the server gives neither (another kind of server, or no network)."""
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "digital-human-batch-checkpoints/1"})
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:  # noqa: S310
+            headers = response.headers
+    except urllib.error.HTTPError as exc:
+        if not 300 <= exc.code < 400:
+            return None
+        headers = exc.headers
+    except (urllib.error.URLError, OSError):
+        return None
+
+    def tag(name: str) -> str:
+        return (headers.get(name) or "").removeprefix("W/").strip('"').lower()
+
+    if re.fullmatch(r"[0-9a-f]{64}", linked := tag("X-Linked-Etag")):
+        return "sha256", linked
+    if re.fullmatch(r"[0-9a-f]{64}", etag := tag("ETag")):
+        return "sha256", etag
+    if re.fullmatch(r"[0-9a-f]{40}", etag):
+        return "git-sha1", etag
     return None
 
 
@@ -485,6 +553,12 @@ def fetch(
         offset = 0
 
     url = entry.url(base_url)
+    if entry.sha256 is None and entry.source == HUGGING_FACE:
+        published = published_digest(url, timeout)
+        if published is not None:
+            stamps.set_published(entry.path, published)
+        else:
+            logger.info("%s publishes no digest for %s; checking its size only", url, entry.path)
     received = 0
     if entry.size is None or offset < entry.size or offset == 0:
         response = _open(url, offset, timeout)

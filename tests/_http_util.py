@@ -23,6 +23,21 @@ class Request:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        """As Hugging Face answers: a redirect (LFS files) or 200, with the file's `headers` (X-Linked-Etag, ETag)."""
+        self.server.requests.append(Request(f"HEAD {self.path}", {k.lower(): v for k, v in self.headers.items()}))
+        extra = self.server.headers.get(self.path)
+        if self.path not in self.server.files:
+            self.send_error(404, "not found")
+            return
+        self.send_response(302 if extra and "X-Linked-Etag" in extra else 200)
+        if extra and "X-Linked-Etag" in extra:
+            self.send_header("Location", self.path)
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self.server.requests.append(Request(self.path, {k.lower(): v for k, v in self.headers.items()}))
         body = self.server.files.get(self.path)
@@ -55,9 +70,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, files: Mapping[str, bytes], ranges: bool) -> None:
+    def __init__(self, files: Mapping[str, bytes], ranges: bool, headers: Mapping[str, Mapping[str, str]]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = dict(files)
+        self.headers = dict(headers)
         self.ranges = ranges
         self.requests: list[Request] = []
 
@@ -68,9 +84,12 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def file_server(files: Mapping[str, bytes], *, ranges: bool = True) -> Iterator[_Server]:
-    """Serve `files` ({"/url/path": bytes}) in a background thread for the duration of the `with` block."""
-    server = _Server(files, ranges)
+def file_server(
+    files: Mapping[str, bytes], *, ranges: bool = True, headers: Mapping[str, Mapping[str, str]] | None = None
+) -> Iterator[_Server]:
+    """Serve `files` ({"/url/path": bytes}) in a background thread for the duration of the `with` block; `headers`
+    ({"/url/path": {name: value}}) are sent in answer to a HEAD request."""
+    server = _Server(files, ranges, headers or {})
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -200,3 +200,50 @@ def test_checkpoints_import_stays_light() -> None:
     code = "import sys, renderer.checkpoints; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0
+
+
+def _hf_entry(path: str) -> ck.Checkpoint:
+    """A Hugging Face file without a pinned size or digest (like the Stable Diffusion text encoder)."""
+    return ck.Checkpoint(path, "sd", ck.HUGGING_FACE, f"/repo/resolve/main/{path}", None, None, "openrail++")
+
+
+def _git_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["lfs", "git"])
+def test_checkpoints_unpinned_hugging_face_file_is_checked_against_the_published_digest(
+    tmp_path: Path, kind: str
+) -> None:
+    """No digest in the table: the one the server publishes (X-Linked-Etag for LFS files, the ETag Git object id
+    for the others) checks the download, a wrong file is deleted, and the digest is kept so a later --check and
+    a later run notice a file changed on disk."""
+    good, bad = _blob(30_000, 8), _blob(30_000, 9)
+    entry = _hf_entry("sd/text_encoder/model.bin" if kind == "lfs" else "sd/config.json")
+    url = entry.remote
+    header = (
+        {"X-Linked-Etag": f'"{hashlib.sha256(good).hexdigest()}"'} if kind == "lfs" else {"ETag": f'"{_git_id(good)}"'}
+    )
+
+    with file_server({url: bad}, headers={url: header}) as server:
+        [wrong] = ck.download([entry], tmp_path, base_url=server.base_url, progress=False)
+    assert wrong.status == "failed" and "published by the server" in wrong.message, wrong
+    assert not (tmp_path / entry.path).exists() and not list(tmp_path.rglob("*.part"))
+
+    with file_server({url: good}, headers={url: header}) as server:
+        [right] = ck.download([entry], tmp_path, base_url=server.base_url, progress=False)
+        assert [r.path.split()[0] for r in server.requests] == ["HEAD", url]
+    assert right.status == "downloaded" and (tmp_path / entry.path).read_bytes() == good
+    assert [o.status for o in ck.check([entry], tmp_path)] == ["present"]
+
+    target = tmp_path / entry.path
+    target.write_bytes(bad)  # changed on disk, same size
+    assert [o.status for o in ck.check([entry], tmp_path)] == ["failed"]
+
+
+def test_checkpoints_server_without_digest_falls_back_to_content_length(tmp_path: Path) -> None:
+    data = _blob(10_000, 10)
+    entry = _hf_entry("sd/plain.json")
+    with file_server({entry.remote: data}) as server:  # a plain mirror: no ETag
+        [outcome] = ck.download([entry], tmp_path, base_url=server.base_url, progress=False)
+    assert outcome.status == "downloaded" and (tmp_path / entry.path).read_bytes() == data
