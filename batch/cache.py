@@ -12,6 +12,7 @@ import filecmp
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -198,6 +199,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sweep_stale_tmp(folder: Path) -> int:
+    """Remove the temporary files (`write_atomic`, `publish`: `.NAME.PID.ID.tmp`) that runs killed mid-write left in
+    `folder`; those of live processes stay."""
+    removed = 0
+    for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
+        match = _TMP_NAME.match(path.name)
+        if match and not _alive(int(match[1])) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{6}\.tmp(\.png)?$")
 
 
 def publish(src: Path, dest: Path) -> None:

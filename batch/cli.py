@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch import __version__
-from batch.cache import Cache
+from batch.cache import Cache, sweep_stale_tmp
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest, project_root
 from batch.plan import Plan, load_state, plan_manifest, select_videos, template_problems
@@ -232,6 +232,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache.hasher.save()
     report = write_report(plan, result)
     removed = prune_removed(plan)
+    for folder in (report.parent, report.parent / "thumbs"):
+        sweep_stale_tmp(folder)  # what killed runs left half-written
     if args.json:
         print(json.dumps({**result.as_dict(), "removed": removed}, indent=2))
     elif not args.quiet:

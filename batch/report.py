@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,7 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
         img = Image.fromarray(frame)
         img.thumbnail((256, 256))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp.png")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.png")  # runs may overlap
         img.save(tmp)
         tmp.replace(dest)
         return dest

@@ -105,25 +105,15 @@ def keyed_settings(stage: str, settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def sadtalker_files(size: int, preprocess: str) -> list[str]:
     """Checkpoint files the SadTalker renderer needs (relative to checkpoints/)."""
-    try:
-        from renderer.checkpoints import sadtalker_files as files  # light: no torch
+    from renderer.checkpoints import sadtalker_files as files  # light: no torch (the table `make checkpoints` uses)
 
-        return list(files(size, preprocess))
-    except ImportError:
-        mapping = "mapping_00109-model.pth.tar" if preprocess == "full" else "mapping_00229-model.pth.tar"
-        return [f"SadTalker_V0.0.2_{size}.safetensors", mapping]
-
-
-GFPGAN_FILES = ("gfpgan/GFPGANv1.4.pth", "gfpgan/detection_Resnet50_Final.pth", "gfpgan/parsing_parsenet.pth")
+    return list(files(size, preprocess))
 
 
 def gfpgan_files() -> list[str]:
-    try:
-        from renderer.checkpoints import gfpgan_files as files  # light: no torch
+    from renderer.checkpoints import gfpgan_files as files  # light: no torch
 
-        return list(files())
-    except ImportError:
-        return list(GFPGAN_FILES)
+    return list(files())
 
 
 def sadtalker_available(checkpoints: Path, size: int, preprocess: str) -> bool:

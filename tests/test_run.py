@@ -349,3 +349,18 @@ def test_stage_file_error_fails_only_its_own_video(tmp_path: Path) -> None:
     first, second = run_each(jobs, one)
     assert isinstance(first, BackendError) and str(first).startswith("videos.a: No space left on device (")
     assert second == {"ok": True}
+
+
+def test_sweep_removes_only_dead_runs_temporary_files(tmp_path: Path) -> None:
+    """Half-written publish/report files of a killed run are removed; a live run's, and other files, stay."""
+    from batch.cache import sweep_stale_tmp
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = [tmp_path / f".a.mp4.{dead_pid}.0a1b2c.tmp", tmp_path / f".a.png.{dead_pid}.123456.tmp.png"]
+    live = tmp_path / f".b.mp4.{os.getpid()}.0a1b2c.tmp"
+    mine = [tmp_path / "a.mp4", tmp_path / ".hidden.tmp"]
+    for path in (*stale, live, *mine):
+        path.write_bytes(b"x")
+    assert sweep_stale_tmp(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *mine))
