@@ -192,8 +192,9 @@ class Planner:
         except TemplateError as exc:
             raise TemplateError(f"characters.{character.id}: {exc.message}", exc.hint, character.location) from exc
 
-    def script_text(self, video: Video) -> str:
-        """The script's text rendered for this video (errors located at the script's text)."""
+    def script_text(self, video: Video, check_empty: bool = False) -> str:
+        """The script's text rendered for this video (errors located at the script's text). An empty text is a
+        problem for `validate` (`check_empty`); a build fails that video alone, at its voice step."""
         m = self.manifest
         script, character = m.scripts[video.script], m.characters[video.character]
         context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
@@ -202,7 +203,7 @@ class Planner:
             text = render(script.text or "", f"scripts.{script.id}.{field}", context)
         except TemplateError as exc:
             raise TemplateError(exc.message, exc.hint, script.text_location or script.location) from exc
-        if not text.strip():
+        if not text.strip() and check_empty:
             raise TemplateError(
                 f"scripts.{script.id}.{field}: the text is empty"
                 + (f" for video {video.id}" if (script.text or "").strip() else ""),
@@ -432,7 +433,7 @@ def template_problems(manifest: Manifest, videos: Iterable[Video] | None = None)
             llm = settings["llm"]
             checks.append((planner.prompt_request, (character, _template_name(llm), llm["engine"])))
         if manifest.scripts[video.script].audio is None:
-            checks.append((planner.script_text, (video,)))
+            checks.append((planner.script_text, (video, True)))
         for check, args in checks:
             try:
                 check(*args)

@@ -425,8 +425,8 @@ def _mel_windows(plan: _Plan) -> np.ndarray:
     windows = audio.mel_windows(wav)
     if len(windows) == 0:
         raise BadInputError(
-            f"audio {audio_path} is {len(wav)} samples long, shorter than one video frame (40 ms)",
-            "give a longer speech WAV",
+            f"the speech is {len(wav) / 16000 * 1000:.0f} ms long, shorter than one video frame (40 ms)",
+            "give the script more text, or a longer recording",
         )
     return windows
 
