@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,26 +25,84 @@ class TemplateError(DHBatchError):
         self.location = location
 
 
-#: Longest string or list a template may make with `*`, and the largest power it may compute with `**`.
+#: Bounds on what a template may make: the text it renders, a string or list made by repeating or padding, and the
+#: size of a number. They keep a mistaken (or hostile) template in a pull request from making the planner allocate
+#: gigabytes (`{{ 'x' * 10**10 }}`, `'x'|center(10**9)`, a loop printing forever); ranges are bounded by Jinja itself
+#: (MAX_RANGE). This is a guard against blow-ups, not a resource sandbox: CI jobs should still run with memory and
+#: time limits of their own.
+MAX_OUTPUT = 1_000_000
 MAX_REPEAT = 1_000_000
-MAX_POWER_BITS = 4096
+MAX_NUMBER_BITS = 4096
+_WIDE = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+
+
+def _refuse(what: str) -> None:
+    raise jinja2.exceptions.SecurityError(what)
+
+
+def _check_format(text: Any) -> None:
+    if isinstance(text, str) and _WIDE.search(text):
+        _refuse(f"a format width or precision above {MAX_REPEAT}")
+
+
+def _check_width(width: Any) -> None:
+    if isinstance(width, int) and width > MAX_REPEAT:
+        _refuse(f"a width above {MAX_REPEAT}")
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, with `*` and `**` bounded: a template in a pull request must not be able to make the planner
-    allocate gigabytes (`{{ 'x' * 10**10 }}`); ranges are already bounded by Jinja (MAX_RANGE)."""
+    """The sandbox, with the bounds above on `*`, `**`, `%`, str.format and padding."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name, width_at in (("center", 1), ("indent", 1), ("format", None)):
+            self.filters[name] = self._bounded_filter(self.filters[name], width_at)
+
+    @staticmethod
+    def _bounded_filter(fn: Any, width_at: int | None) -> Any:
+        @functools.wraps(fn)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            if width_at is None:
+                _check_format(args[0] if args else None)
+            else:
+                _check_width(args[width_at] if len(args) > width_at else kwargs.get("width"))
+            return fn(*args, **kwargs)
+
+        return bounded
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(count, int) and len(seq) * count > MAX_REPEAT:
-                    raise jinja2.exceptions.SecurityError(f"the result would be longer than {MAX_REPEAT} items")
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-            if abs(left) > 1 and right * max(abs(left).bit_length(), 1) > MAX_POWER_BITS:
-                raise jinja2.exceptions.SecurityError(f"the power would have more than {MAX_POWER_BITS} bits")
+                    _refuse(f"the result would be longer than {MAX_REPEAT} items")
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() + right.bit_length() > MAX_NUMBER_BITS
+            ):
+                _refuse(f"the product would have more than {MAX_NUMBER_BITS} bits")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if right * (abs(left).bit_length() - 1) > MAX_NUMBER_BITS:
+                _refuse(f"the power would have more than {MAX_NUMBER_BITS} bits")
+        if operator == "%":
+            _check_format(left)
         return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # str.format / format_map are wrapped by Jinja when accessed: check the format string there.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's naming
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(owner, str) and name in ("center", "ljust", "rjust", "zfill", "expandtabs") and args:
+            _check_width(args[0] if name != "expandtabs" else args[0] * owner.count("\t"))
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,7 +125,13 @@ def render(source: str, name: str, context: Mapping[str, Any], hint: str = "defi
     where the variables come from)."""
     template = compile_template(source, name)
     try:
-        return template.render(**context)
+        parts, size = [], 0
+        for part in template.generate(**context):  # as render() does, with the output bounded
+            size += len(part)
+            if size > MAX_OUTPUT:
+                _refuse(f"the text would be longer than {MAX_OUTPUT} characters")
+            parts.append(part)
+        return "".join(parts)
     except jinja2.UndefinedError as exc:
         raise TemplateError(f"{name}: line {_error_line(exc)}: {exc.message}", hint) from exc
     except jinja2.exceptions.SecurityError as exc:

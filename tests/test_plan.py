@@ -223,3 +223,36 @@ def test_plan_empty_script_text_fails_validate_and_only_its_videos_in_a_build(tm
     ]
     p, _ = plan(tmp_path)  # not a plan error: the build goes on (tests/test_e2e.py: the real voice stage fails it)
     assert len(p.videos) == 5
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 'x' * 10**10 }}",
+        "{{ '{:>1500000000}'.format('x') }}",
+        "{{ 'x'|center(1500000000) }}",
+        "{{ 'x'.rjust(1500000000) }}",
+        "{{ '%1500000000d' % 1 }}",
+        "{{ '%1500000000s'|format('a') }}",
+        "{{ 'x'|indent(width=1500000000, first=true) }}",
+        "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",
+        "{% set a = 10**1000 %}{% set a = a * a %}{% set a = a * a %}{% set a = a * a %}{{ a }}",
+    ],
+)
+def test_templates_refuse_blow_ups_quickly(source: str) -> None:
+    """A template cannot make the planner allocate gigabytes or compute for minutes: refused, without trying."""
+    import time
+
+    from batch.templates import TemplateError, render
+
+    started = time.perf_counter()
+    with pytest.raises(TemplateError, match="unsafe template operation"):
+        render(source, "scripts.s.text", {})
+    assert time.perf_counter() - started < 0.5
+
+
+def test_templates_ordinary_formatting_still_works() -> None:
+    from batch.templates import render
+
+    source = "{{ '%s-%03d' % ('a', 7) }} {{ '{:>4}'.format('x') }} {{ 'ab'|center(6) }} {{ 2**3000 > 1 }} {{ 'x' * 3 }}"
+    assert render(source, "t", {}) == "a-007    x   ab   True xxx"
