@@ -43,17 +43,28 @@ class Cache:
         yields False when a build holds it. The OS releases a killed process's hold (flock)."""
         import fcntl
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "users.lock", "a+b") as fh:
+        path = self.root / "users.lock"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # shared by every user of the cache
+        except OSError:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+                fd = os.open(path, os.O_RDONLY)  # a read-only cache: flock works on a read-only descriptor too
+            except OSError as exc:  # nothing to lock (a read-only cache without the file): nothing gc could delete
+                logger.info("cannot open %s (%s); running without the cache's build/gc lock", path, exc)
+                yield True
+                return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
             except BlockingIOError:
                 yield False
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            except OSError as exc:  # a file system without locks (NFS mounted nolock)
+                logger.info("cannot lock %s (%s); running without the cache's build/gc lock", path, exc)
+            yield True
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def entry(self, stage: str, key: str) -> Path:
         return self.steps / stage / key[:2] / key

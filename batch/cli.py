@@ -265,58 +265,65 @@ def print_build(result: RunResult, report: Path) -> None:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove the cache entries that none of the given manifests reaches. Entries that other manifests sharing the
-    build folder last built (their build/<name>/state.json) are kept unless those manifests are given too, and a
-    running build keeps gc from deleting anything."""
-    reachable: set[str] = set()
-    caches: dict[Path, Cache] = {}
-    given: set[Path] = set()
-    for path in args.manifests:
-        manifest, build_dir, checkpoints, cache = _setup(args, path)
-        caches.setdefault(cache.root, cache)
-        plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
-        reachable |= {s.key for v in plan.videos for s in v.steps}
-        given.add(build_dir / manifest.name)
-    others: dict[str, int] = {}
-    for cache in caches.values():
-        for state_file in sorted(cache.root.parent.glob("*/state.json")):
-            if state_file.parent in given:
-                continue
-            videos = load_state(state_file).get("videos", {})
-            keys = {
-                e["key"]
-                for v in videos.values()
-                if isinstance(v, dict)
-                for e in v.values()
-                if isinstance(e, dict) and "key" in e
-            }
-            kept = {k for k in keys if k not in reachable}
-            if kept:
-                others[display_path(state_file)] = len(kept)
-            reachable |= keys
-    doomed = [
-        (stage, key, folder)
-        for cache in caches.values()
-        for stage, key, folder in cache.entries()
-        if key not in reachable
-    ]
-    size = sum(f.stat().st_size for _, _, folder in doomed for f in folder.rglob("*") if f.is_file())
-    for stage, key, _ in doomed:
-        print(f"{'remove' if args.yes else 'would remove'} {stage} {key[:12]}")
-    if args.yes:
-        with contextlib.ExitStack() as stack:
+    build folder last built (their build/<name>/state.json) are kept unless those manifests are given too or no
+    longer exist; a running build keeps gc --yes from starting."""
+    setups = [_setup(args, path) for path in args.manifests]
+    caches = {cache.root: cache for *_, cache in setups}
+    with contextlib.ExitStack() as stack:
+        if args.yes:  # held from the listing to the deletion: no build may start or finish in between
             for cache in caches.values():
                 if not stack.enter_context(cache.in_use(exclusive=True)):
                     raise UsageError(
                         f"a build is using the cache {display_path(cache.root)}", "run gc again when it has finished"
                     )
+        reachable: set[str] = set()
+        given: set[Path] = set()
+        for manifest, build_dir, checkpoints, cache in setups:
+            plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
+            reachable |= {s.key for v in plan.videos for s in v.steps}
+            given.add(build_dir / manifest.name)
+        root = project_root(args.manifests[0])
+        others: list[str] = []
+        for cache in caches.values():
+            for state_file in sorted(cache.root.parent.glob("*/state.json")):
+                if state_file.parent in given:
+                    continue
+                state = load_state(state_file)
+                owner = state.get("manifest")
+                videos = state.get("videos", {})
+                keys = {
+                    e["key"]
+                    for v in (videos.values() if isinstance(videos, dict) else ())
+                    if isinstance(v, dict)
+                    for e in v.values()
+                    if isinstance(e, dict) and "key" in e
+                } - reachable
+                if not keys:
+                    continue
+                if isinstance(owner, str) and not (root / owner).is_file():  # absolute identities join as themselves
+                    others.append(f"collecting {len(keys)} entries last built for {owner}, which no longer exists")
+                    continue
+                others.append(
+                    f"kept {len(keys)} entries last built for {display_path(state_file)} (another manifest): give "
+                    f"that manifest too, or delete {display_path(state_file.parent)}/, to collect them"
+                )
+                reachable |= keys
+        doomed = [
+            (stage, key, folder)
+            for cache in caches.values()
+            for stage, key, folder in cache.entries()
+            if key not in reachable
+        ]
+        size = sum(f.stat().st_size for _, _, folder in doomed for f in folder.rglob("*") if f.is_file())
+        for stage, key, _ in doomed:
+            print(f"{'remove' if args.yes else 'would remove'} {stage} {key[:12]}")
+        if args.yes:
             for _, _, folder in doomed:
                 shutil.rmtree(folder, ignore_errors=True)
             for cache in caches.values():
                 cache.sweep_tmp()
-    for state_file, count in others.items():
-        print(
-            f"kept {count} entries last built for {state_file} (another manifest): give that manifest too to collect them"
-        )
+    for line in others:
+        print(line)
     verb = "removed" if args.yes else "unreachable"
     print(
         f"{len(doomed)} cache entries {verb} ({size / 1e6:.1f} MB)"

@@ -378,8 +378,13 @@ def project_root(manifest: Path) -> Path:
 
 
 def manifest_identity(manifest: Manifest) -> str:
-    """The manifest's path from its project root: the same in every checkout of the repository."""
-    return manifest.path.resolve().relative_to(project_root(manifest.path)).as_posix()
+    """The manifest's path from its project root (the same in every checkout of the repository); its absolute path
+    where it has no project root (no .git or checkpoints/ above it)."""
+    path = manifest.path.resolve()
+    root = project_root(manifest.path)
+    if not ((root / ".git").exists() or (root / "checkpoints").is_dir()):
+        return path.as_posix()
+    return path.relative_to(root).as_posix()
 
 
 def _known(ids: Mapping[str, Any]) -> str:

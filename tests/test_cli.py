@@ -159,6 +159,16 @@ def test_cli_two_manifests_with_one_name_do_not_share_outputs(tmp_path: Path) ->
         second.returncode == 2 and "holds the videos of a/m.yaml, and b/m.yaml has the same file name" in second.stderr
     )
     assert "--build-dir" in second.stderr and "Traceback" not in second.stderr
+    outside = tmp_path.parent / f"{tmp_path.name}-no-repo"  # nothing above marks a project: absolute identities
+    for folder in ("a", "b"):
+        write_project(outside / folder)
+    state = outside / "a" / "build"
+    first_outside = plan_manifest(
+        load_manifest(outside / "a" / "m.yaml"), Cache(state / "cache"), build_dir=state, checkpoints=tmp_path
+    )
+    write_state(first_outside, Cache(state / "cache").is_cached)
+    clash = dhbatch("plan", str(outside / "b" / "m.yaml"), "--build-dir", str(state), cwd=tmp_path)
+    assert clash.returncode == 2 and "has the same file name" in clash.stderr, clash.stderr
     own = dhbatch("plan", "b/m.yaml", "--build-dir", "build-b", cwd=tmp_path)
     assert own.returncode == 1, own.stderr
     again = dhbatch("plan", "a/m.yaml", cwd=tmp_path)
@@ -229,3 +239,9 @@ def test_cli_gc_keeps_other_manifests_entries_and_waits_for_builds(tmp_path: Pat
     other.write_text(other.read_text().replace("Farewell", "Bye"))  # its old entries become garbage
     both = dhbatch("gc", "m.yaml", "other.yaml", "--yes", cwd=tmp_path)
     assert both.returncode == 0 and f"{kept[1]} cache entries removed" in both.stdout, both.stdout
+    write_state(
+        plan_manifest(load_manifest(other), cache, build_dir=tmp_path / "build", checkpoints=tmp_path), cache.is_cached
+    )
+    other.unlink()  # its last-built entries belong to nobody now
+    gone = dhbatch("gc", "m.yaml", "--yes", cwd=tmp_path)
+    assert gone.returncode == 0 and "other.yaml, which no longer exists" in gone.stdout, gone.stdout
