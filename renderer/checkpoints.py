@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
@@ -444,29 +445,42 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def published_digest(url: str, timeout: float) -> tuple[str, str] | None:
-    """("sha256", hex) or ("git-sha1", hex) as a Hugging Face server publishes it for `url` (a HEAD request, its
-    redirect not followed): X-Linked-Etag is the sha256 of a Git LFS file, the ETag of a file kept in Git its Git
-    object id. None when the server gives neither (another kind of server, or no network)."""
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "digital-human-batch-checkpoints/1"})
-    try:
-        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:  # noqa: S310
-            headers = response.headers
-    except urllib.error.HTTPError as exc:
-        if not 300 <= exc.code < 400:
+    """("sha256", hex) or ("git-sha1", hex) as a Hugging Face server publishes it for `url`, from HEAD requests:
+    X-Linked-Etag is the sha256 of a Git LFS file (sent with the redirect to the file's store, which is not
+    followed); a file kept in Git is answered on the same host, possibly after redirects there (huggingface.co sends
+    a relative 307 to /api/resolve-cache/...), with its Git object id as ETag and the X-Repo-Commit header. None when
+    the server says neither (another kind of server, or no network): then only the size can be checked."""
+    for _ in range(5):  # same-host redirects
+        request = urllib.request.Request(
+            url, method="HEAD", headers={"User-Agent": "digital-human-batch-checkpoints/1"}
+        )
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:  # noqa: S310
+                status, headers = response.status, response.headers
+        except urllib.error.HTTPError as exc:
+            status, headers = exc.code, exc.headers
+        except (urllib.error.URLError, OSError):
             return None
-        headers = exc.headers
-    except (urllib.error.URLError, OSError):
+
+        def tag(name: str, headers: Any = headers) -> str:
+            return (headers.get(name) or "").removeprefix("W/").strip('"').lower()
+
+        if re.fullmatch(r"[0-9a-f]{64}", linked := tag("X-Linked-Etag")):
+            return "sha256", linked
+        if 300 <= status < 400 and headers.get("Location"):
+            target = urllib.parse.urljoin(url, headers["Location"])
+            if urllib.parse.urlsplit(target).netloc != urllib.parse.urlsplit(url).netloc:
+                return None  # off to another host without a digest
+            url = target
+            continue
+        if status != 200 or not headers.get("X-Repo-Commit"):  # only a Hugging Face answer's ETag is a digest
+            return None
+        etag = tag("ETag")
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return "sha256", etag
+        if re.fullmatch(r"[0-9a-f]{40}", etag):
+            return "git-sha1", etag
         return None
-
-    def tag(name: str) -> str:
-        return (headers.get(name) or "").removeprefix("W/").strip('"').lower()
-
-    if re.fullmatch(r"[0-9a-f]{64}", linked := tag("X-Linked-Etag")):
-        return "sha256", linked
-    if re.fullmatch(r"[0-9a-f]{64}", etag := tag("ETag")):
-        return "sha256", etag
-    if re.fullmatch(r"[0-9a-f]{40}", etag):
-        return "git-sha1", etag
     return None
 
 

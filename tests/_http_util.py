@@ -24,17 +24,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
-        """As Hugging Face answers: a redirect (LFS files) or 200, with the file's `headers` (X-Linked-Etag, ETag)."""
+        """As huggingface.co answers a HEAD on /resolve/: for a path with `headers`, a file kept in Git gets a relative
+        307 to /api/resolve-cache/... whose 200 carries ETag and X-Repo-Commit; a Git LFS file (X-Linked-Etag in its
+        headers) gets a 302 to another host with X-Linked-Etag. Paths without `headers` get a plain 200."""
         self.server.requests.append(Request(f"HEAD {self.path}", {k.lower(): v for k, v in self.headers.items()}))
-        extra = self.server.headers.get(self.path)
-        if self.path not in self.server.files:
+        if self.path.startswith("/api/resolve-cache"):
+            original = self.path.removeprefix("/api/resolve-cache")
+            self.send_response(200)
+            for name, value in self.server.headers.get(original, {}).items():
+                self.send_header(name, value)
+            self.send_header("X-Repo-Commit", "0" * 40)
+        elif self.path not in self.server.files:
             self.send_error(404, "not found")
             return
-        self.send_response(302 if extra and "X-Linked-Etag" in extra else 200)
-        if extra and "X-Linked-Etag" in extra:
-            self.send_header("Location", self.path)
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
+        elif extra := self.server.headers.get(self.path):
+            if "X-Linked-Etag" in extra:
+                self.send_response(302)
+                self.send_header("Location", f"https://cdn.invalid{self.path}")
+                for name, value in extra.items():
+                    self.send_header(name, value)
+            else:
+                self.send_response(307)
+                self.send_header("Location", f"/api/resolve-cache{self.path}")
+        else:
+            self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
 

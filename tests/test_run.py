@@ -364,3 +364,17 @@ def test_sweep_removes_only_dead_runs_temporary_files(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     assert sweep_stale_tmp(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *mine))
+
+
+def test_cache_lock_without_a_writable_folder_does_not_stop_a_build(tmp_path: Path) -> None:
+    """A cache whose folder cannot take the lock file (read-only, or not a folder): builds and gc are not blocked."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cache = Cache(blocker / "cache")
+    with cache.in_use() as shared:
+        assert shared is True
+    with cache.in_use(exclusive=True) as alone:
+        assert alone is True
+    held = Cache(tmp_path / "cache")
+    with held.in_use(), held.in_use(exclusive=True) as alone:  # a build holds it: gc is refused
+        assert alone is False
