@@ -312,13 +312,15 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
     videos: list[Video] = []
     seen: dict[str, Location] = {}
 
-    id_pattern = re.compile(schema()["$defs"]["id"]["pattern"])
+    # Ids a matrix makes: the id rule, up to 200 characters (a character id and a script id of 64 each, and more).
+    id_pattern = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(?<!\.)")
 
     def add_video(doc: Located, path: tuple, vid: str, char: str, script: str, overrides: Any) -> None:
         loc = _loc(doc, path)
         ok = True
-        if path[0] == "matrix" and not id_pattern.match(vid):  # `videos[].id` is checked by the schema
-            problems.add(doc, (*path, "id"), f"makes the video id {vid!r}, which is not valid: {_ID_RULE}")
+        if path[0] == "matrix" and not id_pattern.fullmatch(vid):  # `videos[].id` is checked by the schema
+            rule = _ID_RULE.replace("at most 64", "at most 200")
+            problems.add(doc, (*path, "id"), f"makes the video id {vid!r}, which is not valid: {rule}")
             return
         if char not in characters:
             problems.add(doc, (*path, "character"), f"unknown character {char!r} (known: {_known(characters)})")

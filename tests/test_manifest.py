@@ -65,7 +65,7 @@ EXPECTED = {
     ],
     "matrix_bad_id.yaml": [
         "matrix_bad_id.yaml:6:41: matrix.id: makes the video id '../../ceo-hi', which is not valid: use letters, digits,"
-        " '-', '_' and '.' (no '..'), at most 64 characters"
+        " '-', '_' and '.' (no '..'), at most 200 characters"
     ],
     "bad_keys_numbers.yaml": [
         "bad_keys_numbers.yaml:2:8: vars.1: key '1' is read as int, not text; quote it: '1'",
@@ -177,6 +177,23 @@ def test_manifest_file_included_twice_is_read_once(tmp_path: Path) -> None:
     m = load_manifest(tmp_path / "m.yaml")
     assert [v.id for v in m.videos] == ["g-team1", "g-team2"]
     assert sorted(p.name for p in m.files) == ["cast.yaml", "m.yaml", "team1.yaml", "team2.yaml"]
+
+
+def test_manifest_matrix_makes_long_ids_and_no_id_ends_in_a_newline(tmp_path: Path) -> None:
+    """Two 40-character ids make an 81-character matrix id (fine); an id with a trailing newline is refused."""
+    char, script = "marketing-director-emea-region-lead-2026", "q3-product-launch-announcement-partners1"
+    (tmp_path / "m.yaml").write_text(
+        f"version: 1\ncharacters:\n  {char}: {{description: x}}\nscripts:\n  {script}: {{text: hi}}\n"
+        "matrix: {characters: all, scripts: all}\n"
+    )
+    assert [v.id for v in load_manifest(tmp_path / "m.yaml").videos] == [f"{char}-{script}"]
+    (tmp_path / "n.yaml").write_text(
+        'version: 1\ncharacters:\n  "ceo\\n": {description: x}\nscripts:\n  s: {text: hi}\n'
+        "matrix: {characters: all, scripts: all}\n"
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path / "n.yaml")
+    assert "is not a valid id" in str(info.value.problems[0])
 
 
 def test_manifest_settings_are_frozen(tmp_path: Path) -> None:
