@@ -232,7 +232,8 @@ def publish(src: Path, dest: Path) -> None:
     identical file already there is left alone, so a build with nothing new keeps every output's modification time
     (a sync step after the build uploads only what changed)."""
     try:
-        if dest.is_file() and dest.stat().st_size == src.stat().st_size and filecmp.cmp(src, dest, shallow=False):
+        same = not dest.is_symlink() and dest.is_file() and dest.stat().st_size == src.stat().st_size
+        if same and filecmp.cmp(src, dest, shallow=False):
             return
     except OSError:
         pass  # unreadable: replace it

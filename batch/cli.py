@@ -193,11 +193,15 @@ def print_plan(plan: Plan) -> None:
         for d in v.decisions:
             print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
         if not v.published and not any(not d.cached for d in v.decisions):
-            print(f"  publish  {display_path(v.output)} is missing: the build copies it from the cache")
+            print(f"  publish  {display_path(v.output)} is missing or differs: the build copies it from the cache")
+    for vid in plan.removed:
+        print(f"{vid}: no longer in the manifest: the build removes {vid}.mp4")
     unpublished = sum(not v.published for v in plan.videos)
     totals = [f"{len(plan.videos)} videos", f"{runs} steps to run" if runs else "all cached"]
     if unpublished:
         totals.append(f"{unpublished} to publish")
+    if plan.removed:
+        totals.append(f"{len(plan.removed)} to remove")
     print(", ".join(totals))
 
 

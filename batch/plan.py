@@ -11,7 +11,7 @@ from typing import Any
 
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
-from batch.manifest import Character, Manifest, Video, manifest_identity, thaw
+from batch.manifest import Character, Manifest, Video, manifest_identity, project_root, thaw
 from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
@@ -82,16 +82,19 @@ class Plan:
     manifest: Manifest
     build_dir: Path
     videos: tuple[VideoPlan, ...]
+    #: Ids published before that the manifest no longer has: the build removes their MP4s.
+    removed: tuple[str, ...] = ()
 
     @property
     def stale(self) -> bool:
-        return any(v.stale for v in self.videos)
+        return any(v.stale for v in self.videos) or bool(self.removed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "manifest": str(self.manifest.path),
             "build_dir": str(self.build_dir),
             "stale": self.stale,
+            "removed": list(self.removed),
             "videos": [
                 {
                     "id": v.video.id,
@@ -133,6 +136,7 @@ class Planner:
         checkpoints: Path,
         hasher: FileHasher,
         is_cached: Any,
+        cached_output: Any = None,
         force: Iterable[str] = (),
     ) -> None:
         self.manifest = manifest
@@ -140,6 +144,7 @@ class Planner:
         self.checkpoints = checkpoints
         self.hasher = hasher
         self.is_cached = is_cached
+        self.cached_output = cached_output  # (stage, key, name) -> Path in the cache, to compare published files
         self.force = set(force)
         self._weights: dict[tuple, dict[str, str]] = {}
         self._prompts: dict[str, tuple[str, Path]] = {}
@@ -320,11 +325,10 @@ class Planner:
         state_file = state_path(self.build_dir, self.manifest)
         state = load_state(state_file)
         owner, this = state.get("manifest"), manifest_identity(self.manifest)
-        if isinstance(owner, str) and owner != this:
+        if isinstance(owner, str) and _other_manifest(owner, self.manifest):
             raise UsageError(
                 f"{state_file.parent} holds the videos of {owner}, and {this} has the same file name",
-                f"rename one of them, or build it with its own --build-dir (if {this} is {owner} moved, delete "
-                f"{state_file})",
+                "rename one of them, or build it with its own --build-dir",
             )
         previous = state.get("videos", {})
         out: list[VideoPlan] = []
@@ -343,9 +347,24 @@ class Planner:
             output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
             if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
                 raise ValueError(f"video id {video.id!r} would leave the build folder")
-            out.append(VideoPlan(video, output, renderer, steps, decisions, output.is_file()))
+            out.append(VideoPlan(video, output, renderer, steps, decisions, self._published(output, steps[-1])))
         self.hasher.save()
-        return Plan(self.manifest, self.build_dir, tuple(out))
+        known = {v.id for v in self.manifest.videos}
+        removed = tuple(sorted(i for i in previous if i not in known)) if isinstance(previous, dict) else ()
+        return Plan(self.manifest, self.build_dir, tuple(out), removed)
+
+    def _published(self, output: Path, final: Step) -> bool:
+        """Whether `output` holds the final step's file: present, and the size of the cached one (a cheap check; the
+        build compares the bytes)."""
+        try:
+            if not output.is_file():
+                return False
+            if self.cached_output is None or not self.is_cached(final.stage, final.key):
+                return True  # the build makes it anew anyway
+            cached = self.cached_output(final.stage, final.key, STAGES[final.stage].outputs[0])
+            return output.stat().st_size == cached.stat().st_size
+        except OSError:
+            return False
 
     def _decide(self, step: Step, before: Mapping[str, Any] | None, forced: bool) -> Decision:
         if forced:
@@ -354,6 +373,16 @@ class Planner:
         if self.is_cached(step.stage, step.key):
             return Decision(step.stage, step.key, True, "unchanged")
         return Decision(step.stage, step.key, False, explain(before, step))
+
+
+def _other_manifest(owner: str, manifest: Manifest) -> bool:
+    """Whether `owner` (a state.json's manifest identity) names another manifest that still exists: then the two
+    would share one output folder. A manifest that was moved or deleted leaves its folder to this one."""
+    path = Path(owner) if Path(owner).is_absolute() else project_root(manifest.path) / owner
+    try:
+        return path.is_file() and path.resolve() != manifest.path.resolve()
+    except OSError:
+        return False
 
 
 def forced_keys(steps: Iterable[Step], force: Iterable[str]) -> set[str]:
@@ -461,6 +490,7 @@ def plan_manifest(
         checkpoints=checkpoints,
         hasher=cache.hasher,
         is_cached=cache.is_cached,
+        cached_output=cache.output,
         force=force,
     )
     return planner.plan(manifest.videos if videos is None else videos)

@@ -204,6 +204,8 @@ def test_cli_report_covers_the_manifest_after_only_and_removed_videos_go(tmp_pat
 
     m.write_text(m.read_text().replace("  scripts: [hello, bye]", "  scripts: [hello]"))
     p, _ = plan(tmp_path)
+    assert p.removed == ("ceo-bye", "cto-bye") and p.stale  # plan says so (exit 1), so a CI job builds and prunes
+    assert "the build removes ceo-bye.mp4" in dhbatch("plan", "m.yaml", cwd=tmp_path).stdout
     assert prune_removed(p) == ["ceo-bye", "cto-bye"]
     assert sorted(f.name for f in out.glob("*.mp4")) == ["ceo-hello.mp4", "cto-hello.mp4", "cto-recorded.mp4"]
     assert (out / "notes.txt").read_text() == "mine" and prune_removed(p) == []

@@ -330,6 +330,20 @@ def test_run_with_nothing_new_leaves_the_published_files_alone(tmp_path: Path) -
     damaged.write_bytes(b"x" * len(good))
     build(tmp_path, make_registry())
     assert damaged.read_bytes() == good
+    damaged.write_bytes(b"short")  # plan notices a published file of another size, and the build replaces it
+    p, _ = plan(tmp_path)
+    assert [v.video.id for v in p.videos if not v.published] == ["ceo-bye"] and p.stale
+    build(tmp_path, make_registry())
+    assert damaged.read_bytes() == good
+    linked = (
+        out / "cto-bye.mp4"
+    )  # a link where the output goes is replaced by a copy (editing it never edits the cache)
+    target = tmp_path / "elsewhere.mp4"
+    target.write_bytes(linked.read_bytes())
+    linked.unlink()
+    linked.symlink_to(target)
+    build(tmp_path, make_registry())
+    assert not linked.is_symlink() and linked.read_bytes() == target.read_bytes()
 
 
 def test_stage_file_error_fails_only_its_own_video(tmp_path: Path) -> None:
