@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, many: bool = False) -> None:
         # -v/-q also after the command (SUPPRESS: when absent there, the value given before the command stands).
-        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-v", dest="verbose_after", action="count", default=0, help=argparse.SUPPRESS)
         sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if many:
             sp.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
@@ -110,6 +110,7 @@ def _untangle(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_untangle(sys.argv[1:] if argv is None else list(argv)))
+    args.verbose += args.verbose_after  # -v before and after the command add up
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)

@@ -337,7 +337,7 @@ class Planner:
             try:
                 renderer, steps = self.steps_for(video)
             except TemplateError:  # every template problem of these videos at once, located
-                raise ManifestError(template_problems(self.manifest, videos)) from None
+                raise ManifestError(template_problems(self.manifest, videos, check_empty=False)) from None
             before = previous.get(video.id, {}) if isinstance(previous, dict) else {}
             forced = forced_keys(steps, self.force)
             decisions = tuple(
@@ -449,7 +449,9 @@ def _template_name(llm: Mapping[str, Any]) -> str:
     return llm["template"] or ("image_prompt_fewshot.j2" if llm["engine"] == "local" else "image_prompt.j2")
 
 
-def template_problems(manifest: Manifest, videos: Iterable[Video] | None = None) -> list[Problem]:
+def template_problems(
+    manifest: Manifest, videos: Iterable[Video] | None = None, check_empty: bool = True
+) -> list[Problem]:
     """The script texts and portrait prompts of `videos` (all by default) rendered as a build would (`dhbatch
     validate`), without hashing or touching build/: the located problems, one per place."""
     planner = Planner(manifest, build_dir=Path(), checkpoints=Path(), hasher=None, is_cached=None)
@@ -462,7 +464,7 @@ def template_problems(manifest: Manifest, videos: Iterable[Video] | None = None)
             llm = settings["llm"]
             checks.append((planner.prompt_request, (character, _template_name(llm), llm["engine"])))
         if manifest.scripts[video.script].audio is None:
-            checks.append((planner.script_text, (video, True)))
+            checks.append((planner.script_text, (video, check_empty)))
         for check, args in checks:
             try:
                 check(*args)

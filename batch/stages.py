@@ -218,10 +218,6 @@ def _identity(weights: Weights, hasher: FileHasher) -> str:
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache's snapshot of `repo_id` (no network), or None."""
-    try:
-        from huggingface_hub import snapshot_download
+    from renderer.checkpoints import hub_snapshot  # light: no torch
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not installed, not cached, or a malformed id: the weights are missing
-        return None
+    return hub_snapshot(repo_id)

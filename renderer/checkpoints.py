@@ -430,6 +430,17 @@ def _verify(entry: Checkpoint, path: Path, stamps: _Stamps) -> str | None:
     return None
 
 
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of `repo_id` (no network), or None: where a model given by
+    its hub id is loaded from, and what its cache key hashes."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not installed, not cached, or a malformed id: the weights are missing
+        return None
+
+
 def git_blob_sha1(path: Path) -> str:
     """The Git object id of a file's bytes: what Hugging Face sends as the ETag of a file kept in Git (not LFS)."""
     digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)

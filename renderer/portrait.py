@@ -90,21 +90,28 @@ def torch_dtype_name(dtype: str, device: str) -> str:
 
 
 def resolve_model(model: str, checkpoints: Path) -> tuple[str, Path | None]:
-    """Where to load `image.model` from: (source for from_pretrained, the folder expected under checkpoints).
+    """Where to load `image.model` from: (source for from_pretrained, the folder expected under checkpoints), by
+    the rule the cache keys use (batch.stages.named_weights).
 
-    A plain name is a folder under `checkpoints/`; an absolute path is used as is; anything else that is not a folder
-    under checkpoints is treated as a Hugging Face id that must already be in the local cache.
+    A name is a folder under `checkpoints/`; `org/name` that is not such a folder is a Hugging Face id, loaded from
+    its snapshot in the local cache (never a folder of that name in the working directory); an absolute path (only
+    from code: manifests may not give one) is used as is.
     """
-    path = Path(model).expanduser()
+    path = Path(model)
     if path.is_absolute():
         return str(path), None
-    # Only names without ".." are looked up under checkpoints/, so a setting cannot point outside that root.
-    if ".." not in path.parts:
-        folder = Path(checkpoints) / path
-        if folder.is_dir():
-            return str(folder), folder
-        return model, folder
-    raise BadInputError(f"image.model {model!r} must be a name under checkpoints/, an absolute path or a hub id")
+    if ".." in path.parts:
+        raise BadInputError(f"image.model {model!r} must be a name under checkpoints/ or a Hugging Face id")
+    folder = Path(checkpoints) / path
+    if folder.is_dir():
+        return str(folder), folder
+    if model.count("/") == 1:
+        from renderer.checkpoints import hub_snapshot
+
+        snapshot = hub_snapshot(model)
+        if snapshot is not None:
+            return str(snapshot), folder
+    return model, folder
 
 
 def load_pipeline(settings: ImageSettings, checkpoints: Path, device: str, pool: ModelPool) -> LoadedPipeline:

@@ -186,7 +186,10 @@ class WavSink:
 
 #: FFmpeg demuxers accepted for recordings (`scripts.*.audio`, TTS output): media files, never playlists.
 AUDIO_FORMATS = frozenset(
-    {"wav", "w64", "mp3", "flac", "ogg", "mov", "mp4", "m4a", "matroska", "webm", "aac", "aiff", "caf", "au", "opus"}
+    {
+        *("wav", "w64", "mp3", "flac", "ogg", "mov", "mp4", "m4a", "matroska", "webm", "aac", "aiff", "caf", "au"),
+        *("opus", "avi", "ac3", "eac3", "amr", "mpeg", "mpegts", "flv", "asf", "wv", "ape", "tta", "dts", "mp2"),
+    }
 )
 
 
@@ -275,7 +278,8 @@ def resolve_piper_model(model: str, checkpoints: Path) -> tuple[Path, Path]:
             path = Path(os.path.normpath(root / path))
             if not path.is_relative_to(root):
                 raise BadInputError(
-                    f"Piper voice {model!r} points outside {root}", "give an absolute path or one inside checkpoints/"
+                    f"Piper voice {model!r} points outside {root}",
+                    "give a path inside checkpoints/ (or link the voice into it)",
                 )
         onnx, config = path, path.with_name(path.name + ".json")
     missing = [str(p) for p in (onnx, config) if not p.is_file()]

@@ -270,6 +270,10 @@ def test_llm_bundled_gguf_is_assembled_again_for_another_package_version(tmp_pat
 
     _ensure_bundled(gguf)  # same version: kept
     assert gguf.stat().st_mtime_ns == first.st_mtime_ns
+    recorded = version_file.read_text()
+    version_file.unlink()  # assembled before version files existed: taken as current, and recorded
+    _ensure_bundled(gguf)
+    assert gguf.stat().st_mtime_ns == first.st_mtime_ns and version_file.read_text() == recorded
 
     version_file.write_text("0.0.0\n")  # as left by an older package
     _ensure_bundled(gguf)

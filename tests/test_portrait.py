@@ -234,3 +234,31 @@ def test_portrait_loads_a_folder_of_fp16_variant_files(tmp_path: Path, tiny: tup
     ours = generate(configure(loaded, settings), ["a face"], [5], settings)[0]
     reference = generate(pipe, ["a face"], [5], tiny_settings)[0]
     assert np.abs(np.asarray(ours, np.int16) - np.asarray(reference, np.int16)).max() <= 2
+
+
+def test_portrait_hub_id_loads_its_cached_snapshot_not_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`image.model: org/name` (not a folder under checkpoints/) is the snapshot in the local Hugging Face cache,
+    the folder its cache key hashes, even where the working directory holds an `org/name` folder."""
+    import huggingface_hub.constants
+
+    from batch.hashing import FileHasher
+    from batch.stages import weights_identity
+    from renderer.portrait import resolve_model
+
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--org--name" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (cache / "models--org--name" / "refs").mkdir()
+    (cache / "models--org--name" / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a decoy in the working directory
+
+    source, _ = resolve_model("org/name", tmp_path / "checkpoints")
+    assert Path(source) == snapshot
+    hasher = FileHasher(None)
+    key = weights_identity("image", {"model": "org/name"}, tmp_path / "checkpoints", hasher)["diffusers"]
+    assert key == hasher.folder_digest(snapshot, ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin"))
