@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -214,13 +215,17 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def sweep_stale_tmp(folder: Path) -> int:
     """Remove the temporary files (`write_atomic`, `publish`: `.NAME.PID.ID.tmp`) that runs killed mid-write left in
-    `folder`; those of live processes stay."""
+    `folder`: those of processes no longer running here, untouched for an hour."""
     removed = 0
+    old = time.time() - 3600  # and untouched for an hour: on a shared (NFS) folder the PID may be another host's
     for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
         match = _TMP_NAME.match(path.name)
-        if match and not _alive(int(match[1])) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed += 1
+        try:
+            if match and not _alive(int(match[1])) and path.is_file() and path.stat().st_mtime < old:
+                path.unlink(missing_ok=True)
+                removed += 1
+        except OSError:
+            continue
     return removed
 
 

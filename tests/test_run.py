@@ -375,10 +375,13 @@ def test_sweep_removes_only_dead_runs_temporary_files(tmp_path: Path) -> None:
     stale = [tmp_path / f".a.mp4.{dead_pid}.0a1b2c.tmp", tmp_path / f".a.png.{dead_pid}.123456.tmp.png"]
     live = tmp_path / f".b.mp4.{os.getpid()}.0a1b2c.tmp"
     mine = [tmp_path / "a.mp4", tmp_path / ".hidden.tmp"]
-    for path in (*stale, live, *mine):
+    recent = tmp_path / f".c.mp4.{dead_pid}.0a1b2c.tmp"  # maybe another host's run, still writing
+    for path in (*stale, live, *mine, recent):
         path.write_bytes(b"x")
+    for path in (*stale, live, *mine):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
     assert sweep_stale_tmp(tmp_path) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *mine))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *mine, recent))
 
 
 def test_cache_lock_without_a_writable_folder_does_not_stop_a_build(tmp_path: Path) -> None:
