@@ -52,11 +52,13 @@ def write_report(plan: Plan, result: RunResult) -> Path:
         data["warnings"] = sum(len(step.get("warnings", [])) for v in data["videos"] for step in v["steps"])
     write_atomic(out_dir / "report.json", json.dumps(data, indent=2, sort_keys=True).encode())
     thumbs = {}
-    for v in result.videos:
-        if v.output:
-            thumb = _thumbnail(Path(v.output), out_dir / "thumbs" / f"{v.id}.png")
+    for v in data["videos"]:
+        # The published file, for this run's videos and the earlier ones alike (never a path from the old report).
+        output = out_dir / f"{v['id']}.mp4"
+        if v.get("output") and output.is_file():
+            thumb = _thumbnail(output, out_dir / "thumbs" / f"{v['id']}.png")
             if thumb is not None:
-                thumbs[v.id] = thumb.relative_to(out_dir).as_posix()
+                thumbs[v["id"]] = thumb.relative_to(out_dir).as_posix()
     write_atomic(out_dir / "report.html", render_html(data, thumbs, out_dir).encode("utf-8"))
     return out_dir / "report.json"
 

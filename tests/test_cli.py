@@ -200,7 +200,8 @@ def test_cli_report_covers_the_manifest_after_only_and_removed_videos_go(tmp_pat
     assert [v["id"] for v in report["videos"]] == [v.video.id for v in p.videos] and report["only"] == ["ceo-bye"]
     assert [v.get("earlier_run", False) for v in report["videos"]].count(True) == 4
     assert report["summary"] == {"built": 4, "cached": 1, "failed": 0, "skipped": 0}
-    assert "this run: --only ceo-bye" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "this run: --only ceo-bye" in html
 
     m.write_text(m.read_text().replace("  scripts: [hello, bye]", "  scripts: [hello]"))
     p, _ = plan(tmp_path)
