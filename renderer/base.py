@@ -128,24 +128,49 @@ def labelled(exc: RenderError, label: str) -> RenderError:
 
 
 def run_each(jobs: Sequence[StepJob], one: Callable[[StepJob], dict[str, Any]]) -> list[dict[str, Any] | RenderError]:
-    """The stage contract for stages that handle jobs one at a time: a RenderError becomes that job's result,
-    labelled with its place in the manifest, and the other jobs go on."""
+    """The stage contract for stages that handle jobs one at a time: whatever a job raises becomes that job's result
+    (`job_error`), labelled with its place in the manifest, and the other jobs go on."""
     results: list[dict[str, Any] | RenderError] = []
     for job in jobs:
         try:
             results.append(one(job))
-        except RenderError as exc:
-            logger.debug("%s failed: %s", job.label or job.key, exc)
-            results.append(labelled(exc, job.label))
-        except OSError as exc:  # a full disk, a file that cannot be read: this job's failure, named for it
-            logger.debug("%s failed", job.label or job.key, exc_info=True)
-            where = f" ({exc.filename})" if exc.filename else ""
-            results.append(
-                labelled(
-                    BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions"), job.label
-                )
-            )
+        except Exception as exc:  # noqa: BLE001 - this job fails, not its chunk
+            results.append(job_error(job, exc))
     return results
+
+
+def job_error(job: StepJob, exc: Exception) -> RenderError:
+    """The result of a job that raised `exc`: a RenderError as it is; a file error (a full disk, an unreadable
+    file) named for the job; anything else through `as_render_error`. Labelled with the job's place."""
+    if isinstance(exc, RenderError):
+        logger.debug("%s failed: %s", job.label or job.key, exc)
+        return labelled(exc, job.label)
+    if isinstance(exc, OSError) and not _is_ffmpeg_error(exc):
+        logger.debug("%s failed", job.label or job.key, exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        return labelled(
+            BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions"), job.label
+        )
+    logger.warning("%s failed", job.label or job.key, exc_info=True)
+    return labelled(as_render_error(exc), job.label)
+
+
+def _is_ffmpeg_error(exc: BaseException) -> bool:
+    try:
+        import av
+    except ImportError:
+        return False
+    return isinstance(exc, av.FFmpegError)
+
+
+def as_render_error(exc: BaseException) -> RenderError:
+    """A RenderError for an exception a stage did not expect: a media library's refusal says what it was; anything
+    else is an internal error, reported with its type (the run goes on with the other jobs)."""
+    if isinstance(exc, RenderError):
+        return exc
+    if _is_ffmpeg_error(exc):
+        return BackendError(f"FFmpeg: {exc}", "check the input files; if they play elsewhere, please report this")
+    return BackendError(f"internal error: {type(exc).__name__}: {exc}", "please report this (run with -vv for details)")
 
 
 def resolve_device(spec: str) -> str:

@@ -67,6 +67,10 @@ def _temp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+#: The longest side libx264 encodes.
+MAX_SIDE = 16384
+
+
 class VideoWriter:
     """Stream RGB frames into a silent H.264 (yuv420p) MP4 at `fps`, with the index at the front (faststart).
 
@@ -91,6 +95,11 @@ class VideoWriter:
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"video size must be positive and even for yuv420p, got width={width} height={height}")
+        if max(width, height) > MAX_SIDE:
+            raise BadInputError(
+                f"a {width}x{height} video is larger than the H.264 encoder takes ({MAX_SIDE} pixels a side)",
+                "use a smaller portrait, or video.preprocess: crop",
+            )
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         if not 0 <= crf <= 51:

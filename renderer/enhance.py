@@ -41,6 +41,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    run_each,
 )
 from renderer.checkpoints import GFPGAN_FOLDER, gfpgan_files, missing
 
@@ -563,12 +564,6 @@ def _enhance_one(job: StepJob, pool: ModelPool) -> dict:
 
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
-    """Stage "enhance": one result per job, in order; a job's RenderError does not stop the others."""
-    results: list[dict | RenderError] = []
-    for job in jobs:
-        try:
-            results.append(_enhance_one(job, pool))
-        except RenderError as exc:
-            logger.error("%s", exc)
-            results.append(exc)
-    return results
+    """Stage "enhance": one result per job, in order; a job's failure (a video FFmpeg cannot read, a full disk)
+    does not stop the others."""
+    return run_each(jobs, lambda job: _enhance_one(job, pool))

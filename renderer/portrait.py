@@ -17,7 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
+from renderer.base import (
+    BackendError,
+    BadInputError,
+    MissingWeightsError,
+    ModelPool,
+    RenderError,
+    StepJob,
+    job_error,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -267,7 +275,9 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                 continue
             except RuntimeError as exc:
                 if "out of memory" not in str(exc).lower():
-                    raise
+                    for (index, _), job in zip(batch, batch_jobs, strict=True):
+                        results[index] = job_error(job, exc)
+                    continue
                 err = BackendError(
                     f"out of memory generating {len(batch)} portraits on {first.device}",
                     "lower image.batch_size, or set image.attention_slicing / image.cpu_offload: true",
@@ -279,11 +289,11 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
             for (index, prompt), job, image in zip(batch, batch_jobs, images, strict=True):
                 try:
                     face = check_face(image, job, pool)
-                except RenderError as exc:
-                    logger.error("%s: %s", job.label or job.key, exc)
-                    results[index] = exc
+                    image.save(job.out_dir / "portrait.png")
+                except Exception as exc:  # noqa: BLE001 - no face, a full disk, a bug: this portrait only
+                    results[index] = job_error(job, exc)
+                    logger.error("%s", results[index])
                     continue
-                image.save(job.out_dir / "portrait.png")
                 results[index] = {
                     "renderer": "stable-diffusion",
                     "model": settings.model,

@@ -238,3 +238,13 @@ def test_run_mux_reports_each_job(tmp_path: Path) -> None:
     assert isinstance(bad, BadInputError)
     assert "videos[bad]" in str(bad) and "broken.wav" in str(bad)
     assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_video_writer_refuses_a_size_the_encoder_cannot_take(tmp_path: Path) -> None:
+    """A panorama pasted back whole (preprocess: full) would be refused by libx264 mid-run: said up front."""
+    from renderer.base import BadInputError
+    from renderer.encode import VideoWriter
+
+    with pytest.raises(BadInputError, match="larger than the H.264 encoder takes"):
+        VideoWriter(tmp_path / "wide.mp4", 16400, 4000)
+    assert not list(tmp_path.iterdir())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from renderer import enhance
-from renderer.base import BadInputError, MissingWeightsError, ModelPool, StepJob
+from renderer.base import BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
 
 REPO = Path(__file__).resolve().parents[1]
 #: 5 landmarks (eyes, nose tip, mouth corners) of skimage's astronaut, from dlib's 68 points (renderer.faces).
@@ -185,8 +185,12 @@ def test_enhance_run_streams_the_video_and_loads_models_once(
     frames = [np.roll(face, shift, axis=1) for shift in range(0, 14, 2)]  # 7 frames, batches of 3 + 3 + 1
     source = tmp_path / "in.mp4"
     _write_video(source, frames)
+    garbled = tmp_path / "garbled.mp4"  # a video FFmpeg opens but cannot decode: fails alone, between the others
+    data = bytearray(source.read_bytes())
+    data[len(data) // 3 :] = bytes(len(data) - len(data) // 3)
+    garbled.write_bytes(bytes(data))
     jobs = []
-    for name in ("a", "b"):
+    for name, video in (("a", source), ("garbled", garbled), ("b", source)):
         out = tmp_path / name
         out.mkdir()
         jobs.append(
@@ -194,7 +198,7 @@ def test_enhance_run_streams_the_video_and_loads_models_once(
                 stage="enhance",
                 key=name,
                 settings=video_settings(),
-                inputs={"video": source},
+                inputs={"video": video},
                 out_dir=out,
                 checkpoints=weights,
                 label=f"videos[{name}]",
@@ -202,6 +206,10 @@ def test_enhance_run_streams_the_video_and_loads_models_once(
         )
     pool = ModelPool()
     results = enhance.run(jobs, pool)
+    bad = results.pop(1)
+    assert isinstance(bad, RenderError) and str(bad).startswith("videos[garbled]: "), bad
+    assert not list((tmp_path / "garbled").iterdir())
+    jobs.pop(1)
     assert pool.loads == {(enhance.MODEL_ID, "cpu", "float32"): 1}
     for job, result in zip(jobs, results, strict=True):
         assert isinstance(result, dict), result

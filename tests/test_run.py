@@ -396,3 +396,24 @@ def test_cache_lock_without_a_writable_folder_does_not_stop_a_build(tmp_path: Pa
     held = Cache(tmp_path / "cache")
     with held.in_use(), held.in_use(exclusive=True) as alone:  # a build holds it: gc is refused
         assert alone is False
+
+
+def test_stage_library_error_or_bug_fails_only_its_own_video(tmp_path: Path) -> None:
+    """A media library's refusal and a plain bug in one job become that job's labelled error; the others go on."""
+    import av
+
+    from renderer.base import BackendError, StepJob, run_each
+
+    jobs = [StepJob(stage="mux", key=k, settings={}, inputs={}, out_dir=tmp_path, label=f"videos.{k}") for k in "abc"]
+
+    def one(job: StepJob) -> dict:
+        if job.key == "a":
+            raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+        if job.key == "b":
+            raise KeyError("width")
+        return {"ok": True}
+
+    first, second, third = run_each(jobs, one)
+    assert isinstance(first, BackendError) and str(first).startswith("videos.a: FFmpeg: ")
+    assert isinstance(second, BackendError) and "videos.b: internal error: KeyError: 'width'" in str(second)
+    assert third == {"ok": True}

@@ -1316,12 +1316,26 @@ def test_encoder_thread_keeps_frame_order_and_isolates_a_failing_writer(workers:
     assert len(emitter._threads) == workers and emitter.busy_s > 0 and emitter.waited_s >= 0
 
 
-def test_encoder_thread_bug_surfaces_at_close_without_blocking_the_renderer() -> None:
-    video = _fake_video(50, _Writer(fail_at=1, error=RuntimeError))
+def test_encoder_error_of_any_kind_fails_its_video_only_without_blocking_the_renderer() -> None:
+    """An encoder refusal or a bug while one video's frames are written (here a RuntimeError) fails that video, with
+    its type in the message; the other video on the same thread is written whole, and puts never block."""
+    broken, whole = _fake_video(50, _Writer(fail_at=1, error=RuntimeError)), _fake_video(50, _Writer())
+    writers = broken.writer, whole.writer
+    emitter = pipeline._Emitter(1)
+    for f in range(50):  # far more batches than the queue holds
+        emitter.put([(broken, f), (whole, f)], np.zeros((2, 4, 4, 3), np.uint8))
+    emitter.close()
+    assert isinstance(broken.error, BackendError) and "internal error: RuntimeError: disk full" in str(broken.error)
+    assert writers[0].aborted and whole.error is None and len(writers[1].frames) == 50 and writers[1].closed
+
+
+def test_encoder_thread_bug_outside_a_video_surfaces_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    video = _fake_video(50, _Writer())
+    monkeypatch.setattr(pipeline, "_emit", lambda video, frame: 1 / 0)
     emitter = pipeline._Emitter(2)
-    for f in range(50):  # far more batches than the queue holds: puts must not block once the worker has failed
+    for f in range(50):  # puts must not block once the worker has failed
         emitter.put([(video, f)], np.zeros((1, 4, 4, 3), np.uint8))
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ZeroDivisionError):
         emitter.close()
 
 

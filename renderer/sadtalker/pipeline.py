@@ -67,7 +67,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from renderer.base import BackendError, BadInputError, MissingWeightsError, ModelPool, RenderError, StepJob
+from renderer.base import (
+    BackendError,
+    BadInputError,
+    MissingWeightsError,
+    ModelPool,
+    RenderError,
+    StepJob,
+    as_render_error,
+)
 
 if TYPE_CHECKING:
     from renderer.encode import VideoWriter
@@ -989,14 +997,19 @@ def _emit(video: _Video, frame: np.ndarray) -> None:
 
     if video.error is not None or video.writer is None:
         return
-    if video.paste is not None:
-        frame = video.paste(frame)
-    elif frame.shape[1::-1] != video.frame_size:
-        frame = resize_bilinear(frame, video.frame_size)
     try:
+        if video.paste is not None:
+            frame = video.paste(frame)
+        elif frame.shape[1::-1] != video.frame_size:
+            frame = resize_bilinear(frame, video.frame_size)
         video.writer.write(frame)
     except OSError as exc:
         video.error = BackendError(f"cannot write {video.writer.path}: {exc}", "check free disk space")
+        video.writer.abort()
+        return
+    except Exception as exc:  # noqa: BLE001 - an encoder refusal, a bug: this video fails, not the others
+        logger.warning("a video failed while its frames were encoded", exc_info=True)
+        video.error = as_render_error(exc)
         video.writer.abort()
         return
     video.written += 1
@@ -1015,7 +1028,7 @@ def _finish(video: _Video) -> None:
         return
     try:
         writer.close()
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - as in _emit: this video only
         video.error = BackendError(f"cannot write {writer.path}: {exc}", "check free disk space")
 
 
