@@ -154,20 +154,24 @@ def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, 
     import httpx
     import ollama
 
-    client = ollama.Client(host=settings.host, timeout=float(settings.timeout))
     try:
-        response = client.generate(
-            model=model,
-            prompt=request,
-            options={"seed": int(seed), "temperature": float(settings.temperature)},
-        )
+        client = ollama.Client(host=settings.host, timeout=float(settings.timeout))
+    except (ValueError, TypeError) as exc:  # "http://[::1", a port out of range
+        raise BadInputError(f"{where}: llm.host {settings.host!r} is not a usable URL ({exc})") from exc
+    try:
+        with client:  # its HTTP connection pool is closed after this job
+            response = client.generate(
+                model=model,
+                prompt=request,
+                options={"seed": int(seed), "temperature": float(settings.temperature)},
+            )
     except ConnectionError as exc:
         raise BackendError(
             f"{where}: cannot reach the Ollama server at {settings.host}",
             "start it with `ollama serve` (or set llm.engine: local or none)",
         ) from exc
     except ollama.ResponseError as exc:
-        if exc.status_code == 404:
+        if exc.status_code == 404 and "model" in str(exc.error).lower():
             raise BackendError(
                 f"{where}: the Ollama server at {settings.host} has no model {model!r} ({exc.error})",
                 f"run `ollama pull {model}`",
@@ -182,6 +186,11 @@ def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, 
         ) from exc
     except httpx.HTTPError as exc:
         raise BackendError(f"{where}: talking to the Ollama server at {settings.host} failed: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # not JSON, a streamed answer, fields of the wrong type
+        raise BackendError(
+            f"{where}: {settings.host} did not answer like an Ollama server ({type(exc).__name__}: {exc})",
+            "check llm.host: it must point at `ollama serve`",
+        ) from exc
     return response.response or ""
 
 

@@ -279,3 +279,47 @@ def test_llm_bundled_gguf_is_assembled_again_for_another_package_version(tmp_pat
     _ensure_bundled(gguf)
     assert gguf.stat().st_mtime_ns != first.st_mtime_ns and version_file.read_text().strip() != "0.0.0"
     assert _conversion_stamp(gguf) != stamp  # so the converted folder is made again
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, b"<html>a web server, not Ollama</html>"),
+        (200, b'{"response": "a", "done": false}\n{"response": "b", "done": true}\n'),  # streamed anyway
+        (200, b"null"),
+        (404, b"404 page not found"),
+    ],
+    ids=["html", "ndjson", "null", "plain-404"],
+)
+def test_llm_host_that_is_not_ollama_is_a_backend_error(tmp_path: Path, status: int, body: bytes) -> None:
+    """llm.host pointing at something else: a BackendError saying so (not an internal error), and a 404 without a
+    model message does not tell the user to pull a model."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        [err] = run([make_job(tmp_path, host=f"http://127.0.0.1:{server.server_address[1]}")], ModelPool())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(err, BackendError), err
+    assert "characters.job" in err.message and "internal error" not in err.message
+    assert "ollama pull" not in str(err)
+
+
+def test_llm_host_that_is_not_a_url_is_bad_input(tmp_path: Path) -> None:
+    [err] = run([make_job(tmp_path, host="http://[::1")], ModelPool())
+    assert isinstance(err, BadInputError) and "llm.host" in err.message
