@@ -500,6 +500,11 @@ def fetch_gtts_mp3(
                 f"gTTS failed{tries}: {exc}",
                 "check voice.lang and voice.tld, try again later, or use voice engine: piper",
             ) from exc
+        except (ValueError, UnicodeDecodeError) as exc:  # an answer gTTS cannot parse (bad base64, not UTF-8)
+            raise BackendError(
+                f"gTTS got a malformed answer from {endpoint or 'Google'}: {type(exc).__name__}: {exc}",
+                "try again later, or use voice engine: piper",
+            ) from exc
         data = buffer.getvalue()
         if not data:
             raise BackendError("gTTS returned no audio", "check voice.lang, or use voice engine: piper")

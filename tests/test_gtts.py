@@ -40,13 +40,14 @@ def gtts_mp3(seconds: float, freq: float = 330.0) -> bytes:
 class FakeTranslate:
     """A local stand-in for translate.google.com's batchexecute endpoint.
 
-    `statuses` is the sequence of HTTP statuses to answer with (the last one repeats); a 200 carries `mp3`, or no
-    audio at all when `mp3` is None. `requests` records the decoded RPC parameters [text, lang, speed, "null"].
+    `statuses` is the sequence of HTTP statuses to answer with (the last one repeats); a 200 carries `mp3` (or
+    `raw_audio` as the audio field), or no audio at all when `mp3` is None. `requests` records the decoded RPC parameters [text, lang, speed, "null"].
     """
 
-    def __init__(self, statuses: list[int], mp3: bytes | None) -> None:
+    def __init__(self, statuses: list[int], mp3: bytes | None, raw_audio: str | None = None) -> None:
         self.statuses = list(statuses)
         self.mp3 = mp3
+        self.raw_audio = raw_audio  # sent in place of the base64 audio (a malformed answer)
         self.requests: list[list[Any]] = []
         fake = self
 
@@ -57,7 +58,7 @@ class FakeTranslate:
                 fake.requests.append(json.loads(rpc[0][0][1]))
                 status = fake.statuses.pop(0) if len(fake.statuses) > 1 else fake.statuses[0]
                 if status == 200 and fake.mp3 is not None:
-                    audio = base64.b64encode(fake.mp3).decode()
+                    audio = fake.raw_audio or base64.b64encode(fake.mp3).decode()
                     line = f'[["wrb.fr","jQ1olc","[\\"{audio}\\"]",null,null,null,"generic"]]'
                 elif status == 200:
                     line = '[["wrb.fr","jQ1olc",null,null,null,[3],"generic"]]'
@@ -192,3 +193,12 @@ def test_gtts_default_endpoint_is_google(monkeypatch: pytest.MonkeyPatch) -> Non
     (local,) = cls("Hi.", lang_check=False, endpoint="http://127.0.0.1:9/x")._prepare_requests()
     assert local.url == "http://127.0.0.1:9/x"
     assert local.body == default.body
+
+
+def test_gtts_malformed_answer_is_backend_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeTranslate([200], b"", raw_audio="!!not-base64!!") as server:
+        monkeypatch.setenv(GTTS_URL_ENV, server.url)
+        job = gtts_job(tmp_path)
+        (result,) = run([job], ModelPool(), gtts_backoff=0.001)
+    assert isinstance(result, BackendError) and "malformed answer" in str(result), result
+    assert "characters.ceo" in str(result) and list(job.out_dir.iterdir()) == []
