@@ -1343,6 +1343,26 @@ def test_encoder_thread_bug_outside_a_video_surfaces_at_close(monkeypatch: pytes
 # Preparation ahead of the renderer (a thread on CUDA) and the model pool it shares
 
 
+def test_preparation_on_demand_ignores_the_render_loops_autocast(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """On a CPU the videos are prepared inside the render loop, under its bfloat16 autocast: the 3DMM and audio
+    networks still run in float32, as on the CUDA preparation thread (the same coefficients)."""
+    import torch
+
+    portrait, _ = _portraits(tmp_path)
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, tone(5 * SAMPLES_PER_FRAME / 16000, 16000), 16000)
+    targets = []
+    for autocast in (False, True):
+        out = tmp_path / f"autocast{autocast}"
+        out.mkdir()
+        plans = [pipeline._plan(0, _job(out, "a", fake_checkpoints, portrait, speech, seed=1))]
+        preparer = pipeline._Preparer(plans, ModelPool())
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            targets.append(preparer.next().target)
+        preparer.close()
+    np.testing.assert_array_equal(targets[0], targets[1])
+
+
 def test_preparer_thread_and_batches_prepare_the_same_videos_as_one_at_a_time(
     fake_checkpoints: Path, tmp_path: Path
 ) -> None:

@@ -627,9 +627,14 @@ class _Preparer:
             self._thread.join()
 
     def _prepare(self, batch: list[_Plan]) -> list[_Video | None]:
+        import torch
+
         started = time.perf_counter()
+        device_type = torch.device(batch[0].job.device).type
         try:
-            with self._stream(batch[0].job.device):
+            # float32 networks, also when prepared on demand inside the render loop's autocast (CPU, MPS): the
+            # same coefficients as on the CUDA preparation thread, which has no autocast.
+            with self._stream(batch[0].job.device), torch.autocast(device_type, enabled=False):
                 results = _prepare_batch(batch, self._pool, self.times, self.gpu)
         finally:
             self.busy_s += time.perf_counter() - started
