@@ -58,6 +58,12 @@ MAX_NEW_TOKENS = 160
 
 _PREFIX = re.compile(r"^(?:[-*•>]+\s*|\d+[.)]\s+|(?:stable\s+diffusion\s+|image\s+)?prompt\s*:\s*)", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’«»"
+#: A chat model's lead-in ("Sure! Here is a prompt for Stable Diffusion:"), up to its colon.
+_LEAD_IN = re.compile(
+    r"^(?:(?:sure|okay|ok|certainly|of course)\b[!,.]?\s*)?(?:here(?:'s|’s| is| are)\b[^:\n]{0,80}|"
+    r"(?:sure|okay|ok|certainly|of course)\b[^:\n]{0,80}prompt[^:\n]{0,40}):\s*",
+    re.IGNORECASE,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +98,16 @@ class LLMSettings:
 
 
 def clean_prompt(text: str, max_length: int) -> str:
-    """Reduce a model's answer to one prompt line: first non-empty line, no "Prompt:" label or quotes, one space
+    """Reduce a model's answer to one prompt line: first non-empty line, no "Prompt:" label, chat lead-in ("Sure!
+    Here is a prompt:") or quotes, one space
     between words, at most `max_length` characters cut at a word boundary. Returns "" when nothing is left."""
     for raw in text.splitlines():
         line = raw.strip()
-        # Labels and quotes can nest ('Prompt: "…"'), so peel until nothing changes.
+        # Labels, lead-ins and quotes can nest ('Here is the prompt: "Prompt: …"'), so peel until nothing changes.
         previous = None
         while line != previous:
             previous = line
+            line = _LEAD_IN.sub("", line, count=1).strip()
             line = _PREFIX.sub("", line, count=1).strip()
             if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
                 line = line[1:-1].strip()
@@ -357,14 +365,20 @@ def _ensure_converted(gguf: Path, folder: Path) -> None:
 
     stamp = _conversion_stamp(gguf)
     stamp_file = folder / "conversion.json"
+
+    def current() -> bool:
+        try:
+            return json.loads(stamp_file.read_text(encoding="utf-8")) == stamp
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    if current():  # converted already: no lock needed (checkpoints/ may be read-only)
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        if current():  # another process converted it meanwhile
+            return
         if stamp_file.is_file():
-            try:
-                if json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
-                    return
-            except (OSError, json.JSONDecodeError):
-                pass
             logger.warning("converted model in %s is stale or damaged; converting %s again", folder, gguf)
         logger.info("converting %s into %s (once; takes about a minute)", gguf, folder)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))

@@ -100,6 +100,14 @@ def test_clean_prompt_strips_nested_labels_bullets_and_typographic_quotes() -> N
     assert clean_prompt("1. 'Prompt: portrait of a nurse'", 200) == "portrait of a nurse"
 
 
+def test_clean_prompt_drops_a_chat_models_lead_in() -> None:
+    """Chat models (gemma:2b) often introduce the answer: the lead-in is not the prompt."""
+    answer = "Sure! Here is a prompt for Stable Diffusion:\n\nportrait photo of a CEO, 85mm"
+    assert clean_prompt(answer, 200) == "portrait photo of a CEO, 85mm"
+    assert clean_prompt("Here's a Stable Diffusion prompt: \"portrait of a CEO", 200) == "portrait of a CEO"
+    assert clean_prompt("portrait of a woman: studio light", 200) == "portrait of a woman: studio light"
+
+
 def test_clean_prompt_cuts_at_a_word_boundary() -> None:
     text = "passport photo of a confident executive, neutral expression"
     cut = clean_prompt(text, 30)
