@@ -40,6 +40,14 @@ class Face:
     box: tuple[int, int, int, int]
     score: float
     landmarks: np.ndarray
+    #: Other faces found with a clear score: the stages report them (`warning`), as only the best one is animated.
+    others: int = 0
+
+    @property
+    def warning(self) -> str | None:
+        if not self.others:
+            return None
+        return f"{self.others + 1} faces in the portrait: the one with the best detector score was used"
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -130,6 +138,9 @@ def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = No
     rects, scores, _ = detector.run(search, UPSAMPLE, 0.0)
     if not rects and max(search.shape[:2]) <= _SMALL_SIDE:
         rects, scores, _ = detector.run(search, UPSAMPLE + 1, 0.0)
+    if not rects and scale < 1.0:  # a small face in a large photo: look again at full resolution
+        scale = 1.0
+        rects, scores, _ = detector.run(image, 0, 0.0)
     if not rects:
         raise BadInputError(f"no face found in {where}", _NO_FACE_HINT)
     best = int(np.argmax(scores))
@@ -143,4 +154,4 @@ def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = No
     shape = predictor(image, dlib.rectangle(left, top, right, bottom))
     landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
     box = (max(left, 0), max(top, 0), min(right, width - 1), min(bottom, height - 1))
-    return Face(box=box, score=float(scores[best]), landmarks=landmarks)
+    return Face(box=box, score=float(scores[best]), landmarks=landmarks, others=max(len(strong) - 1, 0))

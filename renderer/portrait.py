@@ -304,6 +304,7 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                     "batch": len(batch),
                     "face_box": list(face.box),
                     "face_score": round(float(face.score), 3),
+                    "warnings": [face.warning] if face.warning else [],
                 }
     done = [r for r in results if r is not None]
     assert len(done) == len(jobs), "every job gets a result"

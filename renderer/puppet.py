@@ -169,6 +169,8 @@ def animate(
     timings = read_phonemes(phonemes)
     image = load_image(portrait)
     face = detect_face(image, str(portrait), pool)
+    if face.warning:
+        warnings.append(face.warning)
 
     # 2. Framing: the square the rig animates, and where it goes in the output.
     framing = frame_face(image, face.landmarks, settings.size, settings.preprocess)

@@ -75,8 +75,9 @@ def test_detect_face_warns_when_several_faces(astronaut: np.ndarray, pool: Model
     face_crop = astronaut[40:220, 130:310]
     twins = np.concatenate([face_crop, face_crop[:, ::-1]], axis=1)
     with caplog.at_level(logging.WARNING, logger="renderer.faces"):
-        detect_face(np.ascontiguousarray(twins), "twins.png", pool)
+        face = detect_face(np.ascontiguousarray(twins), "twins.png", pool)
     assert any("twins.png" in r.getMessage() for r in caplog.records)
+    assert face.others == 1 and face.warning.startswith("2 faces in the portrait")  # what the stages report
 
 
 def test_load_image_converts_rgba_gray_and_applies_exif(tmp_path: Path, astronaut: np.ndarray) -> None:
@@ -121,6 +122,17 @@ def test_detect_face_large_picture_gives_full_resolution_landmarks(astronaut: np
     face = detect_face(big, "big.png", pool)
     assert np.abs(face.landmarks / 4 - reference).mean() < 1.5  # searched small, fitted at full size
     assert face.box[2] > 800  # box in the big picture's pixels
+
+
+def test_detect_face_small_face_in_a_large_photo_is_found_at_full_resolution(
+    astronaut: np.ndarray, pool: ModelPool
+) -> None:
+    """A 4000×3000 photo with a face about 80 px wide: too small in the 1280 px search, found at full size."""
+    big = np.full((3000, 4000, 3), 180, np.uint8)
+    big[1000:1360, 1500:1860] = np.asarray(Image.fromarray(astronaut).resize((360, 360)))
+    face = detect_face(big, "big.png", pool)
+    left, top, right, bottom = face.box
+    assert 1500 < left < right < 1860 and 1000 < top < bottom < 1360 and 50 < right - left < 150
 
 
 def test_detect_face_small_picture_gets_a_second_look(astronaut: np.ndarray, pool: ModelPool) -> None:

@@ -199,6 +199,17 @@ def test_run_no_face_names_the_portrait(tmp_path: Path, pool: ModelPool, short_w
     assert not (tmp_path / "bad" / "video.mp4").exists()
 
 
+def test_run_two_faces_in_the_portrait_is_a_reported_warning(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    from skimage import data
+
+    face = data.astronaut()[40:220, 130:310]
+    portrait = tmp_path / "twins.png"
+    Image.fromarray(np.ascontiguousarray(np.concatenate([face, face[:, ::-1]], axis=1))).save(portrait)
+    (result,) = puppet.run([animate_job(tmp_path / "out", short_wav, portrait=portrait)], pool)
+    assert isinstance(result, dict), result
+    assert any(w.startswith("2 faces in the portrait") for w in result["warnings"]), result["warnings"]
+
+
 def test_run_unreadable_inputs_are_bad_input(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
     broken_image = tmp_path / "broken.jpg"
     broken_image.write_bytes(b"\xff\xd8\xff not a jpeg")

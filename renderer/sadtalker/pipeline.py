@@ -415,6 +415,8 @@ def _face(plan: _Plan, pool: ModelPool) -> tuple[np.ndarray, Any]:
     portrait_path = plan.portrait
     image = faces.load_image(portrait_path)
     face = faces.detect_face(image, source=str(portrait_path), pool=pool)
+    if face.warning and face.warning not in plan.warnings:
+        plan.warnings.append(face.warning)
     try:
         crop = preprocess.crop_face(image, face.landmarks, plan.settings.preprocess, plan.settings.size)
     except ValueError as exc:
