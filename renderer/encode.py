@@ -333,12 +333,18 @@ def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError
         out = job.out_dir / "video.mp4"
         mux(job.inputs["video"], job.inputs["audio"], out)
         info = probe(out)
+        warnings = []
+        speech = _read_pcm(Path(job.inputs["audio"])).size / SAMPLE_RATE
+        if speech - info.video_duration >= 1 / FPS:  # the animation makes floor(samples / 640) frames: less is a cut
+            warnings.append(
+                f"the speech lasts {speech:.2f} s but the video {info.video_duration:.2f} s: the end is cut"
+            )
         return {
             "frames": info.frames,
             "video_duration": info.video_duration,
             "audio_duration": info.audio_duration,
             "size": [info.width, info.height],
-            "warnings": [],
+            "warnings": warnings,
         }
 
     return run_each(jobs, one)

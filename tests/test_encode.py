@@ -218,8 +218,9 @@ def test_run_mux_reports_each_job(tmp_path: Path) -> None:
     write_video(tmp_path / "silent.mp4", 12)
     write_wav(tmp_path / "speech.wav", tone(12 * SAMPLES_PER_FRAME / SAMPLE_RATE, SAMPLE_RATE), SAMPLE_RATE)
     (tmp_path / "broken.wav").write_bytes(b"not audio at all")
+    write_wav(tmp_path / "long.wav", tone(20 * SAMPLES_PER_FRAME / SAMPLE_RATE, SAMPLE_RATE), SAMPLE_RATE)
     jobs = []
-    for name, wav in (("good", "speech.wav"), ("bad", "broken.wav")):
+    for name, wav in (("good", "speech.wav"), ("bad", "broken.wav"), ("long", "long.wav")):
         out_dir = tmp_path / name
         out_dir.mkdir()
         jobs.append(
@@ -232,8 +233,9 @@ def test_run_mux_reports_each_job(tmp_path: Path) -> None:
                 label=f"videos[{name}]",
             )
         )
-    good, bad = run_mux(jobs, ModelPool())
-    assert isinstance(good, dict) and good["frames"] == 12
+    good, bad, long = run_mux(jobs, ModelPool())
+    assert isinstance(good, dict) and good["frames"] == 12 and good["warnings"] == []
+    assert long["frames"] == 12 and long["warnings"] == ["the speech lasts 0.80 s but the video 0.48 s: the end is cut"]
     assert probe(tmp_path / "good" / "video.mp4").audio_codec == "aac"
     assert isinstance(bad, BadInputError)
     assert "videos[bad]" in str(bad) and "broken.wav" in str(bad)

@@ -91,7 +91,7 @@ def compiled_step(
     run only); just in time when that fails. Raises CompileUnavailable when no compiling works."""
     step = RenderStep(renderer, dtype).eval()
     example = tuple(example)
-    folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-")) if folder is None else Path(folder)
+    folder = _temporary_folder() if folder is None else Path(folder)
     path = folder / f"render-{package_key(step, example)}.pt2"
     if path.is_file():
         try:
@@ -112,7 +112,7 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
         handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
         os.close(handle)
     except OSError as exc:
-        folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-"))
+        folder = _temporary_folder()
         logger.warning("cannot write %s (%s); the compiled render step is kept in %s for this run only",
                        path.parent, exc, folder)  # fmt: skip
         path, name = folder / path.name, str(folder / f".{path.name}")
@@ -175,6 +175,16 @@ def _compile_just_in_time(step: RenderStep, example: tuple[torch.Tensor, ...]) -
         raise CompileUnavailable(f"torch.compile of the render step failed: {exc}") from exc
     logger.info("compiled the render step for this run in %.1f s", time.perf_counter() - started)
     return jit
+
+
+def _temporary_folder() -> Path:
+    """A folder for this run's package only, removed when the process ends."""
+    import atexit
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="sadtalker-compiled-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _constants(step: RenderStep) -> dict[str, torch.Tensor]:
