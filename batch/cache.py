@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -107,7 +108,7 @@ class Cache:
     # -- writing --------------------------------------------------------------------------------------------------
     def new_tmp(self, key: str) -> Path:
         """An empty private folder for a step to write into (named with our pid, so stale ones can be swept)."""
-        folder = self.tmp / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        folder = self.tmp / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{_HOST}"
         folder.mkdir(parents=True)
         return folder
 
@@ -167,12 +168,18 @@ class Cache:
         removed = 0
         if not self.tmp.is_dir():
             return 0
+        old = time.time() - 3600
         for folder in self.tmp.iterdir():
-            parts = folder.name.split(".")
+            parts = folder.name.split(".", 3)
             pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid == os.getpid() or (pid is not None and _alive(pid)):
                 continue
-            if pid == os.getpid():
+            # Another host's run (a cache shared over NFS) cannot be checked by PID: its folder goes after an hour.
+            host = parts[3] if len(parts) == 4 else _HOST
+            try:
+                if host != _HOST and folder.stat().st_mtime > old:
+                    continue
+            except OSError:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
@@ -228,6 +235,9 @@ def sweep_stale_tmp(folder: Path) -> int:
             continue
     return removed
 
+
+#: This machine's name, in temporary folder names (`Cache.sweep_tmp`).
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
 
 _TMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{6}\.tmp(\.png)?$")
 

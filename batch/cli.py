@@ -17,7 +17,7 @@ from batch import __version__
 from batch.cache import Cache, sweep_stale_tmp
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest, project_root
-from batch.plan import Plan, load_state, plan_manifest, select_videos, template_problems
+from batch.plan import Plan, load_state, owner_state, plan_manifest, select_videos, template_problems
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 } - reachable
                 if not keys:
                     continue
-                if isinstance(owner, str) and not (root / owner).is_file():  # absolute identities join as themselves
+                if isinstance(owner, str) and owner_state(state, None, root) == "gone":
                     others.append(f"collecting {len(keys)} entries last built for {owner}, which no longer exists")
                     continue
                 others.append(

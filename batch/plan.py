@@ -325,7 +325,7 @@ class Planner:
         state_file = state_path(self.build_dir, self.manifest)
         state = load_state(state_file)
         owner, this = state.get("manifest"), manifest_identity(self.manifest)
-        if isinstance(owner, str) and _other_manifest(owner, self.manifest):
+        if isinstance(owner, str) and owner_state(state, self.manifest) == "other":
             raise UsageError(
                 f"{state_file.parent} holds the videos of {owner}, and {this} has the same file name",
                 "rename one of them, or build it with its own --build-dir",
@@ -375,14 +375,27 @@ class Planner:
         return Decision(step.stage, step.key, False, explain(before, step))
 
 
-def _other_manifest(owner: str, manifest: Manifest) -> bool:
-    """Whether `owner` (a state.json's manifest identity) names another manifest that still exists: then the two
-    would share one output folder. A manifest that was moved or deleted leaves its folder to this one."""
-    path = Path(owner) if Path(owner).is_absolute() else project_root(manifest.path) / owner
-    try:
-        return path.is_file() and path.resolve() != manifest.path.resolve()
-    except OSError:
-        return False
+def owner_state(state: Mapping[str, Any], manifest: Manifest | None, root: Path | None = None) -> str:
+    """Who owns a build/<name>/ folder, from its state.json, seen from `manifest`: "same" (this manifest, also after
+    the checkout moved), "other" (another manifest that exists: in this project, or in another project or checkout
+    sharing the build folder), or "gone" (its manifest exists nowhere: moved within the repository, or deleted).
+    `root`: the project root to read a relative identity from (default: the manifest's)."""
+    owner, absolute = state.get("manifest"), state.get("manifest_path")
+    here = manifest.path.resolve() if manifest is not None else None
+    base = root if root is not None else project_root(manifest.path) if manifest is not None else None
+    candidates = [Path(absolute)] if isinstance(absolute, str) else []
+    if isinstance(owner, str) and (Path(owner).is_absolute() or base is not None):
+        candidates.append(Path(owner) if Path(owner).is_absolute() else base / owner)
+    existing = []
+    for path in candidates:
+        try:
+            if path.is_file():
+                existing.append(path.resolve())
+        except OSError:
+            continue
+    if here is not None and here in existing:
+        return "same"
+    return "other" if existing else "gone"
 
 
 def forced_keys(steps: Iterable[Step], force: Iterable[str]) -> set[str]:

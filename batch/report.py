@@ -30,7 +30,12 @@ def write_state(plan: Plan, is_cached: Any) -> None:
             if is_cached(step.stage, step.key):
                 entry[step.stage] = {"key": step.key, "fingerprint": thaw(step.fingerprint)}
         videos[vp.video.id] = entry
-    data = {"format": 1, "manifest": manifest_identity(plan.manifest), "videos": videos}
+    data = {
+        "format": 1,
+        "manifest": manifest_identity(plan.manifest),
+        "manifest_path": str(plan.manifest.path.resolve()),
+        "videos": videos,
+    }
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 

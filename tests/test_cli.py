@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,39 +140,49 @@ def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
 
 def test_cli_two_manifests_with_one_name_do_not_share_outputs(tmp_path: Path) -> None:
     """a/m.yaml and b/m.yaml would both write build/m/: the second is refused with what to do, instead of
-    overwriting the first one's videos and state."""
-    (tmp_path / ".git").mkdir()
-    for folder in ("a", "b"):
-        write_project(tmp_path / folder)
+    overwriting the first one's videos and state. The same holds for manifests outside any project and for two
+    projects sharing one --build-dir; a manifest whose former owner is gone (moved, deleted) takes the folder over."""
     from batch.cache import Cache
     from batch.manifest import load_manifest
     from batch.plan import plan_manifest
     from batch.report import write_state
 
-    build_dir = tmp_path / "build"  # the default for both: the project root holds .git
-    cache = Cache(build_dir / "cache")
-    write_state(
-        plan_manifest(load_manifest(tmp_path / "a" / "m.yaml"), cache, build_dir=build_dir, checkpoints=tmp_path),
-        cache.is_cached,
-    )
-    second = dhbatch("plan", "b/m.yaml", cwd=tmp_path)
+    def built(manifest: Path, build_dir: Path) -> None:
+        cache = Cache(build_dir / "cache")
+        plan = plan_manifest(load_manifest(manifest), cache, build_dir=build_dir, checkpoints=tmp_path / "none")
+        write_state(plan, cache.is_cached)
+
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    for folder in ("a", "b"):
+        write_project(repo / folder)
+    built(repo / "a" / "m.yaml", repo / "build")  # the default for both: the project root holds .git
+    second = dhbatch("plan", "b/m.yaml", cwd=repo)
     assert (
         second.returncode == 2 and "holds the videos of a/m.yaml, and b/m.yaml has the same file name" in second.stderr
     )
     assert "--build-dir" in second.stderr and "Traceback" not in second.stderr
-    outside = tmp_path.parent / f"{tmp_path.name}-no-repo"  # nothing above marks a project: absolute identities
+
+    outside = tmp_path / "no-repo"  # nothing above marks a project: absolute identities
     for folder in ("a", "b"):
         write_project(outside / folder)
-    state = outside / "a" / "build"
-    first_outside = plan_manifest(
-        load_manifest(outside / "a" / "m.yaml"), Cache(state / "cache"), build_dir=state, checkpoints=tmp_path
-    )
-    write_state(first_outside, Cache(state / "cache").is_cached)
-    clash = dhbatch("plan", str(outside / "b" / "m.yaml"), "--build-dir", str(state), cwd=tmp_path)
+    built(outside / "a" / "m.yaml", outside / "a" / "build")
+    clash = dhbatch("plan", str(outside / "b" / "m.yaml"), "--build-dir", str(outside / "a" / "build"), cwd=repo)
     assert clash.returncode == 2 and "has the same file name" in clash.stderr, clash.stderr
-    own = dhbatch("plan", "b/m.yaml", "--build-dir", "build-b", cwd=tmp_path)
+
+    other = tmp_path / "other-repo"  # another project sharing a build folder: its manifest's relative name means
+    (other / ".git").mkdir(parents=True)  # nothing here, but its recorded path still exists
+    write_project(other / "c")
+    shared = tmp_path / "shared-build"
+    built(other / "c" / "m.yaml", shared)
+    taken = dhbatch("plan", "a/m.yaml", "--build-dir", str(shared), cwd=repo)
+    assert taken.returncode == 2 and "has the same file name" in taken.stderr, taken.stderr
+    shutil.rmtree(other)  # that project is gone: its folder passes on
+    assert dhbatch("plan", "a/m.yaml", "--build-dir", str(shared), cwd=repo).returncode == 1
+
+    own = dhbatch("plan", "b/m.yaml", "--build-dir", "build-b", cwd=repo)
     assert own.returncode == 1, own.stderr
-    again = dhbatch("plan", "a/m.yaml", cwd=tmp_path)
+    again = dhbatch("plan", "a/m.yaml", cwd=repo)
     assert again.returncode == 1, again.stderr  # its own folder: planned as before
 
 
