@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, many: bool = False) -> None:
         # -v/-q also after the command (SUPPRESS: when absent there, the value given before the command stands).
-        sp.add_argument("-v", dest="verbose_after", action="count", default=0, help=argparse.SUPPRESS)
+        sp.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0, help=argparse.SUPPRESS)
         sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if many:
             sp.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
@@ -300,9 +300,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     e["key"]
                     for v in (videos.values() if isinstance(videos, dict) else ())
                     if isinstance(v, dict)
-                    for e in v.values()
-                    if isinstance(e, dict) and "key" in e
-                } - reachable
+                    for stage, e in v.items()
+                    if isinstance(e, dict) and isinstance(e.get("key"), str) and cache.entry(stage, e["key"]).is_dir()
+                } - reachable  # still in the cache, and not reached otherwise
                 if not keys:
                     continue
                 if isinstance(owner, str) and owner_state(state, None, root) == "gone":

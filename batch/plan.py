@@ -357,7 +357,7 @@ class Planner:
         """Whether `output` holds the final step's file: present, and the size of the cached one (a cheap check; the
         build compares the bytes)."""
         try:
-            if not output.is_file():
+            if output.is_symlink() or not output.is_file():  # a link where the output goes is replaced by a copy
                 return False
             if self.cached_output is None or not self.is_cached(final.stage, final.key):
                 return True  # the build makes it anew anyway

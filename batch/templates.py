@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,16 +35,14 @@ class TemplateError(DHBatchError):
 MAX_OUTPUT = 1_000_000
 MAX_REPEAT = 1_000_000
 MAX_NUMBER_BITS = 4096
-_WIDE = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+#: A printf-style conversion: flags, width (or *), precision (or *), type.
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
+#: Longest text `wordwrap` takes (Python's textwrap is slow on huge inputs of short words).
+MAX_WRAP = 100_000
 
 
 def _refuse(what: str) -> None:
     raise jinja2.exceptions.SecurityError(what)
-
-
-def _check_format(text: Any) -> None:
-    if isinstance(text, str) and _WIDE.search(text):
-        _refuse(f"a format width or precision above {MAX_REPEAT}")
 
 
 def _check_width(width: Any) -> None:
@@ -50,27 +50,82 @@ def _check_width(width: Any) -> None:
         _refuse(f"a width above {MAX_REPEAT}")
 
 
+def _check_ints(values: Any) -> None:
+    """Values that a `*` width or a nested `{}` format field may take: no int above MAX_REPEAT."""
+    items = values.values() if isinstance(values, dict) else values if isinstance(values, tuple | list) else [values]
+    for value in items:
+        _check_width(value)
+
+
+def _check_percent(fmt: Any, args: Any) -> None:
+    """`fmt % args` (and the `format` filter): widths and precisions, written or taken from `*`, at most a million."""
+    if not isinstance(fmt, str):
+        return
+    star = False
+    for width, precision in _PERCENT_SPEC.findall(fmt):
+        for part in (width, precision):
+            if part == "*":
+                star = True
+            elif part:
+                _check_width(int(part))
+    if star:
+        _check_ints(args)
+
+
+def _check_str_format(fmt: str, args: tuple, kwargs: dict) -> None:
+    """`fmt.format(...)`: the numbers in each field's spec, and the values of nested fields (`{:{w}}`)."""
+    nested = False
+    pending = [fmt]
+    while pending:
+        try:
+            fields = list(string.Formatter().parse(pending.pop()))
+        except ValueError:
+            return  # a malformed format string: str.format reports it
+        for _, field, spec, _ in fields:
+            if field is None or not spec:
+                continue
+            if "{" in spec:
+                nested = True
+                pending.append(spec)
+            for number in re.findall(r"\d+", spec):
+                _check_width(int(number))
+    if nested:
+        _check_ints(args)
+        _check_ints(kwargs)
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, with the bounds above on `*`, `**`, `%`, str.format and padding."""
+    """The sandbox, with the bounds above on `*`, `**`, `%`, str.format, padding and wrapping."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name, width_at in (("center", 1), ("indent", 1), ("format", None)):
-            self.filters[name] = self._bounded_filter(self.filters[name], width_at)
+        center, indent, fmt, wordwrap = (self.filters[n] for n in ("center", "indent", "format", "wordwrap"))
 
-    @staticmethod
-    def _bounded_filter(fn: Any, width_at: int | None) -> Any:
-        @functools.wraps(fn)
-        def bounded(*args: Any, **kwargs: Any) -> Any:
-            if width_at is None:
-                _check_format(args[0] if args else None)
-            else:
-                _check_width(args[width_at] if len(args) > width_at else kwargs.get("width"))
-            return fn(*args, **kwargs)
+        def bounded_center(value: Any, width: Any = 80) -> Any:
+            _check_width(width)
+            return center(value, width)
 
-        return bounded
+        def bounded_indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> Any:
+            pad = width if isinstance(width, int) else len(str(width))
+            if pad * (str(value).count("\n") + 1) > MAX_OUTPUT:
+                _refuse(f"the indented text would be longer than {MAX_OUTPUT} characters")
+            return indent(value, width, *args, **kwargs)
+
+        def bounded_format(value: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_percent(value, args or kwargs)
+            return fmt(value, *args, **kwargs)
+
+        def bounded_wordwrap(env: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            if len(str(value)) > MAX_WRAP:
+                _refuse(f"wordwrap takes at most {MAX_WRAP} characters")
+            return wordwrap(env, value, *args, **kwargs)
+
+        bounded_wordwrap.jinja_pass_arg = wordwrap.jinja_pass_arg  # type: ignore[attr-defined]
+        for name, fn in (("center", bounded_center), ("indent", bounded_indent), ("format", bounded_format),
+                         ("wordwrap", bounded_wordwrap)):  # fmt: skip
+            self.filters[name] = fn
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -84,24 +139,37 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             ):
                 _refuse(f"the product would have more than {MAX_NUMBER_BITS} bits")
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
-            if right * (abs(left).bit_length() - 1) > MAX_NUMBER_BITS:
+            if right * math.log2(abs(left)) > MAX_NUMBER_BITS:
                 _refuse(f"the power would have more than {MAX_NUMBER_BITS} bits")
         if operator == "%":
-            _check_format(left)
+            _check_percent(left, right)
         return super().call_binop(context, operator, left, right)
 
     def wrap_str_format(self, value: Any) -> Any:
-        # str.format / format_map are wrapped by Jinja when accessed: check the format string there.
+        # str.format / format_map are wrapped by Jinja when accessed: check each call's format and arguments.
         wrapped = super().wrap_str_format(value)
-        if wrapped is not None:
-            _check_format(value.__self__)
-        return wrapped
+        if wrapped is None:
+            return None
+        fmt, is_map = value.__self__, value.__name__ == "format_map"
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if is_map and len(args) == 1 and isinstance(args[0], dict):
+                _check_str_format(fmt, (), args[0])
+            else:
+                _check_str_format(fmt, args, kwargs)
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's naming
         owner = getattr(__obj, "__self__", None)
         name = getattr(__obj, "__name__", "")
-        if isinstance(owner, str) and name in ("center", "ljust", "rjust", "zfill", "expandtabs") and args:
-            _check_width(args[0] if name != "expandtabs" else args[0] * owner.count("\t"))
+        if isinstance(owner, str) and name in ("center", "ljust", "rjust", "zfill"):
+            _check_width(args[0] if args else kwargs.get("width"))
+        if isinstance(owner, str) and name == "expandtabs":
+            size = args[0] if args else kwargs.get("tabsize", 8)
+            if isinstance(size, int) and size * (owner.count("\t") + 1) > MAX_OUTPUT:
+                _refuse(f"the expanded text would be longer than {MAX_OUTPUT} characters")
         return super().call(__context, __obj, *args, **kwargs)
 
 

@@ -151,7 +151,7 @@ def job_error(job: StepJob, exc: Exception) -> RenderError:
         return labelled(
             BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions"), job.label
         )
-    logger.warning("%s failed", job.label or job.key, exc_info=True)
+    logger.debug("%s failed", job.label or job.key, exc_info=True)  # the traceback with -vv only
     return labelled(as_render_error(exc), job.label)
 
 

@@ -60,8 +60,8 @@ _PREFIX = re.compile(r"^(?:[-*•>]+\s*|\d+[.)]\s+|(?:stable\s+diffusion\s+|imag
 _QUOTES = "\"'`“”‘’«»"
 #: A chat model's lead-in ("Sure! Here is a prompt for Stable Diffusion:"), up to its colon.
 _LEAD_IN = re.compile(
-    r"^(?:(?:sure|okay|ok|certainly|of course)\b[!,.]?\s*)?(?:here(?:'s|’s| is| are)\b[^:\n]{0,80}|"
-    r"(?:sure|okay|ok|certainly|of course)\b[^:\n]{0,80}prompt[^:\n]{0,40}):\s*",
+    r"^(?:(?:sure|okay|ok|certainly|of course)\b[!,.]?\s*)?(?:here(?:'s|’s| is| are)\b|"
+    r"(?:sure|okay|ok|certainly|of course)\b)[^:\n]{0,80}\bprompts?\b[^:\n]{0,40}:\s*",
     re.IGNORECASE,
 )
 

@@ -113,12 +113,17 @@ def resolve_model(model: str, checkpoints: Path) -> tuple[str, Path | None]:
     folder = Path(checkpoints) / path
     if folder.is_dir():
         return str(folder), folder
-    if model.count("/") == 1:
+    if "/" in model:  # a Hugging Face id: its cached snapshot, never a same-named folder in the working directory
         from renderer.checkpoints import hub_snapshot
 
-        snapshot = hub_snapshot(model)
-        if snapshot is not None:
-            return str(snapshot), folder
+        snapshot = hub_snapshot(model) if model.count("/") == 1 else None
+        if snapshot is None:
+            raise MissingWeightsError(
+                f"Stable Diffusion weights not found: {folder} is missing and {model!r} is not in the local Hugging "
+                "Face cache",
+                _CHECKPOINTS_HINT,
+            )
+        return str(snapshot), folder
     return model, folder
 
 
@@ -292,7 +297,6 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
                     image.save(job.out_dir / "portrait.png")
                 except Exception as exc:  # noqa: BLE001 - no face, a full disk, a bug: this portrait only
                     results[index] = job_error(job, exc)
-                    logger.error("%s", results[index])
                     continue
                 results[index] = {
                     "renderer": "stable-diffusion",

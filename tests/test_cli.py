@@ -134,6 +134,7 @@ def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
     only = dhbatch("plan", "--only", "ceo-hello", "ceo-hello", "m.yaml", "--json", "-q", cwd=tmp_path)
     assert only.returncode == 1, only.stderr
     assert [v["id"] for v in json.loads(only.stdout)["videos"]] == ["ceo-hello"]
+    assert dhbatch("validate", "m.yaml", "--verbose", cwd=tmp_path).returncode == 0
     stage = dhbatch("plan", "--force", "voice", "m.yaml", cwd=tmp_path)
     assert stage.returncode == 1 and "Traceback" not in stage.stderr
 
@@ -253,9 +254,10 @@ def test_cli_gc_keeps_other_manifests_entries_and_waits_for_builds(tmp_path: Pat
     other.write_text(other.read_text().replace("Farewell", "Bye"))  # its old entries become garbage
     both = dhbatch("gc", "m.yaml", "other.yaml", "--yes", cwd=tmp_path)
     assert both.returncode == 0 and f"{kept[1]} cache entries removed" in both.stdout, both.stdout
-    write_state(
-        plan_manifest(load_manifest(other), cache, build_dir=tmp_path / "build", checkpoints=tmp_path), cache.is_cached
-    )
+    p = plan_manifest(load_manifest(other), cache, build_dir=tmp_path / "build", checkpoints=tmp_path / "checkpoints")
+    Runner(p, cache, checkpoints=tmp_path / "checkpoints", device="cpu", progress=False, stages=make_registry()).run()
+    write_state(p, cache.is_cached)
     other.unlink()  # its last-built entries belong to nobody now
     gone = dhbatch("gc", "m.yaml", "--yes", cwd=tmp_path)
     assert gone.returncode == 0 and "other.yaml, which no longer exists" in gone.stdout, gone.stdout
+    assert "no longer exists" not in dhbatch("gc", "m.yaml", cwd=tmp_path).stdout  # collected: not said again

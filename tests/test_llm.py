@@ -106,6 +106,8 @@ def test_clean_prompt_drops_a_chat_models_lead_in() -> None:
     assert clean_prompt(answer, 200) == "portrait photo of a CEO, 85mm"
     assert clean_prompt("Here's a Stable Diffusion prompt: \"portrait of a CEO", 200) == "portrait of a CEO"
     assert clean_prompt("portrait of a woman: studio light", 200) == "portrait of a woman: studio light"
+    for kept in ("Here is a woman in the rain, ratio 16:9", "Here's a portrait of a CEO: confident, studio light"):
+        assert clean_prompt(kept, 200) == kept  # a lead-in names the prompt; these are the prompt
 
 
 def test_clean_prompt_cuts_at_a_word_boundary() -> None:

@@ -237,10 +237,18 @@ def test_plan_empty_script_text_fails_validate_and_only_its_videos_in_a_build(tm
         "{{ 'x'|indent(width=1500000000, first=true) }}",
         "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",
         "{% set a = 10**1000 %}{% set a = a * a %}{% set a = a * a %}{% set a = a * a %}{{ a }}",
+        "{{ '%*d' % (2000000, 1) }}",
+        "{{ '%*s'|format(2000000, 'a') }}",
+        "{{ '{:{w}}'.format('x', w=2000000) }}",
+        "{{ '{:>{}}'.format('x', 2000000) }}",
+        "{{ 'a\tb'.expandtabs(tabsize=2000000) }}",
+        "{{ ('x\n' * 3000)|indent(3000) }}",
+        "{{ 3**4096 }}",
+        "{{ (' ' * 1000000)|wordwrap(1) }}",
     ],
 )
 def test_templates_refuse_blow_ups_quickly(source: str) -> None:
-    """A template cannot make the planner allocate gigabytes or compute for minutes: refused, without trying."""
+    """The usual ways a template blows up (huge repeats, widths, numbers, texts) are refused without trying."""
     import time
 
     from batch.templates import TemplateError, render
@@ -256,3 +264,6 @@ def test_templates_ordinary_formatting_still_works() -> None:
 
     source = "{{ '%s-%03d' % ('a', 7) }} {{ '{:>4}'.format('x') }} {{ 'ab'|center(6) }} {{ 2**3000 > 1 }} {{ 'x' * 3 }}"
     assert render(source, "t", {}) == "a-007    x   ab   True xxx"
+    # Long numbers in the text are not format widths.
+    source = "{{ 'Call 0800123456, %s' % 'Ann' }} {{ 'Order 20261126: {}'.format(7) }} {{ '{:>{w}}'.format('x', w=3) }}"
+    assert render(source, "t", {}) == "Call 0800123456, Ann Order 20261126: 7   x"

@@ -417,3 +417,20 @@ def test_stage_library_error_or_bug_fails_only_its_own_video(tmp_path: Path) -> 
     assert isinstance(first, BackendError) and str(first).startswith("videos.a: FFmpeg: ")
     assert isinstance(second, BackendError) and "videos.b: internal error: KeyError: 'width'" in str(second)
     assert third == {"ok": True}
+
+
+def test_cache_sweep_waits_an_hour_for_another_hosts_step(tmp_path: Path) -> None:
+    """A step folder of this host's dead run goes at once; another host's (a cache shared over NFS), whose PID
+    cannot be checked here, only after an hour untouched."""
+    cache = Cache(tmp_path / "cache")
+    mine = cache.new_tmp("a" * 64)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    local_dead = mine.with_name(mine.name.replace(f".{os.getpid()}.", f".{int(dead.stdout)}.", 1))
+    mine.rename(local_dead)
+    fresh = cache.tmp / f"{'b' * 16}.{int(dead.stdout)}.0123abcd.other-host"
+    stale = cache.tmp / f"{'c' * 16}.{int(dead.stdout)}.0123abcd.other-host"
+    for folder in (fresh, stale):
+        folder.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert cache.sweep_tmp() == 2
+    assert [p.name for p in cache.tmp.iterdir()] == [fresh.name]

@@ -1035,8 +1035,10 @@ def _finish(video: _Video) -> None:
         return
     try:
         writer.close()
-    except Exception as exc:  # noqa: BLE001 - as in _emit: this video only
+    except OSError as exc:
         video.error = BackendError(f"cannot write {writer.path}: {exc}", "check free disk space")
+    except Exception as exc:  # noqa: BLE001 - as in _emit: this video only
+        video.error = as_render_error(exc)
 
 
 def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
