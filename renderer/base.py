@@ -5,6 +5,7 @@ This module must stay light (no torch at import): the runner imports it before a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import sys
@@ -86,6 +87,7 @@ class ModelPool:
         self.loads: dict[tuple[str, str, str], int] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str, str], threading.Lock] = {}
+        self._failed: dict[tuple[str, str, str], RenderError] = {}
 
     def get(self, model_id: str, device: str, dtype: str, loader: Callable[[], T]) -> T:
         """Return the pooled model, calling `loader()` only the first time this key is asked for.
@@ -101,8 +103,15 @@ class ModelPool:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
+                if key in self._failed:  # its weights are missing or broken: said once, not loaded again per job
+                    raise copy.copy(self._failed[key])
             logger.info("loading %s on %s (%s)", model_id, device, dtype)
-            model = loader()
+            try:
+                model = loader()
+            except RenderError as exc:
+                with self._lock:
+                    self._failed[key] = copy.copy(exc)
+                raise
             with self._lock:
                 self._models[key] = model
                 self.loads[key] = self.loads.get(key, 0) + 1
@@ -114,6 +123,7 @@ class ModelPool:
         with self._lock:
             for key in [k for k in self._models if k[1].startswith(device_prefix)]:
                 del self._models[key]
+            self._failed.clear()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()

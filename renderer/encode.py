@@ -335,7 +335,9 @@ def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError
         info = probe(out)
         warnings = []
         speech = _read_pcm(Path(job.inputs["audio"])).size / SAMPLE_RATE
-        if info.video_duration is not None and speech - info.video_duration >= 1 / FPS - 1e-6:  # the animation makes floor(samples / 640) frames: less is a cut
+        if (
+            info.video_duration is not None and speech - info.video_duration >= 1 / FPS - 1e-6
+        ):  # the animation makes floor(samples / 640) frames: less is a cut
             warnings.append(
                 f"the speech lasts {speech:.2f} s but the video {info.video_duration:.2f} s: the end is cut"
             )

@@ -434,3 +434,28 @@ def test_cache_sweep_waits_an_hour_for_another_hosts_step(tmp_path: Path) -> Non
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert cache.sweep_tmp() == 2
     assert [p.name for p in cache.tmp.iterdir()] == [fresh.name]
+
+
+def test_model_that_fails_to_load_is_tried_once_per_stage(tmp_path: Path) -> None:
+    """Missing or broken weights: the first job's load fails, the others get the same error without loading again
+    (each its own copy, to be labelled with its own video); the next stage (after release) tries again."""
+    from renderer.base import MissingWeightsError, ModelPool, labelled
+
+    calls = []
+
+    def loader():
+        calls.append(1)
+        raise MissingWeightsError("weights missing: gfpgan/GFPGANv1.4.pth", "run `make checkpoints`")
+
+    pool = ModelPool()
+    errors = []
+    for label in ("videos.a", "videos.b"):
+        with pytest.raises(MissingWeightsError) as info:
+            pool.get("gfpgan", "cpu", "float32", loader)
+        errors.append(labelled(info.value, label))
+    assert len(calls) == 1
+    assert [str(e).split(":")[0] for e in errors] == ["videos.a", "videos.b"]
+    pool.release()
+    with pytest.raises(MissingWeightsError):
+        pool.get("gfpgan", "cpu", "float32", loader)
+    assert len(calls) == 2
