@@ -168,21 +168,12 @@ class Cache:
         removed = 0
         if not self.tmp.is_dir():
             return 0
-        old = time.time() - 3600
         for folder in self.tmp.iterdir():
             parts = folder.name.split(".", 3)
             pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
-            if pid == os.getpid() or (pid is not None and _alive(pid)):
-                continue
-            # Another host's run (a cache shared over NFS) cannot be checked by PID: its folder goes after an hour.
-            host = parts[3] if len(parts) == 4 else _HOST
-            try:
-                if host != _HOST and folder.stat().st_mtime > old:
-                    continue
-            except OSError:
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
+            if _abandoned(folder, pid, parts[3] if len(parts) == 4 else _HOST):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
         return removed
 
     def entries(self) -> Iterator[tuple[str, str, Path]]:
@@ -224,16 +215,26 @@ def sweep_stale_tmp(folder: Path) -> int:
     """Remove the temporary files (`write_atomic`, `publish`: `.NAME.PID.ID.tmp`) that runs killed mid-write left in
     `folder`: those of processes no longer running here, untouched for an hour."""
     removed = 0
-    old = time.time() - 3600  # and untouched for an hour: on a shared (NFS) folder the PID may be another host's
     for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
         match = _TMP_NAME.match(path.name)
-        try:
-            if match and not _alive(int(match[1])) and path.is_file() and path.stat().st_mtime < old:
-                path.unlink(missing_ok=True)
-                removed += 1
-        except OSError:
-            continue
+        if match and path.is_file() and _abandoned(path, int(match[1]), None):
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed
+
+
+def _abandoned(path: Path, pid: int | None, host: str | None) -> bool:
+    """Whether a temporary file or folder was left by a run that no longer runs: this host's dead run at once; a run
+    of another (or an unknown) host, whose PID cannot be checked here (a cache shared over NFS), after an hour
+    untouched."""
+    if pid == os.getpid() or (pid is not None and _alive(pid)):
+        return False
+    if host == _HOST:
+        return True
+    try:
+        return path.stat().st_mtime < time.time() - 3600
+    except OSError:
+        return False
 
 
 #: This machine's name, in temporary folder names (`Cache.sweep_tmp`).

@@ -370,23 +370,23 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
     )
 
 
+def _marked_root(manifest: Path) -> Path | None:
+    """The nearest ancestor of the manifest with .git or checkpoints/, if any."""
+    start = manifest.resolve().parent
+    return next((f for f in (start, *start.parents) if (f / ".git").exists() or (f / "checkpoints").is_dir()), None)
+
+
 def project_root(manifest: Path) -> Path:
     """The folder holding build/ and checkpoints/: the nearest ancestor of the manifest with .git, else its folder."""
-    start = manifest.resolve().parent
-    for folder in (start, *start.parents):
-        if (folder / ".git").exists() or (folder / "checkpoints").is_dir():
-            return folder
-    return start
+    return _marked_root(manifest) or manifest.resolve().parent
 
 
 def manifest_identity(manifest: Manifest) -> str:
     """The manifest's path from its project root (the same in every checkout of the repository); its absolute path
     where it has no project root (no .git or checkpoints/ above it)."""
     path = manifest.path.resolve()
-    root = project_root(manifest.path)
-    if not ((root / ".git").exists() or (root / "checkpoints").is_dir()):
-        return path.as_posix()
-    return path.relative_to(root).as_posix()
+    root = _marked_root(manifest.path)
+    return path.as_posix() if root is None else path.relative_to(root).as_posix()
 
 
 def _known(ids: Mapping[str, Any]) -> str:

@@ -84,8 +84,7 @@ def prune_removed(plan: Plan) -> list[str]:
     videos = state.get("videos")
     if not isinstance(videos, dict):
         return []
-    current = {v.id for v in plan.manifest.videos}
-    gone = sorted(i for i in videos if i not in current)
+    gone = [i for i in plan.removed if i in videos]  # the planner's list, less what an earlier call removed
     out_dir = path.parent
     for vid in gone:
         for stale in (out_dir / f"{vid}.mp4", out_dir / "thumbs" / f"{vid}.png"):

@@ -207,7 +207,9 @@ def _identity(weights: Weights, hasher: FileHasher) -> str:
     if weights.kind == "package":
         return package_version(weights.name)
     if weights.kind == "hub":
-        folder = _hub_snapshot(weights.name)
+        from renderer.checkpoints import hub_snapshot  # light: no torch
+
+        folder = hub_snapshot(weights.name)
         return hasher.folder_digest(folder, MODEL_FOLDER_FILES) if folder else f"missing:hub:{weights.name}"
     path = weights.path
     if weights.kind == "file" and path.is_file():
@@ -215,9 +217,3 @@ def _identity(weights: Weights, hasher: FileHasher) -> str:
     if weights.kind == "folder" and path.is_dir():
         return hasher.folder_digest(path, MODEL_FOLDER_FILES)
     return f"missing:{weights.name}"
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    from renderer.checkpoints import hub_snapshot  # light: no torch
-
-    return hub_snapshot(repo_id)
