@@ -74,7 +74,9 @@ try:
 except ImportError:
     print(\"no triton: torch.compile unavailable\")"' ;;
     pytest)
-        part pytest 300 env RUN_GPU=1 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sadtalker_render.py ;;
+        # PYTEST_K: only the GPU tests it selects (pytest -k)
+        part pytest "${PYTEST_LIMIT:-300}" env RUN_GPU=1 python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider -m gpu \
+            -k "${PYTEST_K:-gpu}" tests/test_sadtalker_render.py ;;
     speed)
         part speed 200 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 ;;
     compiled)  # video.compile: true (compiled.py: AOTInductor package, loaded, recorded as a CUDA graph); each
@@ -96,7 +98,7 @@ except ImportError:
             --cold-clips "${COLD_CLIPS:-5}" --batch-size 16 --landmarks "$LANDMARKS" --prepare ${PREPARE:-0:1 1:4 1:8} ;;
     clipscompiled)  # the same with video.compile: true, the package compiled once beforehand; the cold arm runs
         # compiled (loading the package) and not compiled (the seed's way)
-        part clipscompiled 300 python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+        part clipscompiled "${CLIPS_LIMIT:-300}" python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --cold-clips "${COLD_CLIPS:-3}" --batch-size 16 --landmarks "$LANDMARKS" --compile --prepare 1:4 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \

@@ -996,6 +996,84 @@ def test_compiled_step_falls_back_in_order(
     assert calls == [("jit",)] and "export refused" in caplog.text
 
 
+def test_trilinear_sample_equals_grid_sample() -> None:
+    """The gathers that replace grid_sampler_3d in a CUDA package (facerender.trilinear_sample) give PyTorch's
+    values: trilinear, zeros outside, align_corners=False; points outside the volume, on its edges and exactly on
+    voxel centres included; in float32 and for the dense motion's shapes."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for volume, out in (((3, 5, 7, 9, 11), (3, 4, 6, 8)), ((2, 4, 16, 8, 8), (2, 16, 8, 8))):
+        x = torch.randn(*volume, generator=gen)
+        grid = torch.rand(*out, 3, generator=gen) * 2.6 - 1.3  # about 15 % of the points fall outside
+        grid[0, 0, 0, 0] = torch.tensor([1.0, -1.0, 1.0])  # corners of the volume's outer edge
+        d, h, w = volume[2:]
+        grid[0, 0, 0, 1] = torch.tensor([(2 * 1 + 1) / w - 1, (2 * 2 + 1) / h - 1, (2 * 0 + 1) / d - 1])  # a centre
+        expected = F.grid_sample(x, grid, align_corners=False)
+        got = fr.trilinear_sample(x, grid)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+        assert got[0, :, 0, 0, 1].allclose(x[0, :, 0, 2, 1])
+
+
+def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile_just_in_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new package is loaded and run once in a separate Python before it is kept. Here that process dies of a
+    segmentation fault (as PyTorch 2.11's loader did on an H100): the run goes on just in time, the package is not
+    kept, a `.failed` note says why, and the next run compiles just in time without exporting again. A package
+    that loads and runs passes the check (a real AOTInductor package of a small module)."""
+    import logging
+    import signal
+
+    from renderer.sadtalker import compiled
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((3,), 2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    step, example = Step(), (torch.ones(2, 3),)
+    package = tmp_path / "small.pt2"
+    with torch.inference_mode(False):
+        torch._inductor.aoti_compile_and_package(
+            torch.export.export(step, example),
+            package_path=str(package),
+            inductor_configs={"aot_inductor.package_constants_in_so": False},
+        )
+    assert compiled._check_in_child(package, step, example) is None
+    (tmp_path / "garbage.pt2").write_bytes(b"not a package")
+    assert compiled._check_in_child(tmp_path / "garbage.pt2", step, example).startswith("exit status 1")
+
+    crash = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
+    monkeypatch.setattr(compiled, "_CHECK", crash)
+    monkeypatch.setattr(compiled, "package_key", lambda step, example: "k")
+    monkeypatch.setattr(compiled.RenderStep, "__init__", lambda self, renderer, dtype: torch.nn.Module.__init__(self))
+    monkeypatch.setattr(compiled.RenderStep, "forward", Step.forward)
+    exports, jit = [], []
+
+    def package_it(program, package_path, inductor_configs):
+        exports.append(package_path)
+        package.replace(package_path) if package.exists() else Path(package_path).write_bytes(b"x")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package_it)
+    monkeypatch.setattr(torch.export, "export", lambda step, example: "program")
+    monkeypatch.setattr(compiled, "_compile_just_in_time", lambda step, example: jit.append(1) or "J")
+    loads = []
+    monkeypatch.setattr(compiled, "_load", lambda path, step, example: loads.append(path))
+    folder = tmp_path / "compiled"
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+        assert compiled.compiled_step(step, example, None, folder) == "J"
+        assert "crashed (SIGSEGV)" in caplog.text and "failed its check" in caplog.text
+        assert sorted(p.name for p in folder.iterdir()) == ["render-k.failed"] and loads == []
+        assert "SIGSEGV" in (folder / "render-k.failed").read_text()
+        caplog.clear()
+        assert compiled.compiled_step(step, example, None, folder) == "J"
+    assert len(exports) == 1 and jit == [1, 1] and "delete" in caplog.text and loads == []
+
+
 def test_compiled_package_goes_to_a_temporary_folder_when_the_cache_is_not_writable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1013,6 +1091,7 @@ def test_compiled_package_goes_to_a_temporary_folder_when_the_cache_is_not_writa
     monkeypatch.setattr(torch.export, "export", lambda step, example: "program")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
     monkeypatch.setattr(compiled, "_load", lambda path, step, example: path)
+    monkeypatch.setattr(compiled, "_check_in_child", lambda package, step, example: None)
     blocked = tmp_path / "file"
     blocked.write_text("a file where the folder should be")
     with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):

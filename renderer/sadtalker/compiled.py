@@ -13,7 +13,11 @@ no second copy of them is made or stored.
 A package is made for one batch shape and dtype, one PyTorch build, one GPU model, the renderer's kernel options
 and the source of the modules it was compiled from: all of them go into its name (`package_key`), so a change of
 any compiles anew and nothing stale is loaded. It is written to a temporary file and renamed into place, so a run
-stopped while compiling leaves no half package; a package that fails to load is compiled again. Where the
+stopped while compiling leaves no half package; a package that fails to load is compiled again. Before a new package
+is put in place, a separate Python loads it and runs one batch (`_check_in_child`): loading native code can crash a
+process rather than raise, and a run must not die of it. A package that fails the check is not kept; a
+`render-<key>.failed` note beside it says why, and later runs with that key compile just in time without trying
+again (delete the note to retry; a new PyTorch or GPU gives a new key). Where the
 checkpoints folder is read-only, the package goes to a temporary folder, for that run only.
 
 A package is native code that the run loads and executes, like TorchInductor's own cache in the temporary folder:
@@ -47,8 +51,10 @@ from renderer.sadtalker.graphs import GraphUnavailable, RenderStep
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the package's making changes in a way its key does not capture.
-PACKAGE_FORMAT = 1
+#: Bump when the package's making changes in a way its key does not capture (2: checked in a separate process).
+PACKAGE_FORMAT = 2
+#: The longest the check of a new package in a separate process may take (loading it and running one batch).
+CHECK_SECONDS = 600
 #: Modules whose code a package holds (their bytes are part of its key).
 SOURCES = ("facerender.py", "graphs.py", "compiled.py", "fold.py")
 
@@ -93,6 +99,12 @@ def compiled_step(
     example = tuple(example)
     folder = _temporary_folder() if folder is None else Path(folder)
     path = folder / f"render-{package_key(step, example)}.pt2"
+    failed = path.with_suffix(".failed")
+    if failed.is_file() and not path.is_file():  # this machine could not run such a package: do not compile again
+        reason = failed.read_text(errors="replace").strip().splitlines()[:1] or ["no reason recorded"]
+        logger.warning("the render step compiled ahead of time failed its check on this machine before (%s; delete "
+                       "%s to try again); compiling it for this run only", reason[0], failed)  # fmt: skip
+        return _compile_just_in_time(step, example)
     if path.is_file():
         try:
             return _load(path, step, example)
@@ -127,13 +139,23 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
             )
+        compiled_in = time.perf_counter() - started
+        problem = _check_in_child(partial, step, example)
+        if problem:
+            try:
+                path.with_suffix(".failed").write_text(f"{problem}\ntorch {torch.__version__}\n")
+            except OSError:
+                pass
+            raise RuntimeError(f"the compiled package failed its check in a separate process: {problem}")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     logger.info(
-        "compiled the render step ahead of time in %.1f s (export %.1f s) into %s; later runs load it",
-        time.perf_counter() - started,
+        "compiled the render step ahead of time in %.1f s (export %.1f s), checked it in %.1f s, into %s; later runs "
+        "load it",
+        compiled_in,
         exported,
+        time.perf_counter() - started - compiled_in,
         path,
     )
     return _load(path, step, example)
@@ -164,6 +186,76 @@ def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Ca
         return runner(*tensors)
 
     return run
+
+
+#: Run by `_check_in_child` in a separate Python: load the package, hand it zeros for its constants, run one batch
+#: of zeros. Any failure, a crash of the native code included, ends that process only.
+_CHECK = """
+import json, sys
+import torch
+spec = json.loads(sys.argv[1])
+device = torch.device(spec["device"])
+runner = torch._inductor.aoti_load_package(spec["package"], run_single_threaded=True, device_index=spec["index"])
+wanted = runner.get_constant_fqns()
+missing = [name for name in wanted if name not in spec["constants"]]
+if missing:
+    sys.exit(f"the package wants constants the renderer does not have: {missing[:3]}")
+constants = {}
+for name in wanted:
+    shape, dtype = spec["constants"][name]
+    constants[name] = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+runner.load_constants(constants, check_full_update=True, user_managed=True)
+inputs = [torch.zeros(shape, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
+          for shape, stride, dtype in spec["inputs"]]
+with torch.inference_mode():
+    out = runner(*inputs)
+if device.type == "cuda":
+    torch.cuda.synchronize(device)
+print("ok", tuple(out.shape))
+"""
+
+
+def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> str | None:
+    """Load and run a new package once in a separate process; None when that worked, else what went wrong.
+
+    Why: a package is native code, and loading one can crash the whole process rather than raise (a segmentation
+    fault in PyTorch 2.11's package loader on an H100, bench/results/2026-11-26-h100d). Checked in a child, such a
+    package is never loaded by the run, which compiles just in time instead and keeps its videos."""
+    import signal
+    import subprocess
+    import sys
+
+    device = example[0].device
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    spec = {
+        "package": str(package),
+        "device": str(device),
+        "index": index,
+        "constants": {
+            name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in _constants(step).items()
+        },
+        "inputs": [[list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")] for t in example],
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK, json.dumps(spec)],
+            capture_output=True, text=True, timeout=CHECK_SECONDS, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"loading and running it took over {CHECK_SECONDS} s"
+    except OSError as exc:
+        return f"could not start a Python to check it: {exc}"
+    if done.returncode == 0 and done.stdout.startswith("ok"):
+        return None
+    if done.returncode < 0:
+        try:
+            what = f"the process crashed ({signal.Signals(-done.returncode).name})"
+        except ValueError:
+            what = f"the process was ended by signal {-done.returncode}"
+    else:
+        what = f"exit status {done.returncode}"
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip() and not line.startswith(" ")]
+    return what + (f": {lines[-1]}" if lines else "")
 
 
 def _compile_just_in_time(step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
