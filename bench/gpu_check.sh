@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
 #                                        big profile prepstage halfweights kernels clipscompiled sdcompile
-#                                        rendermemory (default: setup pytest speed compiled sd clips memory cudnn
+#                                        rendermemory aotiprobe (default: setup pytest speed compiled sd clips memory cudnn
 #                                        profile, in this order: about 12 minutes on an H100, so through the device
 #                                        tool run it as two calls, e.g. "setup pytest speed compiled" then
 #                                        "setup sd clips memory cudnn profile")
@@ -121,6 +121,8 @@ except ImportError:
             --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
+    aotiprobe)  # which AOTInductor packages load and run here (a small model, six variants, each in its own process)
+        part aotiprobe 150 python3 bench/probe_aoti.py ;;
     rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
         part rendermemory 120 python3 bench/bench_render_memory.py --device cuda --sizes 256 512 --batches 1 8 ;;
     profile)

@@ -704,12 +704,16 @@ def test_conv_relu_is_relu_of_conv_and_norm_off_cuda(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.gpu
 def test_kernel_options_on_cuda_keep_the_frames(kp_detector, mappings, generator, monkeypatch) -> None:
-    """RUN_GPU=1: BROADCAST_UPSAMPLE renders the same float16 frames bit for bit; FUSED_CONV_RELU really runs cuDNN's
-    fused convolution, and its float16 frames are no further from float32 than the unfused ones; a recorded graph
-    with both on replays its eager frames exactly."""
+    """RUN_GPU=1: BROADCAST_UPSAMPLE's copy gives F.interpolate's values exactly on CUDA, in both layouts, and its
+    float16 frames stay as close to float32 as the default's (on an H100 they were not bit-identical to the
+    default's: 6.5 % of values differed, by at most 2 levels); FUSED_CONV_RELU really runs cuDNN's fused
+    convolution, and its float16 frames are no further from float32 than the unfused ones; a recorded graph with
+    both on replays its eager frames exactly."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     import copy
+
+    import torch.nn.functional as F
 
     from renderer.sadtalker.graphs import GraphedRender
 
@@ -733,7 +737,10 @@ def test_kernel_options_on_cuda_keep_the_frames(kp_detector, mappings, generator
     try:
         reference = frames(renderer, None)
         plain = frames(half, torch.float16)
-        np.testing.assert_array_equal(frames(half, torch.float16, broadcast=True), plain)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(4, 64, 32, 32, device="cuda", dtype=torch.float16).to(memory_format=layout)
+            assert torch.equal(fr.repeat_nearest(x, (4, 4)), F.interpolate(x, scale_factor=(4.0, 4.0), mode="nearest"))
+        broadcast = frames(half, torch.float16, broadcast=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             fused = frames(half, torch.float16, fused=True)
         assert any(event.name == "aten::cudnn_convolution_relu" for event in prof.events())
@@ -742,10 +749,13 @@ def test_kernel_options_on_cuda_keep_the_frames(kp_detector, mappings, generator
         )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    plain_error, fused_error = np.abs(plain - reference), np.abs(fused - reference)
-    print(f"float16 vs float32, uint8 levels: unfused max {plain_error.max()} mean {plain_error.mean():.3f}; "
-          f"fused max {fused_error.max()} mean {fused_error.mean():.3f}")  # fmt: skip
-    assert fused_error.mean() <= 1.5 * plain_error.mean() + 0.05 and fused_error.max() <= 2 * plain_error.max() + 2
+    plain_error = np.abs(plain - reference)
+    print(f"float16 vs float32, uint8 levels: default max {plain_error.max()} mean {plain_error.mean():.3f}; "
+          f"broadcast upsample vs default: {np.mean(broadcast != plain):.2%} of values differ")  # fmt: skip
+    for name, option in (("broadcast", broadcast), ("fused", fused)):
+        error = np.abs(option - reference)
+        print(f"{name}: max {error.max()} mean {error.mean():.3f}")
+        assert error.mean() <= 1.5 * plain_error.mean() + 0.05 and error.max() <= 2 * plain_error.max() + 2, name
 
 
 def test_transfer_copies_keep_values_and_dtypes_on_the_cpu() -> None:
@@ -996,25 +1006,6 @@ def test_compiled_step_falls_back_in_order(
     assert calls == [("jit",)] and "export refused" in caplog.text
 
 
-def test_trilinear_sample_equals_grid_sample() -> None:
-    """The gathers that replace grid_sampler_3d in a CUDA package (facerender.trilinear_sample) give PyTorch's
-    values: trilinear, zeros outside, align_corners=False; points outside the volume, on its edges and exactly on
-    voxel centres included; in float32 and for the dense motion's shapes."""
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(0)
-    for volume, out in (((3, 5, 7, 9, 11), (3, 4, 6, 8)), ((2, 4, 16, 8, 8), (2, 16, 8, 8))):
-        x = torch.randn(*volume, generator=gen)
-        grid = torch.rand(*out, 3, generator=gen) * 2.6 - 1.3  # about 15 % of the points fall outside
-        grid[0, 0, 0, 0] = torch.tensor([1.0, -1.0, 1.0])  # corners of the volume's outer edge
-        d, h, w = volume[2:]
-        grid[0, 0, 0, 1] = torch.tensor([(2 * 1 + 1) / w - 1, (2 * 2 + 1) / h - 1, (2 * 0 + 1) / d - 1])  # a centre
-        expected = F.grid_sample(x, grid, align_corners=False)
-        got = fr.trilinear_sample(x, grid)
-        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
-        assert got[0, :, 0, 0, 1].allclose(x[0, :, 0, 2, 1])
-
-
 def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile_just_in_time(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1045,7 +1036,8 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
         )
     assert compiled._check_in_child(package, step, example) is None
     (tmp_path / "garbage.pt2").write_bytes(b"not a package")
-    assert compiled._check_in_child(tmp_path / "garbage.pt2", step, example).startswith("exit status 1")
+    problem = compiled._check_in_child(tmp_path / "garbage.pt2", step, example)
+    assert problem.startswith("exit status 1 while loading the package: "), problem
 
     crash = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
     monkeypatch.setattr(compiled, "_CHECK", crash)
@@ -1072,6 +1064,53 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
         caplog.clear()
         assert compiled.compiled_step(step, example, None, folder) == "J"
     assert len(exports) == 1 and jit == [1, 1] and "delete" in caplog.text and loads == []
+
+
+def test_a_just_in_time_compiled_step_can_be_handed_to_the_graph_recorder() -> None:
+    """Where the ahead-of-time package fails, the stage hands `torch.compile`'s module to GraphedRender.capture;
+    that module's truth is its len(), which raises, so the recorder must not test it with `or` (this killed a
+    run on an H100). On a CPU the recorder then refuses for want of CUDA, as it should."""
+    from renderer.sadtalker.graphs import GraphedRender, GraphUnavailable
+
+    jit = torch.compile(torch.nn.Linear(1, 1))
+    with pytest.raises(TypeError):
+        bool(jit)
+    with pytest.raises(GraphUnavailable, match="need a CUDA device"):
+        GraphedRender.capture(None, *(torch.zeros(2, 1) for _ in range(4)), dtype=None, step=jit)
+
+
+def test_a_logged_failure_of_the_render_batch_keeps_no_memory_alive(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning for a failed recording carries the error's text, not the error: a log handler that keeps its
+    records (pytest's, a MemoryHandler) would otherwise keep the failed pass's traceback and with it every tensor
+    of that pass. On an H100 that held 6 GB, and each smaller retry of the batch then ran out of memory too."""
+    import gc
+    import logging
+    import weakref
+
+    from renderer.sadtalker.graphs import GraphUnavailable
+
+    class Pass:  # stands for the failed pass's tensors
+        pass
+
+    alive = []
+
+    def capture(self, renderer, *tensors):
+        tensors_of_the_pass = Pass()
+        alive.append(weakref.ref(tensors_of_the_pass))
+        try:
+            raise RuntimeError("CUDA out of memory")
+        except RuntimeError as exc:
+            raise GraphUnavailable(f"warming up the render batch failed: {exc}") from exc
+
+    monkeypatch.setattr(pipeline._Graphs, "_capture", capture)
+    graphs = pipeline._Graphs(2, None, "cpu", compile=True)
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.pipeline"):
+        assert graphs.launch(None, torch.zeros(2, 1)) is None
+        gc.collect()
+        assert "warming up the render batch failed: CUDA out of memory" in caplog.text
+        assert alive[0]() is None, "a log record keeps the failed pass alive"
 
 
 def test_compiled_package_goes_to_a_temporary_folder_when_the_cache_is_not_writable(

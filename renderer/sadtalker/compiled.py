@@ -29,8 +29,15 @@ cost of every run again), and if that fails too, the caller renders without comp
 
 Measured on the project's 2-core CPU (`python bench/bench_compiled.py`: fill-rule weights, 256, bfloat16 autocast,
 batch 2): export 3.1 s and compile 35 s into a 3.7 MiB package, load 8 ms; a batch takes 6.1 s against 7.1 s eager,
-and its frames differ from float32 by 7.2 levels on average against 8.1 for the eager bfloat16 ones. On CUDA,
-compile time, load time and frame rate are not yet measured (`bash bench/gpu_check.sh compiled`).
+and its frames differ from float32 by 7.2 levels on average against 8.1 for the eager bfloat16 ones; the check in a
+separate process takes 10.6 s more.
+
+On an H100 (PyTorch 2.11+cu130, bench/results/2026-11-26-h100d) the step compiled in 91–102 s (256 × 16 and × 32,
+512 × 8, float16), but every package crashed the process that loaded it (SIGSEGV inside PyTorch's package loader).
+Not because of AOTInductor's proxy-executor fallback for grid_sampler_3d: with that sampling written as gathers,
+so that no fallback was left, the package crashed the same way. With the check in place the run went on by
+`torch.compile` (38.6 s). Which of the package's options is the cause is for `bash bench/gpu_check.sh aotiprobe`
+(bench/probe_aoti.py) to tell on a GPU; CUDA frame rates of a loaded package are therefore not yet measured.
 """
 
 from __future__ import annotations
@@ -109,12 +116,12 @@ def compiled_step(
         try:
             return _load(path, step, example)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: compile it again
-            logger.warning("compiled render step %s does not load (%s); compiling it again", path, exc)
+            logger.warning("compiled render step %s does not load (%s); compiling it again", path, str(exc))
     try:
         return _compile_ahead(path, step, example)
     except Exception as exc:  # noqa: BLE001 - export or AOTInductor refused this step: try just in time
         logger.warning("compiling the render step ahead of time failed (%s: %s); compiling it for this run only",
-                       type(exc).__name__, exc)  # fmt: skip
+                       type(exc).__name__, str(exc))  # fmt: skip
     return _compile_just_in_time(step, example)
 
 
@@ -195,6 +202,7 @@ import json, sys
 import torch
 spec = json.loads(sys.argv[1])
 device = torch.device(spec["device"])
+print("loading the package", flush=True)
 runner = torch._inductor.aoti_load_package(spec["package"], run_single_threaded=True, device_index=spec["index"])
 wanted = runner.get_constant_fqns()
 missing = [name for name in wanted if name not in spec["constants"]]
@@ -204,14 +212,16 @@ constants = {}
 for name in wanted:
     shape, dtype = spec["constants"][name]
     constants[name] = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+print("handing it its constants", flush=True)
 runner.load_constants(constants, check_full_update=True, user_managed=True)
+print("running one batch", flush=True)
 inputs = [torch.zeros(shape, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
           for shape, stride, dtype in spec["inputs"]]
 with torch.inference_mode():
     out = runner(*inputs)
 if device.type == "cuda":
     torch.cuda.synchronize(device)
-print("ok", tuple(out.shape))
+print("ok", tuple(out.shape), flush=True)
 """
 
 
@@ -238,15 +248,17 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
     }
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHECK, json.dumps(spec)],
+            [sys.executable, "-X", "faulthandler", "-c", _CHECK, json.dumps(spec)],
             capture_output=True, text=True, timeout=CHECK_SECONDS, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return f"loading and running it took over {CHECK_SECONDS} s"
     except OSError as exc:
         return f"could not start a Python to check it: {exc}"
-    if done.returncode == 0 and done.stdout.startswith("ok"):
+    said = done.stdout.strip().splitlines()
+    if done.returncode == 0 and said and said[-1].startswith("ok"):
         return None
+    stage = f" {said[-1]}" if said else ""  # what it was doing: loading, constants, running
     if done.returncode < 0:
         try:
             what = f"the process crashed ({signal.Signals(-done.returncode).name})"
@@ -254,6 +266,10 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
             what = f"the process was ended by signal {-done.returncode}"
     else:
         what = f"exit status {done.returncode}"
+    what += f" while{stage}" if stage else ""
+    if done.returncode < 0:  # faulthandler's dump: the innermost Python line it was in
+        where = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith('File "')]
+        return what + (f" ({where[0]})" if where else "")
     lines = [line for line in done.stderr.strip().splitlines() if line.strip() and not line.startswith(" ")]
     return what + (f": {lines[-1]}" if lines else "")
 

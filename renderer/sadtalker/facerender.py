@@ -164,48 +164,12 @@ def conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | No
     return F.relu_(conv(x))
 
 
-def grid_sample_3d(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """`F.grid_sample(x, grid, align_corners=False)` of a volume [N, C, D, H, W] at grid [N, D', H', W', 3]
-    (trilinear, zeros outside). Eagerly PyTorch's kernel; while the step is exported on CUDA for `video.compile`
-    (compiled.py), the same sums written as gathers (`trilinear_sample`).
-
-    Why: AOTInductor has no C shim for CUDA's grid_sampler_3d and falls back to its proxy executor, and a CUDA
-    package holding that fallback crashed the process that loaded it (segmentation fault in the package loader,
-    PyTorch 2.11 on an H100, bench/results/2026-11-26-h100d). Written as gathers, the sampling compiles into the
-    package's own kernels and the fallback is gone."""
-    if x.is_cuda and torch.compiler.is_exporting():  # on a CPU the shim exists, and the kernel is 2× faster
-        return trilinear_sample(x, grid)
-    return F.grid_sample(x, grid, align_corners=False)
-
-
-def trilinear_sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """grid_sample's trilinear sampling with zeros padding and align_corners=False, in plain tensor operations:
-    each output point is the weighted sum of the (up to) eight voxels around it; a voxel outside the volume counts
-    as zero. Same values as `F.grid_sample` up to float rounding."""
-    n, c, d, h, w = x.shape
-    out_shape = grid.shape[1:4]
-    gx, gy, gz = grid.float().unbind(-1)
-    # Unnormalise: -1 and 1 are the outer edges of the end voxels (align_corners=False).
-    ix, iy, iz = ((gx + 1) * w - 1) / 2, ((gy + 1) * h - 1) / 2, ((gz + 1) * d - 1) / 2
-    x0, y0, z0 = ix.floor(), iy.floor(), iz.floor()
-    flat = x.reshape(n, c, d * h * w)
-    out = None
-    for zc, wz in ((z0, z0 + 1 - iz), (z0 + 1, iz - z0)):
-        for yc, wy in ((y0, y0 + 1 - iy), (y0 + 1, iy - y0)):
-            for xc, wx in ((x0, x0 + 1 - ix), (x0 + 1, ix - x0)):
-                inside = (xc >= 0) & (xc <= w - 1) & (yc >= 0) & (yc <= h - 1) & (zc >= 0) & (zc <= d - 1)
-                index = (zc.clamp(0, d - 1) * h + yc.clamp(0, h - 1)) * w + xc.clamp(0, w - 1)
-                index = index.long().reshape(n, 1, -1).expand(n, c, -1)
-                weight = torch.where(inside, wx * wy * wz, torch.zeros_like(wx)).reshape(n, 1, -1)
-                term = flat.gather(2, index) * weight.to(x.dtype)
-                out = term if out is None else out + term
-    return out.reshape(n, c, *out_shape)
-
-
 #: On CUDA, make the nearest upsamplings of the decoder and the dense-motion hourglass by one copy of a broadcast view
-#: (`repeat_nearest`) instead of PyTorch's nearest kernel. Off: not yet measured on a GPU
-#: (`bench_sadtalker.py --broadcast-upsample`); the values are the same either way. On a CPU PyTorch's kernel is
-#: the faster (70 vs 88 ms for [8, 256, 64, 64] × 4 in bfloat16 on this project's 2-core machine).
+#: (`repeat_nearest`) instead of PyTorch's nearest kernel. Off: its speed is not yet measured on a GPU
+#: (`bench_sadtalker.py --broadcast-upsample`). The upsampled values are the same (tested on the CPU; on CUDA by the
+#: GPU test), but on an H100 the float16 frames were not bit-identical to the default's: 6.5 % of values differed,
+#: by at most 2 of 255 levels (cause not yet found). On a CPU PyTorch's kernel is the faster (70 vs 88 ms for
+#: [8, 256, 64, 64] × 4 in bfloat16 on this project's 2-core machine).
 BROADCAST_UPSAMPLE = False
 
 
@@ -621,7 +585,7 @@ class DenseMotionNetwork(nn.Module):
         sparse_motion = torch.cat([grid.expand(bs, 1, d, h, w, 3), moved], dim=1)
         # Source features warped by each sparse motion [B, 16, 4, d, h, w].
         compressed = feature.unsqueeze(1).expand(bs, k1, -1, d, h, w).reshape(bs * k1, -1, d, h, w)
-        deformed = grid_sample_3d(compressed, sparse_motion.reshape(bs * k1, d, h, w, 3))
+        deformed = F.grid_sample(compressed, sparse_motion.reshape(bs * k1, d, h, w, 3), align_corners=False)
         deformed = deformed.view(bs, k1, -1, d, h, w)
         # Keypoint heatmaps [B, 16, 1, d, h, w]: driving − source gaussians, zero for the background.
         heat = kp_to_gaussian(kp_driving, (d, h, w)) - kp_to_gaussian(kp_source, (d, h, w))
@@ -791,7 +755,7 @@ class OcclusionAwareSPADEGenerator(nn.Module):
     ) -> GeneratorOutput:
         """Warp the source feature volume from source to driving keypoints and decode one batch of frames."""
         motion = self.dense_motion_network(feature_3d, kp_driving, kp_source, keep_mask=details)
-        out = grid_sample_3d(feature_3d.float(), motion.deformation)
+        out = F.grid_sample(feature_3d.float(), motion.deformation, align_corners=False)
         b, c, d, h, w = out.shape
         out = self.fourth(self.third(out.reshape(b, c * d, h, w)))
         occlusion = motion.occlusion_map

@@ -106,11 +106,12 @@ class GraphedRender:
         `dtype`: the autocast dtype (None: float32). `step`: what to record instead of the eager `RenderStep`
         (the compiled step of compiled.py, which takes the same tensors and returns the same frames).
         """
+        # `is not None`: the truth of a torch.compile'd step is its len(), which raises
+        step = step if step is not None else RenderStep(renderer, dtype)
         if feature.device.type != "cuda":
             raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
         device = feature.device
         inputs = tuple(t.clone() for t in (feature, kp_canonical, kp_source, windows))
-        step = step or RenderStep(renderer, dtype)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:

@@ -36,7 +36,9 @@ machine, into a package in `<checkpoints>/compiled/` that later runs load in mil
 called per full batch (1.16× the eager bfloat16 speed on this project's 2-core machine, bench/bench_compiled.py).
 With `torch.compile` the step took 40–55 s to compile and then ran at about 1.8× the frame rate; compiled float16
 differed from float32 by 1.5 of 255 levels on average (eager float16: 0.8). Measured on an H200:
-bench/results/2026-11-26-h200/; the ahead-of-time package is not yet measured on a GPU.
+bench/results/2026-11-26-h200/. On an H100 with PyTorch 2.11 the ahead-of-time package compiled (91–102 s) but
+crashed the process loading it; a new package is therefore checked in a separate process first, and there the run
+fell back to `torch.compile` (38.6 s): bench/results/2026-11-26-h100d/.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
@@ -847,7 +849,7 @@ class _Graphs:
                 with self.lock:
                     self.graph = self._capture(renderer, *tensors)
             except GraphUnavailable as exc:
-                logger.warning("%s; rendering without CUDA graphs", exc)
+                logger.warning("%s; rendering without CUDA graphs", str(exc))
             if self.graph is None:
                 self.failed = True
                 return None
@@ -862,7 +864,7 @@ class _Graphs:
             # AOTInductor runner does not keep the error's type): give it up and run eagerly, where running out of
             # memory is recognised and the batch gets split (`_render_rows`).
             what = "compiled render step" if self.compile else "recorded render batch"
-            logger.warning("the %s failed (%s); rendering without it", what, exc)
+            logger.warning("the %s failed (%s); rendering without it", what, str(exc))
             self.notes.append(f"the {what} failed ({str(exc).splitlines()[0][:200]}); rendered without it")
             self.graph, self.failed = None, True
             if self.device_type == "cuda":
@@ -881,7 +883,7 @@ class _Graphs:
             try:
                 step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir)
             except compiled.CompileUnavailable as exc:
-                logger.warning("%s; rendering without compiling", exc)
+                logger.warning("%s; rendering without compiling", str(exc))
                 self.notes.append(f"video.compile: {exc}; rendered without compiling")
         if self.device_type != "cuda":
             return None if step is None else _Direct(step, tuple(t.shape for t in tensors))
@@ -890,7 +892,7 @@ class _Graphs:
         except GraphUnavailable as exc:
             if step is None:
                 raise
-            logger.warning("%s; running the compiled render step without CUDA graphs", exc)
+            logger.warning("%s; running the compiled render step without CUDA graphs", str(exc))
             return _Direct(step, tuple(t.shape for t in tensors))
 
 
@@ -941,7 +943,7 @@ def _launch(renderer: FaceRenderer, batch: list[tuple[_Video, int]], graphs: _Gr
             for video, _ in live:
                 video.run_notes.extend(note for note in notes if note not in video.run_notes)
     except torch.cuda.OutOfMemoryError as exc:
-        logger.warning("out of GPU memory: %s", exc)
+        logger.warning("out of GPU memory: %s", str(exc))
         for video, _ in live:
             video.error = BackendError(
                 f"out of GPU memory rendering a single frame at size {video.plan.settings.size}",
