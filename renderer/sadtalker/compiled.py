@@ -200,7 +200,7 @@ def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Ca
 _CHECK = """
 import json, sys
 import torch
-spec = json.loads(sys.argv[1])
+spec = json.loads(sys.stdin.read())
 device = torch.device(spec["device"])
 print("loading the package", flush=True)
 runner = torch._inductor.aoti_load_package(spec["package"], run_single_threaded=True, device_index=spec["index"])
@@ -248,7 +248,8 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
     }
     try:
         done = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", _CHECK, json.dumps(spec)],
+            [sys.executable, "-X", "faulthandler", "-c", _CHECK],
+            input=json.dumps(spec),  # on stdin: one argument holds at most 128 KiB (the renderer needs 25 KB)
             capture_output=True, text=True, timeout=CHECK_SECONDS, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
