@@ -1036,8 +1036,8 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
         )
     assert compiled._check_in_child(package, step, example) is None
     (tmp_path / "garbage.pt2").write_bytes(b"not a package")
-    problem = compiled._check_in_child(tmp_path / "garbage.pt2", step, example)
-    assert problem.startswith("exit status 1 while loading the package: "), problem
+    problem, lasting = compiled._check_in_child(tmp_path / "garbage.pt2", step, example)
+    assert problem.startswith("exit status 1 while loading the package: ") and not lasting, problem
 
     crash = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
     monkeypatch.setattr(compiled, "_CHECK", crash)
@@ -1064,6 +1064,15 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
         caplog.clear()
         assert compiled.compiled_step(step, example, None, folder) == "J"
     assert len(exports) == 1 and jit == [1, 1] and "delete" in caplog.text and loads == []
+
+    # A child stopped from outside (the kernel's OOM killer sends SIGKILL) says nothing lasting: no note, and the
+    # next run compiles ahead of time again.
+    monkeypatch.setattr(compiled, "_CHECK", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    other = tmp_path / "other"
+    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+        assert compiled.compiled_step(step, example, None, other) == "J"
+        assert compiled.compiled_step(step, example, None, other) == "J"
+    assert "was ended (SIGKILL)" in caplog.text and list(other.iterdir()) == [] and len(exports) == 3
 
 
 def test_a_just_in_time_compiled_step_can_be_handed_to_the_graph_recorder() -> None:

@@ -15,9 +15,10 @@ and the source of the modules it was compiled from: all of them go into its name
 any compiles anew and nothing stale is loaded. It is written to a temporary file and renamed into place, so a run
 stopped while compiling leaves no half package; a package that fails to load is compiled again. Before a new package
 is put in place, a separate Python loads it and runs one batch (`_check_in_child`): loading native code can crash a
-process rather than raise, and a run must not die of it. A package that fails the check is not kept; a
-`render-<key>.failed` note beside it says why, and later runs with that key compile just in time without trying
-again (delete the note to retry; a new PyTorch or GPU gives a new key). Where the
+process rather than raise, and a run must not die of it. A package that fails the check is not kept, and the run
+compiles just in time. Where the package's code crashed, a `render-<key>.failed` note beside it says why, and later
+runs with that key compile just in time without trying again (delete the note to retry; a new PyTorch or GPU gives
+a new key); other failures (out of memory, a time-out) are tried again by the next run. Where the
 checkpoints folder is read-only, the package goes to a temporary folder, for that run only.
 
 A package is native code that the run loads and executes, like TorchInductor's own cache in the temporary folder:
@@ -147,12 +148,14 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
                 program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
             )
         compiled_in = time.perf_counter() - started
-        problem = _check_in_child(partial, step, example)
-        if problem:
-            try:
-                path.with_suffix(".failed").write_text(f"{problem}\ntorch {torch.__version__}\n")
-            except OSError:
-                pass
+        failure = _check_in_child(partial, step, example)
+        if failure:
+            problem, lasting = failure
+            if lasting:  # a crash of native code: remembered, so later runs do not compile it again
+                try:
+                    path.with_suffix(".failed").write_text(f"{problem}\ntorch {torch.__version__}\n")
+                except OSError:
+                    pass
             raise RuntimeError(f"the compiled package failed its check in a separate process: {problem}")
         os.replace(partial, path)
     finally:
@@ -225,8 +228,14 @@ print("ok", tuple(out.shape), flush=True)
 """
 
 
-def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> str | None:
-    """Load and run a new package once in a separate process; None when that worked, else what went wrong.
+#: Signals of native code crashing (rather than of the process being stopped from outside, or of memory running out).
+_CRASHES = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
+
+
+def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> tuple[str, bool] | None:
+    """Load and run a new package once in a separate process; None when that worked, else what went wrong and
+    whether that will last (the package's code crashed: trying it again would crash again). Running out of memory,
+    a time-out or a killed process are not lasting: the next run tries again.
 
     Why: a package is native code, and loading one can crash the whole process rather than raise (a segmentation
     fault in PyTorch 2.11's package loader on an H100, bench/results/2026-11-26-h100d). Checked in a child, such a
@@ -246,6 +255,8 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
         },
         "inputs": [[list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")] for t in example],
     }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the child needs the weights' size again and one batch
     try:
         done = subprocess.run(
             [sys.executable, "-X", "faulthandler", "-c", _CHECK],
@@ -253,26 +264,25 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
             capture_output=True, text=True, timeout=CHECK_SECONDS, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        return f"loading and running it took over {CHECK_SECONDS} s"
+        return f"loading and running it took over {CHECK_SECONDS} s", False
     except OSError as exc:
-        return f"could not start a Python to check it: {exc}"
+        return f"could not start a Python to check it: {exc}", False
     said = done.stdout.strip().splitlines()
     if done.returncode == 0 and said and said[-1].startswith("ok"):
         return None
-    stage = f" {said[-1]}" if said else ""  # what it was doing: loading, constants, running
+    stage = f" while {said[-1]}" if said else ""  # what it was doing: loading, constants, running
     if done.returncode < 0:
         try:
-            what = f"the process crashed ({signal.Signals(-done.returncode).name})"
+            name = signal.Signals(-done.returncode).name
         except ValueError:
-            what = f"the process was ended by signal {-done.returncode}"
-    else:
-        what = f"exit status {done.returncode}"
-    what += f" while{stage}" if stage else ""
-    if done.returncode < 0:  # faulthandler's dump: the innermost Python line it was in
+            name = f"signal {-done.returncode}"
+        crashed = name in _CRASHES
+        what = f"the process {'crashed' if crashed else 'was ended'} ({name}){stage}"
+        # faulthandler's dump: the innermost Python line it was in
         where = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith('File "')]
-        return what + (f" ({where[0]})" if where else "")
+        return what + (f" ({where[0]})" if where else ""), crashed
     lines = [line for line in done.stderr.strip().splitlines() if line.strip() and not line.startswith(" ")]
-    return what + (f": {lines[-1]}" if lines else "")
+    return f"exit status {done.returncode}{stage}" + (f": {lines[-1]}" if lines else ""), False
 
 
 def _compile_just_in_time(step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
