@@ -6,6 +6,8 @@ Weights follow the golden fill rule when ../shared/sadtalker is there (PyTorch's
 
     python bench/bench_compiled.py                                   # CPU: bfloat16, batch 2 (about 2 minutes)
     python bench/bench_compiled.py --device cuda --dtype float16 --batch 16
+    python bench/bench_compiled.py --jit     # the fallback: torch.compile in two processes sharing a fresh
+                                             # TorchInductor cache (cold, then warm; about 80 s on the CPU)
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=256, choices=[256, 512])
+    parser.add_argument("--jit", action="store_true", help="time just-in-time compiling, cold then warm cache")
+    parser.add_argument("--jit-once", action="store_true", help=argparse.SUPPRESS)  # one process of --jit
     args = parser.parse_args()
+    if args.jit:
+        return _jit_twice(sys.argv[1:])
     logging.basicConfig(format="  %(name)s: %(message)s")
     logging.getLogger("renderer.sadtalker.compiled").setLevel(logging.INFO)
     device = torch.device(args.device)
@@ -59,6 +65,10 @@ def main() -> None:
     windows = torch.from_numpy(rng.normal(size=(args.batch, 70, fr.WINDOW)).astype(np.float32)).to(device)
     with torch.inference_mode():
         tensors = (*bench_sadtalker.source_batch(plain, image, semantics, args.batch), windows)
+        if args.jit_once:
+            _, jit_s = synced(lambda: compiled._compile_just_in_time(RenderStep(renderer, half).eval(), tensors))
+            print(f"  compiled just in time in {jit_s:.1f} s", flush=True)
+            return
         folder = scratch_dir("bench_compiled_")
         _, compile_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         step, load_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
@@ -75,6 +85,22 @@ def main() -> None:
     for name, out in (("compiled", frames), ("eager", eager)):
         diff = (out.int() - reference.int()).abs().float()
         print(f"  {name} {args.dtype} vs eager float32: max {diff.max():.0f} levels, mean {diff.mean():.2f}")
+
+
+def _jit_twice(argv: list[str]) -> None:
+    """`--jit`: the same process twice, each compiling the step with torch.compile (the fallback where no package
+    loads); both share a TorchInductor cache folder that starts empty, as on a machine compiling for the first time
+    and then again in a later run."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(scratch_dir("bench_inductor_cache_")))
+    argv = [a for a in argv if a != "--jit"]
+    for label in ("first run (cache empty)", "second run (cache warm)"):
+        print(label, flush=True)
+        done = subprocess.run([sys.executable, __file__, *argv, "--jit-once"], env=env, check=False)
+        if done.returncode:
+            sys.exit(done.returncode)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
 #                                        big profile prepstage halfweights kernels clipscompiled sdcompile
-#                                        rendermemory aotiprobe (default: setup pytest speed compiled sd clips memory cudnn
-#                                        profile, in this order: about 12 minutes on an H100, so through the device
-#                                        tool run it as two calls, e.g. "setup pytest speed compiled" then
-#                                        "setup sd clips memory cudnn profile")
+#                                        rendermemory aotiprobe jit (default: setup pytest speed compiled sd clips
+#                                        memory cudnn profile, in this order: about 12 minutes on an H100, so
+#                                        through the device tool run it as two calls, e.g. "setup pytest speed
+#                                        compiled" then "setup sd clips memory cudnn profile")
 #
 # The GPU machine has PyTorch with CUDA but not this project's other packages and no network: wheels for
 # diffusers, PyAV, soxr and importlib_metadata travel in .whl/, and .gpu/ holds what the tests and benches read from
@@ -121,6 +121,8 @@ except ImportError:
             --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
+    jit)  # the fallback where no package loads: torch.compile with TorchInductor's cache empty, then warm
+        part jit 200 python3 bench/bench_compiled.py --jit --device cuda --dtype float16 --batch 16 ;;
     aotiprobe)  # which AOTInductor packages load and run here (a small model, six variants, each in its own process)
         part aotiprobe 150 python3 bench/probe_aoti.py ;;
     rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
