@@ -16,10 +16,11 @@ any compiles anew and nothing stale is loaded. It is written to a temporary file
 stopped while compiling leaves no half package; a package that fails to load is compiled again. Before a new package
 is put in place, a separate Python loads it and runs one batch (`_check_in_child`): loading native code can crash a
 process rather than raise, and a run must not die of it. A package that fails the check is not kept, and the run
-compiles just in time. Where the package's code crashed, a `render-<key>.failed` note beside it says why, and later
-runs with that key compile just in time without trying again (delete the note to retry; a new PyTorch or GPU gives
-a new key); other failures (out of memory, a time-out) are tried again by the next run. Where the
-checkpoints folder is read-only, the package goes to a temporary folder, for that run only.
+compiles just in time. Where the failure is likely to happen again (a crash, or an error the check reported), a
+`render-<key>.failed` note beside it says why, and later runs with that key compile just in time without trying
+again (delete the note to retry; a new PyTorch, CUDA driver or GPU gives a new key, and a package that passes
+removes the note); a time-out or a check killed from outside is tried again by the next run. Where the
+checkpoints folder is read-only, the package (or note) goes to a temporary folder, for that run only.
 
 A package is native code that the run loads and executes, like TorchInductor's own cache in the temporary folder:
 only this tool writes packages, under names it derives itself, and only those names are ever loaded; do not copy
@@ -74,9 +75,10 @@ class CompileUnavailable(GraphUnavailable):
 def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
     """Hex digest naming everything a compiled package depends on (see the module docstring)."""
     device = example[0].device
-    gpu = "cpu"
+    gpu, driver = "cpu", None
     if device.type == "cuda":
         gpu = f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+        driver = _driver_version()
     source = hashlib.sha256()
     for name in SOURCES:
         source.update((Path(__file__).parent / name).read_bytes())
@@ -85,13 +87,25 @@ def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": gpu,
+        "driver": driver,
         "autocast": str(step.dtype),
         "inputs": [[list(t.shape), list(t.stride()), str(t.dtype)] for t in example],
-        "constants": sorted((name, str(t.dtype), list(t.shape)) for name, t in _constants(step).items()),
+        "constants": sorted(
+            (name, str(t.dtype), list(t.shape), list(t.stride())) for name, t in _constants(step).items()
+        ),
         "kernels": {"fused_conv_relu": facerender.FUSED_CONV_RELU, "broadcast_upsample": facerender.BROADCAST_UPSAMPLE},
         "source": source.hexdigest(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _driver_version() -> int | None:
+    """The CUDA driver's version (a new driver can change whether a package loads), or None where unknown."""
+    get = getattr(torch._C, "_cuda_getDriverVersion", None)
+    try:
+        return int(get()) if get is not None else None
+    except Exception:  # noqa: BLE001 - only part of a package's name
+        return None
 
 
 def compiled_step(
@@ -134,7 +148,7 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
     except OSError as exc:
         folder = _temporary_folder()
         logger.warning("cannot write %s (%s); the compiled render step is kept in %s for this run only",
-                       path.parent, exc, folder)  # fmt: skip
+                       path.parent, str(exc), folder)  # fmt: skip
         path, name = folder / path.name, str(folder / f".{path.name}")
     partial = Path(name)  # the package is written here, then renamed to `path`
     started = time.perf_counter()
@@ -151,13 +165,14 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
         failure = _check_in_child(partial, step, example)
         if failure:
             problem, lasting = failure
-            if lasting:  # a crash of native code: remembered, so later runs do not compile it again
+            if lasting:  # remembered, so later runs do not compile it again (the note says how to retry)
                 try:
                     path.with_suffix(".failed").write_text(f"{problem}\ntorch {torch.__version__}\n")
                 except OSError:
                     pass
             raise RuntimeError(f"the compiled package failed its check in a separate process: {problem}")
         os.replace(partial, path)
+        path.with_suffix(".failed").unlink(missing_ok=True)  # an older failure of this key is history now
     finally:
         partial.unlink(missing_ok=True)
     logger.info(
@@ -213,8 +228,8 @@ if missing:
     sys.exit(f"the package wants constants the renderer does not have: {missing[:3]}")
 constants = {}
 for name in wanted:
-    shape, dtype = spec["constants"][name]
-    constants[name] = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+    shape, stride, dtype = spec["constants"][name]  # the renderer's own layout (channels-last on CUDA)
+    constants[name] = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device).zero_()
 print("handing it its constants", flush=True)
 runner.load_constants(constants, check_full_update=True, user_managed=True)
 print("running one batch", flush=True)
@@ -228,14 +243,16 @@ print("ok", tuple(out.shape), flush=True)
 """
 
 
-#: Signals of native code crashing (rather than of the process being stopped from outside, or of memory running out).
+#: Signals of native code crashing (rather than of the process being stopped from outside).
 _CRASHES = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
 
 
 def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> tuple[str, bool] | None:
     """Load and run a new package once in a separate process; None when that worked, else what went wrong and
-    whether that will last (the package's code crashed: trying it again would crash again). Running out of memory,
-    a time-out or a killed process are not lasting: the next run tries again.
+    whether it is likely to happen again: a crash of native code, or an error the child reported (a package that
+    does not load, a GPU that a second process may not use, not enough memory beside the run) is; a time-out, a
+    process killed from outside (SIGKILL, SIGTERM) or a Python that does not start is not, and the next run tries
+    again.
 
     Why: a package is native code, and loading one can crash the whole process rather than raise (a segmentation
     fault in PyTorch 2.11's package loader on an H100, bench/results/2026-11-26-h100d). Checked in a child, such a
@@ -251,7 +268,8 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
         "device": str(device),
         "index": index,
         "constants": {
-            name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in _constants(step).items()
+            name: [list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")]
+            for name, t in _constants(step).items()
         },
         "inputs": [[list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")] for t in example],
     }
@@ -282,7 +300,7 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
         where = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith('File "')]
         return what + (f" ({where[0]})" if where else ""), crashed
     lines = [line for line in done.stderr.strip().splitlines() if line.strip() and not line.startswith(" ")]
-    return f"exit status {done.returncode}{stage}" + (f": {lines[-1]}" if lines else ""), False
+    return f"exit status {done.returncode}{stage}" + (f": {lines[-1]}" if lines else ""), True
 
 
 def _compile_just_in_time(step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:

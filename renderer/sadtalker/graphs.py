@@ -15,6 +15,7 @@ is `RenderStep` (eager) or, with `video.compile: true`, its ahead-of-time compil
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,12 @@ class RenderStep(torch.nn.Module):
             kp_driving = self.renderer.driving_keypoints(kp_canonical, windows)
             prediction = self.renderer.render(feature, kp_source, kp_driving).prediction
         return frames_to_uint8_tensor(prediction)
+
+
+def the_step(step: Callable[..., torch.Tensor] | None, renderer: FaceRenderer, dtype: torch.dtype | None) -> Any:
+    """`step`, or the eager RenderStep where None. Tested with `is None`: the truth of a torch.compile'd step is
+    its len(), which raises."""
+    return RenderStep(renderer, dtype) if step is None else step
 
 
 class GraphedRender:
@@ -106,8 +113,7 @@ class GraphedRender:
         `dtype`: the autocast dtype (None: float32). `step`: what to record instead of the eager `RenderStep`
         (the compiled step of compiled.py, which takes the same tensors and returns the same frames).
         """
-        # `is not None`: the truth of a torch.compile'd step is its len(), which raises
-        step = step if step is not None else RenderStep(renderer, dtype)
+        step = the_step(step, renderer, dtype)
         if feature.device.type != "cuda":
             raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
         device = feature.device
