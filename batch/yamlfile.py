@@ -164,9 +164,7 @@ def _at(display: str, node: yaml.Node, path: Path_, message: str) -> Problem:
 
 def _walk(node: yaml.Node, path: Path_, positions: dict, problems: list[Problem], display: str, depth: int = 0) -> None:
     if depth > 64:
-        problems.append(
-            Problem(display, node.start_mark.line + 1, node.start_mark.column + 1, dotted(path), "nested too deeply")
-        )
+        problems.append(_at(display, node, path, "nested too deeply"))
         return
     if path not in positions:
         positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
@@ -186,13 +184,7 @@ def _walk(node: yaml.Node, path: Path_, positions: dict, problems: list[Problem]
                 )
             if key in seen and key != "<<":
                 problems.append(
-                    Problem(
-                        display,
-                        key_node.start_mark.line + 1,
-                        key_node.start_mark.column + 1,
-                        dotted((*path, key)),
-                        f"duplicate key (first defined on line {seen[key]})",
-                    )
+                    _at(display, key_node, (*path, key), f"duplicate key (first defined on line {seen[key]})")
                 )
             seen[key] = key_node.start_mark.line + 1
             positions.setdefault((*path, key), (key_node.start_mark.line + 1, key_node.start_mark.column + 1))

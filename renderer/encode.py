@@ -205,8 +205,9 @@ def _read_pcm(wav: Path) -> np.ndarray:
     return np.concatenate(chunks).astype(np.int16, copy=False)
 
 
-def mux(video: Path, wav: Path, out: Path) -> None:
-    """Combine a silent H.264 video and a speech WAV into `out` (H.264 copied, 16 kHz mono AAC, faststart).
+def mux(video: Path, wav: Path, out: Path) -> float:
+    """Combine a silent H.264 video and a speech WAV into `out` (H.264 copied, 16 kHz mono AAC, faststart); returns
+    how long the speech in the WAV lasts, in seconds (before any cut).
 
     The audio is cut (or padded by less than one frame of silence) to exactly frames × 640 samples, so both
     tracks last as long as the video. Audio shorter than the video by a whole frame or more is a BadInputError:
@@ -216,6 +217,7 @@ def mux(video: Path, wav: Path, out: Path) -> None:
 
     video, wav, out = Path(video), Path(wav), Path(out)
     pcm = _read_pcm(wav)
+    speech = len(pcm) / SAMPLE_RATE
     try:
         src = av.open(str(video))
     except (av.FFmpegError, UnicodeDecodeError) as exc:
@@ -269,6 +271,7 @@ def mux(video: Path, wav: Path, out: Path) -> None:
         raise BadInputError(f"cannot mux {video} with {wav}: {exc}", "re-render the video") from exc
     finally:
         tmp.unlink(missing_ok=True)
+    return speech
 
 
 def read_frames(path: Path) -> Iterator[np.ndarray]:
@@ -331,10 +334,9 @@ def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError
         if missing:
             raise BadInputError(f"{job.label}: mux step lacks input(s) {', '.join(missing)}")
         out = job.out_dir / "video.mp4"
-        mux(job.inputs["video"], job.inputs["audio"], out)
+        speech = mux(job.inputs["video"], job.inputs["audio"], out)
         info = probe(out)
         warnings = []
-        speech = _read_pcm(Path(job.inputs["audio"])).size / SAMPLE_RATE
         if (
             info.video_duration is not None and speech - info.video_duration >= 1 / FPS - 1e-6
         ):  # the animation makes floor(samples / 640) frames: less is a cut

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from renderer.base import (
+    SAMPLE_RATE,
     BackendError,
     BadInputError,
     MissingWeightsError,
@@ -437,7 +438,7 @@ def _mel_windows(plan: _Plan) -> np.ndarray:
     windows = audio.mel_windows(wav)
     if len(windows) == 0:
         raise BadInputError(
-            f"the speech is {len(wav) / 16000 * 1000:.0f} ms long, shorter than one video frame (40 ms)",
+            f"the speech is {len(wav) / SAMPLE_RATE * 1000:.0f} ms long, shorter than one video frame (40 ms)",
             "give the script more text, or a longer recording",
         )
     return windows
