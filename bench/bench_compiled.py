@@ -8,6 +8,7 @@ Weights follow the golden fill rule when ../shared/sadtalker is there (PyTorch's
     python bench/bench_compiled.py --device cuda --dtype float16 --batch 16
     python bench/bench_compiled.py --jit     # the fallback: torch.compile in two processes sharing a fresh
                                              # TorchInductor cache (cold, then warm; about 80 s on the CPU)
+    python bench/bench_compiled.py --variant defaults   # only that way of making a package (compiled.VARIANTS)
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=256, choices=[256, 512])
     parser.add_argument("--jit", action="store_true", help="time just-in-time compiling, cold then warm cache")
+    parser.add_argument("--variant", choices=[v.name for v in compiled.VARIANTS],
+                        help="make the package only this way (default: the stage's order)")  # fmt: skip
     parser.add_argument("--jit-once", action="store_true", help=argparse.SUPPRESS)  # one process of --jit
     args = parser.parse_args()
     if args.jit:
         return _jit_twice(sys.argv[1:])
+    if args.variant:
+        compiled.VARIANTS = tuple(v for v in compiled.VARIANTS if v.name == args.variant)
     logging.basicConfig(format="  %(name)s: %(message)s")
     logging.getLogger("renderer.sadtalker.compiled").setLevel(logging.INFO)
     device = torch.device(args.device)
@@ -73,7 +78,11 @@ def main() -> None:
         _, compile_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         step, load_s = synced(lambda: compiled.compiled_step(renderer, tensors, half, folder))
         packages = list(folder.glob("render-*.pt2"))
-        size = f"{packages[0].stat().st_size / 2**20:.1f} MiB" if packages else "no package (compiled just in time)"
+        size = (
+            f"{packages[0].name.split('-')[1]} package, {packages[0].stat().st_size / 2**20:.1f} MiB"
+            if packages
+            else "no package (compiled just in time)"
+        )
         eager_step = RenderStep(renderer, half)
         synced(lambda: step(*tensors))  # warm-up
         frames, compiled_s = synced(lambda: step(*tensors))

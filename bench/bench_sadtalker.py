@@ -183,7 +183,14 @@ def bench_speed(
                                     started = time.perf_counter()
                                     compiled_step = compiled.compiled_step(renderer, tensors, half, compiled_dir)
                                     loaded = time.perf_counter() - started
-                                graphed = GraphedRender.capture(renderer, *tensors, dtype=half, step=compiled_step)
+                                if getattr(compiled_step, "graphable", True):
+                                    graphed = GraphedRender.capture(renderer, *tensors, dtype=half, step=compiled_step)
+                                else:  # as the stage: a package whose runner cannot be recorded, called per batch
+                                    print(f"{label} the compiled step runs without CUDA graphs")
+
+                                    def graphed(*args, run=compiled_step):
+                                        return run(*args).cpu().numpy()
+
                                 if mode == "compiled":
                                     eager = renderer.render(feature, kp_s, renderer.driving_keypoints(kp_c, windows))
                                     eager = fr.frames_to_uint8(eager.prediction).astype(np.int16)

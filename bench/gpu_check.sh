@@ -64,6 +64,7 @@ for p in "${parts[@]}"; do
         # g++ builds AOTInductor's wrapper (video.compile); without it the stage compiles just in time instead
         part setup 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 if command -v g++ >/dev/null; then g++ --version | head -1; else echo "no g++: AOTInductor packages cannot be built"; fi
+command -v gdb || echo "no gdb: aotiprobe prints no native backtrace"
 python3 -c "
 import torch, diffusers, transformers, av, soxr
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())
@@ -98,7 +99,7 @@ except ImportError:
             --cold-clips "${COLD_CLIPS:-5}" --batch-size 16 --landmarks "$LANDMARKS" --prepare ${PREPARE:-0:1 1:4 1:8} ;;
     clipscompiled)  # the same with video.compile: true, the package compiled once beforehand; the cold arm runs
         # compiled (loading the package) and not compiled (the seed's way)
-        part clipscompiled "${CLIPS_LIMIT:-300}" python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
+        part clipscompiled "${CLIPS_LIMIT:-450}" python3 bench/bench_sadtalker.py --device cuda --skip-speed --skip-memory --clips 20 \
             --cold-clips "${COLD_CLIPS:-3}" --batch-size 16 --landmarks "$LANDMARKS" --compile --prepare 1:4 ;;
     memory)
         part memory 150 python3 bench/bench_sadtalker.py --device cuda --skip-speed --batch-size 16 \
@@ -123,8 +124,8 @@ except ImportError:
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
     jit)  # the fallback where no package loads: torch.compile with TorchInductor's cache empty, then warm
         part jit 200 python3 bench/bench_compiled.py --jit --device cuda --dtype float16 --batch 16 ;;
-    aotiprobe)  # which AOTInductor packages load and run here (a small model, six variants, each in its own process)
-        part aotiprobe 150 python3 bench/probe_aoti.py ;;
+    aotiprobe)  # which AOTInductor packages load and run here (a small model, eight variants, each in its own process; a gdb backtrace where gdb is there)
+        part aotiprobe 240 python3 bench/probe_aoti.py ;;
     rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
         part rendermemory 120 python3 bench/bench_render_memory.py --device cuda --sizes 256 512 --batches 1 8 ;;
     profile)

@@ -14,6 +14,7 @@ runner, a grid_sampler_3d fallback).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -71,26 +72,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {name}", flush=True)
     folder = scratch_dir("probe_aoti_")
     example = (torch.ones(2, 4, 8, 16, 16, device=device), torch.zeros(2, 8, 16, 16, 3, device=device))
-    variants = [  # name, grid_sample in the model, constants in the .so, single-threaded runner
-        ("plain", False, True, False),
-        ("plain single-threaded", False, True, True),
-        ("constants handed at load", False, False, False),
-        ("constants handed at load, single-threaded (the stage's way)", False, False, True),
-        ("grid_sample 3-D (proxy executor)", True, True, False),
-        ("grid_sample 3-D, constants handed, single-threaded", True, False, True),
+    embed = {"aot_inductor.embed_kernel_binary": True}
+    variants = [  # name, grid_sample in the model, constants in the .so, single-threaded runner, more configs
+        ('plain (the stage\'s second variant, "defaults")', False, True, False, {}),
+        ("plain single-threaded", False, True, True, {}),
+        ("constants handed at load", False, False, False, {}),
+        ('constants handed at load, single-threaded (the stage\'s first variant, "lean")', False, False, True, {}),
+        ("the same, kernels embedded in the .so", False, False, True, embed),
+        ("plain, kernels embedded in the .so", False, True, False, embed),
+        ("grid_sample 3-D (proxy executor)", True, True, False, {}),
+        ("grid_sample 3-D, constants handed, single-threaded", True, False, True, {}),
     ]
-    packages: dict[tuple[bool, bool], Path] = {}
-    for name, sample, in_so, single in variants:
+    packages: dict[tuple[bool, bool, bool], Path] = {}
+    backtraces = 0
+    for name, sample, in_so, single, configs in variants:
         model = Small(sample).to(device).eval()
-        key = (sample, in_so)
+        key = (sample, in_so, bool(configs))
         if key not in packages:
             started = time.perf_counter()
-            path = folder / f"small-{int(sample)}{int(in_so)}.pt2"
+            path = folder / f"small-{int(sample)}{int(in_so)}{int(bool(configs))}.pt2"
             with torch.inference_mode(False):
                 torch._inductor.aoti_compile_and_package(
                     torch.export.export(model, example),
                     package_path=str(path),
-                    inductor_configs={"aot_inductor.package_constants_in_so": in_so},
+                    inductor_configs={"aot_inductor.package_constants_in_so": in_so, **configs},
                 )
             packages[key] = path
             print(f"  compiled {path.name} in {time.perf_counter() - started:.1f} s", flush=True)
@@ -114,7 +119,19 @@ def main() -> None:
             result = f"FAILED (exit {done.returncode}) while {last}" + (f" at {where[0]}" if where else "")
             if done.returncode > 0:
                 result += ": " + (done.stderr.strip().splitlines() or [""])[-1][:300]
-        print(f"{name:58s} {result}", flush=True)
+        print(f"{name:78s} {result}", flush=True)
+        if done.returncode < 0 and backtraces < 2 and shutil.which("gdb"):  # where in native code it crashed
+            backtraces += 1
+            traced = subprocess.run(
+                ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                 sys.executable, "-c", _RUN, json.dumps(spec)],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            frames = [line for line in traced.stdout.splitlines() if line.startswith("#")]
+            print("    native backtrace (gdb):", *(f"    {line[:200]}" for line in frames or ["(none)"]), sep="\n")
+        elif done.returncode < 0 and backtraces == 0:
+            backtraces += 1
+            print("    (no gdb here for a native backtrace)")
 
 
 if __name__ == "__main__":

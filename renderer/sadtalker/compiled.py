@@ -6,21 +6,22 @@ Why ahead of time: `torch.compile` compiles again in every process, 40–55 s fo
 H200 (bench/results/2026-11-26-h100b, -h200), so compiling paid only in runs of tens of thousands of frames and never
 in a nightly build of a few dozen clips. Here the step (`graphs.RenderStep`: mapping net → generator → uint8
 frames) is exported and compiled by AOTInductor, with the same compiler, once, into a package under
-`<checkpoints>/compiled/`; every later run, in any process, loads it in milliseconds. The package holds code only:
-the weights stay the loaded renderer's own tensors, handed to it at load (`load_constants(user_managed=True)`), so
-no second copy of them is made or stored.
+`<checkpoints>/compiled/`; every later run, in any process, loads it in milliseconds. The first choice of package
+holds code only: the weights stay the loaded renderer's own tensors, handed to it at load
+(`load_constants(user_managed=True)`), so no second copy of them is made or stored (see `VARIANTS` for the other).
 
 A package is made for one batch shape and dtype, one PyTorch build, one GPU model, the renderer's kernel options
 and the source of the modules it was compiled from: all of them go into its name (`package_key`), so a change of
 any compiles anew and nothing stale is loaded. It is written to a temporary file and renamed into place, so a run
 stopped while compiling leaves no half package; a package that fails to load is compiled again. Before a new package
 is put in place, a separate Python loads it and runs one batch (`_check_in_child`): loading native code can crash a
-process rather than raise, and a run must not die of it. A package that fails the check is not kept, and the run
-compiles just in time. Where the failure is likely to happen again (a crash, or an error the check reported), a
-`render-<key>.failed` note beside it says why, and later runs with that key compile just in time without trying
-again (delete the note to retry; a new PyTorch, CUDA driver or GPU gives a new key, and a package that passes
-removes the note); a time-out or a check killed from outside is tried again by the next run. Where the
-checkpoints folder is read-only, the package (or note) goes to a temporary folder, for that run only.
+process rather than raise, and a run must not die of it. A package that fails the check is not kept. Where the
+failure is likely to happen again (a crash, or an error the check reported), a `render-<variant>-<key>.failed` note
+beside it says why, later runs do not make that package again (delete the note to retry; a new PyTorch, CUDA driver
+or GPU gives a new key, and a package that passes removes the note), and the next variant is tried; where no
+variant passes, the step is compiled just in time, for the run only. A time-out or a check killed from outside is
+tried again by the next run. Where the checkpoints folder is read-only, the package (or note) goes to a temporary
+folder, for that run only.
 
 A package is native code that the run loads and executes, like TorchInductor's own cache in the temporary folder:
 only this tool writes packages, under names it derives itself, and only those names are ever loaded; do not copy
@@ -40,10 +41,17 @@ Not because of AOTInductor's proxy-executor fallback for grid_sampler_3d: with t
 so that no fallback was left, the package crashed the same way. With the check in place the run went on by
 `torch.compile` (38.6 s). Which of the package's options is the cause is for `bash bench/gpu_check.sh aotiprobe`
 (bench/probe_aoti.py) to tell on a GPU; CUDA frame rates of a loaded package are therefore not yet measured.
+
+Hence two ways of making a package (`VARIANTS`), tried in order, each only where the one before failed its check
+in a way that will happen again: "lean" (weights handed over at load, a single-threaded runner that a CUDA graph can
+record: the first choice, no second copy of the weights) and "defaults" (PyTorch's own defaults: the weights compiled
+into the package, which is then named by a digest of them too, and the default runner, called batch by batch since
+it cannot be recorded). A machine whose loader crashes on both compiles twice, once, and from then on just in time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,8 +68,9 @@ from renderer.sadtalker.graphs import GraphUnavailable, RenderStep
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the package's making changes in a way its key does not capture (2: checked in a separate process).
-PACKAGE_FORMAT = 2
+#: Bump when the package's making changes in a way its key does not capture (2: checked in a separate process;
+#: 3: variants).
+PACKAGE_FORMAT = 3
 #: The longest the check of a new package in a separate process may take (loading it and running one batch).
 CHECK_SECONDS = 600
 #: Modules whose code a package holds (their bytes are part of its key).
@@ -72,8 +81,38 @@ class CompileUnavailable(GraphUnavailable):
     """Neither ahead-of-time nor just-in-time compiling of the render step worked; render without compiling."""
 
 
-def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
-    """Hex digest naming everything a compiled package depends on (see the module docstring)."""
+class PackageCheckFailed(RuntimeError):
+    """A new package failed its check in a separate process (`_check_in_child`); `lasting`: likely again."""
+
+    def __init__(self, problem: str, lasting: bool) -> None:
+        super().__init__(f"the compiled package failed its check in a separate process: {problem}")
+        self.problem, self.lasting = problem, lasting
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of making and loading a package."""
+
+    name: str  # in the package's file name
+    weights_inside: bool  # the weights compiled into the package, rather than handed over when it is loaded
+    single_threaded: bool  # AOTInductor's single-threaded runner, which a CUDA graph can record
+
+    def describe(self) -> str:
+        where = "weights inside" if self.weights_inside else "weights handed over at load"
+        return f"{self.name}: {where}, {'single-threaded' if self.single_threaded else 'default'} runner"
+
+
+#: Tried in this order; the next only where a package of the one before failed its check in a way that will happen
+#: again (a crash, or an error the check reported).
+VARIANTS = (
+    Variant("lean", weights_inside=False, single_threaded=True),
+    Variant("defaults", weights_inside=True, single_threaded=False),
+)
+
+
+def package_key(step: RenderStep, example: Sequence[torch.Tensor], variant: Variant = VARIANTS[0]) -> str:
+    """Hex digest naming everything a compiled package depends on (see the module docstring); a package with the
+    weights inside depends on their values too."""
     device = example[0].device
     gpu, driver = "cpu", None
     if device.type == "cuda":
@@ -95,8 +134,21 @@ def package_key(step: RenderStep, example: Sequence[torch.Tensor]) -> str:
         ),
         "kernels": {"fused_conv_relu": facerender.FUSED_CONV_RELU, "broadcast_upsample": facerender.BROADCAST_UPSAMPLE},
         "source": source.hexdigest(),
+        "variant": dataclasses.asdict(variant),
     }
+    if variant.weights_inside:
+        facts["weights"] = _weights_digest(step)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _weights_digest(step: RenderStep) -> str:
+    """sha256 of the step's weights (names, dtypes, shapes and bytes): a package that holds them is theirs only."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_constants(step).items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _driver_version() -> int | None:
@@ -120,27 +172,41 @@ def compiled_step(
     step = RenderStep(renderer, dtype).eval()
     example = tuple(example)
     folder = _temporary_folder() if folder is None else Path(folder)
-    path = folder / f"render-{package_key(step, example)}.pt2"
-    failed = path.with_suffix(".failed")
-    if failed.is_file() and not path.is_file():  # this machine could not run such a package: do not compile again
-        reason = failed.read_text(errors="replace").strip().splitlines()[:1] or ["no reason recorded"]
-        logger.warning("the render step compiled ahead of time failed its check on this machine before (%s; delete "
-                       "%s to try again); compiling it for this run only", reason[0], failed)  # fmt: skip
-        return _compile_just_in_time(step, example)
-    if path.is_file():
+    given_up = []  # packages that failed their check on this machine before
+    for variant in VARIANTS:
+        path = folder / f"render-{variant.name}-{package_key(step, example, variant)}.pt2"
+        failed = path.with_suffix(".failed")
+        if path.is_file():
+            try:
+                return _load(path, step, example, variant)
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: compile it again
+                logger.warning("compiled render step %s does not load (%s); compiling it again", path, str(exc))
+        elif failed.is_file():  # this machine could not run such a package: do not compile it again
+            reason = failed.read_text(errors="replace").strip().splitlines()[:1] or ["no reason recorded"]
+            given_up.append(f"{variant.name}: {reason[0]} (delete {failed} to try again)")
+            continue
         try:
-            return _load(path, step, example)
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: compile it again
-            logger.warning("compiled render step %s does not load (%s); compiling it again", path, str(exc))
-    try:
-        return _compile_ahead(path, step, example)
-    except Exception as exc:  # noqa: BLE001 - export or AOTInductor refused this step: try just in time
-        logger.warning("compiling the render step ahead of time failed (%s: %s); compiling it for this run only",
-                       type(exc).__name__, str(exc))  # fmt: skip
+            return _compile_ahead(path, step, example, variant)
+        except PackageCheckFailed as exc:
+            logger.warning("the render step compiled ahead of time (%s) failed its check in a separate process: %s",
+                           variant.describe(), exc.problem)  # fmt: skip
+            if exc.lasting:
+                given_up.append(f"{variant.name}: {exc.problem}")
+                continue  # the next variant may load where this one crashed
+        except Exception as exc:  # noqa: BLE001 - export or AOTInductor refused this step: try just in time
+            logger.warning("compiling the render step ahead of time failed (%s: %s)", type(exc).__name__, str(exc))
+        break  # what failed would fail the next variant the same way (export, a time-out): no use compiling again
+    if given_up:
+        logger.warning("the render step compiled ahead of time failed its check on this machine (%s); compiling it "
+                       "for this run only", "; ".join(given_up))  # fmt: skip
+    else:
+        logger.warning("compiling the render step for this run only")
     return _compile_just_in_time(step, example)
 
 
-def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+def _compile_ahead(
+    path: Path, step: RenderStep, example: tuple[torch.Tensor, ...], variant: Variant = VARIANTS[0]
+) -> Callable[..., torch.Tensor]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
@@ -159,47 +225,59 @@ def _compile_ahead(path: Path, step: RenderStep, example: tuple[torch.Tensor, ..
             program = torch.export.export(step, example)
             exported = time.perf_counter() - started
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
+                program,
+                package_path=str(partial),
+                inductor_configs={"aot_inductor.package_constants_in_so": variant.weights_inside},
             )
         compiled_in = time.perf_counter() - started
-        failure = _check_in_child(partial, step, example)
+        failure = _check_in_child(partial, step, example, variant)
         if failure:
             problem, lasting = failure
             if lasting:  # remembered, so later runs do not compile it again (the note says how to retry)
                 try:
-                    path.with_suffix(".failed").write_text(f"{problem}\ntorch {torch.__version__}\n")
+                    path.with_suffix(".failed").write_text(
+                        f"{problem}\n{variant.describe()}\ntorch {torch.__version__}\n"
+                    )
                 except OSError:
                     pass
-            raise RuntimeError(f"the compiled package failed its check in a separate process: {problem}")
+            raise PackageCheckFailed(problem, lasting)
         os.replace(partial, path)
         path.with_suffix(".failed").unlink(missing_ok=True)  # an older failure of this key is history now
     finally:
         partial.unlink(missing_ok=True)
     logger.info(
-        "compiled the render step ahead of time in %.1f s (export %.1f s), checked it in %.1f s, into %s; later runs "
-        "load it",
+        "compiled the render step ahead of time (%s) in %.1f s (export %.1f s), checked it in %.1f s, into %s; later "
+        "runs load it",
+        variant.describe(),
         compiled_in,
         exported,
         time.perf_counter() - started - compiled_in,
         path,
     )
-    return _load(path, step, example)
+    return _load(path, step, example, variant)
 
 
-def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+def _load(
+    path: Path, step: RenderStep, example: tuple[torch.Tensor, ...], variant: Variant = VARIANTS[0]
+) -> Callable[..., torch.Tensor]:
+    """The package's step. Its `graphable` attribute says whether a CUDA graph may record it: AOTInductor's default
+    runner records a CUDA event after each call and queries it before the next, which a recording forbids; the
+    single-threaded one does not (only the render loop calls the step, so one thread is all it needs)."""
     started = time.perf_counter()
     device = example[0].device
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
-    # Single-threaded: only the render loop calls the step, and the default runner records a CUDA event after each
-    # call and queries it before the next, which a CUDA graph recording forbids (the recording would fail).
-    runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
-    constants = _constants(step)
-    wanted = runner.get_constant_fqns()
-    missing = [name for name in wanted if name not in constants]
-    if missing:
-        raise ValueError(f"the package wants constants the renderer does not have: {missing[:3]}")
-    runner.load_constants({name: constants[name] for name in wanted}, check_full_update=True, user_managed=True)
-    logger.info("loaded the compiled render step %s in %.2f s", path.name, time.perf_counter() - started)
+    runner = torch._inductor.aoti_load_package(
+        str(path), run_single_threaded=variant.single_threaded, device_index=index
+    )
+    if not variant.weights_inside:
+        constants = _constants(step)
+        wanted = runner.get_constant_fqns()
+        missing = [name for name in wanted if name not in constants]
+        if missing:
+            raise ValueError(f"the package wants constants the renderer does not have: {missing[:3]}")
+        runner.load_constants({name: constants[name] for name in wanted}, check_full_update=True, user_managed=True)
+    logger.info("loaded the compiled render step %s (%s) in %.2f s", path.name, variant.describe(),
+                time.perf_counter() - started)  # fmt: skip
     strides = [t.stride() for t in example]
 
     def run(*tensors: torch.Tensor) -> torch.Tensor:
@@ -210,28 +288,31 @@ def _load(path: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> Ca
         )
         return runner(*tensors)
 
+    run.graphable = variant.single_threaded  # type: ignore[attr-defined]
     return run
 
 
-#: Run by `_check_in_child` in a separate Python: load the package, hand it zeros for its constants, run one batch
-#: of zeros. Any failure, a crash of the native code included, ends that process only.
+#: Run by `_check_in_child` in a separate Python: load the package, hand it zeros for its constants (where they are
+#: handed over at load), run one batch of zeros. Any failure, a crash of the native code included, ends that process only.
 _CHECK = """
 import json, sys
 import torch
 spec = json.loads(sys.stdin.read())
 device = torch.device(spec["device"])
 print("loading the package", flush=True)
-runner = torch._inductor.aoti_load_package(spec["package"], run_single_threaded=True, device_index=spec["index"])
-wanted = runner.get_constant_fqns()
-missing = [name for name in wanted if name not in spec["constants"]]
-if missing:
-    sys.exit(f"the package wants constants the renderer does not have: {missing[:3]}")
-constants = {}
-for name in wanted:
-    shape, stride, dtype = spec["constants"][name]  # the renderer's own layout (channels-last on CUDA)
-    constants[name] = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device).zero_()
-print("handing it its constants", flush=True)
-runner.load_constants(constants, check_full_update=True, user_managed=True)
+runner = torch._inductor.aoti_load_package(spec["package"], run_single_threaded=spec["single_threaded"],
+                                           device_index=spec["index"])
+if spec["hand_constants"]:
+    wanted = runner.get_constant_fqns()
+    missing = [name for name in wanted if name not in spec["constants"]]
+    if missing:
+        sys.exit(f"the package wants constants the renderer does not have: {missing[:3]}")
+    constants = {}
+    for name in wanted:
+        shape, stride, dtype = spec["constants"][name]  # the renderer's own layout (channels-last on CUDA)
+        constants[name] = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device).zero_()
+    print("handing it its constants", flush=True)
+    runner.load_constants(constants, check_full_update=True, user_managed=True)
 print("running one batch", flush=True)
 inputs = [torch.zeros(shape, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
           for shape, stride, dtype in spec["inputs"]]
@@ -247,7 +328,9 @@ print("ok", tuple(out.shape), flush=True)
 _CRASHES = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
 
 
-def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor, ...]) -> tuple[str, bool] | None:
+def _check_in_child(
+    package: Path, step: RenderStep, example: tuple[torch.Tensor, ...], variant: Variant = VARIANTS[0]
+) -> tuple[str, bool] | None:
     """Load and run a new package once in a separate process; None when that worked, else what went wrong and
     whether it is likely to happen again: a crash of native code, or an error the child reported (a package that
     does not load, a GPU that a second process may not use, not enough memory beside the run) is; a time-out, a
@@ -267,6 +350,8 @@ def _check_in_child(package: Path, step: RenderStep, example: tuple[torch.Tensor
         "package": str(package),
         "device": str(device),
         "index": index,
+        "single_threaded": variant.single_threaded,
+        "hand_constants": not variant.weights_inside,
         "constants": {
             name: [list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")]
             for name, t in _constants(step).items()

@@ -116,6 +116,9 @@ class GraphedRender:
         step = the_step(step, renderer, dtype)
         if feature.device.type != "cuda":
             raise GraphUnavailable(f"CUDA graphs need a CUDA device, not {feature.device}")
+        if not getattr(step, "graphable", True):
+            raise GraphUnavailable("this compiled render step cannot be recorded as a CUDA graph (its runner queries "
+                                   "CUDA events between calls); call it batch by batch")  # fmt: skip
         device = feature.device
         inputs = tuple(t.clone() for t in (feature, kp_canonical, kp_source, windows))
         side = torch.cuda.Stream(device)

@@ -888,6 +888,10 @@ class _Graphs:
                 self.notes.append(f"video.compile: {exc}; rendered without compiling")
         if self.device_type != "cuda":
             return None if step is None else _Direct(step, tuple(t.shape for t in tensors))
+        if step is not None and not getattr(step, "graphable", True):  # a package whose runner cannot be recorded
+            logger.info("the compiled render step runs batch by batch, without CUDA graphs (its runner cannot be "
+                        "recorded)")  # fmt: skip
+            return _Direct(step, tuple(t.shape for t in tensors))
         try:
             return GraphedRender.capture(renderer, *tensors, dtype=self.dtype, step=step)
         except GraphUnavailable as exc:
