@@ -1162,17 +1162,28 @@ def test_where_the_lean_package_crashes_the_package_with_the_weights_inside_is_m
 
 
 def test_a_compiled_step_that_cannot_be_recorded_runs_batch_by_batch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stage does not try to record a package whose runner a CUDA graph cannot record: it calls it per batch."""
+    """The stage does not try to record a package whose runner a CUDA graph cannot record: it calls it per batch,
+    and a short batch is padded to the package's rows (as a graph replays its first rows) rather than run eagerly
+    at a new batch size. On a CPU a short batch runs eagerly (padding would cost more than it saves)."""
     from renderer.sadtalker import compiled
 
+    seen = []
+
     def step(*tensors):
-        return tensors[0] + 1
+        seen.append(tuple(t.shape[0] for t in tensors))
+        return tensors[0] * 10 + tensors[1][:, :2]
 
     step.graphable = False
     monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: step)
-    graphs = pipeline._Graphs(2, None, "cuda", compile=True)
-    direct = graphs._capture(None, torch.zeros(2, 1))
+    full = (torch.zeros(4, 2), torch.zeros(4, 3))
+    direct = pipeline._Graphs(4, None, "cuda", compile=True)._capture(None, *full)
     assert isinstance(direct, pipeline._Direct) and direct.step is step
+    short = (torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.ones(2, 3))
+    assert direct.matches(*short) and not direct.matches(torch.zeros(5, 2), torch.zeros(5, 3))
+    assert torch.equal(direct.launch(*short).result(), torch.tensor([[11.0, 21.0], [31.0, 41.0]]))
+    assert seen == [(4, 4)], "the package got its full rows"
+    on_cpu = pipeline._Graphs(4, None, "cpu", compile=True)._capture(None, *full)
+    assert on_cpu.matches(*full) and not on_cpu.matches(*(t[:2] for t in full))
 
 
 def test_a_just_in_time_compiled_step_can_be_handed_to_the_graph_recorder() -> None:
@@ -1970,8 +1981,11 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     state = pipeline._Graphs(2, None, "cuda", compile=True, compiled_dir=tmp_path)
     tensors = (torch.ones(2, 3), torch.zeros(2, 1))
     direct = state._capture(None, *tensors)
-    assert direct.matches(*tensors) and not direct.matches(torch.ones(1, 3), torch.zeros(1, 1))
+    assert direct.matches(*tensors) and not direct.matches(torch.ones(3, 3), torch.zeros(3, 1))
     assert torch.equal(direct.launch(*tensors).result(), torch.full((2, 3), 2.0))
+    # On CUDA a short batch is padded to the compiled rows and gives its own (see the next test).
+    assert direct.matches(torch.ones(1, 3), torch.zeros(1, 1))
+    assert torch.equal(direct.launch(torch.ones(1, 3), torch.zeros(1, 1)).result(), torch.full((1, 3), 2.0))
 
     def refuse(renderer, tensors, dtype, folder):
         raise compiled.CompileUnavailable("no compiler")

@@ -891,30 +891,43 @@ class _Graphs:
         if step is not None and not getattr(step, "graphable", True):  # a package whose runner cannot be recorded
             logger.info("the compiled render step runs batch by batch, without CUDA graphs (its runner cannot be "
                         "recorded)")  # fmt: skip
-            return _Direct(step, tuple(t.shape for t in tensors))
+            return _Direct(step, tuple(t.shape for t in tensors), pad=True)
         try:
             return GraphedRender.capture(renderer, *tensors, dtype=self.dtype, step=step)
         except GraphUnavailable as exc:
             if step is None:
                 raise
             logger.warning("%s; running the compiled render step without CUDA graphs", str(exc))
-            return _Direct(step, tuple(t.shape for t in tensors))
+            return _Direct(step, tuple(t.shape for t in tensors), pad=True)
 
 
 @dataclasses.dataclass
 class _Direct:
-    """The compiled render step called batch by batch: on a CPU, or where recording it as a CUDA graph failed."""
+    """The compiled render step called batch by batch: on a CPU, or on CUDA where it cannot be recorded as a graph.
+    On CUDA a short batch is padded to the full rows (as a graph replay does: each row is computed on its own), so
+    that no eager pass of a new batch size sets up cuDNN plans of its own; on a CPU it runs eagerly, which is
+    cheaper than computing the padding rows."""
 
     step: Callable[..., Any]
     shapes: tuple[Any, ...]
+    pad: bool = False
 
     def matches(self, *tensors: Any) -> bool:
-        return tuple(t.shape for t in tensors) == self.shapes
+        got = tuple(t.shape for t in tensors)
+        if got == self.shapes:
+            return True
+        rows = got[0][0]
+        return self.pad and all(g[0] == rows <= s[0] and g[1:] == s[1:] for g, s in zip(got, self.shapes, strict=True))
 
     def launch(self, *tensors: Any) -> HostCopy:
+        import torch
+
         from renderer.sadtalker.transfer import HostCopy
 
-        return HostCopy(self.step(*tensors))
+        rows, full = tensors[0].shape[0], self.shapes[0][0]
+        if rows < full:  # repeat the last row into the rest
+            tensors = tuple(torch.cat([t, t[-1:].expand(full - rows, *t.shape[1:])]) for t in tensors)
+        return HostCopy(self.step(*tensors)[:rows])
 
 
 @dataclasses.dataclass
