@@ -1061,9 +1061,15 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
     loads = []
     monkeypatch.setattr(compiled, "_load", lambda path, step, example, variant: loads.append(path))
     folder = tmp_path / "compiled"
+    notes: list[str] = []
     with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
-        assert compiled.compiled_step(step, example, None, folder) == "J"
+        assert compiled.compiled_step(step, example, None, folder, notes) == "J"
         assert "crashed (SIGSEGV)" in caplog.text and "failed its check" in caplog.text
+        # The run's report says why this run compiled for itself, and what that cost.
+        assert len(notes) == 1 and "lean: the process crashed (SIGSEGV)" in notes[0], notes
+        assert (
+            "defaults: the process crashed (SIGSEGV)" in notes[0] and "compiled just in time for this run (" in notes[0]
+        )
         # Both variants were made and checked; both crashed.
         assert sorted(p.name for p in folder.iterdir()) == ["render-defaults-k.failed", "render-lean-k.failed"]
         assert "SIGSEGV" in (folder / "render-lean-k.failed").read_text() and loads == []
@@ -1138,18 +1144,24 @@ def test_where_the_lean_package_crashes_the_package_with_the_weights_inside_is_m
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package_it)
     small, example = Small(), (torch.ones(2, 3),)
     folder = tmp_path / "compiled"
+    notes: list[str] = []
     with caplog.at_level(logging.INFO, logger="renderer.sadtalker.compiled"):
-        run = compiled.compiled_step(small, example, None, folder)
+        run = compiled.compiled_step(small, example, None, folder, notes)
         assert "crashed (SIGSEGV) while loading the package" in caplog.text
         assert "compiled the render step ahead of time (defaults" in caplog.text
     assert made == [False, True] and run.graphable is False
+    assert len(notes) == 1 and notes[0].startswith('video.compile: rendered with the package of kind "defaults'), notes
+    assert "lean: the process crashed (SIGSEGV) while loading the package" in notes[0]
     assert torch.equal(run(torch.full((2, 3), 2.0)), torch.tensor([[5.0, 7.0, 9.0]] * 2))
     names = sorted(p.name for p in folder.iterdir())
     assert [n.split("-")[1] + n[n.rindex(".") :] for n in names] == ["defaults.pt2", "lean.failed"], names
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="renderer.sadtalker.compiled"):
-        again = compiled.compiled_step(small, example, None, folder)
+        again = compiled.compiled_step(small, example, None, folder, notes)
     assert made == [False, True] and "loaded the compiled render step" in caplog.text
+    assert (
+        len(notes) == 2 and "delete" in notes[1] and "/render-lean-" in notes[1] and ".failed to try again" in notes[1]
+    )
     assert torch.equal(again(torch.zeros(2, 3)), torch.ones(2, 3))
     # The package holds the weights, so its name depends on their values; the lean one's does not.
     step = compiled.RenderStep(small, None)
@@ -1174,7 +1186,7 @@ def test_a_compiled_step_that_cannot_be_recorded_runs_batch_by_batch_on_cuda(mon
         return tensors[0] * 10 + tensors[1][:, :2]
 
     step.graphable = False
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: step)
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: step)
     full = (torch.zeros(4, 2), torch.zeros(4, 3))
     direct = pipeline._Graphs(4, None, "cuda", compile=True)._capture(None, *full)
     assert isinstance(direct, pipeline._Direct) and direct.step is step
@@ -1940,7 +1952,7 @@ def test_a_failing_compiled_step_is_given_up_and_the_videos_say_so(
         calls.append(len(tensors[0]))
         raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
 
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: failing)
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: failing)
     state = SimpleNamespace(feature=torch.rand(1, 3, 4, 4), kp_canonical=torch.zeros(1, 15, 3),
                             kp_source=torch.zeros(1, 15, 3))  # fmt: skip
     plan = SimpleNamespace(settings=SimpleNamespace(size=256))
@@ -1977,17 +1989,24 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
         return "recorded eager step"
 
     monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(capture))
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: lambda *t: t[0] * 2)
+
+    def compiled_with_a_note(renderer, tensors, dtype, folder, notes):
+        notes.append("video.compile: compiled just in time for this run (40 s)")  # as compiled_step reports it
+        return lambda *t: t[0] * 2
+
+    monkeypatch.setattr(compiled, "compiled_step", compiled_with_a_note)
     state = pipeline._Graphs(2, None, "cuda", compile=True, compiled_dir=tmp_path)
     tensors = (torch.ones(2, 3), torch.zeros(2, 1))
     direct = state._capture(None, *tensors)
+    assert state.run_notes == ["video.compile: compiled just in time for this run (40 s)"]  # each video reports it
+    state.notes.clear()
     assert direct.matches(*tensors) and not direct.matches(torch.ones(3, 3), torch.zeros(3, 1))
     assert torch.equal(direct.launch(*tensors).result(), torch.full((2, 3), 2.0))
     # On CUDA a short batch is padded to the compiled rows and gives its own (see the next test).
     assert direct.matches(torch.ones(1, 3), torch.zeros(1, 1))
     assert torch.equal(direct.launch(torch.ones(1, 3), torch.zeros(1, 1)).result(), torch.full((1, 3), 2.0))
 
-    def refuse(renderer, tensors, dtype, folder):
+    def refuse(renderer, tensors, dtype, folder, notes):
         raise compiled.CompileUnavailable("no compiler")
 
     monkeypatch.setattr(compiled, "compiled_step", refuse)
@@ -1999,7 +2018,7 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
     assert on_cpu._capture(None, *tensors) is None and seen == []
     assert on_cpu.launch(None, *tensors) is None and on_cpu.failed
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder: lambda *t: t[0] + 1)
+    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: lambda *t: t[0] + 1)
     on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
     assert torch.equal(on_cpu.launch(None, *tensors).result(), torch.full((2, 3), 2.0)) and seen == []
     assert pipeline._Graphs(2, None, "cpu").launch(None, *tensors) is None  # no compile: eager, as before

@@ -165,43 +165,66 @@ def compiled_step(
     example: Sequence[torch.Tensor],
     dtype: torch.dtype | None,
     folder: Path | None,
+    notes: list[str] | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The render step for batches shaped like `example` (feature, kp_canonical, kp_source, windows), compiled:
     loaded from `folder` when compiled before, else compiled and saved there (None: a temporary folder, for this
-    run only); just in time when that fails. Raises CompileUnavailable when no compiling works."""
+    run only); just in time when that fails. Raises CompileUnavailable when no compiling works. `notes` gets a line
+    for the run's report where the step is not the first kind of package (what failed, and what it costs)."""
     step = RenderStep(renderer, dtype).eval()
     example = tuple(example)
     folder = _temporary_folder() if folder is None else Path(folder)
-    given_up = []  # packages that failed their check on this machine before
+    given_up = []  # packages that failed their check on this machine (before, or now)
+    problem = ""  # why the last try failed, where it was not a check that will fail again
     for variant in VARIANTS:
         path = folder / f"render-{variant.name}-{package_key(step, example, variant)}.pt2"
         failed = path.with_suffix(".failed")
         if path.is_file():
             try:
-                return _load(path, step, example, variant)
+                loaded = _load(path, step, example, variant)
             except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: compile it again
                 logger.warning("compiled render step %s does not load (%s); compiling it again", path, str(exc))
+            else:
+                _note_second_choice(notes, given_up, variant)
+                return loaded
         elif failed.is_file():  # this machine could not run such a package: do not compile it again
             reason = failed.read_text(errors="replace").strip().splitlines()[:1] or ["no reason recorded"]
             given_up.append(f"{variant.name}: {reason[0]} (delete {failed} to try again)")
             continue
         try:
-            return _compile_ahead(path, step, example, variant)
+            made = _compile_ahead(path, step, example, variant)
         except PackageCheckFailed as exc:
             logger.warning("the render step compiled ahead of time (%s) failed its check in a separate process: %s",
                            variant.describe(), exc.problem)  # fmt: skip
             if exc.lasting:
                 given_up.append(f"{variant.name}: {exc.problem}")
                 continue  # the next variant may load where this one crashed
+            problem = exc.problem
         except Exception as exc:  # noqa: BLE001 - export or AOTInductor refused this step: try just in time
-            logger.warning("compiling the render step ahead of time failed (%s: %s)", type(exc).__name__, str(exc))
+            problem = f"{type(exc).__name__}: {exc}"
+            logger.warning("compiling the render step ahead of time failed (%s)", problem)
+        else:
+            _note_second_choice(notes, given_up, variant)
+            return made
         break  # what failed would fail the next variant the same way (export, a time-out): no use compiling again
-    if given_up:
-        logger.warning("the render step compiled ahead of time failed its check on this machine (%s); compiling it "
-                       "for this run only", "; ".join(given_up))  # fmt: skip
-    else:
-        logger.warning("compiling the render step for this run only")
-    return _compile_just_in_time(step, example)
+    reason = "; ".join([*given_up, problem] if problem else given_up)
+    logger.warning("no package of the render step compiled ahead of time runs here (%s); compiling it for this run "
+                   "only", reason)  # fmt: skip
+    started = time.perf_counter()
+    jit = _compile_just_in_time(step, example)
+    if notes is not None:
+        notes.append(
+            f"video.compile: no package compiled ahead of time runs on this machine ({reason}); the render step was "
+            f"compiled just in time for this run ({time.perf_counter() - started:.0f} s)"
+        )
+    return jit
+
+
+def _note_second_choice(notes: list[str] | None, given_up: list[str], variant: Variant) -> None:
+    """A line for the report where a package other than the first choice renders (the first failed here)."""
+    if notes is not None and given_up:
+        notes.append(f"video.compile: rendered with the package of kind \"{variant.describe()}\" (the kind before "
+                     f"failed its check on this machine: {'; '.join(given_up)})")  # fmt: skip
 
 
 def _compile_ahead(

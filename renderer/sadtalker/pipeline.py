@@ -882,7 +882,7 @@ class _Graphs:
             from renderer.sadtalker import compiled
 
             try:
-                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir)
+                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir, self.notes)
             except compiled.CompileUnavailable as exc:
                 logger.warning("%s; rendering without compiling", str(exc))
                 self.notes.append(f"video.compile: {exc}; rendered without compiling")
