@@ -32,14 +32,17 @@ from renderer.base import (
     atomic_write_bytes,
     run_each,
 )
+from renderer.checkpoints import SADTALKER_PREPROCESS, SADTALKER_SIZES
 from renderer.puppet_motion import Tracks, make_tracks, read_audio_features, read_phonemes
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the pictures this stage draws change for the same inputs (the runner folds it into cache keys).
 VERSION = 1
-SIZES = (256, 512)
-PREPROCESS = ("crop", "resize", "full")
+SIZES = SADTALKER_SIZES  # the same `video` settings as SadTalker's
+PREPROCESS = SADTALKER_PREPROCESS
+#: How much wider the `extcrop` / `extfull` square is than the tight one (more hair, neck and background).
+EXT_MARGIN = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +86,15 @@ class Framing:
     box: tuple[int, int, int, int]
 
 
-def crop_box(landmarks: np.ndarray, width: int, height: int) -> tuple[int, int, int]:
-    """Square around the face like SadTalker's crop (FFHQ alignment size), kept inside the picture: (left, top, side)."""
+def crop_box(landmarks: np.ndarray, width: int, height: int, margin: float = 1.0) -> tuple[int, int, int]:
+    """Square around the face like SadTalker's crop (FFHQ alignment size), `margin` times wider, kept inside the
+    picture: (left, top, side)."""
     eye_left = landmarks[36:42].mean(axis=0)
     eye_right = landmarks[42:48].mean(axis=0)
     eyes = (eye_left + eye_right) / 2
     mouth = (landmarks[48] + landmarks[54]) / 2
     eye_to_mouth = mouth - eyes
-    side = 2.0 * max(2.0 * float(np.hypot(*(eye_right - eye_left))), 1.8 * float(np.hypot(*eye_to_mouth)))
+    side = 2.0 * margin * max(2.0 * float(np.hypot(*(eye_right - eye_left))), 1.8 * float(np.hypot(*eye_to_mouth)))
     side = int(round(min(side, width, height)))
     centre = eyes + 0.1 * eye_to_mouth
     left = int(round(np.clip(centre[0] - side / 2, 0, width - side)))
@@ -107,13 +111,14 @@ def frame_face(image: np.ndarray, landmarks: np.ndarray, size: int, preprocess: 
     if preprocess == "resize":
         scaled = np.asarray(picture.resize((size, size), Image.Resampling.LANCZOS))
         return Framing(scaled, landmarks * np.array([size / width, size / height]), (0, 0, width, height))
-    left, top, side = crop_box(landmarks, width, height)
+    left, top, side = crop_box(landmarks, width, height, EXT_MARGIN if preprocess.startswith("ext") else 1.0)
     square = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
     return Framing(np.asarray(square), (landmarks - np.array([left, top])) * (size / side), (left, top, side, side))
 
 
 class _Compositor:
-    """Blends the animated square back into the whole portrait (preprocess: full) through a feathered mask."""
+    """Blends the animated square back into the whole portrait (preprocess: full, extfull) through a feathered
+    mask."""
 
     def __init__(self, portrait: np.ndarray, framing: Framing, motion: np.ndarray) -> None:
         from PIL import Image
@@ -175,7 +180,7 @@ def animate(
     # 2. Framing: the square the rig animates, and where it goes in the output.
     framing = frame_face(image, face.landmarks, settings.size, settings.preprocess)
     rig = FaceRig(framing.image, framing.landmarks, expression_scale=settings.expression_scale)
-    compose = _Compositor(image, framing, rig.motion_mask()) if settings.preprocess == "full" else None
+    compose = _Compositor(image, framing, rig.motion_mask()) if settings.preprocess.endswith("full") else None
     width, height = compose.size if compose else (settings.size, settings.size)
 
     # 3. Tracks for the whole clip (a few numbers per frame).

@@ -125,6 +125,26 @@ def test_manifest_symlink_escaping_folder_is_refused(tmp_path: Path) -> None:
     assert "points outside the manifest's folder" in str(info.value)
 
 
+def test_manifest_preprocess_takes_every_sadtalker_mode_and_locates_a_wrong_one(tmp_path: Path) -> None:
+    body = "version: 1\ncharacters:\n  a: {description: x}\nscripts:\n  s: {text: hi}\nvideos:\n"
+    modes = ["crop", "extcrop", "resize", "full", "extfull"]
+    (tmp_path / "ok.yaml").write_text(
+        body
+        + "".join(
+            f"  - {{id: {m}, character: a, script: s, overrides: {{video: {{preprocess: {m}}}}}}}\n" for m in modes
+        )
+    )
+    m = load_manifest(tmp_path / "ok.yaml")
+    assert [m.settings(v)["video"]["preprocess"] for v in m.videos] == modes
+    (tmp_path / "bad.yaml").write_text(
+        body + "  - {id: v, character: a, script: s, overrides: {video: {preprocess: widecrop}}}\n"
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path / "bad.yaml")
+    (problem,) = info.value.problems
+    assert problem.line == 7 and "widecrop" in problem.message and "extfull" in problem.message, problem
+
+
 def test_manifest_duplicate_key_is_an_error(tmp_path: Path) -> None:
     f = tmp_path / "d.yaml"
     f.write_text("version: 1\ncharacters:\n  a: {description: x}\n  a: {description: y}\n")

@@ -178,6 +178,20 @@ def test_run_full_mode_keeps_the_picture_size(tmp_path: Path, pool: ModelPool, s
     assert diff[:, ring].mean() < 4.0
 
 
+def test_run_ext_modes_frame_a_wider_square(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
+    """`extcrop` animates a wider square around the face than `crop` (SadTalker's bordered crop); `extfull` pastes
+    that wider square back into the whole picture."""
+    portrait = PORTRAITS / "astronaut.jpg"
+    _, _, crop, _ = _animate(tmp_path / "crop", pool, short_wav, portrait=portrait)
+    _, result, ext, frames = _animate(tmp_path / "extcrop", pool, short_wav, portrait=portrait, preprocess="extcrop")
+    assert result["size"] == [256, 256] and frames[0].shape == (256, 256, 3)
+    assert ext["face_box"][2] > 1.3 * crop["face_box"][2], (ext["face_box"], crop["face_box"])
+    assert detect_face(frames[0], "extcrop frame", pool).score > 0.5
+    _, result, full, frames = _animate(tmp_path / "extfull", pool, short_wav, portrait=portrait, preprocess="extfull")
+    height, width = load_image(portrait).shape[:2]
+    assert result["size"] == [width - width % 2, height - height % 2] and full["face_box"] == ext["face_box"]
+
+
 def test_run_resize_mode_and_size_512(tmp_path: Path, pool: ModelPool, short_wav: Path) -> None:
     _, result, _, frames = _animate(
         tmp_path / "resize", pool, short_wav, portrait=PORTRAITS / "grace_hopper.jpg", preprocess="resize", size=512

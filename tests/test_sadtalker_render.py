@@ -1333,6 +1333,33 @@ def _portraits(folder: Path) -> tuple[Path, Path]:
     return portrait, blank
 
 
+def test_pipeline_ext_modes_render_the_bordered_crop(fake_checkpoints: Path, tmp_path: Path) -> None:
+    """`preprocess: extcrop` renders upstream's bordered crop box (wider than `crop`'s face quad, SPEC §3.3) and
+    `extfull` pastes it back into the whole portrait (SPEC §8.3): a larger region changes than with `full`."""
+    from renderer.encode import read_frames
+
+    skimage_data = pytest.importorskip("skimage.data")
+    portrait, _ = _portraits(tmp_path)
+    one = tmp_path / "one.wav"
+    write_wav(one, tone(SAMPLES_PER_FRAME / 16000, 16000), 16000)  # exactly one frame
+    modes = ("crop", "extcrop", "full", "extfull")
+    jobs = [_job(tmp_path, mode, fake_checkpoints, portrait, one, seed=1, preprocess=mode) for mode in modes]
+    results = dict(zip(modes, pipeline.run(jobs, ModelPool()), strict=True))
+    for mode, info in results.items():
+        assert isinstance(info, dict) and info["frames"] == 1 and info["preprocess"] == mode, info
+    frames = {mode: next(iter(read_frames(job.out_dir / "video.mp4"))) for mode, job in zip(modes, jobs, strict=True)}
+    assert frames["crop"].shape[1] == frames["extcrop"].shape[1] == 256
+    original = skimage_data.astronaut().astype(int)
+    changed = {}
+    for mode in ("full", "extfull"):
+        assert frames[mode].shape == original.shape  # the portrait's size
+        moved = np.abs(frames[mode].astype(int) - original).mean(axis=2) > 12
+        ys, xs = np.nonzero(moved)
+        assert 100 < xs.mean() < 300 and ys.mean() < 250, f"{mode}: the paste landed away from the face"
+        changed[mode] = moved.mean()
+    assert changed["extfull"] > 1.3 * changed["full"], changed
+
+
 def test_pipeline_renders_batched_videos_on_fill_weights(
     fake_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

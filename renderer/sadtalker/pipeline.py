@@ -11,7 +11,7 @@ Per job (SPEC §1.2), in numbered steps:
    `video.batch_size` frames; each batch goes straight to its videos' encoders, so memory stays flat however long
    the audio is (only the N×70 coefficients are kept per job);
 5. per frame: uint8 (round half to even), aspect restore to S × trunc(S·h/w) (rounded up to even for yuv420p),
-   or in `preprocess: full` a Poisson paste back into the portrait (`paste.PasteBack`).
+   or in `preprocess: full` and `extfull` a Poisson paste back into the portrait (`paste.PasteBack`).
 
 Models come from the pool once per run: the renderer (KPDetector + MappingNet + generator) per (size, 70|73
 inputs), the 3DMM regressor and the two audio networks per size (their BatchNorms folded into the convolutions).
@@ -79,6 +79,7 @@ from renderer.base import (
     StepJob,
     as_render_error,
 )
+from renderer.checkpoints import SADTALKER_PREPROCESS, SADTALKER_SIZES
 
 if TYPE_CHECKING:
     from renderer.encode import VideoWriter
@@ -92,8 +93,10 @@ logger = logging.getLogger(__name__)
 
 #: File the stage writes in out_dir.
 OUTPUT_NAME = "video.mp4"
-SIZES = (256, 512)
-PREPROCESS = ("crop", "resize", "full")
+SIZES = SADTALKER_SIZES
+PREPROCESS = SADTALKER_PREPROCESS
+#: The modes whose frames are pasted back into the whole portrait (SPEC §8.3).
+PASTE_BACK = ("full", "extfull")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 NUM_POSE_STYLES = 46
 
@@ -445,10 +448,10 @@ def _mel_windows(plan: _Plan) -> np.ndarray:
 
 
 def _geometry(plan: _Plan, image: np.ndarray, crop: Any) -> tuple[PasteBack | None, tuple[int, int]]:
-    """The paste-back (`preprocess: full`) and the output frame size of one job."""
+    """The paste-back (`preprocess: full` or `extfull`) and the output frame size of one job."""
     from renderer.sadtalker.paste import PasteBack
 
-    if plan.settings.preprocess != "full":
+    if plan.settings.preprocess not in PASTE_BACK:
         return None, output_size(plan.settings.size, crop.crop_info.size)
     portrait_path = plan.portrait
     height, width = image.shape[:2]
