@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import logging
 import shutil
 import sys
@@ -20,6 +21,8 @@ from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
 
 logger = logging.getLogger(__name__)
+#: Numbers the thread pools of `_run_parallel`, whose threads are found again by name.
+_POOLS = itertools.count()
 
 #: A stage function: (jobs, pool) -> one info dict or RenderError per job (the renderer contract).
 StageFn = Callable[[Sequence[Any], Any], list[Any]]
@@ -269,7 +272,8 @@ class Runner:
             if not stop.is_set():
                 self._run_chunk(stage, chunk, bar)
 
-        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix=f"dhbatch-{stage}")
+        prefix = f"dhbatch-{stage}-{next(_POOLS)}"  # this pool's threads, by name
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix=prefix)
         try:
             futures = [pool.submit(work, c) for c in chunks]
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -279,6 +283,11 @@ class Runner:
         finally:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            # A Ctrl-C inside submit() can come between a new thread's start and the pool noting it, and shutdown()
+            # only joins the threads it noted: join every thread of this pool.
+            for thread in threading.enumerate():
+                if thread.name.startswith(f"{prefix}_") and thread is not threading.current_thread():
+                    thread.join()
 
     def _run_chunk(self, stage: str, chunk: list[Step], bar: Any) -> None:
         from renderer.base import RenderError, StepJob

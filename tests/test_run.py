@@ -290,10 +290,14 @@ def test_run_interrupted_with_parallel_jobs_waits_for_its_threads(tmp_path: Path
     fake_voice = registry[TARGETS["voice"]]
     started: list[str] = []
     finished: list[str] = []
+    lock, both_at_work = threading.Lock(), threading.Barrier(2)
 
     def voice(jobs, pool):
-        started.append(jobs[0].key)
-        if len(started) == 1:
+        with lock:
+            started.append(jobs[0].key)
+            first = len(started) == 1
+        both_at_work.wait(timeout=30)  # Ctrl-C comes while both threads run a chunk (however loaded the machine)
+        if first:
             signal.raise_signal(signal.SIGINT)  # delivered to the main thread, which waits for the workers
         time.sleep(0.5)  # a chunk still at work when Ctrl-C comes
         out = fake_voice(jobs, pool)
