@@ -183,10 +183,12 @@ def bench_speed(
                                     started = time.perf_counter()
                                     compiled_step = compiled.compiled_step(renderer, tensors, half, compiled_dir)
                                     loaded = time.perf_counter() - started
-                                if getattr(compiled_step, "graphable", True):
+                                try:
                                     graphed = GraphedRender.capture(renderer, *tensors, dtype=half, step=compiled_step)
-                                else:  # as the stage: a package whose runner cannot be recorded, called per batch
-                                    print(f"{label} the compiled step runs without CUDA graphs")
+                                except GraphUnavailable as exc:  # as the stage: the compiled step called per batch
+                                    if compiled_step is None:
+                                        raise
+                                    print(f"{label} the compiled step runs without CUDA graphs: {exc}")
 
                                     def graphed(*args, run=compiled_step):
                                         return run(*args).cpu().numpy()

@@ -337,9 +337,9 @@ def run_mux(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError
         speech = mux(job.inputs["video"], job.inputs["audio"], out)
         info = probe(out)
         warnings = []
-        if (
-            info.video_duration is not None and speech - info.video_duration >= 1 / FPS - 1e-6
-        ):  # the animation makes floor(samples / 640) frames: less is a cut
+        # The animation makes floor(samples / 640) frames: a video shorter than the speech by a frame is a cut.
+        cut = info.video_duration is not None and speech - info.video_duration >= 1 / FPS - 1e-6
+        if cut:
             warnings.append(
                 f"the speech lasts {speech:.2f} s but the video {info.video_duration:.2f} s: the end is cut"
             )

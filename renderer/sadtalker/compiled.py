@@ -151,6 +151,13 @@ def _weights_digest(step: RenderStep) -> str:
     return digest.hexdigest()
 
 
+def _device_index(device: torch.device) -> int:
+    """The device index AOTInductor's loader takes: the CUDA device's (the current one where unnumbered), −1 for CPU."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _driver_version() -> int | None:
     """The CUDA driver's version (a new driver can change whether a package loads), or None where unknown."""
     get = getattr(torch._C, "_cuda_getDriverVersion", None)
@@ -288,7 +295,7 @@ def _load(
     single-threaded one does not (only the render loop calls the step, so one thread is all it needs)."""
     started = time.perf_counter()
     device = example[0].device
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    index = _device_index(device)
     runner = torch._inductor.aoti_load_package(
         str(path), run_single_threaded=variant.single_threaded, device_index=index
     )
@@ -368,7 +375,7 @@ def _check_in_child(
     import sys
 
     device = example[0].device
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    index = _device_index(device)
     spec = {
         "package": str(package),
         "device": str(device),
