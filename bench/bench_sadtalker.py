@@ -558,6 +558,12 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="clips and memory runs: video.compile: true")
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        help='speed, compiled mode: make packages only these ways (compiled.VARIANTS names); "none" goes straight '
+        "to the just-in-time fallback",
+    )
+    parser.add_argument(
         "--cold-clips",
         type=int,
         help="clips: run only this many one-process-per-clip children "
@@ -603,6 +609,10 @@ def main() -> None:
     if args.save_landmarks:
         save_landmarks(args.save_landmarks)
         return
+    if args.variants:
+        from renderer.sadtalker import compiled
+
+        compiled.VARIANTS = tuple(v for v in compiled.VARIANTS if v.name in args.variants)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from renderer.sadtalker import facerender

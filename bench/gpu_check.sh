@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
 #                                        big profile prepstage halfweights kernels clipscompiled sdcompile
-#                                        rendermemory aotiprobe jit (default: setup pytest speed compiled sd clips
+#                                        rendermemory aotiprobe jit jitgraph (default: setup pytest speed compiled sd clips
 #                                        memory cudnn profile, in this order: about 12 minutes on an H100, so
 #                                        through the device tool run it as two calls, e.g. "setup pytest speed
 #                                        compiled" then "setup sd clips memory cudnn profile")
@@ -122,10 +122,13 @@ except ImportError:
             --fused-conv-relu --broadcast-upsample ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
+    jitgraph)  # the just-in-time fallback's frame rate against the CUDA graph's, in one process (no package tried)
+        part jitgraph 150 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.5 \
+            --modes graph compiled --variants none --dtypes float16 --sizes 256 --batches 16 ;;
     jit)  # the fallback where no package loads: torch.compile with TorchInductor's cache empty, then warm
         part jit 200 python3 bench/bench_compiled.py --jit --device cuda --dtype float16 --batch 16 ;;
     aotiprobe)  # which AOTInductor packages load and run here (a small model, eight variants, each in its own process; a gdb backtrace where gdb is there)
-        part aotiprobe 240 python3 bench/probe_aoti.py ;;
+        part aotiprobe "${AOTI_LIMIT:-240}" python3 bench/probe_aoti.py ;;
     rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
         part rendermemory 120 python3 bench/bench_render_memory.py --device cuda --sizes 256 512 --batches 1 8 ;;
     profile)
