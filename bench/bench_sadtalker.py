@@ -483,7 +483,7 @@ def bench_clips(
             wall = time.perf_counter() - start
             if out.returncode != 0:
                 raise SystemExit(f"clip child failed:\n{out.stderr[-3000:]}")
-            said = ("sadtalker:", "bench:", "compiled the", "loaded the compiled")
+            said = ("sadtalker:", "bench:", "compiled the", "loaded the compiled", "the render step", "no package")
             split = [line for line in out.stderr.splitlines() if line.startswith(said)]
             return wall, {**json.loads(out.stdout.strip().splitlines()[-1]), "split": split}
 
@@ -492,8 +492,10 @@ def bench_clips(
             + (", video.compile: true (both arms, the package compiled beforehand)" if compile else "")
         )
         if compile:  # a machine that has compiled before: the package is made once, then every run loads it
-            primed, _ = child(0, 1)
+            primed, info = child(0, 1)
             print(f"  compiled the render step beforehand (one clip, one process): {primed:.1f} s", flush=True)
+            for line in info["split"]:
+                print(f"    {line[:400]}")
         warm = {}
         for variant in prepare or [None]:
             warm[variant], info = child(0, count, variant)

@@ -64,7 +64,8 @@ for p in "${parts[@]}"; do
         # g++ builds AOTInductor's wrapper (video.compile); without it the stage compiles just in time instead
         part setup 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 if command -v g++ >/dev/null; then g++ --version | head -1; else echo "no g++: AOTInductor packages cannot be built"; fi
-command -v gdb || echo "no gdb: aotiprobe prints no native backtrace"
+command -v gdb || command -v cuda-gdb || echo "neither gdb nor cuda-gdb: aotiprobe prints no native backtrace"
+command -v nvcc >/dev/null && nvcc --version | tail -2 | head -1
 python3 -c "
 import torch, diffusers, transformers, av, soxr
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version())
@@ -127,7 +128,7 @@ except ImportError:
             --modes graph compiled --variants none --dtypes float16 --sizes 256 --batches 16 ;;
     jit)  # the fallback where no package loads: torch.compile with TorchInductor's cache empty, then warm
         part jit 200 python3 bench/bench_compiled.py --jit --device cuda --dtype float16 --batch 16 ;;
-    aotiprobe)  # which AOTInductor packages load and run here (a small model, eight variants, each in its own process; a gdb backtrace where gdb is there)
+    aotiprobe)  # which AOTInductor packages load and run here (a small model, eight variants, each in its own process; at the first crash the library's ldd, opening it alone, and a gdb or cuda-gdb backtrace)
         part aotiprobe "${AOTI_LIMIT:-240}" python3 bench/probe_aoti.py ;;
     rendermemory)  # peak allocated during one render batch, float16, each setting in a fresh process
         part rendermemory 120 python3 bench/bench_render_memory.py --device cuda --sizes 256 512 --batches 1 8 ;;

@@ -5,7 +5,8 @@ Why: on an H100 (PyTorch 2.11+cu130) the SadTalker render step compiled for `vid
 that loaded it with a segmentation fault, also with grid_sampler_3d written as gathers (no proxy-executor fallback);
 bench/results/2026-11-26-h100d. The variants below tell a generic failure of CUDA packages on a machine from one of
 the options the stage uses (constants left out of the shared library and handed over at load, a single-threaded
-runner, a grid_sampler_3d fallback).
+runner, a grid_sampler_3d fallback). At the first crash it also shows what the package's shared library links (ldd),
+whether opening that library alone crashes, and a native backtrace (gdb, or the GPU image's cuda-gdb).
 
     python bench/probe_aoti.py              # on a CUDA machine with g++ (gpu_check.sh part aotiprobe)
     python bench/probe_aoti.py cpu          # the same on the CPU (a smoke test of the probe itself)
@@ -120,18 +121,58 @@ def main() -> None:
             if done.returncode > 0:
                 result += ": " + (done.stderr.strip().splitlines() or [""])[-1][:300]
         print(f"{name:78s} {result}", flush=True)
-        if done.returncode < 0 and backtraces < 2 and shutil.which("gdb"):  # where in native code it crashed
+        if done.returncode < 0 and backtraces == 0:  # the first crash: what the shared library needs, and where
             backtraces += 1
+            _inspect_library(packages[key])
+            debugger = shutil.which("gdb") or shutil.which("cuda-gdb")  # the GPU image has cuda-gdb, not gdb
+            if debugger is None:
+                print("    (neither gdb nor cuda-gdb here for a native backtrace)")
+                continue
             traced = subprocess.run(
-                ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                [debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 30", "--args",
                  sys.executable, "-c", _RUN, json.dumps(spec)],
                 capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip
             frames = [line for line in traced.stdout.splitlines() if line.startswith("#")]
-            print("    native backtrace (gdb):", *(f"    {line[:200]}" for line in frames or ["(none)"]), sep="\n")
-        elif done.returncode < 0 and backtraces == 0:
-            backtraces += 1
-            print("    (no gdb here for a native backtrace)")
+            print(f"    native backtrace ({Path(debugger).name}):",
+                  *(f"    {line[:220]}" for line in frames or ["(none)", *traced.stderr.splitlines()[-5:]]), sep="\n")  # fmt: skip
+
+
+_DLOPEN = """
+import ctypes, sys
+import torch
+print("dlopen", flush=True)
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
+print("ok", flush=True)
+"""
+
+
+def _inspect_library(package: Path) -> None:
+    """After a crash: the package's shared library, the libraries it resolves (ldd) and whether opening it alone,
+    in a fresh Python that has imported torch, crashes too (loading vs building the runner)."""
+    import zipfile
+
+    folder = scratch_dir("probe_aoti_so_")
+    with zipfile.ZipFile(package) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".so")]
+        print(f"    shared libraries in the package: {names}")
+        for name in names:
+            so = Path(archive.extract(name, folder))
+            if shutil.which("ldd"):
+                linked = subprocess.run(["ldd", str(so)], capture_output=True, text=True, check=False).stdout
+                wanted = ("not found", "cuda", "torch", "c10", "stdc++", "libgomp")
+                for line in linked.splitlines():
+                    if any(w in line for w in wanted):
+                        print(f"      ldd: {line.strip()[:200]}")
+            opened = subprocess.run(
+                [sys.executable, "-X", "faulthandler", "-c", _DLOPEN, str(so)],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            said = opened.stdout.strip().splitlines()
+            ok = opened.returncode == 0 and said[-1:] == ["ok"]
+            tail = "" if ok else (opened.stderr.strip().splitlines() or [""])[-1][:200]
+            print(f"      opened alone (ctypes, after import torch): {'ok' if ok else f'exit {opened.returncode}'} "
+                  f"{tail}")  # fmt: skip
 
 
 if __name__ == "__main__":

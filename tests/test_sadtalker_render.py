@@ -1062,9 +1062,11 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
     monkeypatch.setattr(compiled, "_load", lambda path, step, example, variant: loads.append(path))
     folder = tmp_path / "compiled"
     notes: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="renderer.sadtalker.compiled"):
+    with caplog.at_level(logging.INFO, logger="renderer.sadtalker.compiled"):
         assert compiled.compiled_step(step, example, None, folder, notes) == "J"
         assert "crashed (SIGSEGV)" in caplog.text and "failed its check" in caplog.text
+        # What each failed package cost, for the log of a run that gave up on it.
+        assert caplog.text.count("; its check failed after") == len(compiled.VARIANTS), caplog.text
         # The run's report says why this run compiled for itself, and what that cost.
         assert len(notes) == 1 and "lean: the process crashed (SIGSEGV)" in notes[0], notes
         assert (

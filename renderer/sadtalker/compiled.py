@@ -214,7 +214,7 @@ def compiled_step(
             _note_second_choice(notes, given_up, variant)
             return made
         break  # what failed would fail the next variant the same way (export, a time-out): no use compiling again
-    reason = "; ".join([*given_up, problem] if problem else given_up)
+    reason = "; ".join([*given_up, problem] if problem else given_up) or "no kind of package was tried"
     logger.warning("no package of the render step compiled ahead of time runs here (%s); compiling it for this run "
                    "only", reason)  # fmt: skip
     started = time.perf_counter()
@@ -263,6 +263,9 @@ def _compile_ahead(
         failure = _check_in_child(partial, step, example, variant)
         if failure:
             problem, lasting = failure
+            logger.info("compiled the render step ahead of time (%s) in %.1f s (export %.1f s); its check failed "
+                        "after %.1f s", variant.describe(), compiled_in, exported,
+                        time.perf_counter() - started - compiled_in)  # fmt: skip
             if lasting:  # remembered, so later runs do not compile it again (the note says how to retry)
                 try:
                     path.with_suffix(".failed").write_text(

@@ -38,7 +38,10 @@ With `torch.compile` the step took 40–55 s to compile and then ran at about 1.
 differed from float32 by 1.5 of 255 levels on average (eager float16: 0.8). Measured on an H200:
 bench/results/2026-11-26-h200/. On an H100 with PyTorch 2.11 the ahead-of-time package compiled (91–102 s) but
 crashed the process loading it; a new package is therefore checked in a separate process first, and there the run
-fell back to `torch.compile` (38.6 s): bench/results/2026-11-26-h100d/.
+fell back to `torch.compile` (38.6 s): bench/results/2026-11-26-h100d/. The second kind of package crashed there
+too (bench/results/2026-11-26-h100e/); the fallback then renders 1.70× the graph's frame rate (320 vs 188 frames/s
+at 256, batch 16, float16) after 27 s (TorchInductor cache warm) to 55 s (cold) of compiling, which pays back after
+about 12,000 frames.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
