@@ -1101,6 +1101,56 @@ def test_a_package_that_crashes_its_check_is_never_loaded_and_later_runs_compile
     assert sorted(p.name for p in retried.iterdir()) == ["render-lean-k.pt2"]
 
 
+def test_where_no_package_runs_a_run_too_short_for_compiling_just_in_time_to_pay_renders_without_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On an H100 with PyTorch 2.11 no package loads, and `torch.compile` costs 27-55 s for 1.7x the frame rate: a
+    group of fewer frames than that pays back renders without compiling, and its videos say why; a longer one, or
+    one whose length is not known, compiles just in time. The group's frames come from its WAV headers."""
+    import types
+
+    from scipy.io import wavfile
+
+    from renderer.sadtalker import compiled, pipeline
+
+    class Step(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    monkeypatch.setattr(compiled, "package_key", lambda step, example, variant: "k")
+    monkeypatch.setattr(compiled.RenderStep, "__init__", lambda self, renderer, dtype: torch.nn.Module.__init__(self))
+    monkeypatch.setattr(compiled.RenderStep, "forward", Step.forward)
+    jit: list[int] = []
+    monkeypatch.setattr(compiled, "_compile_just_in_time", lambda step, example: jit.append(1) or "J")
+    folder = tmp_path / "compiled"
+    folder.mkdir()
+    for variant in compiled.VARIANTS:  # both kinds crashed their check here before
+        (folder / f"render-{variant.name}-k.failed").write_text("the process crashed (SIGSEGV) while loading\n")
+    example = (torch.ones(2, 3),)
+
+    with pytest.raises(compiled.CompileUnavailable) as raised:
+        compiled.compiled_step(Step(), example, None, folder, [], frames=500, jit_min_frames=12_000)
+    said = str(raised.value)
+    assert "pays back only after about 12,000 frames" in said and "this run renders 500" in said, said
+    assert "lean: the process crashed (SIGSEGV)" in said and jit == []
+    assert compiled.compiled_step(Step(), example, None, folder, [], frames=12_000, jit_min_frames=12_000) == "J"
+    assert compiled.compiled_step(Step(), example, None, folder, [], frames=None, jit_min_frames=12_000) == "J"
+    assert jit == [1, 1]
+
+    # The stage: the group's frames from its WAVs (16 kHz and 44.1 kHz), and the note on its videos.
+    wavs = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    wavfile.write(wavs[0], 16_000, np.zeros(16_000 + 639, dtype=np.int16))  # 1.04 s: 25 frames
+    wavfile.write(wavs[1], 44_100, np.zeros((88_200, 2), dtype=np.float32))  # 2 s, stereo: 50 frames
+    plans = [types.SimpleNamespace(audio=path) for path in wavs]
+    assert pipeline._group_frames(plans) == 75
+    assert pipeline._group_frames([*plans, types.SimpleNamespace(audio=tmp_path / "missing.wav")]) is None
+    graphs = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=folder, frames=75, jit_min_frames=100)
+    assert graphs._capture(None, *example) is None and jit == [1, 1]
+    assert len(graphs.notes) == 1 and "this run renders 75; rendered without compiling" in graphs.notes[0]
+    graphs = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=folder, frames=75)  # a CPU: no minimum
+    assert isinstance(graphs._capture(None, *example), pipeline._Direct) and jit == [1, 1, 1]
+
+
 def test_where_the_lean_package_crashes_the_package_with_the_weights_inside_is_made_and_loaded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1188,7 +1238,9 @@ def test_a_compiled_step_that_cannot_be_recorded_runs_batch_by_batch_on_cuda(mon
         return tensors[0] * 10 + tensors[1][:, :2]
 
     step.graphable = False
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: step)
+    monkeypatch.setattr(
+        compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes, frames, jit_min_frames: step
+    )
     full = (torch.zeros(4, 2), torch.zeros(4, 3))
     direct = pipeline._Graphs(4, None, "cuda", compile=True)._capture(None, *full)
     assert isinstance(direct, pipeline._Direct) and direct.step is step
@@ -1981,7 +2033,9 @@ def test_a_failing_compiled_step_is_given_up_and_the_videos_say_so(
         calls.append(len(tensors[0]))
         raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
 
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: failing)
+    monkeypatch.setattr(
+        compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes, frames, jit_min_frames: failing
+    )
     state = SimpleNamespace(feature=torch.rand(1, 3, 4, 4), kp_canonical=torch.zeros(1, 15, 3),
                             kp_source=torch.zeros(1, 15, 3))  # fmt: skip
     plan = SimpleNamespace(settings=SimpleNamespace(size=256))
@@ -2019,7 +2073,7 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
 
     monkeypatch.setattr(graphs.GraphedRender, "capture", staticmethod(capture))
 
-    def compiled_with_a_note(renderer, tensors, dtype, folder, notes):
+    def compiled_with_a_note(renderer, tensors, dtype, folder, notes, frames, jit_min_frames):
         notes.append("video.compile: compiled just in time for this run (40 s)")  # as compiled_step reports it
         return lambda *t: t[0] * 2
 
@@ -2035,7 +2089,7 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     assert direct.matches(torch.ones(1, 3), torch.zeros(1, 1))
     assert torch.equal(direct.launch(torch.ones(1, 3), torch.zeros(1, 1)).result(), torch.full((1, 3), 2.0))
 
-    def refuse(renderer, tensors, dtype, folder, notes):
+    def refuse(renderer, tensors, dtype, folder, notes, frames, jit_min_frames):
         raise compiled.CompileUnavailable("no compiler")
 
     monkeypatch.setattr(compiled, "compiled_step", refuse)
@@ -2047,7 +2101,11 @@ def test_compiled_step_runs_without_graphs_when_recording_it_fails(
     on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
     assert on_cpu._capture(None, *tensors) is None and seen == []
     assert on_cpu.launch(None, *tensors) is None and on_cpu.failed
-    monkeypatch.setattr(compiled, "compiled_step", lambda renderer, tensors, dtype, folder, notes: lambda *t: t[0] + 1)
+    monkeypatch.setattr(
+        compiled,
+        "compiled_step",
+        lambda renderer, tensors, dtype, folder, notes, frames, jit_min_frames: lambda *t: t[0] + 1,
+    )
     on_cpu = pipeline._Graphs(2, None, "cpu", compile=True, compiled_dir=tmp_path)
     assert torch.equal(on_cpu.launch(None, *tensors).result(), torch.full((2, 3), 2.0)) and seen == []
     assert pipeline._Graphs(2, None, "cpu").launch(None, *tensors) is None  # no compile: eager, as before

@@ -28,7 +28,9 @@ only this tool writes packages, under names it derives itself, and only those na
 packages from elsewhere into `compiled/`.
 
 If exporting or compiling ahead of time fails, the step is compiled just in time by `torch.compile` instead (the
-cost of every run again), and if that fails too, the caller renders without compiling (`CompileUnavailable`).
+cost of every run again), and if that fails too, the caller renders without compiling (`CompileUnavailable`). On
+CUDA the caller asks for that only for a run long enough to pay it back (`JIT_PAYS_BACK_FRAMES`); a shorter one
+renders without compiling.
 
 Measured on the project's 2-core CPU (`python bench/bench_compiled.py`: fill-rule weights, 256, bfloat16 autocast,
 batch 2): export 3.1 s and compile 35 s into a 3.7 MiB package, load 8 ms; a batch takes 6.1 s against 7.1 s eager,
@@ -71,6 +73,11 @@ logger = logging.getLogger(__name__)
 #: Bump when the package's making changes in a way its key does not capture (2: checked in a separate process;
 #: 3: variants).
 PACKAGE_FORMAT = 3
+#: On CUDA, the fewest frames a group must render for compiling just in time to pay back, by render size: the
+#: compiled step saved 2.2 ms per frame at 256 (320 vs 188 frames/s, batch 16, float16) and about 10 ms at 512 (95 vs
+#: 48 frames/s), against 27 s of `torch.compile` with TorchInductor's cache warm (55 s cold); measured on H100s,
+#: bench/results/2026-11-26-h100e and -h100b. A slower GPU saves more per frame, so these err towards not compiling.
+JIT_PAYS_BACK_FRAMES = {256: 12_000, 512: 2_600}
 #: The longest the check of a new package in a separate process may take (loading it and running one batch).
 CHECK_SECONDS = 600
 #: Modules whose code a package holds (their bytes are part of its key).
@@ -173,11 +180,15 @@ def compiled_step(
     dtype: torch.dtype | None,
     folder: Path | None,
     notes: list[str] | None = None,
+    frames: int | None = None,
+    jit_min_frames: int = 0,
 ) -> Callable[..., torch.Tensor]:
     """The render step for batches shaped like `example` (feature, kp_canonical, kp_source, windows), compiled:
     loaded from `folder` when compiled before, else compiled and saved there (None: a temporary folder, for this
-    run only); just in time when that fails. Raises CompileUnavailable when no compiling works. `notes` gets a line
-    for the run's report where the step is not the first kind of package (what failed, and what it costs)."""
+    run only); just in time when that fails, unless the run renders fewer than `jit_min_frames` `frames` (None:
+    not known), too few for that to pay back. Raises CompileUnavailable when no compiling works or pays. `notes`
+    gets a line for the run's report where the step is not the first kind of package (what failed, and what it
+    costs)."""
     step = RenderStep(renderer, dtype).eval()
     example = tuple(example)
     folder = _temporary_folder() if folder is None else Path(folder)
@@ -215,6 +226,11 @@ def compiled_step(
             return made
         break  # what failed would fail the next variant the same way (export, a time-out): no use compiling again
     reason = "; ".join([*given_up, problem] if problem else given_up) or "no kind of package was tried"
+    if frames is not None and frames < jit_min_frames:
+        raise CompileUnavailable(
+            f"no package compiled ahead of time runs on this machine ({reason}), and compiling just in time pays "
+            f"back only after about {jit_min_frames:,} frames here, while this run renders {frames:,}"
+        )
     logger.warning("no package of the render step compiled ahead of time runs here (%s); compiling it for this run "
                    "only", reason)  # fmt: skip
     started = time.perf_counter()

@@ -41,7 +41,8 @@ crashed the process loading it; a new package is therefore checked in a separate
 fell back to `torch.compile` (38.6 s): bench/results/2026-11-26-h100d/. The second kind of package crashed there
 too (bench/results/2026-11-26-h100e/); the fallback then renders 1.70× the graph's frame rate (320 vs 188 frames/s
 at 256, batch 16, float16) after 27 s (TorchInductor cache warm) to 55 s (cold) of compiling, which pays back after
-about 12,000 frames.
+about 12,000 frames: a shorter group on CUDA renders without compiling (`_Graphs.jit_min_frames`, its frames read
+from the WAV headers by `_group_frames`), and its videos' report says why.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
@@ -510,6 +511,7 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
     import torch
 
     from renderer.sadtalker import weights
+    from renderer.sadtalker.compiled import JIT_PAYS_BACK_FRAMES
 
     first = plans[0]
     size, channels, *_ = first.group
@@ -532,12 +534,16 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
                 videos.append(video)
         return videos
     batch_size = min(plan.settings.batch_size for plan in plans)
+    compile = any(plan.settings.compile for plan in plans)
+    cuda = torch.device(device).type == "cuda"
     graphs = _Graphs(
         batch_size,
         getattr(torch, dtype) if dtype != "float32" else None,
         torch.device(device).type,
-        compile=any(plan.settings.compile for plan in plans),
+        compile=compile,
         compiled_dir=first.ckpt.root / "compiled",
+        frames=_group_frames(plans) if compile else None,
+        jit_min_frames=JIT_PAYS_BACK_FRAMES.get(first.settings.size, 0) if compile and cuda else 0,
         lock=preparer.gpu,
     )
     emitter = _Emitter()
@@ -570,6 +576,23 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
                 emitter.waited_s,
             )
     return videos
+
+
+def _group_frames(plans: list[_Plan]) -> int | None:
+    """The frames a group will render, from its WAV headers (None where one cannot be read: the step that loads
+    it reports that)."""
+    from scipy.io import wavfile
+
+    from renderer.sadtalker.audio import SAMPLE_RATE, num_frames
+
+    total = 0
+    for plan in plans:
+        try:
+            rate, data = wavfile.read(plan.audio, mmap=True)
+        except (OSError, ValueError):
+            return None
+        total += num_frames(len(data) * SAMPLE_RATE // rate)
+    return total
 
 
 class _Preparer:
@@ -819,6 +842,10 @@ class _Graphs:
     device_type: str
     compile: bool = False  # video.compile
     compiled_dir: Path | None = None  # None: a temporary folder, for this run only
+    #: The frames the group renders (None: not known), and the fewest for which compiling just in time pays back
+    #: where no package compiled ahead of time runs (compiled.JIT_PAYS_BACK_FRAMES; 0 on a CPU, where it always did).
+    frames: int | None = None
+    jit_min_frames: int = 0
     #: Held while recording: no other thread may use the GPU then (`_Preparer.gpu`).
     lock: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     graph: Any = None
@@ -888,7 +915,9 @@ class _Graphs:
             from renderer.sadtalker import compiled
 
             try:
-                step = compiled.compiled_step(renderer, tensors, self.dtype, self.compiled_dir, self.notes)
+                step = compiled.compiled_step(
+                    renderer, tensors, self.dtype, self.compiled_dir, self.notes, self.frames, self.jit_min_frames
+                )
             except compiled.CompileUnavailable as exc:
                 logger.warning("%s; rendering without compiling", str(exc))
                 self.notes.append(f"video.compile: {exc}; rendered without compiling")
