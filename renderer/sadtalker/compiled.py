@@ -76,7 +76,8 @@ PACKAGE_FORMAT = 3
 #: On CUDA, the fewest frames a group must render for compiling just in time to pay back, by render size: the
 #: compiled step saved 2.2 ms per frame at 256 (320 vs 188 frames/s, batch 16, float16) and about 10 ms at 512 (95 vs
 #: 48 frames/s), against 27 s of `torch.compile` with TorchInductor's cache warm (55 s cold); measured on H100s,
-#: bench/results/2026-11-26-h100e and -h100b. A slower GPU saves more per frame, so these err towards not compiling.
+#: bench/results/2026-11-26-h100e and -h100b. With the cache cold it takes twice as many frames; a slower GPU saves
+#: more per frame and pays back sooner.
 JIT_PAYS_BACK_FRAMES = {256: 12_000, 512: 2_600}
 #: The longest the check of a new package in a separate process may take (loading it and running one batch).
 CHECK_SECONDS = 600
