@@ -85,7 +85,7 @@ def main() -> None:
         ("grid_sample 3-D, constants handed, single-threaded", True, False, True, {}),
     ]
     packages: dict[tuple[bool, bool, bool], Path] = {}
-    backtraces = 0
+    inspected = False  # the first crash is looked into
     for name, sample, in_so, single, configs in variants:
         model = Small(sample).to(device).eval()
         key = (sample, in_so, bool(configs))
@@ -121,8 +121,8 @@ def main() -> None:
             if done.returncode > 0:
                 result += ": " + (done.stderr.strip().splitlines() or [""])[-1][:300]
         print(f"{name:78s} {result}", flush=True)
-        if done.returncode < 0 and backtraces == 0:  # the first crash: what the shared library needs, and where
-            backtraces += 1
+        if done.returncode < 0 and not inspected:  # the first crash: what the shared library needs, and where
+            inspected = True
             _inspect_library(packages[key])
             debugger = shutil.which("gdb") or shutil.which("cuda-gdb")  # the GPU image has cuda-gdb, not gdb
             if debugger is None:

@@ -535,15 +535,16 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
         return videos
     batch_size = min(plan.settings.batch_size for plan in plans)
     compile = any(plan.settings.compile for plan in plans)
-    cuda = torch.device(device).type == "cuda"
+    device_type = torch.device(device).type
+    jit_min_frames = JIT_PAYS_BACK_FRAMES.get(size, 0) if compile and device_type == "cuda" else 0
     graphs = _Graphs(
         batch_size,
         getattr(torch, dtype) if dtype != "float32" else None,
-        torch.device(device).type,
+        device_type,
         compile=compile,
         compiled_dir=first.ckpt.root / "compiled",
-        frames=_group_frames(plans) if compile else None,
-        jit_min_frames=JIT_PAYS_BACK_FRAMES.get(first.settings.size, 0) if compile and cuda else 0,
+        frames=_group_frames(plans) if jit_min_frames else None,  # only where it decides anything
+        jit_min_frames=jit_min_frames,
         lock=preparer.gpu,
     )
     emitter = _Emitter()
