@@ -158,6 +158,10 @@ def bench_speed(
             f"torch {torch.__version__}; cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (default), "
             f"cudnn.benchmark: {torch.backends.cudnn.benchmark}"
         )
+        from renderer.sadtalker import kernels
+
+        state = "on" if kernels.available() else "off (DHB_TRITON_KERNELS=0 or no Triton)"
+        print(f"Triton kernels (renderer/sadtalker/kernels.py): {state}")
     rng = np.random.default_rng(0)
     print(f"{'size':>5} {'batch':>6} {'dtype':>9} {'mode':>6} {'frames/s':>9} {'s/frame':>8} {'peak GPU MiB':>13}")
     for size in sizes:

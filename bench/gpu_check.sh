@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh prepare      on the development machine (needs .venv and ../shared): fills .whl/, .gpu/
 #   bash bench/gpu_check.sh PART...      on the GPU machine, PART: setup pytest speed compiled sd clips memory cudnn
-#                                        big profile prepstage halfweights kernels clipscompiled sdcompile
+#                                        big profile prepstage halfweights kernels cudnnrelu clipscompiled sdcompile
 #                                        rendermemory aotiprobe jit jitgraph (default: setup pytest speed compiled sd clips
 #                                        memory cudnn profile, in this order: about 12 minutes on an H100, so
 #                                        through the device tool run it as two calls, e.g. "setup pytest speed
@@ -113,14 +113,18 @@ except ImportError:
             part halfweights 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
                 --sizes 256 --batches 1 8 16 --dtypes float16 --modes graph $flag
         done ;;
-    kernels)  # the renderer's kernel options, still off by default (facerender.FUSED_CONV_RELU, BROADCAST_UPSAMPLE);
-        # their GPU test (equal frames, the fused op really runs) is in the pytest part
-        for flags in "" --broadcast-upsample --fused-conv-relu "--fused-conv-relu --broadcast-upsample"; do
-            part kernels 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
-                --sizes 256 --batches 8 16 --dtypes float16 --modes graph $flags
+    kernels)  # the Triton kernels (renderer/sadtalker/kernels.py, on by default) against the same renderer without
+        # them (DHB_TRITON_KERNELS=0), graphs, float16; then the profile with them
+        for on in 1 0; do
+            part kernels 100 env DHB_TRITON_KERNELS=$on python3 bench/bench_sadtalker.py --device cuda --skip-memory \
+                --min-seconds 1.0 --sizes 256 512 --batches 8 16 --dtypes float16 --modes graph
         done
-        part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 \
-            --fused-conv-relu --broadcast-upsample ;;
+        part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 ;;
+    cudnnrelu)  # the cuDNN fused convolution + ReLU and broadcast upsampling options, still off by default
+        for flags in "" --broadcast-upsample --fused-conv-relu; do
+            part cudnnrelu 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \
+                --sizes 256 --batches 16 --dtypes float16 --modes graph $flags
+        done ;;
     prepstage)  # where the preparation's time goes (loads, batches, beside a render loop, new shapes)
         part prepstage 120 python3 bench/profile_prepare.py --device cuda --landmarks "$LANDMARKS" ${PREPSTAGE_ARGS:-} ;;
     jitgraph)  # the just-in-time fallback's frame rate against the CUDA graph's, in one process (no package tried)

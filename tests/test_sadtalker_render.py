@@ -43,7 +43,7 @@ from renderer.base import (  # noqa: E402
     StepJob,
 )
 from renderer.sadtalker import facerender as fr  # noqa: E402
-from renderer.sadtalker import pipeline, weights  # noqa: E402
+from renderer.sadtalker import kernels, pipeline, weights  # noqa: E402
 from renderer.sadtalker.paste import PasteBack  # noqa: E402
 
 slow = pytest.mark.skipif(
@@ -2169,3 +2169,44 @@ def test_renderer_that_fails_to_load_fails_its_group_and_keeps_the_preparer_in_s
         assert preparer.next().index == 2
     finally:
         preparer.close()
+
+
+@pytest.mark.gpu
+def test_renderer_on_cuda_with_kernels_matches_it_without(generator) -> None:
+    """RUN_GPU=1: the fused generator on CUDA, kernels on vs off (the same model): float32 within 1e-4, float16
+    within one or two uint8 levels; the kernels really ran. Prints the float16 error against float32 with them."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import copy
+
+    gen = weights.place(copy.deepcopy(generator), "cuda")
+    rng = np.random.default_rng(7)
+    image = torch.from_numpy(rng.random((2, 3, 256, 256), dtype=np.float32)).cuda()
+    kp_s = torch.from_numpy(rng.normal(scale=0.3, size=(2, 15, 3)).astype(np.float32)).cuda()
+    kp_d = kp_s + torch.from_numpy(rng.normal(scale=0.05, size=(2, 15, 3)).astype(np.float32)).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    try:
+        for on in (True, False):
+            kernels.ENABLED = on
+            launched = dict(kernels.LAUNCHES)
+            with torch.inference_mode():
+                out[on, "float32"] = gen(image, kp_s, kp_d).prediction.float()
+                with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+                    out[on, "float16"] = gen(image, kp_s, kp_d).prediction.float()
+            ran = {k: kernels.LAUNCHES[k] - launched[k] for k in launched}
+            assert (min(ran.values()) > 0) == on, ran
+    finally:
+        kernels.ENABLED = True
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.testing.assert_close(out[True, "float32"], out[False, "float32"], atol=1e-4, rtol=1e-4)
+    for on in (True, False):
+        error = (out[on, "float16"] - out[True, "float32"]).abs()
+        print(f"float16 kernels {'on' if on else 'off'} vs float32: max {error.max().item():.4f}, "
+              f"mean {error.mean().item():.5f}")  # fmt: skip
+    levels = ((out[True, "float16"] - out[False, "float16"]).abs() * 255).max().item()
+    print(f"float16 kernels on vs off: max {levels:.2f} levels")
+    assert (out[True, "float16"] - out[True, "float32"]).abs().mean() <= 1.1 * (
+        out[False, "float16"] - out[True, "float32"]
+    ).abs().mean() + 1e-4

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from renderer.sadtalker import kernels
 from renderer.sadtalker.fold import fold_pair
 from renderer.sadtalker.transfer import to_host
 
@@ -149,19 +150,29 @@ def kp_to_gaussian(kp: torch.Tensor, spatial_size: tuple[int, int, int], varianc
 FUSED_CONV_RELU = False
 
 
-def conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-    """relu(norm(conv(x))); with the norm folded away (`fuse`) and FUSED_CONV_RELU on, one fused cuDNN call. The
-    relu works in place on the tensor the convolution (or norm) just made: one full-size tensor fewer, same values."""
+def conv_relu(
+    conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, norm: nn.Module | None = None, slope: float = 0.0
+) -> torch.Tensor:
+    """relu(norm(conv(x))) (LeakyReLU where `slope` > 0). With the norm folded away (`fuse`): on CUDA the
+    convolution runs without its bias and one Triton pass adds the bias and applies the activation
+    (`kernels.bias_act_`), or, with FUSED_CONV_RELU on, one fused cuDNN call. The activation works in place on the
+    tensor the convolution (or norm) just made: one full-size tensor fewer, same values."""
     if norm is not None and not isinstance(norm, nn.Identity):
-        return F.relu_(norm(conv(x)))
-    if FUSED_CONV_RELU and x.is_cuda and conv.bias is not None and conv.padding_mode == "zeros":
+        return _act_(norm(conv(x)), slope)
+    if slope == 0.0 and FUSED_CONV_RELU and x.is_cuda and conv.bias is not None and conv.padding_mode == "zeros":
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         if dtype in (torch.float16, torch.bfloat16):
             weight = conv.weight.to(dtype)
             return torch.cudnn_convolution_relu(
                 x.to(dtype), weight, conv.bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups
             )
-    return F.relu_(conv(x))
+    if conv.bias is not None and conv.padding_mode == "zeros" and kernels.enabled(x):
+        return kernels.bias_act_(conv._conv_forward(x, conv.weight, None), conv.bias, slope=slope)
+    return _act_(conv(x), slope)
+
+
+def _act_(x: torch.Tensor, slope: float) -> torch.Tensor:
+    return F.relu_(x) if slope == 0.0 else F.leaky_relu_(x, slope)
 
 
 #: On CUDA, make the nearest upsamplings of the decoder and the dense-motion hourglass by one copy of a broadcast view
@@ -215,9 +226,7 @@ class SameBlock2d(nn.Module):
         self.lrelu = lrelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lrelu:
-            return F.leaky_relu(self.norm(self.conv(x)), 0.01)
-        return conv_relu(self.conv, x, self.norm)
+        return conv_relu(self.conv, x, self.norm, slope=0.01 if self.lrelu else 0.0)
 
     def fuse(self) -> None:
         fold_pair(self, "conv", "norm")
@@ -317,6 +326,18 @@ class SNConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight is not None else self.normalized_weight()
         return F.conv2d(x, weight, self.bias, padding=self.padding)
+
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """conv(x) + residual; on CUDA the bias and the residual are added in one Triton pass (`kernels.bias_act_`)
+        instead of two."""
+        if self.weight is not None and kernels.enabled(x, residual):
+            out = F.conv2d(x, self.weight, None, padding=self.padding)
+            if out.dtype == residual.dtype:
+                return kernels.bias_act_(out, self.bias, residual)
+            return kernels.bias_act_reference(out, self.bias, residual)
+        # In-place sum on the tensor the convolution just made: fewer allocations, same values.
+        out = self.forward(x)
+        return out.add_(residual.to(out.dtype))
 
     def fuse(self) -> None:
         weight = self.normalized_weight().detach()
@@ -628,7 +649,11 @@ def modulated_instance_norm(
 
 class SPADE(nn.Module):
     """Instance norm (per-sample statistics) modulated by γ, β predicted from the conditioning map:
-    IN(x) · (1 + γ) + β. `fuse` folds the 1 into γ's bias."""
+    IN(x) · (1 + γ) + β, optionally followed by LeakyReLU (`slope`, the block's activation).
+
+    `fuse` folds the 1 into γ's bias and makes γ's and β's convolutions one (`gamma_beta`: weights stacked, 2C
+    outputs): one larger GEMM instead of two, and on CUDA one Triton pass (`kernels.spade_modulate`) adds both
+    biases, normalises, modulates and activates, where PyTorch's ops take five passes over full-size tensors."""
 
     def __init__(self, norm_nc: int, label_nc: int = 256, hidden: int = 128) -> None:
         super().__init__()
@@ -636,24 +661,51 @@ class SPADE(nn.Module):
         self.mlp_gamma = nn.Conv2d(hidden, norm_nc, 3, padding=1)
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, 3, padding=1)
         self.gain_offset = 1.0
+        self.gamma_beta: nn.Conv2d | None = None
 
-    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        seg: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slope: float | None = None,
+    ) -> torch.Tensor:
+        """`stats`: x's instance statistics (`kernels.instance_stats`) where the caller shares them between two
+        SPADEs of the same x (fused only)."""
         if seg.shape[-2:] != x.shape[-2:]:
             seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
         actv = conv_relu(self.mlp_shared[0], seg)  # mlp_shared: Conv2d, ReLU
-        gain = self.mlp_gamma(actv)
-        if self.gain_offset:
-            gain = gain + self.gain_offset
-        shift = self.mlp_beta(actv).to(x.dtype)
-        # Fewer full-size tensors alive at once, the same values: the hidden map goes before the normalisation, and
-        # the result is written over `shift` (this block made it). At 512 this is where the renderer's memory peaks.
+        if self.gamma_beta is None:
+            gain = self.mlp_gamma(actv)
+            if self.gain_offset:
+                gain = gain + self.gain_offset
+            shift = self.mlp_beta(actv).to(x.dtype)
+            # Fewer full-size tensors alive at once, the same values: the hidden map goes before the normalisation,
+            # and the result is written over `shift` (this block made it). At 512 the renderer's memory peaks here.
+            del actv
+            out = modulated_instance_norm(x, gain.to(x.dtype), shift, out=shift)
+            return out if slope is None else F.leaky_relu_(out, slope)
+        mean, rstd = stats if stats is not None else kernels.instance_stats(x)
+        conv = self.gamma_beta
+        if kernels.enabled(x, actv):
+            gain_shift = conv._conv_forward(actv, conv.weight, None)
+            del actv
+            return kernels.spade_modulate(x, gain_shift, mean, rstd, conv.bias, slope)
+        gain_shift = conv(actv)
         del actv
-        return modulated_instance_norm(x, gain.to(x.dtype), shift, out=shift)
+        return kernels.spade_modulate_reference(x, gain_shift, mean, rstd, None, slope)
 
     def fuse(self) -> None:
-        # A new tensor, not `+=`: the loaded bias may be shared with the state dict it came from (assign=True).
-        bias = self.mlp_gamma.bias.detach() + self.gain_offset
-        self.mlp_gamma.bias = nn.Parameter(bias, requires_grad=False)
+        gamma, beta = self.mlp_gamma, self.mlp_beta
+        conv = nn.Conv2d(gamma.in_channels, 2 * gamma.out_channels, gamma.kernel_size, padding=gamma.padding)
+        conv = conv.to(device=gamma.weight.device, dtype=gamma.weight.dtype)
+        # New tensors: the loaded ones may be shared with the state dict they came from (assign=True).
+        weight = torch.cat([gamma.weight.detach(), beta.weight.detach()])
+        bias = torch.cat([gamma.bias.detach() + self.gain_offset, beta.bias.detach()])
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        self.gamma_beta = conv
+        del self.mlp_gamma, self.mlp_beta
         self.gain_offset = 0.0
 
 
@@ -669,13 +721,21 @@ class SPADEResnetBlock(nn.Module):
         if self.learned_shortcut:
             self.conv_s = SNConv2d(fin, fout, 1, bias=False)
             self.norm_s = SPADE(fin)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        # In-place activations and sum on tensors this block made itself: fewer allocations, same values.
-        x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
-        dx = self.conv_0(F.leaky_relu_(self.norm_0(x, seg), 0.2))
-        dx = self.conv_1(F.leaky_relu_(self.norm_1(dx, seg), 0.2))
-        return dx.add_(x_s.to(dx.dtype))
+        # Fused: norm_s and norm_0 normalise the same x, so its statistics are computed once.
+        stats = kernels.instance_stats(x) if self.fused and self.learned_shortcut else None
+        x_s = self.conv_s(self.norm_s(x, seg, stats)) if self.learned_shortcut else x
+        dx = self.conv_0(self.norm_0(x, seg, stats, slope=0.2))
+        dx = self.norm_1(dx, seg, slope=0.2)
+        return self.conv_1.plus(dx, x_s)
+
+    def fuse(self) -> None:
+        # conv_0's output only feeds norm_1, an instance norm, which subtracts every channel's mean: a per-channel
+        # constant added before it cancels exactly (in real arithmetic), so conv_0 runs without its bias.
+        self.conv_0.bias = None
+        self.fused = True
 
 
 class SPADEDecoder(nn.Module):
