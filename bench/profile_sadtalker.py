@@ -59,6 +59,9 @@ def main() -> None:
             for _ in range(args.batches):
                 bench_sadtalker._step(renderer, kp_c, kp_s, feature, windows)
             torch.cuda.synchronize()
+    from renderer.sadtalker import kernels
+
+    print(kernels.report())
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     if args.by_module:

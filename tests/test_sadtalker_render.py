@@ -1518,11 +1518,20 @@ def test_pipeline_on_cuda_makes_the_cpu_run_videos(
     import dataclasses
 
     from renderer import faces
-    from renderer.encode import read_frames
+    from renderer.encode import VideoWriter, read_frames
 
     saved = json.loads((Path(__file__).with_name("fixtures") / "astronaut_face.json").read_text())
     face = faces.Face(tuple(saved["box"]), saved["score"], np.asarray(saved["landmarks"], dtype=np.float64))
     monkeypatch.setattr(faces, "detect_face", lambda image, source="", pool=None: face)
+    # The frames as handed to the encoder, by output file (H.264 turns tiny input changes into coding differences).
+    handed: dict[str, list[np.ndarray]] = {}
+    write = VideoWriter.write
+
+    def keep(self, frame):
+        handed.setdefault(str(self.path), []).append(np.array(frame, dtype=int))
+        return write(self, frame)
+
+    monkeypatch.setattr(VideoWriter, "write", keep)
 
     portrait, _ = _portraits(tmp_path)
     speech = tmp_path / "speech.wav"
@@ -1544,15 +1553,21 @@ def test_pipeline_on_cuda_makes_the_cpu_run_videos(
             ]
             results = pipeline.run(jobs, ModelPool())
             assert all(isinstance(r, dict) and r["frames"] == 5 for r in results), results
-            videos[device, dtype] = [np.stack(list(read_frames(job.out_dir / "video.mp4"))).astype(int) for job in jobs]
+            for job in jobs:
+                decoded = list(read_frames(job.out_dir / "video.mp4"))
+                assert len(decoded) == 5 and decoded[0].shape == (256, 256, 3)
+            videos[device, dtype] = [np.stack(handed.pop(str(job.out_dir / "video.mp4"))) for job in jobs]
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    for key, bound in ((("cuda", "float32"), 2.0), (("cuda", "float16"), 3.0)):
+    # Bounds in uint8 levels, on the frames before encoding: float32 differs by float noise (the random fill
+    # weights amplify it), float16 by half precision's error (the generator test measures about 1.1 levels).
+    for key, mean_bound in ((("cuda", "float32"), 0.5), (("cuda", "float16"), 3.0)):
         for cpu, gpu in zip(videos["cpu", "float32"], videos[key], strict=True):
             assert gpu.shape == cpu.shape == (5, 256, 256, 3)
-            # Decoded frames compared on average (see test_pipeline_renders_batched_videos_on_fill_weights).
-            per_frame = np.abs(gpu - cpu).mean(axis=(1, 2, 3))
-            assert per_frame.max() < bound, (key, per_frame)
+            diff = np.abs(gpu - cpu)
+            per_frame = diff.mean(axis=(1, 2, 3))
+            print(f"{key} vs CPU float32, levels per frame: mean {np.round(per_frame, 3)}, max {diff.max()}")
+            assert per_frame.max() < mean_bound, (key, per_frame)
             assert np.abs(gpu[0] - gpu[4]).mean() > 2 * per_frame.max(), "frames out of order or frozen"
 
 

@@ -331,10 +331,7 @@ class SNConv2d(nn.Module):
         """conv(x) + residual; on CUDA the bias and the residual are added in one Triton pass (`kernels.bias_act_`)
         instead of two."""
         if self.weight is not None and kernels.enabled(x, residual):
-            out = F.conv2d(x, self.weight, None, padding=self.padding)
-            if out.dtype == residual.dtype:
-                return kernels.bias_act_(out, self.bias, residual)
-            return kernels.bias_act_reference(out, self.bias, residual)
+            return kernels.bias_act_(F.conv2d(x, self.weight, None, padding=self.padding), self.bias, residual)
         # In-place sum on the tensor the convolution just made: fewer allocations, same values.
         out = self.forward(x)
         return out.add_(residual.to(out.dtype))

@@ -32,8 +32,10 @@ import torch
 #: Use the kernels where a tensor takes them (see `enabled`). DHB_TRITON_KERNELS=0 turns them off (to compare).
 ENABLED = os.environ.get("DHB_TRITON_KERNELS", "1") != "0"
 
-#: How many times each kernel was launched in this process (tests check that the fast path really ran).
+#: How many times each kernel was launched in this process (tests check that the fast path really ran), and how
+#: many calls on CUDA fell back to the PyTorch ops, by reason (benches print both).
 LAUNCHES = {"bias_act": 0, "spade_modulate": 0}
+FALLBACKS: dict[str, int] = {}
 
 try:  # PyTorch's CUDA builds ship Triton; its CPU builds do not
     import triton
@@ -59,11 +61,26 @@ def channels_innermost(t: torch.Tensor) -> bool:
 
 def enabled(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels run for these tensors (all channels-last, all on CUDA, or on the CPU under Triton's
-    interpreter), not while compiling."""
+    interpreter), not while compiling. A CUDA call that falls back is counted in FALLBACKS."""
     if not available() or torch.compiler.is_compiling():
         return False
     present = [t for t in tensors if t is not None]
-    return all((t.is_cuda or _INTERPRET) and channels_innermost(t) for t in present)
+    if not all(t.is_cuda or _INTERPRET for t in present):
+        return False
+    if all(channels_innermost(t) for t in present):
+        return True
+    _fell_back("layout " + " ".join("last" if channels_innermost(t) else str(tuple(t.stride())) for t in present))
+    return False
+
+
+def _fell_back(reason: str) -> None:
+    FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
+
+
+def report() -> str:
+    """One line: kernel launches and fallbacks so far in this process."""
+    falls = ", ".join(f"{n}× {why}" for why, n in sorted(FALLBACKS.items())) or "none"
+    return f"Triton kernel launches {LAUNCHES}; fell back to PyTorch ops: {falls}"
 
 
 def _blocks(channels: int) -> tuple[int, int]:
@@ -141,8 +158,11 @@ def bias_act_reference(
 def bias_act_(
     y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, slope: float | None = None
 ) -> torch.Tensor:
-    """y ← act(y + bias[c] + residual) in place; act is LeakyReLU(slope) (0: ReLU), none when slope is None."""
-    if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
+    """y ← act(y + bias[c] + residual) in place; act is LeakyReLU(slope) (0: ReLU), none when slope is None. The
+    residual (y's shape) may have another dtype."""
+    if residual is not None and residual.shape != y.shape:
+        if y.is_cuda:
+            _fell_back(f"residual {tuple(residual.shape)} for {tuple(y.shape)}")
         return bias_act_reference(y, bias, residual, slope)
     if not enabled(y, residual):
         return bias_act_reference(y, bias, residual, slope)
@@ -197,9 +217,10 @@ def spade_modulate(
 ) -> torch.Tensor:
     """act((x − mean) · rstd · (γ + b_γ) + β + b_β) as a new tensor in x's layout and dtype.
 
-    x [N, C, H, W]; gain_shift [N, 2C, H, W]: γ then β (one convolution's output, without its bias); mean, rstd
-    [N, C, 1, 1] float32 (`instance_stats`); bias [2C] or None; slope: LeakyReLU's (None: no activation)."""
-    if gain_shift.dtype != x.dtype or not enabled(x, gain_shift):
+    x [N, C, H, W]; gain_shift [N, 2C, H, W]: γ then β (one convolution's output, without its bias; its dtype may
+    differ from x's); mean, rstd [N, C, 1, 1] float32 (`instance_stats`); bias [2C] or None; slope: LeakyReLU's
+    (None: no activation)."""
+    if not enabled(x, gain_shift):
         return spade_modulate_reference(x, gain_shift, mean, rstd, bias, slope)
     if bias is not None and bias.dtype != x.dtype:  # as autocast would round it for the convolution
         bias = bias.to(x.dtype)
