@@ -119,7 +119,8 @@ except ImportError:
             part kernels 100 env DHB_TRITON_KERNELS=$on python3 bench/bench_sadtalker.py --device cuda --skip-memory \
                 --min-seconds 1.0 --sizes 256 512 --batches 8 16 --dtypes float16 --modes graph
         done
-        part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 4 ;;
+        part kernels 60 python3 bench/profile_sadtalker.py --size 256 --batch 16 --dtype float16 --by-module 3 \
+            --shapes 25 ;;
     cudnnrelu)  # the cuDNN fused convolution + ReLU and broadcast upsampling options, still off by default
         for flags in "" --broadcast-upsample --fused-conv-relu; do
             part cudnnrelu 60 python3 bench/bench_sadtalker.py --device cuda --skip-memory --min-seconds 1.0 \

@@ -30,6 +30,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5, help="profiled batches, after three warm-up batches")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--by-module", type=int, default=0, metavar="DEPTH", help="GPU time per submodule")
+    parser.add_argument(
+        "--shapes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the N costliest copies, casts and elementwise ops by input shape",
+    )
     parser.add_argument("--fused-conv-relu", action="store_true")
     parser.add_argument("--broadcast-upsample", action="store_true")
     args = parser.parse_args()
@@ -55,7 +62,7 @@ def main() -> None:
         for _ in range(3):
             bench_sadtalker._step(renderer, kp_c, kp_s, feature, windows)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=args.shapes > 0) as prof:
             for _ in range(args.batches):
                 bench_sadtalker._step(renderer, kp_c, kp_s, feature, windows)
             torch.cuda.synchronize()
@@ -66,6 +73,20 @@ def main() -> None:
     print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     if args.by_module:
         _print_modules(averages, args.batches)
+    if args.shapes:
+        _print_shapes(prof, args.shapes, args.batches)
+
+
+def _print_shapes(prof, rows: int, batches: int) -> None:
+    """The costliest non-convolution ops (GPU time per batch) by input shapes: where the remaining passes go."""
+    kept = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        gpu_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        if event.key.startswith("aten::") and "convolution" not in event.key and gpu_us > 0:
+            kept.append((gpu_us / batches / 1e3, event.count // batches, event.key, str(event.input_shapes)[:150]))
+    print(f"\nCostliest other ops by input shape (ms per batch; calls per batch), top {rows}")
+    for ms, calls, key, shapes in sorted(kept, reverse=True)[:rows]:
+        print(f"  {ms:7.2f}  {calls:3d}×  {key:28s} {shapes}")
 
 
 def _label_modules(model, depth: int) -> None:

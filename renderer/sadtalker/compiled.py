@@ -73,12 +73,13 @@ logger = logging.getLogger(__name__)
 #: Bump when the package's making changes in a way its key does not capture (2: checked in a separate process;
 #: 3: variants).
 PACKAGE_FORMAT = 3
-#: On CUDA, the fewest frames a group must render for compiling just in time to pay back, by render size: the
-#: compiled step saved 2.2 ms per frame at 256 (320 vs 188 frames/s, batch 16, float16) and about 10 ms at 512 (95 vs
-#: 48 frames/s), against 27 s of `torch.compile` with TorchInductor's cache warm (55 s cold); measured on H100s,
-#: bench/results/2026-11-26-h100e and -h100b. With the cache cold it takes twice as many frames; a slower GPU saves
-#: more per frame and pays back sooner.
-JIT_PAYS_BACK_FRAMES = {256: 12_000, 512: 2_600}
+#: On CUDA, the fewest frames a group must render for compiling just in time to pay back, by render size. Since the
+#: renderer's Triton kernels (kernels.py) the uncompiled graph renders 283 frames/s at 256 (batch 16, float16) and
+#: 73.6 at 512 on an H200 (bench/results/2026-11-26-h200b); the compiled step rendered 385 and 95.4 there
+#: (2026-11-26-h200): it saves about 0.94 ms per frame at 256 and 3.1 ms at 512, against 27 s of `torch.compile`
+#: with TorchInductor's cache warm (H100, 2026-11-26-h100e; 55 s cold). With the cache cold it takes twice as many
+#: frames; a slower GPU saves more per frame and pays back sooner. (Before the kernels, on H100s: 12,000 and 2,600.)
+JIT_PAYS_BACK_FRAMES = {256: 29_000, 512: 8_700}
 #: The longest the check of a new package in a separate process may take (loading it and running one batch).
 CHECK_SECONDS = 600
 #: Modules whose code a package holds (their bytes are part of its key).

@@ -166,7 +166,7 @@ def conv_relu(
             return torch.cudnn_convolution_relu(
                 x.to(dtype), weight, conv.bias.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups
             )
-    if conv.bias is not None and conv.padding_mode == "zeros" and kernels.enabled(x):
+    if conv.bias is not None and conv.padding_mode == "zeros" and kernels.may_run(x):
         return kernels.bias_act_(conv._conv_forward(x, conv.weight, None), conv.bias, slope=slope)
     return _act_(conv(x), slope)
 
@@ -330,7 +330,7 @@ class SNConv2d(nn.Module):
     def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """conv(x) + residual; on CUDA the bias and the residual are added in one Triton pass (`kernels.bias_act_`)
         instead of two."""
-        if self.weight is not None and kernels.enabled(x, residual):
+        if self.weight is not None and kernels.may_run(x):
             return kernels.bias_act_(F.conv2d(x, self.weight, None, padding=self.padding), self.bias, residual)
         # In-place sum on the tensor the convolution just made: fewer allocations, same values.
         out = self.forward(x)
@@ -684,7 +684,7 @@ class SPADE(nn.Module):
             return out if slope is None else F.leaky_relu_(out, slope)
         mean, rstd = stats if stats is not None else kernels.instance_stats(x)
         conv = self.gamma_beta
-        if kernels.enabled(x, actv):
+        if kernels.may_run(x):
             gain_shift = conv._conv_forward(actv, conv.weight, None)
             del actv
             return kernels.spade_modulate(x, gain_shift, mean, rstd, conv.bias, slope)

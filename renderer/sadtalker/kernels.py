@@ -73,6 +73,12 @@ def enabled(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+def may_run(t: torch.Tensor) -> bool:
+    """Whether kernels may run on t's device now (before its layout is known: a convolution's output is
+    channels-last where its weights are, whatever its input's layout)."""
+    return available() and (t.is_cuda or _INTERPRET) and not torch.compiler.is_compiling()
+
+
 def _fell_back(reason: str) -> None:
     FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
 
@@ -222,8 +228,8 @@ def spade_modulate(
     (None: no activation)."""
     if not enabled(x, gain_shift):
         return spade_modulate_reference(x, gain_shift, mean, rstd, bias, slope)
-    if bias is not None and bias.dtype != x.dtype:  # as autocast would round it for the convolution
-        bias = bias.to(x.dtype)
+    if bias is not None and bias.dtype != gain_shift.dtype:  # as autocast would round it for the convolution
+        bias = bias.to(gain_shift.dtype)
     n, channels, h, w = x.shape
     out = torch.empty_like(x)  # keeps x's layout (channels-last)
     block_p, block_c = _blocks(channels)

@@ -40,9 +40,11 @@ bench/results/2026-11-26-h200/. On an H100 with PyTorch 2.11 the ahead-of-time p
 crashed the process loading it; a new package is therefore checked in a separate process first, and there the run
 fell back to `torch.compile` (38.6 s): bench/results/2026-11-26-h100d/. The second kind of package crashed there
 too (bench/results/2026-11-26-h100e/); the fallback then renders 1.70× the graph's frame rate (320 vs 188 frames/s
-at 256, batch 16, float16) after 27 s (TorchInductor cache warm) to 55 s (cold) of compiling, which pays back after
-about 12,000 frames: a shorter group on CUDA renders without compiling (`_Graphs.jit_min_frames`, its frames read
-from the WAV headers by `_group_frames`), and its videos' report says why.
+at 256, batch 16, float16) after 27 s (TorchInductor cache warm) to 55 s (cold) of compiling. Since then the
+uncompiled path runs the elementwise work through Triton kernels (kernels.py: 283 vs 207 frames/s without them at
+256, 73.6 vs 53.7 at 512, batch 16, float16, H200, bench/results/2026-11-26-h200b), so compiling pays back only
+after about 29,000 frames at 256 (8,700 at 512): a shorter group on CUDA renders without compiling
+(`_Graphs.jit_min_frames`, its frames read from the WAV headers by `_group_frames`), and its videos' report says why.
 
 On CUDA the work overlaps in four places: a thread prepares (steps 2–3) the next batch of videos while the current
 ones render (`_Preparer`, on its own CUDA stream; it holds a lock that graph recording also takes, since recording
