@@ -28,7 +28,10 @@ strongly (float32 thread-count noise of 1e-7 already moves the output by 6e-5), 
 better — unmeasured here. On a CPU with AVX512-BF16 (this project's test machine) bfloat16 is also faster:
 3.6 s vs 6.7 s per 256 frame. float16 autocast on CUDA (H100, same input and weights, against CUDA float32 with
 TF32 off): max |Δ| = 0.029, mean |Δ| = 0.0030 (tests/test_sadtalker_render.py, RUN_GPU=1), and 1.3× the float32
-frame rate (bench/results/).
+frame rate (bench/results/). On CUDA the elementwise work between the convolutions (bias adds, activations, SPADE's
+normalisation and modulation) runs through Triton kernels (kernels.py) that compute in float32 and round once:
+float16 vs float32 with them max 0.027, mean 0.0030 (H200, golden input); 287 vs 206 frames/s without them at 256
+and 75 vs 54 at 512 (batch 16, graphs, bench/results/2026-11-26-h200b).
 
 `video.compile: true` renders with the render step compiled by TorchInductor (compiled.py): ahead of time, once per
 machine, into a package in `<checkpoints>/compiled/` that later runs load in milliseconds (just in time by
