@@ -128,3 +128,18 @@ def assert_matches(name: str, outputs: Mapping[str, Any], arrays: Mapping[str, n
         if not ok:
             failures.append(f"{name}.{key}: {summary}")
     assert not failures, "golden mismatch:\n" + "\n".join(failures)
+
+
+def random_spade_block(fin: int, fout: int, std: float = 0.3):
+    """A SPADE residual block (learned shortcut where fin ≠ fout) with random weights and spectral-norm vectors,
+    unfused (the checkpoint's layout)."""
+    from renderer.sadtalker import facerender as fr
+
+    block = fr.SPADEResnetBlock(fin, fout)
+    for p in block.parameters():
+        p.data.normal_(0, std)
+    for sub in block.modules():
+        if isinstance(sub, fr.SNConv2d):
+            sub.weight_u.data.normal_()
+            sub.weight_v.data.normal_()
+    return block

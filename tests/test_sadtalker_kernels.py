@@ -16,6 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _sadtalker_util import random_spade_block  # noqa: E402
+
 from renderer.sadtalker import facerender as fr  # noqa: E402
 from renderer.sadtalker import kernels  # noqa: E402
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = textwrap.dedent(
     """
     import torch
+    from _sadtalker_util import random_spade_block
     from renderer.sadtalker import facerender as fr, kernels as K
 
     assert K.available(), "Triton is not importable"
@@ -77,13 +80,7 @@ INTERPRETED = textwrap.dedent(
     checked += 1
     # Whole fused SPADE blocks (learned shortcut and identity), kernels on vs the PyTorch ops, float32
     for fin, fout in ((16, 8), (8, 8)):
-        block = fr.SPADEResnetBlock(fin, fout)
-        for p in block.parameters():
-            p.data.normal_(0, 0.3)
-        for b in block.modules():
-            if isinstance(b, fr.SNConv2d):
-                b.weight_u.data.normal_(); b.weight_v.data.normal_()
-        block = fr.fuse_for_inference(block).to(memory_format=torch.channels_last)
+        block = fr.fuse_for_inference(random_spade_block(fin, fout)).to(memory_format=torch.channels_last)
         x, seg = last(torch.randn(2, fin, 12, 12)), last(torch.randn(2, 256, 6, 6))
         with torch.inference_mode():
             launched = dict(K.LAUNCHES)
@@ -108,7 +105,7 @@ def test_kernels_equal_the_pytorch_ops_they_replace_under_the_interpreter() -> N
     """Every kernel variant (bias, residual, ReLU / LeakyReLU / none; 2-D and 3-D; float32 and float16; channel
     counts above and below one block) against its PyTorch reference, and whole fused SPADE blocks kernels on vs off.
     float16: within one rounding of the result (the kernel rounds once, PyTorch after each op)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "checked 48" in run.stdout, run.stdout
@@ -129,13 +126,7 @@ def test_fused_spade_block_drops_conv0_bias_and_shares_statistics_with_the_same_
     norm_s and norm_0 share x's statistics: the block's output is the unfused one's, float32 rounding apart."""
     torch.manual_seed(3)
     for fin, fout in ((16, 8), (8, 8)):
-        block = fr.SPADEResnetBlock(fin, fout)
-        for p in block.parameters():
-            p.data.normal_(0, 0.3)
-        for sub in block.modules():
-            if isinstance(sub, fr.SNConv2d):
-                sub.weight_u.data.normal_()
-                sub.weight_v.data.normal_()
+        block = random_spade_block(fin, fout)
         x, seg = torch.randn(2, fin, 12, 12), torch.randn(2, 256, 6, 6)
         with torch.inference_mode():
             want = block(x, seg)
