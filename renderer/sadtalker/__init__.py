@@ -40,6 +40,9 @@ Back half — coefficients → frames:
   one render batch as a CUDA graph and replays it.
 * `compiled`: `compiled_step(renderer, example, dtype, folder)`, the render step compiled ahead of time by
   AOTInductor into a package on disk, loaded by later runs (`video.compile: true`).
+* `kernels`: Triton kernels for the generator's elementwise work on CUDA (`bias_act_`: a convolution's bias with
+  its activation or residual sum; `spade_modulate`: SPADE's biases, normalisation, modulation and LeakyReLU in one
+  pass), with the same arithmetic as PyTorch ops wherever they do not run (CPU, compiling, another layout).
 * `transfer`: `to_host` / `to_device`, host↔GPU copies through pinned buffers that do not stall other threads.
 * `pipeline`: `run(jobs, pool)`, the "animate" stage for `video.renderer: sadtalker`: models load once per run,
   frames of several videos share forward batches (CUDA-graph replays on a GPU) and stream to encoder threads; videos
