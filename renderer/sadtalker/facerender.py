@@ -144,9 +144,9 @@ def kp_to_gaussian(kp: torch.Tensor, spatial_size: tuple[int, int, int], varianc
 # Building blocks (SPEC §7.1). Each block with a conv directly followed by BatchNorm can fold the norm (`fuse`).
 
 #: Run each convolution that a ReLU follows as one cuDNN call (`torch.cudnn_convolution_relu`: convolution, bias
-#: and ReLU fused) on CUDA in half precision, instead of PyTorch's three kernels (a cuDNN convolution, then the
-#: bias added and the ReLU applied in two more passes over the output). Off: not yet measured on a GPU
-#: (`bench_sadtalker.py --fused-conv-relu`); the fused kernel also rounds once where the three round twice.
+#: and ReLU fused) on CUDA in half precision, instead of a bias-free cuDNN convolution and one Triton pass for the
+#: bias and the ReLU (`kernels.bias_act_`; without Triton, PyTorch's two more passes). Off: not yet measured on a
+#: GPU (`bash bench/gpu_check.sh cudnnrelu`); the fused kernel also rounds once where PyTorch's ops round twice.
 FUSED_CONV_RELU = False
 
 
