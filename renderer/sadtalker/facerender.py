@@ -34,6 +34,7 @@ from torch import nn
 
 from renderer.sadtalker import kernels
 from renderer.sadtalker.fold import fold_pair
+from renderer.sadtalker.kernels import modulated_instance_norm
 from renderer.sadtalker.transfer import to_host
 
 #: Number of keypoints (face-vid2vid's num_kp).
@@ -158,7 +159,7 @@ def conv_relu(
     (`kernels.bias_act_`), or, with FUSED_CONV_RELU on, one fused cuDNN call. The activation works in place on the
     tensor the convolution (or norm) just made: one full-size tensor fewer, same values."""
     if norm is not None and not isinstance(norm, nn.Identity):
-        return _act_(norm(conv(x)), slope)
+        return kernels.act_(norm(conv(x)), slope)
     if slope == 0.0 and FUSED_CONV_RELU and x.is_cuda and conv.bias is not None and conv.padding_mode == "zeros":
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         if dtype in (torch.float16, torch.bfloat16):
@@ -168,11 +169,7 @@ def conv_relu(
             )
     if conv.bias is not None and conv.padding_mode == "zeros" and kernels.may_run(x):
         return kernels.bias_act_(conv._conv_forward(x, conv.weight, None), conv.bias, slope=slope)
-    return _act_(conv(x), slope)
-
-
-def _act_(x: torch.Tensor, slope: float) -> torch.Tensor:
-    return F.relu_(x) if slope == 0.0 else F.leaky_relu_(x, slope)
+    return kernels.act_(conv(x), slope)
 
 
 #: On CUDA, make the nearest upsamplings of the decoder and the dense-motion hourglass by one copy of a broadcast view
@@ -626,24 +623,6 @@ class DenseMotionNetwork(nn.Module):
 # SPADE decoder (SPEC §7.7)
 
 
-def modulated_instance_norm(
-    x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """instance_norm(x) · gain + shift in three passes over x that keep its memory layout.
-
-    `F.instance_norm` copies a channels-last input to NCHW (and SPADE's float32 round trip added two more copies);
-    the elementwise products that follow then mix layouts, which runs CUDA's slow strided kernels. Here the
-    statistics come from one reduction over (H, W) (float accumulation on CUDA also for half inputs), the
-    normalisation is one multiply-add with per-channel factors, the modulation another: every full-size tensor
-    keeps x's layout. Same value as instance_norm in real arithmetic (biased variance, eps inside the root).
-    `out`: where to write the result (it may be `shift` itself: SPADE saves a full-size tensor that way).
-    """
-    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-    rstd = torch.rsqrt(var.float() + eps)
-    normalized = torch.addcmul((-mean.float() * rstd).to(x.dtype), x, rstd.to(x.dtype))
-    return torch.addcmul(shift, normalized, gain, out=out)
-
-
 class SPADE(nn.Module):
     """Instance norm (per-sample statistics) modulated by γ, β predicted from the conditioning map:
     IN(x) · (1 + γ) + β, optionally followed by LeakyReLU (`slope`, the block's activation).
@@ -668,7 +647,7 @@ class SPADE(nn.Module):
         slope: float | None = None,
     ) -> torch.Tensor:
         """`stats`: x's instance statistics (`kernels.instance_stats`) where the caller shares them between two
-        SPADEs of the same x (fused only)."""
+        SPADEs of the same x."""
         if seg.shape[-2:] != x.shape[-2:]:
             seg = F.interpolate(seg, size=x.shape[-2:], mode="nearest")
         actv = conv_relu(self.mlp_shared[0], seg)  # mlp_shared: Conv2d, ReLU
@@ -680,17 +659,14 @@ class SPADE(nn.Module):
             # Fewer full-size tensors alive at once, the same values: the hidden map goes before the normalisation,
             # and the result is written over `shift` (this block made it). At 512 the renderer's memory peaks here.
             del actv
-            out = modulated_instance_norm(x, gain.to(x.dtype), shift, out=shift)
-            return out if slope is None else F.leaky_relu_(out, slope)
+            return kernels.act_(modulated_instance_norm(x, gain.to(x.dtype), shift, out=shift, stats=stats), slope)
         mean, rstd = stats if stats is not None else kernels.instance_stats(x)
         conv = self.gamma_beta
-        if kernels.may_run(x):
-            gain_shift = conv._conv_forward(actv, conv.weight, None)
-            del actv
-            return kernels.spade_modulate(x, gain_shift, mean, rstd, conv.bias, slope)
-        gain_shift = conv(actv)
+        # Where the kernel may run, the bias goes into its pass (it falls back to PyTorch's ops by itself).
+        bias = conv.bias if kernels.may_run(x) else None
+        gain_shift = conv._conv_forward(actv, conv.weight, None) if bias is not None else conv(actv)
         del actv
-        return kernels.spade_modulate_reference(x, gain_shift, mean, rstd, None, slope)
+        return kernels.spade_modulate(x, gain_shift, mean, rstd, bias, slope)
 
     def fuse(self) -> None:
         gamma, beta = self.mlp_gamma, self.mlp_beta
@@ -718,11 +694,10 @@ class SPADEResnetBlock(nn.Module):
         if self.learned_shortcut:
             self.conv_s = SNConv2d(fin, fout, 1, bias=False)
             self.norm_s = SPADE(fin)
-        self.fused = False
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        # Fused: norm_s and norm_0 normalise the same x, so its statistics are computed once.
-        stats = kernels.instance_stats(x) if self.fused and self.learned_shortcut else None
+        # norm_s and norm_0 normalise the same x, so its statistics are computed once.
+        stats = kernels.instance_stats(x) if self.learned_shortcut else None
         x_s = self.conv_s(self.norm_s(x, seg, stats)) if self.learned_shortcut else x
         dx = self.conv_0(self.norm_0(x, seg, stats, slope=0.2))
         dx = self.norm_1(dx, seg, slope=0.2)
@@ -732,7 +707,6 @@ class SPADEResnetBlock(nn.Module):
         # conv_0's output only feeds norm_1, an instance norm, which subtracts every channel's mean: a per-channel
         # constant added before it cancels exactly (in real arithmetic), so conv_0 runs without its bias.
         self.conv_0.bias = None
-        self.fused = True
 
 
 class SPADEDecoder(nn.Module):

@@ -62,10 +62,8 @@ def channels_innermost(t: torch.Tensor) -> bool:
 def enabled(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels run for these tensors (all channels-last, all on CUDA, or on the CPU under Triton's
     interpreter), not while compiling. A CUDA call that falls back is counted in FALLBACKS."""
-    if not available() or torch.compiler.is_compiling():
-        return False
     present = [t for t in tensors if t is not None]
-    if not all(t.is_cuda or _INTERPRET for t in present):
+    if not all(may_run(t) for t in present):
         return False
     if all(channels_innermost(t) for t in present):
         return True
@@ -144,7 +142,8 @@ if triton is not None:
         tl.store(out_ptr + pixel * channels + c[None, :], v.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _act(v: torch.Tensor, slope: float | None) -> torch.Tensor:
+def act_(v: torch.Tensor, slope: float | None) -> torch.Tensor:
+    """LeakyReLU(slope) in place (0: ReLU); v itself when slope is None."""
     if slope is None:
         return v
     return torch.relu_(v) if slope == 0 else torch.nn.functional.leaky_relu_(v, slope)
@@ -158,7 +157,7 @@ def bias_act_reference(
         y.add_(bias.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
     if residual is not None:
         y.add_(residual.to(y.dtype))
-    return _act(y, slope)
+    return act_(y, slope)
 
 
 def bias_act_(
@@ -195,6 +194,29 @@ def instance_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, to
     return mean.float(), torch.rsqrt(var.float() + eps)
 
 
+def modulated_instance_norm(
+    x: torch.Tensor,
+    gain: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float = 1e-5,
+    out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """instance_norm(x) · gain + shift in three passes over x that keep its memory layout.
+
+    `F.instance_norm` copies a channels-last input to NCHW (and SPADE's float32 round trip added two more copies);
+    the elementwise products that follow then mix layouts, which runs CUDA's slow strided kernels. Here the
+    statistics come from one reduction over (H, W) (float accumulation on CUDA also for half inputs), the
+    normalisation is one multiply-add with per-channel factors, the modulation another: every full-size tensor
+    keeps x's layout. Same value as instance_norm in real arithmetic (biased variance, eps inside the root).
+    `out`: where to write the result (it may be `shift` itself: SPADE saves a full-size tensor that way; by default
+    over the normalised temporary). `stats`: x's (mean, rstd) from `instance_stats`, where already computed.
+    """
+    mean, rstd = stats if stats is not None else instance_stats(x, eps)
+    normalized = torch.addcmul((-mean * rstd).to(x.dtype), x, rstd.to(x.dtype))
+    return torch.addcmul(shift, normalized, gain, out=normalized if out is None else out)
+
+
 def spade_modulate_reference(
     x: torch.Tensor,
     gain_shift: torch.Tensor,
@@ -207,10 +229,8 @@ def spade_modulate_reference(
     channels = x.shape[1]
     if bias is not None:
         gain_shift = gain_shift + bias.to(gain_shift.dtype).view(1, -1, 1, 1)
-    gain, shift = gain_shift[:, :channels], gain_shift[:, channels:]
-    normalized = torch.addcmul((-mean * rstd).to(x.dtype), x, rstd.to(x.dtype))
-    torch.addcmul(shift.to(x.dtype), normalized, gain.to(x.dtype), out=normalized)
-    return _act(normalized, slope)
+    gain, shift = gain_shift[:, :channels].to(x.dtype), gain_shift[:, channels:].to(x.dtype)
+    return act_(modulated_instance_norm(x, gain, shift, stats=(mean, rstd)), slope)
 
 
 def spade_modulate(
