@@ -4,24 +4,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench golden checkpoints clean
+.PHONY: setup browser demo test lint bench golden checkpoints clean
 
 # The venv is (re)installed when setup.cfg changes; otherwise `make test` starts testing at once.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU build (an unpinned torch pulls several GB of CUDA wheels).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[render,models,test,bench]'
+	$(PY) -m pip install -q -e '.[render,models,remote,cluster,web,scripts,test,bench]'
 	# gTTS pins click<8.2, which clashes with huggingface-hub; the library itself works with newer click.
 	$(PY) -m pip install -q --no-deps gTTS==2.5.4
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The studio's browser tests drive Debian's chromium; installed where we may (root, apt), else those tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+		|| echo "chromium not installed: the browser tests will skip"; }
+
 demo: $(STAMP)
 	$(VENV)/bin/dhbatch build manifests/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
