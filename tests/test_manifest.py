@@ -16,7 +16,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "manifests"
 
 # One fixture per error, with the exact messages users see (paths relative to the fixtures folder).
 EXPECTED = {
-    "bad_engine.yaml": ["bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of ['gtts', 'piper']"],
+    "bad_engine.yaml": [
+        "bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of ['gtts', 'hibari', 'piper']"
+    ],
     "unknown_refs.yaml": [
         "unknown_refs.yaml:8:5: videos[0].character: unknown character 'cfo' (known: ceo)",
         "unknown_refs.yaml:10:30: videos[1].script: unknown script 'bye' (known: hi)",
