@@ -13,12 +13,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.cache import Cache, publish
 from batch.errors import UsageError
 from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
+
+if TYPE_CHECKING:
+    from batch.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 #: Numbers the thread pools of `_run_parallel`, whose threads are found again by name.
@@ -125,6 +128,7 @@ class Runner:
         force: Sequence[str] = (),
         progress: bool = True,
         stages: Mapping[str, StageFn] | None = None,
+        remote: RemoteCache | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
@@ -136,6 +140,8 @@ class Runner:
         self._forced_keys: set[str] | None = None
         self.progress = progress
         self._stages = dict(stages or {})
+        #: A shared cache to download steps from before running them, and to upload the steps run to.
+        self.remote = remote
         self._device: str | None = None
         self._pool: Any = None
         self._lock = threading.Lock()
@@ -233,6 +239,14 @@ class Runner:
                 self.outcomes[s.key] = StepOutcome(stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
             else:
                 pending.append(s)
+        if pending and self.remote is not None:
+            hits = self.remote.fetch_many(self.cache, [(stage, s.key) for s in pending if not self._forced(s)])
+            for s in pending:
+                if s.key in hits:
+                    self.outcomes[s.key] = StepOutcome(
+                        stage, s.key, True, "from the remote cache", 0.0, hits[s.key].get("info", {})
+                    )
+            pending = [s for s in pending if s.key not in hits]
         if not pending:
             return
         groups: dict[str, list[Step]] = defaultdict(list)
@@ -299,10 +313,11 @@ class Runner:
                 if not self._forced(s):
                     self.cache.forget(s.key)
                     rec = self.cache.record(stage, s.key)
+                    why = "built by another run"
+                    if rec is None and self.remote is not None:  # another job may have uploaded it meanwhile
+                        rec, why = self.remote.fetch(self.cache, stage, s.key, held=True), "from the remote cache"
                     if rec is not None:  # another run built it while we waited for the lock
-                        self.outcomes[s.key] = StepOutcome(
-                            stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
-                        )
+                        self.outcomes[s.key] = StepOutcome(stage, s.key, True, why, 0.0, rec.get("info", {}))
                         bar.update(1)
                         continue
                 misses.append(s)
@@ -372,6 +387,8 @@ class Runner:
                         any_failed = True
                         continue
                     self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info)
+                    if self.remote is not None:
+                        self.remote.push(self.cache, stage, s.key, replace=self._forced(s))
                     bar.update(1)
             finally:
                 for tmp in tmps:

@@ -2,18 +2,23 @@
 
     python tests/_fake_cli.py build m.yaml --device cpu ...
 
-Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file).
+Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file),
+FAKE_UPLOAD_PAUSE (a file to create, then wait, just before the first remote record is written: a window for a test
+to kill the job mid-upload).
 Everything else (options, config files, the remote cache, reports) is the real command line.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import batch.remote  # noqa: E402
 import batch.run  # noqa: E402
 from batch.cli import main  # noqa: E402
 from tests._fake_stages import make_registry  # noqa: E402
@@ -29,6 +34,29 @@ def use_fake_stages() -> None:
         init(self, *args, **kwargs)
 
     batch.run.Runner.__init__ = fake_init  # type: ignore[method-assign]
+    if pause := os.environ.get("FAKE_UPLOAD_PAUSE"):
+        put_record = batch.remote.RemoteCache._put_record
+
+        def paused(self: batch.remote.RemoteCache, path: str, data: bytes) -> None:
+            Path(pause).touch()
+            time.sleep(60)
+            put_record(self, path, data)
+
+        batch.remote.RemoteCache._put_record = paused  # type: ignore[method-assign]
+
+
+def fake_dhbatch(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run this script (the CLI with fake stages) as its own process; `env` adds to the environment."""
+    return subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 if __name__ == "__main__":

@@ -4,19 +4,16 @@ merged into one report and one state."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import wave
 from pathlib import Path
 
 from batch.manifest import load_manifest
 from batch.shard import Shard, assign, expected_cost, parse_shard, shard_videos
+from tests._fake_cli import fake_dhbatch
 from tests._project import write_project
 
-REPO = Path(__file__).resolve().parent.parent
-FAKE_CLI = [sys.executable, str(REPO / "tests" / "_fake_cli.py")]
+dhbatch = fake_dhbatch
 
 
 def write_wav(path: Path, seconds: float, rate: int = 16_000) -> None:
@@ -43,12 +40,6 @@ def write_big_manifest(root: Path, characters: int = 40, scripts: int = 25) -> P
     path = root / "big.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def dhbatch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FAKE_CLI, *args], capture_output=True, text=True, cwd=cwd, check=False, env={**os.environ, **(env or {})}
-    )
 
 
 def test_shard_parse_rejects_what_is_not_i_of_n() -> None:
