@@ -1,9 +1,10 @@
-"""`dhbatch` as its own process, with the light stages of tests/_fake_stages.py in place of the models: the whole
-command line (arguments, planning, locks, cache, publishing, report, exit codes) runs as a user runs it.
+"""`dhbatch` (batch.cli.main) with tests/_fake_stages.py's light stages instead of the renderer, as its own process:
 
-usage: python tests/_fake_cli.py DHBATCH-ARGS...
-Environment: FAKE_LOG (a file that gets one line per step built), FAKE_DELAY (seconds a stage sleeps mid-write),
-FAKE_CHUNK_DELAY (seconds after each chunk), FAKE_MP4=1 (video stages write real tiny MP4s).
+    python tests/_fake_cli.py build m.yaml --device cpu ...
+
+Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file),
+FAKE_CHUNK_DELAY (seconds after each chunk), FAKE_MP4=1 (the video stages write real tiny MP4s).
+Everything else (options, config files, locks, the cache, publishing, reports, exit codes) is the real command line.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch import cli  # noqa: E402
-from batch.run import Runner  # noqa: E402
+import batch.run  # noqa: E402
+from batch.cli import main  # noqa: E402
 from tests._fake_stages import make_registry  # noqa: E402
 
 
-def main() -> int:
+def use_fake_stages() -> None:
     log = os.environ.get("FAKE_LOG")
     registry = make_registry(
         log=Path(log) if log else None,
@@ -28,14 +29,13 @@ def main() -> int:
         chunk_delay=float(os.environ.get("FAKE_CHUNK_DELAY", "0")),
         mp4=os.environ.get("FAKE_MP4") == "1",
     )
-    init = Runner.__init__
+    init = batch.run.Runner.__init__
 
-    def with_fake_stages(self: Runner, *args: object, **kwargs: object) -> None:
+    def fake_init(self: batch.run.Runner, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("stages", registry)
         init(self, *args, **kwargs)
 
-    Runner.__init__ = with_fake_stages  # type: ignore[method-assign]
-    return cli.main()
+    batch.run.Runner.__init__ = fake_init  # type: ignore[method-assign]
 
 
 def dhbatch_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -51,4 +51,5 @@ def dhbatch_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    use_fake_stages()
+    sys.exit(main(sys.argv[1:]))
