@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ except ImportError:  # Python 3.10
 
 from batch.cache import Cache
 from batch.errors import DHBatchError
-from batch.hashing import canonical_json
+from batch.hashing import canonical_json, file_sha256
 from batch.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -131,6 +130,8 @@ class RemoteCache:
         self.hits = 0
         self.uploaded = 0
         self._lock = threading.Lock()
+        self._uploads: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
         try:
             import fsspec
         except ImportError as exc:  # the `remote` extra
@@ -227,7 +228,10 @@ class RemoteCache:
                     return None
             info = {k: v for k, v in rec.items() if k not in ("key", "stage", "outputs", "sha256", "uploaded")}
             spec = STAGES[stage]
-            with contextlib.nullcontext() if held else cache.locked([key]):
+            locks = contextlib.ExitStack() if held else cache.try_lock([key])
+            if locks is None:  # another build here is making or fetching it: the runner looks again later
+                return None
+            with locks:
                 cache.forget(key)
                 if (local := cache.record(stage, key)) is not None:  # another process of this machine was quicker
                     return local
@@ -252,7 +256,7 @@ class RemoteCache:
         except Exception as exc:  # noqa: BLE001
             self._warn(f"cannot download {what} {dest.name} ({exc.__class__.__name__}: {exc}); building it here")
             return None
-        if dest.stat().st_size != size or _sha256(dest) != digest:
+        if dest.stat().st_size != size or file_sha256(dest) != digest:
             logger.warning(
                 "remote cache entry %s: %s is damaged (size or sha256 differ): rebuilding it", what, dest.name
             )
@@ -277,31 +281,44 @@ class RemoteCache:
         return {key: rec for (_, key), rec in zip(steps, recs, strict=True) if rec is not None}
 
     # -- upload ---------------------------------------------------------------------------------------------------
+    def upload(self, cache: Cache, stage: str, key: str, replace: bool = False) -> None:
+        """`push` in the background (the build goes on); `wait_uploads` waits for every upload started."""
+        if self.read_only:
+            return
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(TRANSFERS, thread_name_prefix="dhbatch-upload")
+        self._pending.append(self._uploads.submit(self.push, cache, stage, key, replace))
+
+    def wait_uploads(self) -> None:
+        if self._uploads is None:
+            return
+        wait(self._pending)
+        self._pending.clear()
+        self._uploads.shutdown()
+        self._uploads = None
+
     def push(self, cache: Cache, stage: str, key: str, replace: bool = False) -> bool:
         """Upload a locally committed step: its blobs, then its record. False when the remote already had it (and
         `replace` is False), or on failure (a warning)."""
         if self.read_only:
             return False
-        rec = cache.record(stage, key)
-        if rec is None:
+        cache.seal(stage, key)  # a record from before checksums gets its sha256
+        rec = cache.record(stage, key)  # checked: every output's size and sha256 (through the digest memo)
+        if rec is None or not all(cache.intact(stage, key, name) for name in rec["outputs"]):
+            return False
+        sums = rec.get("sha256")
+        if not isinstance(sums, dict) or set(sums) != set(rec["outputs"]):
+            logger.warning("local cache entry %s %s has no checksums: not uploading it", stage, key[:12])
             return False
         record_path = self.record_path(stage, key)
         try:
             if not replace and self.fs.exists(record_path):
                 return False
-            folder = cache.entry(stage, key)
-            sums = {}
             for name, size in rec["outputs"].items():
-                path = folder / name
-                digest = _sha256(path)
-                if path.stat().st_size != size or rec.get("sha256", {}).get(name, digest) != digest:
-                    logger.warning("local cache entry %s %s is damaged: not uploading it", stage, key[:12])
-                    return False
-                sums[name] = digest
-                blob = self.blob_path(digest)
+                blob = self.blob_path(sums[name])
                 if not (self.fs.exists(blob) and self.fs.size(blob) == size):
-                    self._put(str(path), blob)
-            remote_rec = {**rec, "sha256": sums, "uploaded": time.time()}
+                    self._put(str(cache.output(stage, key, name)), blob)
+            remote_rec = {**rec, "uploaded": time.time()}
             self._put_record(record_path, canonical_json(remote_rec).encode("utf-8"))
             with self._lock:
                 self.uploaded += 1
@@ -403,11 +420,3 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
     if value is None:
         return None
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

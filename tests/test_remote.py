@@ -8,7 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests._fake_cli import fake_dhbatch as dhbatch
+from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
 
 
@@ -19,7 +19,7 @@ def built(log: Path) -> list[str]:
 
 def build(project: Path, build_dir: Path, *args: str, log: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {"FAKE_LOG": str(log)} if log else {}
-    return dhbatch("build", str(project), "--device", "cpu", "--build-dir", str(build_dir), *args, env=env)
+    return dhbatch("build", str(project), "--device", "cpu", "--build-dir", str(build_dir), *args, **env)
 
 
 def remote_records(remote: Path) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._fake_cli import fake_dhbatch as dhbatch
+from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
 from tests._s3_server import moto_server
 from tests.test_remote import built
@@ -48,7 +48,8 @@ def build(project: Path, build_dir: Path, env: dict[str, str], *args: str, log: 
         "--build-dir",
         str(build_dir),
         *args,
-        env={**env, "FAKE_LOG": str(log)},
+        **env,
+        FAKE_LOG=str(log),
     )
 
 

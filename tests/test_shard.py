@@ -10,10 +10,8 @@ from pathlib import Path
 
 from batch.manifest import load_manifest
 from batch.shard import Shard, assign, expected_cost, parse_shard, shard_videos
-from tests._fake_cli import fake_dhbatch
+from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
-
-dhbatch = fake_dhbatch
 
 
 def write_wav(path: Path, seconds: float, rate: int = 16_000) -> None:
@@ -76,7 +74,7 @@ def test_shard_plan_is_the_same_in_every_process(tmp_path: Path) -> None:
     path = write_big_manifest(tmp_path)
     ids: list[str] = []
     for index in (1, 2, 3):
-        out = dhbatch("plan", str(path), "--shard", f"{index}/3", "--json", env={"PYTHONHASHSEED": str(index)})
+        out = dhbatch("plan", str(path), "--shard", f"{index}/3", "--json", PYTHONHASHSEED=str(index))
         data = json.loads(out.stdout)
         assert out.returncode == 1 and data["shard"] == f"{index}/3", out.stderr
         ids += [v["id"] for v in data["videos"]]
