@@ -163,6 +163,7 @@ class Runner:
         self.executor = executor
         #: A shared cache (batch/remote.py): steps missing here are downloaded from it, steps built are uploaded.
         self.remote = remote
+        self._remote_missed: set[str] = set()
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
@@ -300,13 +301,21 @@ class Runner:
 
     def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
         """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
-        wanted = [(s.stage, s.key) for group in ready.values() for s in group if not self._forced(s)]
+        wanted = [
+            (s.stage, s.key)
+            for group in ready.values()
+            for s in group
+            if not self._forced(s) and s.key not in self._remote_missed
+        ]
         hits = self.remote.fetch_many(self.cache, wanted)
-        for target, group in ready.items():
+        self._remote_missed |= {key for _, key in wanted if key not in hits}  # looked up again only under its lock
+        for target, group in list(ready.items()):
             for s in group:
                 if s.key in hits:
                     self.outcomes[s.key] = self._remote_hit(s, hits[s.key])
             ready[target] = [s for s in group if s.key not in hits]
+            if not ready[target]:
+                del ready[target]
 
     def _remote_hit(self, s: Step, rec: dict[str, Any]) -> StepOutcome:
         self._done.add(s.key)
