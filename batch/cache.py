@@ -163,6 +163,27 @@ class Cache:
             for lock in reversed(held):
                 lock.release()
 
+    def try_lock(self, keys: list[str]) -> contextlib.ExitStack | None:
+        """The locks of every key without waiting, held until the returned stack is closed; None (holding nothing)
+        when another process holds one of them. A driver that keeps several chunks in flight takes its locks this
+        way, so two builds never wait on each other's locks while holding their own."""
+        from filelock import Timeout
+
+        self.locks.mkdir(parents=True, exist_ok=True)
+        stack = contextlib.ExitStack()
+        try:
+            for key in sorted(set(keys)):
+                lock = FileLock(str(self.locks / f"{key}.lock"))
+                lock.acquire(timeout=0)
+                stack.callback(lock.release)
+        except Timeout:
+            stack.close()
+            return None
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
     def sweep_tmp(self) -> int:
         """Remove temporary folders left by processes that no longer run."""
         removed = 0

@@ -17,7 +17,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "manifests"
 # One fixture per error, with the exact messages users see (paths relative to the fixtures folder).
 EXPECTED = {
     "bad_engine.yaml": [
-        "bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of gtts, piper; did you mean 'gtts'?"
+        "bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of gtts, hibari, piper; did you mean 'gtts'?"
     ],
     "unknown_refs.yaml": [
         "unknown_refs.yaml:8:5: videos[0].character: unknown character 'cfo' (known: ceo)",

@@ -29,7 +29,7 @@ def test_run_builds_all_videos_and_reports_each_step(tmp_path: Path) -> None:
     assert report["summary"] == {"built": 5, "cached": 0, "failed": 0, "skipped": 0}
     step = report["videos"][0]["steps"][0]
     assert set(step) >= {"stage", "key", "cached", "reason", "seconds", "status"} and step["reason"] == "new"
-    assert step["status"] == "ran"
+    assert step["status"] == "ran" and step["worker"] == "local" and step["device"] == "cpu" and step["queued"] >= 0
     assert (tmp_path / "build" / "m" / "report.html").read_text().count("<tr>") == 6
 
 
