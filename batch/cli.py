@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="show what a build would do and why (exit 0: up to date, 1: something to build)")
     common(sp)
     selection(sp)
+    sp.add_argument(
+        "--verify", action="store_true", help="read every cached output and check its sha256 (a damaged one is rebuilt)"
+    )
 
     sp = sub.add_parser("build", help="build the videos whose inputs changed")
     common(sp)
@@ -165,7 +168,7 @@ def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Pat
     root = project_root(manifest_path)
     build_dir = (args.build_dir or root / "build").resolve()
     checkpoints = (args.checkpoints or root / "checkpoints").resolve()
-    return manifest, build_dir, checkpoints, Cache(build_dir / "cache")
+    return manifest, build_dir, checkpoints, Cache(build_dir / "cache", deep=getattr(args, "verify", False))
 
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:

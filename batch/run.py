@@ -173,6 +173,14 @@ class Runner:
             self._forced_keys = set().union(*(forced_keys(vp.steps, self.force) for vp in self.plan.videos))
         return step.key in self._forced_keys
 
+    def _damaged_input(self, step: Step) -> str | None:
+        """Why one of the step's cached inputs may not be used (its bytes no longer match their sha256), or None."""
+        for inp in step.inputs:
+            if inp.key and not self.cache.intact(inp.stage, inp.key, inp.filename):
+                path = self.cache.output(inp.stage, inp.key, inp.filename)
+                return f"its input {path} changed after it was checked (damaged cache): run the build again"
+        return None
+
     def _input_paths(self, step: Step) -> dict[str, Path]:
         paths = {}
         for inp in step.inputs:
@@ -262,6 +270,7 @@ class Runner:
                 continue
             rec = None if self._forced(step) else self.cache.record(step.stage, key)
             if rec is not None:
+                self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
                 self.outcomes[key] = StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {}))
                 self._done.add(key)
                 del self._todo[key]
@@ -312,6 +321,11 @@ class Runner:
                     self._done.add(s.key)
                     self._bar(stage).update(1)
                     continue
+            if damaged := self._damaged_input(s):  # it was checked when its stage ran: something changed it since
+                self.failed[s.key] = damaged
+                self.outcomes[s.key] = StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged)
+                logger.error("%s: %s failed: %s", s.label, stage, damaged)
+                continue
             misses.append(s)
         if not misses:
             locks.close()
@@ -426,7 +440,11 @@ class Runner:
                 error = f"{s.stage}: {self.failed[s.key]}"
         final = vp.steps[-1]
         if error is None and final.key in self.outcomes and self.outcomes[final.key].error is None:
-            src = self.cache.output(final.stage, final.key, STAGES[final.stage].outputs[0])
+            name = STAGES[final.stage].outputs[0]
+            src = self.cache.output(final.stage, final.key, name)
+            if not self.cache.intact(final.stage, final.key, name):  # never publish bytes that are not the record's
+                error = f"publish: {src} changed after it was checked (damaged cache): run the build again"
+                return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
             try:
                 publish(src, vp.output)
             except OSError as exc:  # this video only: the others are still published, and the report written

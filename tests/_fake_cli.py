@@ -2,13 +2,15 @@
 
     python tests/_fake_cli.py build m.yaml --device cpu ...
 
-Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file).
-Everything else (options, config files, the remote cache, reports) is the real command line.
+Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file),
+FAKE_CHUNK_DELAY (seconds after each chunk), FAKE_MP4=1 (the video stages write real tiny MP4s).
+Everything else (options, config files, locks, the cache, publishing, reports, exit codes) is the real command line.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +23,12 @@ from tests._fake_stages import make_registry  # noqa: E402
 
 def use_fake_stages() -> None:
     log = os.environ.get("FAKE_LOG")
-    registry = make_registry(log=Path(log) if log else None, delay=float(os.environ.get("FAKE_DELAY", "0")))
+    registry = make_registry(
+        log=Path(log) if log else None,
+        delay=float(os.environ.get("FAKE_DELAY", "0")),
+        chunk_delay=float(os.environ.get("FAKE_CHUNK_DELAY", "0")),
+        mp4=os.environ.get("FAKE_MP4") == "1",
+    )
     init = batch.run.Runner.__init__
 
     def fake_init(self: batch.run.Runner, *args: object, **kwargs: object) -> None:
@@ -29,6 +36,18 @@ def use_fake_stages() -> None:
         init(self, *args, **kwargs)
 
     batch.run.Runner.__init__ = fake_init  # type: ignore[method-assign]
+
+
+def dhbatch_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run this script as a process (for tests): `dhbatch ARGS` with the fake stages; `env` adds FAKE_* settings."""
+    return subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+        check=False,
+    )
 
 
 if __name__ == "__main__":
