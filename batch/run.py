@@ -359,16 +359,18 @@ class Runner:
         return True
 
     def _finish(self, res: ChunkResult) -> None:
-        """Commit a finished chunk's steps into the cache (each atomically), note failures, free its locks."""
-        flight = self._inflight.pop(res.chunk.id, None)
+        """Commit a finished chunk's steps into the cache (each atomically), note failures, free its locks. Called
+        again for the same chunk after a Ctrl-C (executors return every finished chunk then): what is committed
+        stays, the rest is committed now."""
+        flight = self._inflight.get(res.chunk.id)
         if flight is None:  # already handled
             return
-        try:
-            seconds = res.seconds / len(flight.steps)
-            for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
+        seconds = res.seconds / len(flight.steps)
+        for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
+            if s.key not in self.outcomes:
                 self._commit(s, job.out_dir, outcome, seconds, res)
-        finally:
-            flight.release()
+        del self._inflight[res.chunk.id]
+        flight.release()
         if self.executor.overlap:
             self._close_finished_bars()
 
