@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import json
 import logging
 import shutil
 import sys
@@ -125,6 +126,7 @@ class Runner:
         force: Sequence[str] = (),
         progress: bool = True,
         stages: Mapping[str, StageFn] | None = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
@@ -135,6 +137,8 @@ class Runner:
         self.force = set(force)
         self._forced_keys: set[str] | None = None
         self.progress = progress
+        #: Called with each progress event (a stage starts, a step finishes), from the stage's threads too.
+        self.events = events
         self._stages = dict(stages or {})
         self._device: str | None = None
         self._pool: Any = None
@@ -249,6 +253,8 @@ class Runner:
         for c in chunks:
             (parallel if spec.parallel and c[0].target not in BATCHED_GPU_TARGETS else serial).append(c)
         bar = _progress(stage, len(pending), self.progress)
+        if self.events is not None:
+            bar = _EventBar(bar, stage, len(pending), self.events)
         try:
             for c in serial:
                 self._run_chunk(stage, c, bar)
@@ -430,6 +436,44 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+class _EventBar:
+    """A progress bar that also reports to `events`: {"event": "stage", stage, total} when the stage starts, then
+    {"event": "step", stage, done, total} for each finished step (the studio shows them live)."""
+
+    def __init__(self, bar: Any, stage: str, total: int, events: Callable[[dict[str, Any]], None]) -> None:
+        self.bar, self.stage, self.total, self.events = bar, stage, total, events
+        self.done = 0
+        self._lock = threading.Lock()
+        events({"event": "stage", "stage": stage, "total": total})
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        with self._lock:
+            self.done += n
+            self.events({"event": "step", "stage": self.stage, "done": self.done, "total": self.total})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class EventFile:
+    """Writes events as JSON lines with their time (`build --events FILE`), each flushed at once so that a reader
+    (the studio's job page) sees the build's progress live."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = json.dumps({**event, "time": round(time.time(), 3)})
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _progress(stage: str, total: int, enabled: bool) -> Any:
