@@ -7,7 +7,6 @@ import importlib
 import itertools
 import logging
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -18,6 +17,7 @@ from typing import Any
 from batch.cache import Cache, publish
 from batch.errors import UsageError
 from batch.plan import Plan, Step, VideoPlan, forced_keys
+from batch.progress import Progress, reporter
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,16 @@ class StepOutcome:
     seconds: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
-    #: False for a step that never ran (its upstream failed, or --fail-fast stopped the run).
+    #: Whether this run ran the step: False for a cached step, and for one that never ran (its upstream failed, or
+    #: --fail-fast stopped the run).
     ran: bool = True
+    #: What a failed step made before it failed, kept in the cache for a person to look at (the portrait that
+    #: failed the face check): `Cache.failed_entry`.
+    artifact: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cached:
+            self.ran = False
 
     @property
     def status(self) -> str:
@@ -70,6 +78,8 @@ class VideoResult:
     steps: list[StepOutcome]
     error: str | None = None
     seconds: float = 0.0
+    #: Not built now, but an earlier build's MP4 is kept where the outputs' glob misses it (`report.retire_outdated`).
+    last_good: str | None = None
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -123,7 +133,7 @@ class Runner:
         fail_fast: bool = False,
         jobs: int = 1,
         force: Sequence[str] = (),
-        progress: bool = True,
+        progress: bool | Progress = True,
         stages: Mapping[str, StageFn] | None = None,
     ) -> None:
         self.plan = plan
@@ -134,7 +144,8 @@ class Runner:
         self.jobs = max(1, jobs)
         self.force = set(force)
         self._forced_keys: set[str] | None = None
-        self.progress = progress
+        #: Bars at a terminal, timestamped lines in a CI log (`batch.progress`); told of each video once it is done.
+        self.progress = progress if isinstance(progress, Progress) else reporter(progress)
         self._stages = dict(stages or {})
         self._device: str | None = None
         self._pool: Any = None
@@ -142,6 +153,8 @@ class Runner:
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
+        self._users: dict[str, list[VideoPlan]] = {}  # step key -> the videos made from it
+        self._done: dict[str, VideoResult | None] = {}  # video id -> its result, once it is known
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _fn(self, target: str) -> StageFn:
@@ -198,6 +211,7 @@ class Runner:
                 users[s.key].append(vp)
                 steps.setdefault(s.key, s)
         self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
+        self._users = users
         stopped = False
         try:
             for stage in ORDER:
@@ -208,7 +222,7 @@ class Runner:
                     self._pool.release()
         except _StopRun:
             stopped = True
-        results = [self._video_result(vp, stopped) for vp in self.plan.videos]
+        results = [self._result(vp, stopped) for vp in self.plan.videos]
         loads = {}
         if self._pool is not None:
             loads = {"/".join(k): n for k, n in self._pool.loads.items()}
@@ -230,7 +244,7 @@ class Runner:
         for s in todo:
             rec = None if self._forced(s) else self.cache.record(stage, s.key)
             if rec is not None:
-                self.outcomes[s.key] = StepOutcome(stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
+                self._record(StepOutcome(stage, s.key, True, "unchanged", 0.0, rec.get("info", {})))
             else:
                 pending.append(s)
         if not pending:
@@ -248,7 +262,7 @@ class Runner:
         parallel: list[list[Step]] = []
         for c in chunks:
             (parallel if spec.parallel and c[0].target not in BATCHED_GPU_TARGETS else serial).append(c)
-        bar = _progress(stage, len(pending), self.progress)
+        bar = self.progress.stage(stage, len(pending))
         try:
             for c in serial:
                 self._run_chunk(stage, c, bar)
@@ -300,9 +314,7 @@ class Runner:
                     self.cache.forget(s.key)
                     rec = self.cache.record(stage, s.key)
                     if rec is not None:  # another run built it while we waited for the lock
-                        self.outcomes[s.key] = StepOutcome(
-                            stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
-                        )
+                        self._record(StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {})))
                         bar.update(1)
                         continue
                 misses.append(s)
@@ -346,7 +358,9 @@ class Runner:
                     if isinstance(res, BaseException):
                         msg = str(res)
                         self.failed[s.key] = msg
-                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, {}, msg)
+                        kept = self._keep_artifact(stage, s.key, tmp, getattr(res, "artifact", None))
+                        bar.update(1)
+                        self._record(StepOutcome(stage, s.key, False, reason, seconds, {}, msg, artifact=kept))
                         logger.error("%s: %s failed: %s", s.label, stage, msg)
                         any_failed = True
                         continue
@@ -368,17 +382,63 @@ class Runner:
                         )
                     except FileNotFoundError as exc:
                         self.failed[s.key] = str(exc)
-                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info, str(exc))
+                        bar.update(1)
+                        self._record(StepOutcome(stage, s.key, False, reason, seconds, info, str(exc)))
                         any_failed = True
                         continue
-                    self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info)
                     bar.update(1)
+                    self._record(StepOutcome(stage, s.key, False, reason, seconds, info))
             finally:
                 for tmp in tmps:
                     if tmp.exists():
                         shutil.rmtree(tmp, ignore_errors=True)
         if any_failed and self.fail_fast:
             raise _StopRun()
+
+    def _keep_artifact(self, stage: str, key: str, tmp: Path, artifact: Any) -> str | None:
+        """Move what a failed step left for people to see (a RenderError's `artifact`, in its tmp folder) into the
+        cache's failed/ folder before the tmp folder is swept; its path, or None."""
+        if not isinstance(artifact, Path) or artifact.parent != tmp or not artifact.is_file():
+            return None
+        try:
+            return str(self.cache.keep_failed(stage, key, artifact))
+        except OSError as exc:  # nothing to show is no reason to lose the error itself
+            logger.warning("could not keep %s: %s", artifact.name, exc)
+            return None
+
+    def _record(self, outcome: StepOutcome) -> None:
+        """Note a step's outcome; a video whose final step is done, or whose step failed, is published (or reported
+        failed) now, not at the end of the run, and the progress reporter says so."""
+        self.outcomes[outcome.key] = outcome
+        for vp in self._users.get(outcome.key, ()):
+            if outcome.error is None and outcome.key != vp.steps[-1].key:
+                continue
+            with self._lock:
+                if vp.video.id in self._done:
+                    continue
+                self._done[vp.video.id] = None
+            result = self._video_result(vp, stopped=False)
+            if outcome.error is None:  # published (or it could not be); a failed one is made again at the end
+                self._done[vp.video.id] = result
+            self.progress.video(result)
+
+    def _result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
+        """A video's result at the end of the run: the one published during the run, or (failed, skipped, or left
+        by --fail-fast with every step cached) made now."""
+        done = self._done.get(vp.video.id)
+        if done is not None:
+            return done
+        reported = vp.video.id in self._done
+        if stopped:  # --fail-fast: the steps already in the cache are this run's too (a video cached, not skipped)
+            for s in vp.steps:
+                if s.key not in self.outcomes and s.key not in self.failed and not self._forced(s):
+                    rec = self.cache.record(s.stage, s.key)
+                    if rec is not None:
+                        self.outcomes[s.key] = StepOutcome(s.stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
+        result = self._video_result(vp, stopped)
+        if not reported:
+            self.progress.video(result)
+        return result
 
     def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
         outcomes = []
@@ -422,29 +482,3 @@ def _thaw(value: Any) -> Any:
     from batch.manifest import thaw
 
     return thaw(value)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(stage: str, total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    # In a CI log (no terminal) the bar prints a plain line at most every 10 s instead of redrawing.
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=f"{stage:>8}",
-        unit="step",
-        file=sys.stderr,
-        leave=True,
-        dynamic_ncols=interactive,
-        mininterval=0.1 if interactive else 10.0,
-    )
