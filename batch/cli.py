@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from batch import __version__
+from batch import __version__, fleet
 from batch.cache import Cache, sweep_stale_tmp
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.jsonout import COMMANDS, document, error_document
 from batch.manifest import Manifest, display_path, load_manifest, project_root
 from batch.plan import Plan, VideoPlan, load_state, owner_state, plan_manifest, select_videos, template_problems
+from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
@@ -79,10 +80,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="STAGE",
             help=f"rebuild even if cached: every step, or one stage ({', '.join(ORDER)})",
         )
+        sp.add_argument("--shard", type=_shard_arg, metavar="I/N", help="only shard I of N (CI job matrices)")
 
     sp = sub.add_parser("plan", help="show what a build would do and why (exit 0: up to date, 1: something to build)")
     common(sp)
     selection(sp)
+    sp.add_argument(
+        "--verify", action="store_true", help="read every cached output and check its sha256 (a damaged one is rebuilt)"
+    )
 
     sp = sub.add_parser("build", help="build the videos whose inputs changed")
     common(sp)
@@ -97,7 +102,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("validate", help="check a manifest and exit")
     common(sp)
+    fleet.add_parsers(sub, common)
     return p
+
+
+def _shard_arg(text: str) -> Any:
+    try:
+        return parse_shard(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _untangle(argv: list[str]) -> list[str]:
@@ -132,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         args.verbose += args.verbose_after  # -v before and after the command add up
         _configure_logging(args.verbose, args.quiet)
-        return {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate}[args.command](args)
+        commands = {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate, **fleet.COMMANDS}
+        return commands[args.command](args)
     except (DHBatchError, KeyboardInterrupt, OSError) as exc:
         code = _report_error(exc)
         if as_json:
@@ -191,7 +205,7 @@ def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Pat
     root = project_root(manifest_path)
     build_dir = (args.build_dir or root / "build").resolve()
     checkpoints = (args.checkpoints or root / "checkpoints").resolve()
-    return manifest, build_dir, checkpoints, Cache(build_dir / "cache")
+    return manifest, build_dir, checkpoints, Cache(build_dir / "cache", deep=getattr(args, "verify", False))
 
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
@@ -199,7 +213,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
         if f not in (*ORDER, "all"):
             raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
-    videos = select_videos(manifest, args.only)
+    videos = shard_videos(manifest, select_videos(manifest, args.only), args.shard)
     plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints, videos=videos, force=args.force)
     return plan, cache, checkpoints
 
@@ -220,7 +234,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan, _, _ = _plan(args)
     code = EXIT_FAILED if plan.stale else EXIT_OK
     if args.json:
-        print(json.dumps(document("plan", code, **plan.as_dict()), indent=2))
+        shard = {"shard": str(args.shard)} if args.shard else {}
+        print(json.dumps(document("plan", code, **plan.as_dict(), **shard), indent=2))
     else:
         print_plan(plan, steps=args.verbose > 0)
     return code
@@ -275,10 +290,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         result = runner.run()
     finally:
-        write_state(plan, cache.is_cached)
+        write_state(plan, cache.is_cached, args.shard)
         cache.hasher.save()
     retired = retire_outdated((*plan.videos, *_left_out(plan, cache, checkpoints)), cache, result)
-    report = write_report(plan, result, retired)
+    report = write_report(plan, result, args.shard, retired)
     removed = prune_removed(plan)
     for folder in (report.parent, report.parent / "thumbs"):
         sweep_stale_tmp(folder)  # what killed runs left half-written

@@ -23,8 +23,9 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 def dhbatch(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI in its own process; `build` with the fake stages."""
+    """The real CLI in its own process; `build` with the fake stages on the CPU (`auto` would import torch)."""
     environ = {**os.environ, "CI": "", **env}
+    args = (*args, "--device", "cpu") if args[0] == "build" else args
     return subprocess.run(
         [sys.executable, str(FAKE_CLI), *args], capture_output=True, text=True, cwd=cwd, env=environ, check=False
     )
@@ -174,7 +175,7 @@ def test_cli_ci_log_has_timestamped_progress_and_a_line_per_video_as_it_complete
 def test_cli_verbose_log_lines_have_timestamp_and_process_id(tmp_path: Path) -> None:
     write_project(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, str(FAKE_CLI), "build", "m.yaml", "-v"],
+        [sys.executable, str(FAKE_CLI), "build", "m.yaml", "-v", "--device", "cpu"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
