@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,7 @@ class Runner:
         progress: bool | Progress = True,
         stages: Mapping[str, StageFn] | None = None,
         executor: Executor | None = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
@@ -163,6 +165,9 @@ class Runner:
         self._forced_keys: set[str] | None = None
         #: Bars at a terminal, timestamped lines in a CI log (`batch.progress`); told of each video once it is done.
         self.progress = progress if isinstance(progress, Progress) else reporter(progress)
+        #: Called with each progress event: a stage starts, a step finishes, a video is done (`build --events`,
+        #: the studio).
+        self.events = events
         if executor is None:
             from batch.executors.local import LocalExecutor
 
@@ -431,6 +436,8 @@ class Runner:
         if stage not in self._bars:
             total = len({d.key for vp in self.plan.videos for d in vp.decisions if d.stage == stage and not d.cached})
             self._bars[stage] = self.progress.stage(stage, total)
+            if self.events is not None:
+                self._bars[stage] = _EventBar(self._bars[stage], stage, total, self.events)
         return self._bars[stage]
 
     def _stage_finished(self, stage: str) -> None:
@@ -464,7 +471,15 @@ class Runner:
             result = self._video_result(vp, stopped=False)
             # Published (or it could not be): final. A failed one is made again at the end, with every step known.
             self._results[vp.video.id] = result if outcome.error is None else None
-            self.progress.video(result)
+            self._announce(result)
+
+    def _announce(self, result: VideoResult) -> None:
+        """A video is done: the progress reporter says so, and `events` gets {"event": "video", id, status, output,
+        error}."""
+        self.progress.video(result)
+        if self.events is not None:
+            fields = {"id": result.id, "status": result.status, "output": result.output, "error": result.error}
+            self.events({"event": "video", **fields})
 
     def _result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
         """A video's result at the end of the run: the one published during the run, or (failed, skipped, or left
@@ -478,7 +493,7 @@ class Runner:
                         self.outcomes[s.key] = StepOutcome(s.stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
         result = self._video_result(vp, stopped)
         if vp.video.id not in self._results:
-            self.progress.video(result)
+            self._announce(result)
         return result
 
     def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
@@ -533,3 +548,36 @@ def _thaw(value: Any) -> Any:
     from batch.manifest import thaw
 
     return thaw(value)
+
+
+class _EventBar:
+    """A progress bar that also reports to `events`: {"event": "stage", stage, total} when the stage starts, then
+    {"event": "step", stage, done, total} for each finished step."""
+
+    def __init__(self, bar: Any, stage: str, total: int, events: Callable[[dict[str, Any]], None]) -> None:
+        self.bar, self.stage, self.total, self.events = bar, stage, total, events
+        self.done = 0
+        events({"event": "stage", "stage": stage, "total": total})
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.events({"event": "step", "stage": self.stage, "done": self.done, "total": self.total})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class EventFile:
+    """Writes events as JSON lines with their time (`build --events FILE`), each flushed at once so that a reader
+    (the studio's job page) sees the build's progress live."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps({**event, "time": round(time.time(), 3)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
