@@ -163,6 +163,27 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         assert "/api/jobs" in c.get("/api/openapi.json").json()["paths"]
 
 
+def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
+    with server.client() as c:
+        job = c.get("/api/jobs").json()[-1]
+        video_url = job["videos"][0]["video_url"]
+        for path, expected in [
+            ("/", ['href="/manifests/m"', "/files/m/thumbs/eileen-short.png", "unknown script"]),
+            ("/manifests/m", [f'src="{video_url}"', "eileen-short", "renderer <b>puppet</b>", SENTENCE]),
+            ("/manifests/broken", ["unknown script &#39;nope&#39;"]),
+            ("/new", ['value="m:eileen"', 'name="csrf"', "piper · en_US-joe-medium"]),
+            ("/jobs", [f'href="/jobs/{job["id"]}"']),
+            (f"/jobs/{job['id']}", [f'src="{video_url}"', "$ dhbatch build manifests/m.yaml"]),
+            ("/api/docs", ["/api/jobs/{job_id}", "JobIn"]),
+        ]:
+            page = c.get(path, headers={"Accept": "text/html"})
+            assert page.status_code == 200, (path, page.text)
+            for text in expected:
+                assert text in page.text, (path, text)
+        missing = c.get("/jobs/999", headers={"Accept": "text/html"})
+        assert missing.status_code == 404 and "<h1>Error 404</h1>" in missing.text
+
+
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
     with server.client() as c:
         first = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
