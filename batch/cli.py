@@ -318,11 +318,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     for folder in (report.parent, report.parent / "thumbs"):
         sweep_stale_tmp(folder)  # what killed runs left half-written
     code = EXIT_FAILED if result.failed else EXIT_OK
-    remote_json = {"remote": fleet.remote_summary(remote)} if remote else {}
+    fleet_json = fleet.build_fields(args.shard, remote)
     if args.json:
         print(
             json.dumps(
-                document("build", code, **result.as_dict(), removed=removed, report=str(report), **remote_json),
+                document("build", code, **result.as_dict(), removed=removed, report=str(report), **fleet_json),
                 indent=2,
             )
         )

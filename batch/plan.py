@@ -151,6 +151,8 @@ class Planner:
         self.damaged = damaged if damaged is not None else {}  # key -> why its cache entry is not a hit
         self._weights: dict[tuple, dict[str, str]] = {}
         self._prompts: dict[str, tuple[str, Path]] = {}
+        self._files: dict[Path, str] = {}
+        self._settings: dict[str, Mapping[str, Mapping[str, Any]]] = {}
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _weights_for(self, stage: str, settings: Mapping[str, Any]) -> dict[str, str]:
@@ -158,6 +160,21 @@ class Planner:
         if memo not in self._weights:
             self._weights[memo] = weights_identity(stage, settings, self.checkpoints, self.hasher)
         return self._weights[memo]
+
+    def _file_id(self, path: Path) -> str:
+        """A user file's digest, looked up once per plan (a portrait shared by a thousand videos)."""
+        if path not in self._files:
+            self._files[path] = self.hasher.digest(path)
+        return self._files[path]
+
+    def _settings_for(self, video: Video) -> Mapping[str, Mapping[str, Any]]:
+        """The video's resolved settings; those of a video without its own overrides are its character's, resolved
+        once."""
+        if video.overrides:
+            return self.manifest.settings(video)
+        if video.character not in self._settings:
+            self._settings[video.character] = self.manifest.settings(video)
+        return self._settings[video.character]
 
     def _template(self, name: str) -> tuple[str, Path]:
         if name not in self._prompts:
@@ -223,7 +240,7 @@ class Planner:
     # -- per video ------------------------------------------------------------------------------------------------
     def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
         m = self.manifest
-        settings = m.settings(video)
+        settings = self._settings_for(video)
         character = m.characters[video.character]
         script = m.scripts[video.script]
         steps: list[Step] = []
@@ -232,7 +249,7 @@ class Planner:
         # Portrait: a given file, or prompt → image.
         if character.image is not None:
             portrait = StepInput("portrait", path=character.image)
-            portrait_id = self.hasher.digest(character.image)
+            portrait_id = self._file_id(character.image)
         else:
             llm = dict(settings["llm"])
             request = self.prompt_request(character, _template_name(llm), llm["engine"])
@@ -265,7 +282,7 @@ class Planner:
                 "audio",
                 {},
                 (StepInput("audio", path=script.audio),),
-                {"audio": self.hasher.digest(script.audio)},
+                {"audio": self._file_id(script.audio)},
                 label=slabel,
                 target="renderer.voice:run_convert",
             )

@@ -8,6 +8,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import jsonschema
+
+from batch.jsonout import schema
 from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
 
@@ -38,6 +41,7 @@ def test_remote_fresh_folder_downloads_every_step_and_publishes(tmp_path: Path) 
 
     fresh = build(project, tmp_path / "ci2", "--remote", url, "--json", log=tmp_path / "log2")
     data = json.loads(fresh.stdout)
+    jsonschema.Draft202012Validator(schema("build")).validate(data)  # the remote's fields as documented
     assert fresh.returncode == 0 and built(tmp_path / "log2") == []  # nothing ran
     assert data["summary"]["cached"] == 5 and data["remote"]["hits"] == 15 and data["remote"]["uploaded"] == 0
     assert {s["reason"] for v in data["videos"] for s in v["steps"]} == {"from the remote cache"}
