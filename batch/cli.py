@@ -178,21 +178,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan, _, _ = _plan(args)
+    plan, cache, _ = _plan(args)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
-        print_plan(plan)
+        from batch.written import plan_script_lines
+
+        print_plan(plan, plan_script_lines(plan, cache.record) if args.verbose else {})
     return EXIT_FAILED if plan.stale else EXIT_OK
 
 
-def print_plan(plan: Plan) -> None:
+def print_plan(plan: Plan, scripts: dict[str, list[str]] | None = None) -> None:
+    """The plan, step by step; `scripts` (plan -v): lines showing each video's written script."""
     runs = len({d.key for v in plan.videos for d in v.decisions if not d.cached})  # a shared step runs once
     for v in plan.videos:
         mark = "stale" if v.stale else "up to date"
         print(f"{v.video.id} ({v.renderer}): {mark}")
         for d in v.decisions:
             print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
+        for line in (scripts or {}).get(v.video.id, []):
+            print(line)
         if not v.published and not any(not d.cached for d in v.decisions):
             print(f"  publish  {display_path(v.output)} is missing or differs: the build copies it from the cache")
     for vid in plan.removed:

@@ -157,8 +157,11 @@ def _run_one(job: StepJob, pool: ModelPool) -> dict:
 # --- ollama -------------------------------------------------------------------------------------------------------
 
 
-def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, where: str = "") -> str:
-    """Ask an Ollama server for a completion; connection, timeout and missing-model failures become BackendError."""
+def generate_ollama(
+    request: str, model: str, settings: LLMSettings, seed: int, where: str = "", format: dict | None = None
+) -> str:
+    """Ask an Ollama server for a completion (`format`: a JSON schema the answer must follow, Ollama's structured
+    output); connection, timeout and missing-model failures become BackendError."""
     import httpx
     import ollama
 
@@ -172,6 +175,7 @@ def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, 
                 model=model,
                 prompt=request,
                 options={"seed": int(seed), "temperature": float(settings.temperature)},
+                **({"format": format} if format is not None else {}),
             )
     except ConnectionError as exc:
         raise BackendError(
@@ -214,8 +218,9 @@ class LocalModel:
     source: str
 
 
-def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
-    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline."""
+def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool, max_new_tokens: int | None = None) -> str:
+    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline (at most
+    `max_new_tokens`, by default enough for `max_length` characters)."""
     import torch
 
     gguf, folder, source = _local_paths(settings.model, job.checkpoints, job.label or job.key)
@@ -232,7 +237,7 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
     ids = ids.to(model.device)
     sample = float(settings.temperature) > 0
     # About 3 characters per token in these prompts; a little slack, the text is cut to max_length anyway.
-    max_new = min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
+    max_new = max_new_tokens or min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new}
     if sample:
         kwargs.update(temperature=float(settings.temperature), top_k=64, top_p=0.95)

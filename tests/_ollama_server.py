@@ -7,13 +7,16 @@ can check what the client really sent. The server binds 127.0.0.1 on a free port
 stdout line, and exits by itself after --lifetime seconds.
 
 The answer text is --reply with "{seed}" and "{temperature}" replaced by the request's options, so a test can see
-that the options arrived and that the stage cleans what comes back.
+that the options arrived and that the stage cleans what comes back. With --replies FILE (a JSON list of
+{"when": TEXT, "reply": TEXT}), a request whose prompt contains a rule's "when" gets that rule's reply instead (the
+first that matches), so one server can answer several scripts of a build differently.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +29,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    models: list[str], reply: str, log: Path, delay: float, rules: list[dict] | None = None
+) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -76,7 +81,9 @@ def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type
             if delay:
                 time.sleep(delay)
             options = body.get("options") or {}
-            text = reply.replace("{seed}", str(options.get("seed"))).replace(
+            prompt = str(body.get("prompt", ""))
+            chosen = next((r["reply"] for r in rules or [] if r["when"] in prompt), reply)
+            text = chosen.replace("{seed}", str(options.get("seed"))).replace(
                 "{temperature}", str(options.get("temperature"))
             )
             base = {"model": model, "created_at": _now()}
@@ -92,16 +99,42 @@ def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type
     return Handler
 
 
+class FakeOllama:
+    """This server, running as a subprocess for a test: its URL and the requests it received."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.log = tmp / f"requests-{time.monotonic_ns()}.jsonl"
+        self.log.touch()
+        cmd = [sys.executable, __file__, "--log", str(self.log), "--lifetime", "60", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the server prints its port once it listens
+        assert line.strip().isdigit(), f"fake Ollama server did not start: {line!r}"
+        self.host = f"http://127.0.0.1:{int(line)}"
+
+    def requests(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="a model the server has (repeatable)")
     parser.add_argument("--reply", default="passport photo, seed {seed}", help="text every generate answers")
+    parser.add_argument("--replies", type=Path, help='JSON list of {"when": TEXT, "reply": TEXT} rules')
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines file of received requests")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering generate")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds after which the server exits")
     args = parser.parse_args(argv)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(args.model, args.reply, args.log, args.delay))
+    rules = json.loads(args.replies.read_text(encoding="utf-8")) if args.replies else None
+    handler = make_handler(args.model, args.reply, args.log, args.delay, rules)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     timer = threading.Timer(args.lifetime, server.shutdown)
