@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batch import __version__
+from batch import __version__, fleet
 from batch.cache import Cache, sweep_stale_tmp
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest, project_root
 from batch.plan import Plan, load_state, owner_state, plan_manifest, select_videos, template_problems
+from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
@@ -64,10 +65,14 @@ def _parser() -> argparse.ArgumentParser:
             help=f"rebuild even if cached: every step, or one stage ({', '.join(ORDER)})",
         )
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("--shard", type=_shard_arg, metavar="I/N", help="only shard I of N (CI job matrices)")
 
     sp = sub.add_parser("plan", help="show what a build would do and why (exit 0: up to date, 1: something to build)")
     common(sp)
     selection(sp)
+    sp.add_argument(
+        "--verify", action="store_true", help="read every cached output and check its sha256 (a damaged one is rebuilt)"
+    )
 
     sp = sub.add_parser("build", help="build the videos whose inputs changed")
     common(sp)
@@ -82,7 +87,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("validate", help="check a manifest and exit")
     common(sp)
+    fleet.add_parsers(sub, common)
     return p
+
+
+def _shard_arg(text: str) -> Any:
+    try:
+        return parse_shard(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _untangle(argv: list[str]) -> list[str]:
@@ -115,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate}[args.command](args)
+        commands = {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate, **fleet.COMMANDS}
+        return commands[args.command](args)
     except ManifestError as exc:
         print(
             f"error: invalid manifest ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):",
@@ -154,7 +168,7 @@ def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Pat
     root = project_root(manifest_path)
     build_dir = (args.build_dir or root / "build").resolve()
     checkpoints = (args.checkpoints or root / "checkpoints").resolve()
-    return manifest, build_dir, checkpoints, Cache(build_dir / "cache")
+    return manifest, build_dir, checkpoints, Cache(build_dir / "cache", deep=getattr(args, "verify", False))
 
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
@@ -162,7 +176,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
         if f not in (*ORDER, "all"):
             raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
-    videos = select_videos(manifest, args.only)
+    videos = shard_videos(manifest, select_videos(manifest, args.only), args.shard)
     plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints, videos=videos, force=args.force)
     return plan, cache, checkpoints
 
@@ -180,7 +194,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     plan, cache, _ = _plan(args)
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
+        print(json.dumps({**plan.as_dict(), **({"shard": str(args.shard)} if args.shard else {})}, indent=2))
     else:
         from batch.written import plan_script_lines
 
@@ -238,9 +252,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         result = runner.run()
     finally:
-        write_state(plan, cache.is_cached)
+        write_state(plan, cache.is_cached, args.shard)
         cache.hasher.save()
-    report = write_report(plan, result)
+    report = write_report(plan, result, args.shard)
     removed = prune_removed(plan)
     for folder in (report.parent, report.parent / "thumbs"):
         sweep_stale_tmp(folder)  # what killed runs left half-written

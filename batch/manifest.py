@@ -10,9 +10,9 @@ import glob
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from types import MappingProxyType
 from typing import Any
 
@@ -155,7 +155,9 @@ class _Collector:
         self.problems: list[Problem] = []
 
     def add(self, doc: Located, path: tuple, message: str) -> None:
-        self.problems.append(doc.problem(path, message))
+        problem = doc.problem(path, message)
+        if problem not in self.problems:  # each problem once, at its place
+            self.problems.append(problem)
 
 
 def _inside(root: Path, candidate: Path) -> bool:
@@ -169,8 +171,20 @@ def _inside(root: Path, candidate: Path) -> bool:
 def resolve_path(root: Path, base: Path, rel: str) -> Path:
     """`rel` resolved against `base`, symlinks followed; ValueError when it leaves `root`."""
     p = Path(rel)
+    if PureWindowsPath(rel).drive:
+        raise ValueError(
+            f"{rel} is an absolute Windows path, and absolute paths are not allowed; give a path relative to the "
+            "manifest's folder, with forward slashes"
+        )
     if p.is_absolute():
         raise ValueError("absolute paths are not allowed; give a path relative to the manifest's folder")
+    if "\\" in rel:
+        raise ValueError(f"{rel} has backslashes (a Windows path); use forward slashes: {rel.replace(chr(92), '/')}")
+    if any(ord(c) < 32 for c in rel):  # "portraits\new.png" in double quotes: YAML made a newline of "\n"
+        raise ValueError(
+            f"{rel!r} holds a control character (a backslash inside double quotes is an escape in YAML); "
+            "write the path with forward slashes"
+        )
     full = (base / p).resolve()
     if not _inside(root, full):
         raise ValueError(f"{rel!r} points outside the manifest's folder; keep files beside or below the manifest")
@@ -202,8 +216,8 @@ def _load_tree(file: Path, root: Path, display: str, problems: _Collector, docs:
     doc = load_yaml(file, display)
     if not isinstance(doc.data, dict):
         raise ManifestError([Problem(display, 1, 1, "", "a manifest is a mapping that starts with `version: 1`")])
-    errors = sorted(_validator().iter_errors(doc.data), key=lambda e: (doc.where(tuple(e.absolute_path)), e.message))
-    for err in errors:
+    errors = _one_per_place(_validator().iter_errors(doc.data))
+    for err in sorted(errors, key=lambda e: (doc.where(tuple(e.absolute_path)), e.message)):
         path = tuple(err.absolute_path)
         if err.validator == "additionalProperties":  # point at the unknown key itself
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
@@ -233,8 +247,80 @@ def _load_tree(file: Path, root: Path, display: str, problems: _Collector, docs:
             problems.problems.extend(exc.problems)
 
 
+_PLACEHOLDERS = {"{character}", "{script}"}
 _ID_RULE = "use letters, digits, '-', '_' and '.' (no '..'), at most 64 characters"
 _BAD_ID = "{!r} is not a valid id: " + _ID_RULE
+
+
+#: How a JSON schema type is said to a person writing YAML.
+_KINDS = {
+    "object": "a mapping (`key: value` lines)",
+    "array": "a list",
+    "string": "text",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "nothing",
+}
+
+
+def _expected_type(err: jsonschema.ValidationError) -> str | None:
+    """The type a failed schema asked for (its own `type`, or the first branch's of a oneOf/anyOf)."""
+    schema_ = err.schema if isinstance(err.schema, dict) else {}
+    kind = schema_.get("type")
+    if kind is None:
+        for branch in schema_.get("oneOf", schema_.get("anyOf", [])):
+            target = branch
+            if "$ref" in branch:
+                target = schema()["$defs"].get(branch["$ref"].rsplit("/", 1)[-1], {})
+            if "type" in target:
+                kind = target["type"]
+                break
+    if kind is None and {"properties", "required", "additionalProperties"} & set(schema_):
+        kind = "object"
+    return kind[0] if isinstance(kind, list) else kind
+
+
+def _number(text: str) -> int | float | None:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+
+def _type_message(instance: Any, expected: str | list[str]) -> str:
+    kinds = [expected] if isinstance(expected, str) else list(expected)
+    wanted = " or ".join(_KINDS.get(k, k) for k in kinds)
+    if isinstance(instance, str) and {"integer", "number"} & set(kinds) and _number(instance) is not None:
+        return f"{instance!r} is quoted: write {instance} without quotes (a number, not a string)"
+    if isinstance(instance, str) and "boolean" in kinds:
+        return f"{instance!r} is text; write true or false (without quotes)"
+    got = {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number", float: "a number"}
+    return f"{instance!r} is {got.get(type(instance), type(instance).__name__)}; give {wanted}"
+
+
+def _enum_message(instance: Any, allowed: list[Any]) -> str:
+    choices = ", ".join(str(a) for a in allowed)
+    if isinstance(instance, str) and _number(instance) in allowed:
+        return f"{instance!r} is quoted: write {instance} without quotes (a number, not a string; one of {choices})"
+    guess = difflib.get_close_matches(str(instance), [str(a) for a in allowed], n=1)
+    maybe = f"; did you mean {guess[0]!r}?" if guess and isinstance(instance, str) else ""
+    return f"{instance!r} is not one of {choices}{maybe}"
+
+
+def _one_per_place(errors: Iterable[jsonschema.ValidationError]) -> list[jsonschema.ValidationError]:
+    """One error per place in the document (the most telling one), so a value is never reported twice: an empty
+    value fails its type and every oneOf branch at once."""
+    rank = {"type": 0, "additionalProperties": 1, "required": 2}
+    best: dict[tuple, jsonschema.ValidationError] = {}
+    for err in errors:
+        place = tuple(err.absolute_path)
+        if place not in best or rank.get(err.validator, 5) < rank.get(best[place].validator, 5):
+            best[place] = err
+    return list(best.values())
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
@@ -264,6 +350,14 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return _BAD_ID.format(err.instance)
     if err.validator == "pattern" and err.schema.get("pattern") == schema()["$defs"]["id"]["pattern"]:
         return _BAD_ID.format(err.instance)
+    if err.instance is None:
+        return f"has no value; give {_KINDS.get(_expected_type(err), 'a value')}"
+    if err.validator == "type":
+        return _type_message(err.instance, err.validator_value)
+    if err.validator == "enum":
+        return _enum_message(err.instance, err.validator_value)
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        return _schema_message(jsonschema.exceptions.best_match(err.context))
     if err.validator == "pattern" and list(err.path)[-1:] == ["model"]:
         return (
             f"{err.instance!r} must name weights inside checkpoints/: a name or a relative path without '..' (not "
@@ -370,6 +464,15 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
             chars = list(characters) if m["characters"] == "all" else m["characters"]
             scrs = list(scripts) if m["scripts"] == "all" else m["scripts"]
             pattern = m.get("id", "{character}-{script}")
+            unknown = sorted({f"{{{name}}}" for name in re.findall(r"\{([^{}]*)\}", pattern)} - _PLACEHOLDERS)
+            if unknown:  # said once for the pattern, not once per video it would make
+                problems.add(
+                    doc,
+                    (*mpath, "id"),
+                    f"unknown placeholder{'s' * (len(unknown) > 1)} {', '.join(unknown)} in the id pattern "
+                    f"{pattern!r}; use {{character}} and {{script}}",
+                )
+                continue
             for c in chars:
                 for s in scrs:
                     vid = pattern.replace("{character}", c).replace("{script}", s)

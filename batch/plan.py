@@ -142,6 +142,7 @@ class Planner:
         is_cached: Any,
         cached_output: Any = None,
         force: Iterable[str] = (),
+        damaged: Mapping[str, str] | None = None,
     ) -> None:
         self.manifest = manifest
         self.build_dir = build_dir
@@ -150,6 +151,7 @@ class Planner:
         self.is_cached = is_cached
         self.cached_output = cached_output  # (stage, key, name) -> Path in the cache, to compare published files
         self.force = set(force)
+        self.damaged = damaged if damaged is not None else {}  # key -> why its cache entry is not a hit
         self._weights: dict[tuple, dict[str, str]] = {}
         self._prompts: dict[str, tuple[str, Path]] = {}
 
@@ -439,6 +441,8 @@ class Planner:
             return Decision(step.stage, step.key, False, why)
         if self.is_cached(step.stage, step.key):
             return Decision(step.stage, step.key, True, "unchanged")
+        if step.key in self.damaged:
+            return Decision(step.stage, step.key, False, f"cache entry: {self.damaged[step.key]}")
         return Decision(step.stage, step.key, False, explain(before, step))
 
 
@@ -596,6 +600,7 @@ def plan_manifest(
         is_cached=cache.is_cached,
         cached_output=cache.output,
         force=force,
+        damaged=cache.damaged,
     )
     return planner.plan(manifest.videos if videos is None else videos)
 

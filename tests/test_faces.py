@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from renderer.base import BadInputError, ModelPool
-from renderer.faces import Face, detect_face, landmark_model_path, load_image
+from renderer.faces import DLIB_ID, Face, detect_face, landmark_model_path, load_image
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -57,7 +57,18 @@ def test_detect_face_loads_models_once_through_the_pool(astronaut: np.ndarray) -
     first = detect_face(astronaut, "a", pool)
     second = detect_face(astronaut, "b", pool)
     assert np.array_equal(first.landmarks, second.landmarks)
-    assert pool.loads == {("dlib-frontal-face", "cpu", "float32"): 1, ("dlib-shape-68", "cpu", "float32"): 1}
+    assert pool.loads == {(DLIB_ID, "cpu", "float32"): 1}
+
+
+def test_detect_face_from_parallel_threads_finds_the_same_face(astronaut: np.ndarray) -> None:
+    """--jobs 2 runs animate steps in threads sharing the pool's dlib models, which are not thread-safe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ModelPool()
+    alone = detect_face(astronaut, "astronaut", pool)
+    with ThreadPoolExecutor(4) as threads:
+        faces = list(threads.map(lambda _: detect_face(astronaut, "astronaut", pool), range(8)))
+    assert all(f.box == alone.box and f.score == alone.score and f.others == 0 for f in faces)
 
 
 def test_detect_face_no_face_names_the_source(pool: ModelPool) -> None:

@@ -8,13 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _ollama_server import FakeOllama
 
 from renderer.base import BackendError, BadInputError, ModelPool, StepJob
 from renderer.llm import clean_prompt, run
+from tests._ollama import FakeOllama
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = Path(__file__).with_name("_ollama_server.py")
 REQUEST = "Write one Stable Diffusion prompt for this photograph: a CEO. Answer with the prompt only."
 
 
@@ -113,7 +112,9 @@ def test_llm_ollama_sends_seed_temperature_and_writes_clean_prompt(tmp_path: Pat
     body = generate[0]["body"]
     assert body["model"] == "gemma:2b"
     assert body["prompt"] == REQUEST
-    assert body["options"] == {"seed": 1234, "temperature": 0.3}
+    assert body["options"] == {"seed": 1234, "temperature": 0.3, "num_predict": 200 // 3 + 32}
+    assert body["think"] is False and body["stream"] is False
+    assert body["format"]["properties"]["prompt"] == {"type": "string", "maxLength": 200}
     assert body["stream"] is False
 
 

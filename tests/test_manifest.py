@@ -16,7 +16,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "manifests"
 
 # One fixture per error, with the exact messages users see (paths relative to the fixtures folder).
 EXPECTED = {
-    "bad_engine.yaml": ["bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of ['gtts', 'piper']"],
+    "bad_engine.yaml": [
+        "bad_engine.yaml:6:7: characters.ceo.voice.engine: 'gtss' is not one of gtts, hibari, piper; did you mean 'gtts'?"
+    ],
     "unknown_refs.yaml": [
         "unknown_refs.yaml:8:5: videos[0].character: unknown character 'cfo' (known: ceo)",
         "unknown_refs.yaml:10:30: videos[1].script: unknown script 'bye' (known: hi)",
@@ -38,7 +40,7 @@ EXPECTED = {
         "inc/cycle_b.yaml:2:11: include[0]: include cycle: cycle_a.yaml → inc/cycle_b.yaml → cycle_a.yaml"
     ],
     "syntax_error.yaml": [
-        "syntax_error.yaml:4:8: YAML error: while parsing a flow mapping did not find expected ',' or '}'"
+        "syntax_error.yaml:3:8: YAML error: the `{` here is never closed: add `}` where its value ends"
     ],
     "python_tag.yaml": [
         "python_tag.yaml:3:8: YAML error: could not determine a constructor for the tag"
@@ -52,9 +54,9 @@ EXPECTED = {
     "not_mapping.yaml": ["not_mapping.yaml:1:1: a manifest is a mapping that starts with `version: 1`"],
     "version2.yaml": ["version2.yaml:1:1: version: unsupported manifest version 2; this tool reads version 1"],
     "wrong_types.yaml": [
-        "wrong_types.yaml:4:5: defaults.video.size: 300 is not one of [256, 512]",
-        "wrong_types.yaml:5:5: defaults.video.still: 'yes' is not of type 'boolean'",
-        "wrong_types.yaml:9:5: characters.ceo.seed: 'abc' is not of type 'integer'",
+        "wrong_types.yaml:4:5: defaults.video.size: 300 is not one of 256, 512",
+        "wrong_types.yaml:5:5: defaults.video.still: 'yes' is text; write true or false (without quotes)",
+        "wrong_types.yaml:9:5: characters.ceo.seed: 'abc' is text; give a whole number",
     ],
     "unknown_key.yaml": [
         "unknown_key.yaml:2:1: charcters: unknown key 'charcters' (allowed: characters, defaults, include, matrix,"
@@ -160,7 +162,7 @@ def test_manifest_cli_prints_problems_without_traceback(in_fixtures: Path) -> No
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "error: invalid manifest (3 problems):" in proc.stderr
-    assert "wrong_types.yaml:9:5: characters.ceo.seed: 'abc' is not of type 'integer'" in proc.stderr
+    assert "wrong_types.yaml:9:5: characters.ceo.seed: 'abc' is text; give a whole number" in proc.stderr
 
 
 def test_manifest_matrix_includes_and_settings_merge(tmp_path: Path) -> None:

@@ -193,6 +193,21 @@ def test_plan_named_weights_are_keyed_on_what_the_stage_loads(tmp_path: Path) ->
     assert voice_step().key != first.key  # the voice's config is part of it
 
 
+def test_plan_voice_model_defaults_to_the_engines_bundled_voice(built: Path) -> None:
+    """An unset voice.model is the engine's bundled voice: spelling it out changes no key; switching to Hibari
+    reruns the voices with the reason, keyed on the hibari-tts package."""
+    path = built / "m.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("engine: piper,", "engine: piper, model: en_US-joe-medium,"))
+    assert not plan(built)[0].stale
+    path.write_text(text.replace("engine: piper,", "engine: hibari,"))
+    p, _ = plan(built)
+    voice = next(s for s in p.videos[1].steps if s.stage == "voice")
+    assert voice.fingerprint["settings"]["model"] == "heart"
+    assert voice.fingerprint["weights"]["hibari"].startswith("hibari-tts==")
+    assert {s["voice"] for s in stale_steps(p).values() if "voice" in s} == {"voice.engine piper → hibari"}
+
+
 def test_plan_auto_renderer_follows_checkpoints_and_explains_the_switch(built: Path) -> None:
     from batch.stages import sadtalker_files
 

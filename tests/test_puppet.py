@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from renderer import puppet
 from renderer.base import FPS, SAMPLES_PER_FRAME, BadInputError, ModelPool
 from renderer.encode import probe, read_frames
 from renderer.faces import detect_face, load_image
-from renderer.puppet_motion import blink_schedule, make_tracks, read_audio_features
-from renderer.puppet_rig import FaceRig, Pose
+from renderer.puppet import pipeline as puppet
+from renderer.puppet.motion import blink_schedule, make_tracks, read_audio_features
+from renderer.puppet.rig import FaceRig, Pose
 from tests._puppet_util import PORTRAITS, animate_job, babble, envelope, read_samples, speak, write_wav
 
 TEXT = "Bob made a map. Hello, how are you?"

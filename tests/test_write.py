@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _ollama_server import FakeOllama
 from _pdf_util import write_pdf
 
 from renderer.base import BackendError, ModelPool, StepJob
 from renderer.retrieval import Passage, rank, read_passages, split_sentences
 from renderer.write import answer_schema, check_answer, run
+from tests._ollama import FakeOllama
 
 pytest.importorskip("bm25s")
 
@@ -212,12 +212,9 @@ def injected(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[FakeOllama]:
-    rules = [
-        {"when": "GOOD", "reply": answer(("Refunds take {{ 7 * 7 }} five days.", ["p1"]))},
-        {"when": "OBEY", "reply": answer(("root:x:0:0:root", ["/etc/passwd"]))},
-    ]
-    (tmp_path / "rules.json").write_text(json.dumps(rules), encoding="utf-8")
-    s = FakeOllama(tmp_path, "--model", "llama3.2", "--replies", str(tmp_path / "rules.json"), "--reply", "")
+    good = answer(("Refunds take {{ 7 * 7 }} five days.", ["p1"]))
+    obey = answer(("root:x:0:0:root", ["/etc/passwd"]))
+    s = FakeOllama(tmp_path, "--model", "llama3.2", "--reply-for", f"GOOD={good}", "--reply-for", f"OBEY={obey}")
     yield s
     s.stop()
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from _fake_stages import make_registry
-from _ollama_server import FakeOllama
 
 from batch.cache import Cache
 from batch.manifest import load_manifest
 from batch.plan import plan_manifest
 from batch.report import write_report, write_state
 from batch.run import Runner
+from tests._ollama import FakeOllama
 
 pytest.importorskip("bm25s")
 
@@ -198,14 +198,14 @@ def reply(*sentences: tuple[str, list[str]]) -> str:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[FakeOllama]:
-    rules = [
-        {"when": "Brief: GOOD", "reply": reply(("Refunds take five business days.", ["p1"]), ("Thank you!", []))},
-        {"when": "Brief: UNKNOWN", "reply": reply(("Refunds are instant.", ["p1", "p42"]))},
-        {"when": "Brief: EMPTY", "reply": reply()},
-        {"when": "Brief: OBEY", "reply": reply(("root:x:0:0:root:/root", ["/etc/passwd"]))},
-    ]
-    (tmp_path / "rules.json").write_text(json.dumps(rules))
-    s = FakeOllama(tmp_path, "--model", "llama3.2", "--replies", str(tmp_path / "rules.json"))
+    rules = {
+        "Brief: GOOD": reply(("Refunds take five business days.", ["p1"]), ("Thank you!", [])),
+        "Brief: UNKNOWN": reply(("Refunds are instant.", ["p1", "p42"])),
+        "Brief: EMPTY": reply(),
+        "Brief: OBEY": reply(("root:x:0:0:root:/root", ["/etc/passwd"])),
+    }
+    args = [arg for words, answer in rules.items() for arg in ("--reply-for", f"{words}={answer}")]
+    s = FakeOllama(tmp_path, "--model", "llama3.2", *args)
     yield s
     s.stop()
 

@@ -33,7 +33,7 @@ from renderer.base import (
     run_each,
 )
 from renderer.checkpoints import SADTALKER_PREPROCESS, SADTALKER_SIZES
-from renderer.puppet_motion import Tracks, make_tracks, read_audio_features, read_phonemes
+from renderer.puppet.motion import Tracks, make_tracks, read_audio_features, read_phonemes
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def animate(
 
     from renderer.encode import VideoWriter
     from renderer.faces import detect_face, load_image
-    from renderer.puppet_rig import FaceRig, Pose
+    from renderer.puppet.rig import FaceRig, Pose
 
     portrait, audio, out_dir = Path(portrait), Path(audio), Path(out_dir)
     warnings: list[str] = []
