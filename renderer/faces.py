@@ -42,6 +42,8 @@ class Face:
     landmarks: np.ndarray
     #: Other faces found with a clear score: the stages report them (`warning`), as only the best one is animated.
     others: int = 0
+    #: The detector's scores of those other faces.
+    other_scores: tuple[float, ...] = ()
 
     @property
     def warning(self) -> str | None:
@@ -160,4 +162,53 @@ def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Fac
     shape = predictor(image, dlib.rectangle(left, top, right, bottom))
     landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
     box = (max(left, 0), max(top, 0), min(right, width - 1), min(bottom, height - 1))
-    return Face(box=box, score=float(scores[best]), landmarks=landmarks, others=max(len(strong) - 1, 0))
+    others = tuple(float(s) for i, s in enumerate(scores) if s >= 0.5 and i != best)
+    return Face(box=box, score=float(scores[best]), landmarks=landmarks, others=len(others), other_scores=others)
+
+
+#: A generic head's 3D points (millimetres, x right, y up, z towards the camera) at six of the iBUG-68 landmarks:
+#: nose tip, chin, the eyes' outer corners, the mouth's corners (the model commonly used with solvePnP).
+_HEAD_MODEL = {
+    30: (0.0, 0.0, 0.0),
+    8: (0.0, -330.0, -65.0),
+    36: (-225.0, 170.0, -135.0),
+    45: (225.0, 170.0, -135.0),
+    48: (-150.0, -150.0, -125.0),
+    54: (150.0, -150.0, -125.0),
+}
+
+
+def head_yaw(landmarks: np.ndarray) -> float:
+    """How far the head is turned from the camera about the vertical axis, in degrees (0: frontal; the sign says
+    which way), from a scaled-orthographic fit of a generic 3D head to six landmarks: the least-squares affine
+    camera's first row, normalised, is the rotation's first row (cos yaw, ·, sin yaw). Frontal portraits come out
+    within a few degrees; near-profile faces past 35."""
+    ids = list(_HEAD_MODEL)
+    model = np.array([_HEAD_MODEL[i] for i in ids])
+    model[:, 1] *= -1  # image y points down
+    points = np.asarray(landmarks, dtype=np.float64)[ids]
+    camera, *_ = np.linalg.lstsq(model - model.mean(0), points - points.mean(0), rcond=None)
+    row = camera[:, 0] / np.linalg.norm(camera[:, 0])
+    return float(np.degrees(np.arctan2(row[2], row[0])))
+
+
+def survey_portrait(path: Path) -> dict[str, Any]:
+    """What `dhbatch validate` needs to judge a portrait, as plain data (it is cached by the file's digest): the
+    picture's size, and the best face's box, detector score and yaw, with the scores of other clear faces; `face`
+    is None when there is none. An unreadable picture raises BadInputError."""
+    image = load_image(path)
+    height, width = image.shape[:2]
+    try:
+        face = detect_face(image, str(path))
+    except BadInputError:
+        return {"width": width, "height": height, "face": None}
+    return {
+        "width": width,
+        "height": height,
+        "face": {
+            "box": list(face.box),
+            "score": round(face.score, 3),
+            "yaw": round(head_yaw(face.landmarks), 1),
+            "others": [round(s, 3) for s in face.other_scores],
+        },
+    }
