@@ -17,7 +17,7 @@ from batch import __version__, fleet
 from batch.cache import Cache, sweep_stale_tmp
 from batch.errors import DHBatchError, ManifestError, UsageError
 from batch.manifest import Manifest, display_path, load_manifest, project_root
-from batch.plan import Plan, load_state, owner_state, plan_manifest, select_videos, template_problems
+from batch.plan import Plan, check_force, load_state, owner_state, plan_manifest, select_videos, template_problems
 from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
     sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
+    sp.add_argument("--events", type=Path, metavar="FILE", help="append progress events to FILE as JSON lines")
 
     sp = sub.add_parser("gc", help="remove cache entries that none of the given manifests reaches")
     common(sp, many=True)
@@ -88,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a manifest and exit")
     common(sp)
     fleet.add_parsers(sub, common)
+
+    from batch.web.command import add_parser as add_serve  # light: FastAPI loads only when `serve` runs
+
+    add_serve(sub)
     return p
 
 
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate, **fleet.COMMANDS}
+        commands["serve"] = cmd_serve
         return commands[args.command](args)
     except ManifestError as exc:
         print(
@@ -172,9 +178,7 @@ def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Pat
 
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
-    for f in args.force:
-        if f not in (*ORDER, "all"):
-            raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
+    check_force(args.force)
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
     videos = shard_videos(manifest, select_videos(manifest, args.only), args.shard)
     plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints, videos=videos, force=args.force)
@@ -222,7 +226,7 @@ def print_plan(plan: Plan) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from batch.report import prune_removed, write_report, write_state
-    from batch.run import Runner
+    from batch.run import EventFile, Runner
 
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
@@ -243,10 +247,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         force=args.force,
         progress=not args.quiet and not args.json,
+        events=EventFile(args.events) if args.events else None,
     )
     try:
         result = runner.run()
     finally:
+        if runner.events is not None:
+            runner.events.close()
         write_state(plan, cache.is_cached, args.shard)
         cache.hasher.save()
     report = write_report(plan, result, args.shard)
@@ -280,6 +287,15 @@ def print_build(result: RunResult, report: Path) -> None:
         f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s{note} — report: "
         f"{display_path(report.with_suffix('.html'))}"
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from batch.web.command import prepare
+
+    server = prepare(args)
+    print(f"dhbatch studio: {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    server.run()
+    return EXIT_OK
 
 
 def _state_keys(state: dict[str, Any], cache: Cache) -> set[str]:

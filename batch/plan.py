@@ -12,7 +12,7 @@ from typing import Any
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
 from batch.manifest import Character, Manifest, Video, manifest_identity, project_root, thaw
-from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
+from batch.stages import ORDER, STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
 logger = logging.getLogger(__name__)
@@ -514,6 +514,13 @@ def plan_manifest(
         damaged=cache.damaged,
     )
     return planner.plan(manifest.videos if videos is None else videos)
+
+
+def check_force(force: Iterable[str]) -> None:
+    """`--force` takes stage names, or "all"; anything else is a usage error naming the stages."""
+    for f in force:
+        if f not in (*ORDER, "all"):
+            raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
 
 
 def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import shutil
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,7 @@ class Runner:
         progress: bool = True,
         stages: Mapping[str, StageFn] | None = None,
         executor: Executor | None = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
@@ -152,6 +154,8 @@ class Runner:
         self.force = set(force)
         self._forced_keys: set[str] | None = None
         self.progress = progress
+        #: Called with each progress event: a stage starts, a step finishes (`build --events`, the studio).
+        self.events = events
         if executor is None:
             from batch.executors.local import LocalExecutor
 
@@ -415,6 +419,8 @@ class Runner:
         if stage not in self._bars:
             total = len({d.key for vp in self.plan.videos for d in vp.decisions if d.stage == stage and not d.cached})
             self._bars[stage] = _progress(stage, total, self.progress)
+            if self.events is not None:
+                self._bars[stage] = _EventBar(self._bars[stage], stage, total, self.events)
         return self._bars[stage]
 
     def _stage_finished(self, stage: str) -> None:
@@ -487,6 +493,39 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+class _EventBar:
+    """A progress bar that also reports to `events`: {"event": "stage", stage, total} when the stage starts, then
+    {"event": "step", stage, done, total} for each finished step."""
+
+    def __init__(self, bar: Any, stage: str, total: int, events: Callable[[dict[str, Any]], None]) -> None:
+        self.bar, self.stage, self.total, self.events = bar, stage, total, events
+        self.done = 0
+        events({"event": "stage", "stage": stage, "total": total})
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.events({"event": "step", "stage": self.stage, "done": self.done, "total": self.total})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class EventFile:
+    """Writes events as JSON lines with their time (`build --events FILE`), each flushed at once so that a reader
+    (the studio's job page) sees the build's progress live."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps({**event, "time": round(time.time(), 3)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _progress(stage: str, total: int, enabled: bool) -> Any:
