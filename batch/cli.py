@@ -22,6 +22,7 @@ from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
+    from batch.checks import Finding
     from batch.run import RunResult
 
 logger = logging.getLogger("batch")
@@ -186,21 +187,55 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
     if problems := template_problems(manifest):
         raise ManifestError(problems)
+    plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
+    findings = _preflight(plan, cache, checkpoints, measure=True)
+    print_findings(findings)
+    if errors := sum(f.severity == "error" for f in findings):
+        print(
+            f"{display_path(manifest.path)}: {errors} problem{'s' * (errors != 1)} would fail the build",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(
         f"{display_path(manifest.path)}: ok — {len(manifest.characters)} characters, {len(manifest.scripts)} scripts, {len(manifest.videos)} videos"
     )
     return EXIT_OK
 
 
+def _preflight(plan: Plan, cache: Cache, checkpoints: Path, measure: bool) -> list[Finding]:
+    """The checks before rendering (batch/checks.py); `plan` reads the portrait and recording checks `validate`
+    cached, and says how many it left to `validate`."""
+    from batch.checks import preflight
+
+    findings, unchecked = preflight(plan, checkpoints, cache.root, cache.hasher, measure=measure)
+    cache.hasher.save()
+    if unchecked:
+        logger.warning("%d portrait or recording file(s) not checked yet: `dhbatch validate` checks them", unchecked)
+    return findings
+
+
+def print_findings(findings: list[Finding]) -> None:
+    """What the checks before rendering found (batch/checks.py), on stderr, errors and warnings alike."""
+    for f in findings:
+        print(f"{f.severity}: {f.problem}", file=sys.stderr)
+        if f.hint:
+            print(f"  hint: {f.hint}", file=sys.stderr)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan, _, _ = _plan(args)
+    plan, cache, checkpoints = _plan(args)
+    findings = _preflight(plan, cache, checkpoints, measure=False)
     if args.json:
-        print(json.dumps({**plan.as_dict(), **({"shard": str(args.shard)} if args.shard else {})}, indent=2))
+        problems = {"problems": [f.as_dict() for f in findings]}
+        print(
+            json.dumps({**plan.as_dict(), **({"shard": str(args.shard)} if args.shard else {}), **problems}, indent=2)
+        )
     else:
         print_plan(plan)
+        print_findings(findings)
     return EXIT_FAILED if plan.stale else EXIT_OK
 
 

@@ -124,18 +124,19 @@ def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None) -> Face:
-    """Find the best-scoring face and its 68 landmarks; several faces → warning, none → BadInputError."""
+def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None, *, warn: bool = True) -> Face:
+    """Find the best-scoring face and its 68 landmarks; several faces → warning (logged unless `warn` is False: the
+    caller reports `Face.others` itself), none → BadInputError."""
 
     where = source or "the image"
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
     models = _models(pool)
     with models.lock:
-        return _detect(image, where, models.detector, models.predictor)
+        return _detect(image, where, models.detector, models.predictor, warn)
 
 
-def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Face:
+def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any, warn: bool = True) -> Face:
     import dlib
 
     image = np.ascontiguousarray(image)
@@ -153,7 +154,7 @@ def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Fac
         raise BadInputError(f"no face found in {where}", _NO_FACE_HINT)
     best = int(np.argmax(scores))
     strong = [s for s in scores if s >= 0.5]
-    if len(strong) > 1:
+    if len(strong) > 1 and warn:
         logger.warning(
             "%d faces found in %s; animating the one with the best score (%.2f)", len(strong), where, scores[best]
         )
@@ -192,14 +193,14 @@ def head_yaw(landmarks: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(row[2], row[0])))
 
 
-def survey_portrait(path: Path) -> dict[str, Any]:
+def survey_portrait(path: Path, pool: ModelPool | None = None) -> dict[str, Any]:
     """What `dhbatch validate` needs to judge a portrait, as plain data (it is cached by the file's digest): the
     picture's size, and the best face's box, detector score and yaw, with the scores of other clear faces; `face`
     is None when there is none. An unreadable picture raises BadInputError."""
     image = load_image(path)
     height, width = image.shape[:2]
     try:
-        face = detect_face(image, str(path))
+        face = detect_face(image, str(path), pool, warn=False)
     except BadInputError:
         return {"width": width, "height": height, "face": None}
     return {
