@@ -27,8 +27,9 @@ from filelock import FileLock
 
 from batch.cache import write_atomic
 from batch.errors import DHBatchError, ManifestError
-from batch.manifest import Character, display_path, load_manifest, section_defaults, thaw
+from batch.manifest import Character, display_path, load_manifest, thaw
 from batch.plan import template_problems
+from batch.stages import PACKAGE_VOICES
 
 #: The studio's manifest, in the project's manifests/ folder.
 STUDIO = "studio"
@@ -169,6 +170,8 @@ class Studio:
             scripts[sid] = {"audio": self._store("recordings", *recording)} if recording else {"text": new.text.strip()}
             video: dict[str, Any] = {"id": vid, "character": cid, "script": sid}
             voice = {k: v for k, v in dict(new.voice).items() if v not in (None, "")}
+            if "model" in voice and voice["model"] == next(iter(PACKAGE_VOICES.get(voice.get("engine", ""), ())), None):
+                del voice["model"]  # the engine's default voice: left unset, as manifests usually have it
             if voice and not recording:
                 video["overrides"] = {"voice": voice}
             videos.append(video)
@@ -259,10 +262,12 @@ class Studio:
 
 
 def voice_choices(checkpoints: Path) -> list[tuple[str, str]]:
-    """(engine, model) pairs the form offers: the bundled Piper voice, Piper voices under checkpoints/piper/, gTTS."""
-    bundled = section_defaults()["voice"]["model"]
-    found = [("piper", bundled)]
-    found += [("piper", p.stem) for p in sorted((checkpoints / "piper").glob("*.onnx")) if p.stem != bundled]
+    """(engine, model) pairs the form offers: each offline engine's bundled voices and the voices under
+    checkpoints/<engine>/, then gTTS (online)."""
+    found = []
+    for engine, bundled in PACKAGE_VOICES.items():
+        found += [(engine, name) for name in bundled]
+        found += [(engine, p.stem) for p in sorted((checkpoints / engine).glob("*.onnx")) if p.stem not in bundled]
     return [*found, ("gtts", "")]
 
 

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 
+from batch.jsonout import schema
 from tests._audio_util import tone, write_wav
 from tests._ollama import FakeOllama
 
@@ -130,10 +132,16 @@ def test_checks_recordings_and_missing_weights_are_listed_with_how_to_get_them(t
     assert "hint: run `make checkpoints` (or `python -m renderer.checkpoints --dest checkpoints --only sadtalker`)" in (
         inside.stderr
     )
-    # plan lists the same problems beside the plan, and in its JSON.
+    # validate's and plan's JSON carry the same problems, and match their shipped schemas.
+    checked = json.loads(dhbatch("validate", "m.yaml", "--json", cwd=tmp_path).stdout)
+    jsonschema.Draft202012Validator(schema("validate")).validate(checked)
+    assert checked["exit_code"] == 2 and len(checked["problems"]) == 6
     planned = dhbatch("plan", "m.yaml", "--json", cwd=tmp_path)
     assert planned.returncode == 1
-    problems = json.loads(planned.stdout)["problems"]
+    data = json.loads(planned.stdout)
+    jsonschema.Draft202012Validator(schema("plan")).validate(data)
+    problems = data["problems"]
+    assert problems == checked["problems"]
     assert [(p["severity"], p["line"], p["path"]) for p in problems][:3] == [
         ("error", 6, "characters.ceo"),
         ("error", 8, "scripts.quiet.audio"),

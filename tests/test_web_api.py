@@ -152,7 +152,7 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         assert broken.status_code == 422
         (problem,) = broken.json()["problems"]
         assert problem["file"].endswith("broken.yaml") and problem["line"] == 7 and "nope" in problem["message"]
-        assert "unknown video id" in c.post("/api/jobs", json={"manifest": "m", "only": ["zz"]}).json()["error"]
+        assert "no video id matches" in c.post("/api/jobs", json={"manifest": "m", "only": ["zz"]}).json()["error"]
         assert "not a stage" in c.post("/api/jobs", json={"manifest": "m", "force": ["paint"]}).json()["error"]
         hook = c.post("/api/jobs", json={"manifest": "m", "webhook": "http://example.com/x"})
         assert hook.status_code == 422 and "--webhook-allow example.com" in hook.json()["error"]
@@ -161,6 +161,27 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         assert both.status_code == 422 and "either" in both.json()["problems"][0]["message"]
         assert c.get("/api/jobs/999").status_code == 404
         assert "/api/jobs" in c.get("/api/openapi.json").json()["paths"]
+
+
+def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
+    with server.client() as c:
+        job = c.get("/api/jobs").json()[-1]
+        video_url = job["videos"][0]["video_url"]
+        for path, expected in [
+            ("/", ['href="/manifests/m"', "/files/m/thumbs/eileen-short.png", "unknown script"]),
+            ("/manifests/m", [f'src="{video_url}"', "eileen-short", "renderer <b>puppet</b>", SENTENCE]),
+            ("/manifests/broken", ["unknown script &#39;nope&#39;"]),
+            ("/new", ['value="m:eileen"', 'name="csrf"', "piper · en_US-joe-medium"]),
+            ("/jobs", [f'href="/jobs/{job["id"]}"']),
+            (f"/jobs/{job['id']}", [f'src="{video_url}"', "$ dhbatch build manifests/m.yaml"]),
+            ("/api/docs", ["/api/jobs/{job_id}", "JobIn"]),
+        ]:
+            page = c.get(path, headers={"Accept": "text/html"})
+            assert page.status_code == 200, (path, page.text)
+            for text in expected:
+                assert text in page.text, (path, text)
+        missing = c.get("/jobs/999", headers={"Accept": "text/html"})
+        assert missing.status_code == 404 and "<h1>Error 404</h1>" in missing.text
 
 
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
