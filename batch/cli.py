@@ -324,8 +324,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, ...]:
-    """The plans of the videos that a `--only` build left out, so that their MP4s are retired too when they changed
-    since they were built; none when they cannot be planned (a warning says why)."""
+    """The plans of the videos that a `--only` or `--shard` build left out, so that their MP4s are retired too when
+    they changed since they were built; none when they cannot be planned (a warning says why)."""
     chosen = {v.video.id for v in plan.videos}
     rest = [v for v in plan.manifest.videos if v.id not in chosen]
     if not rest:
