@@ -104,15 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
     sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
+    fleet.add_remote_options(sp)
     sp.add_argument("--events", type=Path, metavar="FILE", help="append progress events to FILE as JSON lines")
 
     sp = sub.add_parser("gc", help="remove cache entries that none of the given manifests reaches")
     common(sp, many=True)
     sp.add_argument("--yes", action="store_true", help="delete (without it, only show)")
+    fleet.add_gc_options(sp)
 
     sp = sub.add_parser("validate", help="check a manifest and exit")
     common(sp)
-    fleet.add_parsers(sub, common)
+    fleet.add_parsers(sub, common, _shard_arg)
 
     from batch.web.command import add_parser as add_serve  # light: FastAPI loads only when `serve` runs
 
@@ -286,6 +288,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         raise UsageError(f"--device {args.device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
     plan, cache, checkpoints = _plan(args)
+    remote = fleet.open_remote(args, project_root(args.manifest))
     for v in plan.videos:
         for d in v.decisions:
             if not d.cached:
@@ -299,6 +302,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         force=args.force,
         progress=not args.quiet,
+        remote=remote,
         events=EventFile(args.events) if args.events else None,
     )
     try:
@@ -314,12 +318,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     for folder in (report.parent, report.parent / "thumbs"):
         sweep_stale_tmp(folder)  # what killed runs left half-written
     code = EXIT_FAILED if result.failed else EXIT_OK
+    remote_json = {"remote": fleet.remote_summary(remote)} if remote else {}
     if args.json:
-        print(json.dumps(document("build", code, **result.as_dict(), removed=removed, report=str(report)), indent=2))
+        print(
+            json.dumps(
+                document("build", code, **result.as_dict(), removed=removed, report=str(report), **remote_json),
+                indent=2,
+            )
+        )
     elif not args.quiet:
         print_build(result, report)
         if removed:
             print(f"removed the videos no longer in the manifest: {', '.join(removed)}")
+        if remote:
+            print(f"remote cache {remote.url}: {remote.hits} steps downloaded, {remote.uploaded} uploaded")
+    fleet.check_required(remote)
     return code
 
 
@@ -385,7 +398,9 @@ def _state_keys(state: dict[str, Any], cache: Cache) -> set[str]:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove the cache entries that none of the given manifests reaches. Entries that other manifests sharing the
     build folder last built (their build/<name>/state.json) are kept unless those manifests are given too or no
-    longer exist; a running build keeps gc --yes from starting."""
+    longer exist; a running build keeps gc --yes from starting. With --remote, the remote cache is pruned instead."""
+    if args.remote:
+        return fleet.cmd_gc_remote(args)
     setups = [_setup(args, path) for path in args.manifests]
     caches = {cache.root: cache for *_, cache in setups}
     with contextlib.ExitStack() as stack:

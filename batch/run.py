@@ -13,13 +13,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.cache import Cache, publish
 from batch.executors import Chunk, ChunkResult, Executor, StageFn
 from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.progress import Progress, reporter
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
+
+if TYPE_CHECKING:
+    from batch.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,7 @@ class Runner:
         progress: bool | Progress = True,
         stages: Mapping[str, StageFn] | None = None,
         executor: Executor | None = None,
+        remote: RemoteCache | None = None,
         events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
@@ -173,6 +177,9 @@ class Runner:
 
             executor = LocalExecutor(device=device, jobs=jobs, stages=stages)
         self.executor = executor
+        #: A shared cache (batch/remote.py): steps missing here are downloaded from it, steps built are uploaded.
+        self.remote = remote
+        self._remote_missed: set[str] = set()
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
@@ -239,6 +246,8 @@ class Runner:
             for bar in self._bars.values():
                 bar.close()
             self.executor.close()
+            if self.remote is not None:
+                self.remote.wait_uploads()
         results = [self._result(vp, stopped) for vp in self.plan.videos]
         return RunResult(
             str(self.plan.manifest.path),
@@ -295,6 +304,8 @@ class Runner:
                 del self._todo[key]
                 continue
             ready[step.target].append(step)
+        if self.remote is not None:
+            self._fetch_remote(ready)
         deferred = 0
         for group in ready.values():
             for chunk in self._chunks(group):
@@ -306,6 +317,30 @@ class Runner:
                 if deferred == 0 and self._todo:
                     return self._submit_ready()
         return deferred
+
+    def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
+        """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
+        wanted = [
+            (s.stage, s.key)
+            for group in ready.values()
+            for s in group
+            if not self._forced(s) and s.key not in self._remote_missed
+        ]
+        hits = self.remote.fetch_many(self.cache, wanted)
+        self._remote_missed |= {key for _, key in wanted if key not in hits}  # looked up again only under its lock
+        for target, group in list(ready.items()):
+            for s in group:
+                if s.key in hits:
+                    self._remote_hit(s, hits[s.key])
+            ready[target] = [s for s in group if s.key not in hits]
+            if not ready[target]:
+                del ready[target]
+
+    def _remote_hit(self, s: Step, rec: dict[str, Any]) -> None:
+        self._done.add(s.key)
+        self._todo.pop(s.key, None)
+        self._bar(s.stage).update(1)
+        self._record(StepOutcome(s.stage, s.key, True, "from the remote cache", 0.0, rec.get("info", {})))
 
     def _chunks(self, group: list[Step]) -> list[list[Step]]:
         """Steps of one target in chunks: a stage's chunk size (the GPU renderer's larger batches, the image stage's
@@ -337,6 +372,10 @@ class Runner:
                     self._done.add(s.key)
                     self._bar(stage).update(1)
                     self._record(StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {})))
+                    continue
+                # Another job may have uploaded it since the last look (a step that videos of several shards need).
+                if self.remote is not None and (rec := self.remote.fetch(self.cache, stage, s.key, held=True)):
+                    self._remote_hit(s, rec)
                     continue
             if damaged := self._damaged_input(s):  # it was checked when its stage ran: something changed it since
                 self.failed[s.key] = damaged
@@ -431,6 +470,8 @@ class Runner:
         self._done.add(s.key)
         self._bar(s.stage).update(1)
         self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed))
+        if self.remote is not None:
+            self.remote.upload(self.cache, s.stage, s.key, replace=self._forced(s))
 
     def _bar(self, stage: str) -> Any:
         if stage not in self._bars:
