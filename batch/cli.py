@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
     sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
+    sp.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on Ray: ray (a local Ray for this run), auto (the one `ray start` runs, or RAY_ADDRESS), ray://HOST:PORT",
+    )
+    sp.add_argument("--gpu-resource", default="GPU", metavar="NAME", help="the Ray resource that marks a GPU")
     fleet.add_remote_options(sp)
     sp.add_argument("--events", type=Path, metavar="FILE", help="append progress events to FILE as JSON lines")
 
@@ -299,6 +305,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         for d in v.decisions:
             if not d.cached:
                 logger.info("%s: %s will run (%s)", v.video.id, d.stage, d.reason)
+    executor = None
+    if args.cluster:
+        from batch.executors.ray import RayExecutor
+
+        executor = RayExecutor(args.cluster, scratch=cache.tmp, device=args.device, gpu_resource=args.gpu_resource)
     runner = Runner(
         plan,
         cache,
@@ -310,6 +321,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         remote=remote,
         events=EventFile(args.events) if args.events else None,
+        executor=executor,
     )
     try:
         result = runner.run()
