@@ -300,7 +300,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em} .sum span{margin-right:1.2em}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}
-.built{color:#0a6} .cached{color:#357} .failed,.skipped,.stale{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px}
+.built{color:#0a6} .cached{color:#357} .failed,.skipped,.stale{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px} img.old{opacity:.45}
 .steps{font-size:.85em;color:#555} .steps b{color:#222} code{font-size:.85em}
 .script{color:#222;margin:.3em 0} .script ol{margin:.2em 0;padding-left:1.4em} .cite{font-family:monospace;margin-left:.3em}
 """
@@ -340,6 +340,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
     rows = []
     for v in data["videos"]:
         thumb = f'<img src="{e(thumbs[v["id"]])}" alt="frame of {e(v["id"])}">' if v["id"] in thumbs else ""
+        if thumb and not v["output"]:  # the last good output's frame: an earlier build, not this one
+            thumb = thumb.replace("<img ", '<img class=old title="the last good MP4, from an earlier build" ')
         if v["output"]:
             link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>'
         elif v.get("last_good"):  # an earlier build's output, out of the outputs' glob
