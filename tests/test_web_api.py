@@ -200,6 +200,7 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
         assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
         before = c.get("/api/jobs").json()
+    assert (project / "build" / ".studio" / "jobs.sqlite3").is_file()  # beside the outputs, in no manifest's folder
     server.proc.terminate()
     server.proc.wait(timeout=30)
     with serve(project) as again, again.client() as c:

@@ -64,13 +64,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: The server's own files in the build folder: the job history, each job's log and events. A manifest's name never
+#: starts with a dot, so no manifest's output folder (build/<name>/) is this one.
+SERVER_DIR = ".studio"
+
+
 class StudioState:
     """The studio manifest, the job store and queue, and the views of jobs shared by the API and the pages."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.studio = Studio(config.manifests_dir, config.build_dir / "studio")
-        self.store = JobStore(config.build_dir / "studio" / "jobs.sqlite3")
+        self.studio = Studio(config.manifests_dir, config.build_dir / SERVER_DIR)
+        self.store = JobStore(config.build_dir / SERVER_DIR / "jobs.sqlite3")
         settings = BuildSettings(config.project, config.build_dir, config.checkpoints, config.device, config.jobs)
         self.queue = JobQueue(self.store, settings, self.manifest_path, on_finish=self._finished)
 
