@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -524,12 +525,24 @@ def check_force(force: Iterable[str]) -> None:
 
 
 def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:
-    """Videos named by --only (all when empty); an unknown id is a usage error listing the known ones."""
-    only = list(dict.fromkeys(only))  # each video once, in the order given
-    if not only:
+    """Videos named by --only (all when empty): ids or shell-style patterns (`grace-*`, `*-hello`, `ceo-?`), each
+    video once, in the order given (a pattern's matches in manifest order). A pattern that matches no id is a usage
+    error listing the known ones."""
+    patterns = list(dict.fromkeys(only))
+    if not patterns:
         return manifest.videos
+    ids = [v.id for v in manifest.videos]
+    chosen: dict[str, None] = {}
+    unmatched = []
+    for pattern in patterns:
+        matches = [pattern] if pattern in ids else [i for i in ids if fnmatch.fnmatchcase(i, pattern)]
+        if not matches:
+            unmatched.append(pattern)
+        chosen.update(dict.fromkeys(matches))
+    if unmatched:
+        raise UsageError(
+            f"--only {' '.join(unmatched)}: no video id matches",
+            f"known ids: {', '.join(sorted(ids))} (patterns take * ? [...], quoted so the shell leaves them alone)",
+        )
     known = {v.id: v for v in manifest.videos}
-    unknown = [i for i in only if i not in known]
-    if unknown:
-        raise UsageError(f"unknown video id(s) {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
-    return tuple(known[i] for i in only)
+    return tuple(known[i] for i in chosen)

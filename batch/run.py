@@ -9,17 +9,20 @@ import itertools
 import json
 import logging
 import shutil
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.cache import Cache, publish
 from batch.executors import Chunk, ChunkResult, Executor, StageFn
 from batch.plan import Plan, Step, VideoPlan, forced_keys
+from batch.progress import Progress, reporter
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
+
+if TYPE_CHECKING:
+    from batch.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ class StepOutcome:
     seconds: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
-    #: False for a step that never ran (its upstream failed, or --fail-fast stopped the run).
+    #: Whether this run ran the step: False for a cached step, and for one that never ran (its upstream failed, or
+    #: --fail-fast stopped the run).
     ran: bool = True
     #: Where a step that ran now was built (the executor's worker, its node and device), and how long its chunk
     #: waited between the driver handing it over and the stage starting (for a worker, or for its inputs to move).
@@ -41,6 +45,13 @@ class StepOutcome:
     node: str = ""
     device: str = ""
     queued: float = 0.0
+    #: What a failed step made before it failed, kept in the cache for a person to look at (the portrait that
+    #: failed the face check): `Cache.keep_failed`.
+    artifact: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cached:
+            self.ran = False
 
     @property
     def status(self) -> str:
@@ -72,6 +83,8 @@ class VideoResult:
     steps: list[StepOutcome]
     error: str | None = None
     seconds: float = 0.0
+    #: Not built now, but an earlier build's MP4 is kept where the outputs' glob misses it (`report.retire_outdated`).
+    last_good: str | None = None
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -142,9 +155,10 @@ class Runner:
         fail_fast: bool = False,
         jobs: int = 1,
         force: Sequence[str] = (),
-        progress: bool = True,
+        progress: bool | Progress = True,
         stages: Mapping[str, StageFn] | None = None,
         executor: Executor | None = None,
+        remote: RemoteCache | None = None,
         events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
@@ -153,14 +167,19 @@ class Runner:
         self.fail_fast = fail_fast
         self.force = set(force)
         self._forced_keys: set[str] | None = None
-        self.progress = progress
-        #: Called with each progress event: a stage starts, a step finishes (`build --events`, the studio).
+        #: Bars at a terminal, timestamped lines in a CI log (`batch.progress`); told of each video once it is done.
+        self.progress = progress if isinstance(progress, Progress) else reporter(progress)
+        #: Called with each progress event: a stage starts, a step finishes, a video is done (`build --events`,
+        #: the studio).
         self.events = events
         if executor is None:
             from batch.executors.local import LocalExecutor
 
             executor = LocalExecutor(device=device, jobs=jobs, stages=stages)
         self.executor = executor
+        #: A shared cache (batch/remote.py): steps missing here are downloaded from it, steps built are uploaded.
+        self.remote = remote
+        self._remote_missed: set[str] = set()
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
@@ -170,6 +189,8 @@ class Runner:
         self._chunk_ids = itertools.count()
         self._bars: dict[str, Any] = {}
         self._stop = False
+        self._users: dict[str, list[VideoPlan]] = defaultdict(list)  # step key -> the videos made from it
+        self._results: dict[str, VideoResult | None] = {}  # video id -> its result once published (None: failed)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _forced(self, step: Step) -> bool:
@@ -205,6 +226,7 @@ class Runner:
         for vp in self.plan.videos:
             for s in vp.steps:
                 steps.setdefault(s.key, s)
+                self._users[s.key].append(vp)
         self._todo = {s.key: s for s in sorted(steps.values(), key=lambda s: ORDER.index(s.stage))}
         self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
         stopped = False
@@ -224,7 +246,9 @@ class Runner:
             for bar in self._bars.values():
                 bar.close()
             self.executor.close()
-        results = [self._video_result(vp, stopped) for vp in self.plan.videos]
+            if self.remote is not None:
+                self.remote.wait_uploads()
+        results = [self._result(vp, stopped) for vp in self.plan.videos]
         return RunResult(
             str(self.plan.manifest.path),
             results,
@@ -275,11 +299,13 @@ class Runner:
             rec = None if self._forced(step) else self.cache.record(step.stage, key)
             if rec is not None:
                 self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
-                self.outcomes[key] = StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {}))
                 self._done.add(key)
+                self._record(StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {})))
                 del self._todo[key]
                 continue
             ready[step.target].append(step)
+        if self.remote is not None:
+            self._fetch_remote(ready)
         deferred = 0
         for group in ready.values():
             for chunk in self._chunks(group):
@@ -291,6 +317,30 @@ class Runner:
                 if deferred == 0 and self._todo:
                     return self._submit_ready()
         return deferred
+
+    def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
+        """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
+        wanted = [
+            (s.stage, s.key)
+            for group in ready.values()
+            for s in group
+            if not self._forced(s) and s.key not in self._remote_missed
+        ]
+        hits = self.remote.fetch_many(self.cache, wanted)
+        self._remote_missed |= {key for _, key in wanted if key not in hits}  # looked up again only under its lock
+        for target, group in list(ready.items()):
+            for s in group:
+                if s.key in hits:
+                    self._remote_hit(s, hits[s.key])
+            ready[target] = [s for s in group if s.key not in hits]
+            if not ready[target]:
+                del ready[target]
+
+    def _remote_hit(self, s: Step, rec: dict[str, Any]) -> None:
+        self._done.add(s.key)
+        self._todo.pop(s.key, None)
+        self._bar(s.stage).update(1)
+        self._record(StepOutcome(s.stage, s.key, True, "from the remote cache", 0.0, rec.get("info", {})))
 
     def _chunks(self, group: list[Step]) -> list[list[Step]]:
         """Steps of one target in chunks: a stage's chunk size (the GPU renderer's larger batches, the image stage's
@@ -319,15 +369,18 @@ class Runner:
                 self.cache.forget(s.key)
                 rec = self.cache.record(stage, s.key)
                 if rec is not None:  # another run built it while we waited for the lock
-                    self.outcomes[s.key] = StepOutcome(
-                        stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
-                    )
                     self._done.add(s.key)
                     self._bar(stage).update(1)
+                    self._record(StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {})))
+                    continue
+                # Another job may have uploaded it since the last look (a step that videos of several shards need).
+                if self.remote is not None and (rec := self.remote.fetch(self.cache, stage, s.key, held=True)):
+                    self._remote_hit(s, rec)
                     continue
             if damaged := self._damaged_input(s):  # it was checked when its stage ran: something changed it since
                 self.failed[s.key] = damaged
-                self.outcomes[s.key] = StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged)
+                self._bar(stage).update(1)
+                self._record(StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged))
                 logger.error("%s: %s failed: %s", s.label, stage, damaged)
                 continue
             misses.append(s)
@@ -385,7 +438,9 @@ class Runner:
         if isinstance(res, BaseException):
             msg = str(res)
             self.failed[s.key] = msg
-            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, {}, msg, **placed)
+            kept = self._keep_artifact(s.stage, s.key, tmp, getattr(res, "artifact", None))
+            self._bar(s.stage).update(1)
+            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, {}, msg, **placed, artifact=kept))
             logger.error("%s: %s failed: %s", s.label, s.stage, msg)
             self._stop = self._stop or self.fail_fast
             return
@@ -408,17 +463,20 @@ class Runner:
             )
         except FileNotFoundError as exc:
             self.failed[s.key] = str(exc)
-            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, str(exc), **placed)
+            self._bar(s.stage).update(1)
+            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, str(exc), **placed))
             self._stop = self._stop or self.fail_fast
             return
-        self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed)
         self._done.add(s.key)
         self._bar(s.stage).update(1)
+        self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed))
+        if self.remote is not None:
+            self.remote.upload(self.cache, s.stage, s.key, replace=self._forced(s))
 
     def _bar(self, stage: str) -> Any:
         if stage not in self._bars:
             total = len({d.key for vp in self.plan.videos for d in vp.decisions if d.stage == stage and not d.cached})
-            self._bars[stage] = _progress(stage, total, self.progress)
+            self._bars[stage] = self.progress.stage(stage, total)
             if self.events is not None:
                 self._bars[stage] = _EventBar(self._bars[stage], stage, total, self.events)
         return self._bars[stage]
@@ -432,6 +490,52 @@ class Runner:
         busy = {f.chunk.stage for f in self._inflight.values()} | {s.stage for s in self._todo.values()}
         for stage in [s for s in self._bars if s not in busy]:
             self._bars.pop(stage).close()
+
+    def _keep_artifact(self, stage: str, key: str, tmp: Path, artifact: Any) -> str | None:
+        """Move what a failed step left for people to see (a RenderError's `artifact`, in its tmp folder) into the
+        cache's failed/ folder before the tmp folder is swept; its path, or None."""
+        if not isinstance(artifact, Path) or artifact.parent != tmp or not artifact.is_file():
+            return None
+        try:
+            return str(self.cache.keep_failed(stage, key, artifact))
+        except OSError as exc:  # nothing to show is no reason to lose the error itself
+            logger.warning("could not keep %s: %s", artifact.name, exc)
+            return None
+
+    def _record(self, outcome: StepOutcome) -> None:
+        """Note a step's outcome. A video whose final step is done is published now, not at the end of the run (a
+        CI log sees it complete, a kill keeps it), and one whose step failed is reported failed now."""
+        self.outcomes[outcome.key] = outcome
+        for vp in self._users.get(outcome.key, ()):
+            if vp.video.id in self._results or (outcome.error is None and outcome.key != vp.steps[-1].key):
+                continue
+            result = self._video_result(vp, stopped=False)
+            # Published (or it could not be): final. A failed one is made again at the end, with every step known.
+            self._results[vp.video.id] = result if outcome.error is None else None
+            self._announce(result)
+
+    def _announce(self, result: VideoResult) -> None:
+        """A video is done: the progress reporter says so, and `events` gets {"event": "video", id, status, output,
+        error}."""
+        self.progress.video(result)
+        if self.events is not None:
+            fields = {"id": result.id, "status": result.status, "output": result.output, "error": result.error}
+            self.events({"event": "video", **fields})
+
+    def _result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
+        """A video's result at the end of the run: the one published during the run, or (failed, skipped, or left
+        by --fail-fast with every step cached) made now."""
+        if (done := self._results.get(vp.video.id)) is not None:
+            return done
+        if stopped:  # --fail-fast: steps already in the cache are this run's too (a video cached, not skipped)
+            for s in vp.steps:
+                if s.key not in self.outcomes and s.key not in self.failed and not self._forced(s):
+                    if (rec := self.cache.record(s.stage, s.key)) is not None:
+                        self.outcomes[s.key] = StepOutcome(s.stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
+        result = self._video_result(vp, stopped)
+        if vp.video.id not in self._results:
+            self._announce(result)
+        return result
 
     def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
         outcomes = []
@@ -487,14 +591,6 @@ def _thaw(value: Any) -> Any:
     return thaw(value)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class _EventBar:
     """A progress bar that also reports to `events`: {"event": "stage", stage, total} when the stage starts, then
     {"event": "step", stage, done, total} for each finished step."""
@@ -526,21 +622,3 @@ class EventFile:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _progress(stage: str, total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    # In a CI log (no terminal) the bar prints a plain line at most every 10 s instead of redrawing.
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=f"{stage:>8}",
-        unit="step",
-        file=sys.stderr,
-        leave=True,
-        dynamic_ncols=interactive,
-        mininterval=0.1 if interactive else 10.0,
-    )

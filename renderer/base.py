@@ -29,13 +29,16 @@ T = TypeVar("T")
 class RenderError(Exception):
     """A stage could not produce its output; the runner reports it for the affected videos.
 
-    `message` says what failed and where, `hint` what to do about it.
+    `message` says what failed and where, `hint` what to do about it; `artifact`, a file in the job's `out_dir` that
+    shows what went wrong (the portrait that failed the face check), which the runner keeps in the cache's failed/
+    folder and the report shows beside the error.
     """
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", artifact: Path | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.artifact = artifact
 
     def __str__(self) -> str:
         return f"{self.message} — {self.hint}" if self.hint else self.message

@@ -57,7 +57,7 @@ def test_cli_usage_errors_are_clean(tmp_path: Path) -> None:
     bad_only = dhbatch("plan", str(m), "--only", "nope")
     assert (
         bad_only.returncode == 2
-        and "unknown video id(s) nope" in bad_only.stderr
+        and "--only nope: no video id matches" in bad_only.stderr
         and "Traceback" not in bad_only.stderr
     )
     bad_force = dhbatch("plan", str(m), "--force", "paint")

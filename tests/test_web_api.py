@@ -152,7 +152,7 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         assert broken.status_code == 422
         (problem,) = broken.json()["problems"]
         assert problem["file"].endswith("broken.yaml") and problem["line"] == 7 and "nope" in problem["message"]
-        assert "unknown video id" in c.post("/api/jobs", json={"manifest": "m", "only": ["zz"]}).json()["error"]
+        assert "no video id matches" in c.post("/api/jobs", json={"manifest": "m", "only": ["zz"]}).json()["error"]
         assert "not a stage" in c.post("/api/jobs", json={"manifest": "m", "force": ["paint"]}).json()["error"]
         hook = c.post("/api/jobs", json={"manifest": "m", "webhook": "http://example.com/x"})
         assert hook.status_code == 422 and "--webhook-allow example.com" in hook.json()["error"]
