@@ -114,29 +114,9 @@ class StudioState:
     # -- showing jobs ---------------------------------------------------------------------------------------------
     def describe(self, job: Job) -> dict[str, Any]:
         """A job as the API returns it (models.JobOut) and the pages show it."""
-        videos = []
-        result = job.result or {}
-        for v in result.get("videos", []) if isinstance(result.get("videos"), list) else []:
-            mp4 = self.config.build_dir / job.manifest / f"{v.get('id')}.mp4"
-            ok = v.get("output") and mp4.is_file()
-            thumb = mp4.parent / "thumbs" / f"{v.get('id')}.png"
-            videos.append(
-                {
-                    "id": v.get("id"),
-                    "status": v.get("status"),
-                    "renderer": v.get("renderer") or "",
-                    "error": v.get("error"),
-                    "warnings": [f"{s['stage']}: {w}" for s in v.get("steps", []) for w in s.get("warnings", [])],
-                    "steps": [
-                        {k: s.get(k) for k in ("stage", "status", "reason", "seconds", "error")}
-                        for s in v.get("steps", [])
-                    ],
-                    "video_url": catalog.file_url(job.manifest, v["id"], "mp4", mp4.stat().st_mtime) if ok else None,
-                    "thumbnail_url": catalog.file_url(job.manifest, v["id"], "png", thumb.stat().st_mtime)
-                    if ok and thumb.is_file()
-                    else None,
-                }
-            )
+        result = job.result if isinstance(job.result, dict) else {}
+        found = result.get("videos") if isinstance(result.get("videos"), list) else []
+        videos = [view for v in found if (view := catalog.video_view(self.config.build_dir, job.manifest, v))]
         return {
             **{k: v for k, v in dataclasses.asdict(job).items() if k != "result"},
             "position": self.queue.position(job),
