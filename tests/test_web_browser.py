@@ -73,6 +73,7 @@ def test_web_browser_makes_a_video_from_a_portrait_and_a_sentence(
     page.wait_for_function("document.querySelector('video').readyState >= 1")  # the player loaded its metadata
     duration = video.evaluate("v => v.duration")
     page.wait_for_function("document.querySelector('video').readyState >= 2")  # and a frame to show
+    page.wait_for_timeout(1500)  # the player's loading spinner fades out
     shot = tmp_path_factory.mktemp("screenshots") / "studio-job-done.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")

@@ -139,9 +139,13 @@ def gallery(build_dir: Path, checkpoints: Path, name: str, path: Path) -> dict[s
             v["next"] = [{"stage": d.stage, "cached": d.cached, "reason": d.reason} for d in vp.decisions]
             v["says"] = _says(vp)
         videos.append(v)
-    videos.sort(key=lambda v: _RANK.get(v["status"], 2))  # stable: manifest order within a rank
-    info["gallery"] = videos
+    info["gallery"] = failures_first(videos)
     return info
+
+
+def failures_first(videos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed videos, then skipped, not built, and built ones; in their given order within each."""
+    return sorted(videos, key=lambda v: _RANK.get(v["status"], 2))
 
 
 def _says(vp: Any) -> str:

@@ -116,7 +116,8 @@ class StudioState:
         """A job as the API returns it (models.JobOut) and the pages show it."""
         result = job.result if isinstance(job.result, dict) else {}
         found = result.get("videos") if isinstance(result.get("videos"), list) else []
-        videos = [view for v in found if (view := catalog.video_view(self.config.build_dir, job.manifest, v))]
+        views = [view for v in found if (view := catalog.video_view(self.config.build_dir, job.manifest, v))]
+        videos = catalog.failures_first(views)
         return {
             **{k: v for k, v in dataclasses.asdict(job).items() if k != "result"},
             "position": self.queue.position(job),
