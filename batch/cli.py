@@ -246,18 +246,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan, _, _ = _plan(args)
+    plan, cache, _ = _plan(args)
     code = EXIT_FAILED if plan.stale else EXIT_OK
     if args.json:
         shard = {"shard": str(args.shard)} if args.shard else {}
         print(json.dumps(document("plan", code, **plan.as_dict(), **shard), indent=2))
     else:
-        print_plan(plan, steps=args.verbose > 0)
+        from batch.written import plan_script_lines
+
+        scripts = plan_script_lines(plan, cache.record) if args.verbose else None
+        print_plan(plan, steps=args.verbose > 0, scripts=scripts)
     return code
 
 
-def print_plan(plan: Plan, steps: bool = False) -> None:
-    """A stale video with each step's decision and reason; an up-to-date one in one line (every step with `steps`)."""
+def print_plan(plan: Plan, steps: bool = False, scripts: dict[str, list[str]] | None = None) -> None:
+    """A stale video with each step's decision and reason; an up-to-date one in one line (every step with `steps`);
+    `scripts` (plan -v): lines showing each video's written script."""
     runs = len({d.key for v in plan.videos for d in v.decisions if not d.cached})  # a shared step runs once
     for v in plan.videos:
         mark = "stale" if v.stale else "up to date"
@@ -266,6 +270,8 @@ def print_plan(plan: Plan, steps: bool = False) -> None:
             continue
         for d in v.decisions:
             print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
+        for line in (scripts or {}).get(v.video.id, []):
+            print(line)
         if not v.published and not any(not d.cached for d in v.decisions):
             print(f"  publish  {display_path(v.output)} is missing or differs: the build copies it from the cache")
     for vid in plan.removed:
@@ -337,8 +343,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, ...]:
-    """The plans of the videos that a `--only` build left out, so that their MP4s are retired too when they changed
-    since they were built; none when they cannot be planned (a warning says why)."""
+    """The plans of the videos that a `--only` or `--shard` build left out, so that their MP4s are retired too when
+    they changed since they were built; none when they cannot be planned (a warning says why)."""
     chosen = {v.video.id for v in plan.videos}
     rest = [v for v in plan.manifest.videos if v.id not in chosen]
     if not rest:

@@ -681,13 +681,15 @@ def _run_gtts(job: StepJob, text: str, backoff: float) -> dict:
 
 
 def run(jobs: Sequence[StepJob], pool: ModelPool, *, gtts_backoff: float = 1.0) -> list[dict | RenderError]:
-    """Stage "voice": job.text → out_dir/speech.wav (16 kHz mono s16) and out_dir/phonemes.json.
+    """Stage "voice": job.text (or, for a written script, the `script` input: the write step's script.txt) →
+    out_dir/speech.wav (16 kHz mono s16) and out_dir/phonemes.json.
 
     `gtts_backoff` is the first wait (seconds) before retrying a throttled gTTS request; tests make it small.
     """
 
     def one(job: StepJob) -> dict:
-        text = clean_text(job.text).strip()
+        written = job.inputs.get("script")
+        text = clean_text(Path(written).read_text(encoding="utf-8") if written else job.text).strip()
         if not text:
             raise BadInputError(f"script {job.label!r} is empty", "write the text the character should say")
         engine = job.settings.get("engine", "piper")

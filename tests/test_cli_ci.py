@@ -122,6 +122,9 @@ def test_cli_failed_video_leaves_no_old_mp4_among_the_outputs(tmp_path: Path) ->
     write_project(tmp_path)  # fixed: built (here: from the cache) and published again; last-good emptied
     assert dhbatch("build", "m.yaml", cwd=tmp_path).returncode == 0
     assert mp4s(tmp_path) == before and not list((out_dir / "last-good").iterdir())
+    gc = as_json(dhbatch("gc", "m.yaml", "--yes", "--json", cwd=tmp_path), "gc")  # the failed step is out of reach
+    assert [(e["stage"], e["failed"]) for e in gc["entries"]] == [("voice", True)]
+    assert not Path(voice["artifact"]).exists()
 
 
 def test_cli_only_build_retires_outputs_that_changed_since(tmp_path: Path) -> None:
