@@ -128,3 +128,26 @@ def test_studio_manifest_broken_by_hand_is_reported_not_overwritten(studio: Stud
         studio.add_video(NewVideo(pick="team:eve", text="x"))
     assert "nobody" in studio.path.read_text()
     assert [c.manifest for c in studio.characters()] == ["team", "team"]  # an invalid manifest offers none
+
+
+def test_studio_checks_a_new_video_as_validate_does(tmp_path: Path) -> None:
+    """With a build folder, what would fail the build before rendering is refused at once: a portrait without a face,
+    a drawn character without Stable Diffusion's weights."""
+    pytest.importorskip("dlib")
+    from PIL import Image
+
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    studio = Studio(
+        manifests, tmp_path / "build" / ".studio", build_dir=tmp_path / "build", checkpoints=tmp_path / "ck"
+    )
+    blank = io.BytesIO()
+    Image.new("RGB", (320, 320), (200, 190, 180)).save(blank, "PNG")
+    with pytest.raises(ManifestError) as err:
+        studio.add_video(NewVideo(portrait=Upload("wall.png", blank.getvalue()), text="Hello."))
+    (problem,) = err.value.problems
+    assert problem.file.endswith("studio.yaml") and "no face" in problem.message
+    with pytest.raises(ManifestError, match="stable-diffusion"):
+        studio.add_video(NewVideo(description="a robot", text="Hello.", voice={"engine": "piper"}))
+    assert not studio.path.exists()
+    assert studio.add_video(NewVideo(portrait=Upload("me.jpg", PORTRAIT.read_bytes()), text="Hello.")) == "video-1"

@@ -74,7 +74,12 @@ class StudioState:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.studio = Studio(config.manifests_dir, config.build_dir / SERVER_DIR)
+        self.studio = Studio(
+            config.manifests_dir,
+            config.build_dir / SERVER_DIR,
+            build_dir=config.build_dir,
+            checkpoints=config.checkpoints,
+        )
         self.store = JobStore(config.build_dir / SERVER_DIR / "jobs.sqlite3")
         settings = BuildSettings(config.project, config.build_dir, config.checkpoints, config.device, config.jobs)
         self.queue = JobQueue(self.store, settings, self.manifest_path, on_finish=self._finished)
