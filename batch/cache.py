@@ -1,8 +1,15 @@
 """Content-addressed step cache under build/cache/: atomic entries, a record written last, a lock per key.
 
-Layout: steps/<stage>/<key[:2]>/<key>/ holds a step's outputs and `step.json`. An entry is a hit only when its record
-parses, names its key, and every listed output exists with the recorded size: a half-written or corrupt entry is a
-warning and a miss, never a hit.
+Layout: steps/<stage>/<key[:2]>/<key>/ holds a step's outputs and `step.json`; failed/<stage>/<key[:2]>/<key>/ what
+a failed step made for people to look at (never an input, never a hit). An entry is a hit only when its record
+parses, names its key, and every listed output exists with the recorded size and sha256: a half-written, corrupt or
+damaged entry is a warning and a miss, never a hit. Digests are checked against a memo on (inode, size, mtime_ns), so
+a file rewritten in place is read again while an untouched one costs a stat; `deep` reads every byte (bit rot keeps
+the size and mtime).
+
+Records made before checksums existed (no "sha256") are trusted by size once: a build computes their digests when it
+first uses them and writes them into the record (`seal`), so upgrading does not rebuild a cache that may hold hours
+of GPU work; an entry damaged before that cannot be told apart, as before.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from batch.hashing import FileHasher, canonical_json
+from batch.hashing import FileHasher, canonical_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +38,19 @@ RECORD = "step.json"
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    """`deep`: check every output's bytes against its recorded sha256, whatever the memo says (`plan --verify`)."""
+
+    def __init__(self, root: Path, *, deep: bool = False) -> None:
         self.root = root
         self.steps = root / "steps"
+        self.failed = root / "failed"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
         self.hasher = FileHasher(root / "hashes.json")
+        self.deep = deep
         self._hits: dict[str, dict[str, Any]] = {}
+        #: Why an entry that exists is not a hit (key -> reason), for the plan's decisions.
+        self.damaged: dict[str, str] = {}
 
     @contextlib.contextmanager
     def in_use(self, exclusive: bool = False) -> Iterator[bool]:
@@ -71,11 +84,22 @@ class Cache:
     def entry(self, stage: str, key: str) -> Path:
         return self.steps / stage / key[:2] / key
 
+    def failed_entry(self, stage: str, key: str) -> Path:
+        return self.failed / stage / key[:2] / key
+
+    def keep_failed(self, stage: str, key: str, artifact: Path) -> Path:
+        """Move what a failed step made (the portrait that failed the face check) to the step's failed/ folder,
+        replacing what an earlier failure of the same step left there. Returns its new path."""
+        dest = self.failed_entry(stage, key) / artifact.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(artifact, dest)
+        return dest
+
     def output(self, stage: str, key: str, name: str) -> Path:
         return self.entry(stage, key) / name
 
     def record(self, stage: str, key: str) -> dict[str, Any] | None:
-        """The step's record if the entry is complete and sound, else None (corrupt entries warn)."""
+        """The step's record if the entry is complete and sound, else None (corrupt or damaged entries warn)."""
         if key in self._hits:
             return self._hits[key]
         folder = self.entry(stage, key)
@@ -84,20 +108,65 @@ class Cache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            logger.warning("cache entry %s unreadable (%s): rebuilding it", folder, exc)
-            return None
+            return self._miss(key, folder, f"record unreadable ({exc.strerror or exc})")
         try:
             rec = json.loads(raw)
-            outputs = rec["outputs"]
-            ok = rec["key"] == key and all((folder / n).stat().st_size == size for n, size in outputs.items())
+            outputs, sums = rec["outputs"], rec.get("sha256")
+            if rec["key"] != key:
+                return self._miss(key, folder, f"its record names another key, {rec['key']}")
+            for name, size in outputs.items():
+                try:
+                    found = (folder / name).stat().st_size
+                except FileNotFoundError:
+                    return self._miss(key, folder, f"{name} is missing")
+                if found != size:
+                    return self._miss(key, folder, f"{name} has {found} bytes, its record says {size}")
+            for name in outputs if sums is not None else ():
+                if self._digest(stage, key, name) != sums[name]:
+                    return self._miss(key, folder, f"{name} does not match its sha256 (damaged)")
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-            logger.warning("cache entry %s is corrupt (%s): rebuilding it", folder, exc.__class__.__name__)
-            return None
-        if not ok:
-            logger.warning("cache entry %s is incomplete or does not match its record: rebuilding it", folder)
-            return None
+            return self._miss(key, folder, f"record corrupt ({exc.__class__.__name__})")
         self._hits[key] = rec
+        self.damaged.pop(key, None)
         return rec
+
+    def _miss(self, key: str, folder: Path, why: str) -> None:  # returns None: a miss
+        if self.damaged.get(key) != why:  # once per entry, however many videos share it
+            logger.warning("cache entry %s: %s: rebuilding it", folder, why)
+        self.damaged[key] = why
+        return None
+
+    def _digest(self, stage: str, key: str, name: str) -> str:
+        path = self.output(stage, key, name)
+        return self.hasher.digest(path, name=path.relative_to(self.root).as_posix(), fresh=self.deep)
+
+    def intact(self, stage: str, key: str, name: str) -> bool:
+        """Whether a hit's output still holds the bytes its record names (checked again just before it is used as
+        an input or published: cheap, through the digest memo)."""
+        rec = self.record(stage, key)
+        if rec is None:
+            return False
+        sums = rec.get("sha256")
+        if sums is None or name not in rec["outputs"]:  # from before checksums; an optional output not made
+            return True
+        try:
+            return self._digest(stage, key, name) == sums[name]
+        except (OSError, KeyError, TypeError):
+            return False
+
+    def seal(self, stage: str, key: str) -> None:
+        """Give a record made before checksums existed the sha256 of its outputs (trusted once, by size)."""
+        rec = self.record(stage, key)
+        if rec is None or "sha256" in rec:
+            return
+        try:
+            sums = {name: self._digest(stage, key, name) for name in rec["outputs"]}
+            rec = {**rec, "sha256": sums}
+            write_atomic(self.entry(stage, key) / RECORD, canonical_json(rec).encode("utf-8"))
+        except OSError as exc:  # a read-only cache: trusted by size again next time
+            logger.info("cannot record checksums in %s (%s)", self.entry(stage, key), exc)
+            return
+        self._hits[key] = rec
 
     def is_cached(self, stage: str, key: str) -> bool:
         return self.record(stage, key) is not None
@@ -121,30 +190,40 @@ class Cache:
         optional: tuple[str, ...],
         record: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Move a finished tmp folder into place, then write the record last (that marks the entry complete)."""
-        sizes = {}
+        """Move a finished tmp folder into place, then write the record last (that marks the entry complete). The
+        record names every output's size and sha256; the files, their folders and the record reach the disk before
+        this returns."""
+        names = []
         for name in outputs:
             p = tmp / name
             if not p.is_file() or p.stat().st_size == 0:
                 raise FileNotFoundError(f"stage {stage} did not write {name}")
-            sizes[name] = p.stat().st_size
-        for name in optional:
-            if (tmp / name).is_file():
-                sizes[name] = (tmp / name).stat().st_size
+            names.append(name)
+        names += [name for name in optional if (tmp / name).is_file()]
+        sums = {}
+        for p in tmp.iterdir():
+            if p.is_file():  # each file read once: hashed, and synced to disk
+                with open(p, "rb") as fh:
+                    if p.name in names:
+                        sums[p.name] = file_sha256(fh)
+                    os.fsync(fh.fileno())
+        sizes = {name: (tmp / name).stat().st_size for name in names}
         final = self.entry(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a stale, incomplete entry (no valid record): replace it
+        if final.exists():  # a stale, incomplete or damaged entry (no valid record): replace it
             stale = final.with_name(f"{final.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:6]}")
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
-        for p in tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        rec = {**record, "key": key, "stage": stage, "outputs": sizes}
+        fsync_dir(final.parent)
+        for name, digest in sums.items():
+            path = final / name
+            self.hasher.remember(path, digest, name=path.relative_to(self.root).as_posix())
+        rec = {**record, "key": key, "stage": stage, "outputs": sizes, "sha256": sums}
         write_atomic(final / RECORD, canonical_json(rec).encode("utf-8"))
         self._hits[key] = rec
+        self.damaged.pop(key, None)
         return rec
 
     @contextlib.contextmanager
@@ -197,11 +276,12 @@ class Cache:
                 removed += 1
         return removed
 
-    def entries(self) -> Iterator[tuple[str, str, Path]]:
-        """Every (stage, key, folder) in the cache."""
-        if not self.steps.is_dir():
+    def entries(self, failed: bool = False) -> Iterator[tuple[str, str, Path]]:
+        """Every (stage, key, folder) in the cache (with `failed`, in failed/)."""
+        base = self.failed if failed else self.steps
+        if not base.is_dir():
             return
-        for stage_dir in sorted(self.steps.iterdir()):
+        for stage_dir in sorted(base.iterdir()):
             for shard in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
                 for folder in sorted(p for p in shard.iterdir() if p.is_dir()):
                     yield stage_dir.name, folder.name, folder
@@ -230,6 +310,22 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (as databases do: the file's data, then its folder's entry). A file system
+    that cannot sync a folder (some network ones) is left to its own guarantees."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def sweep_stale_tmp(folder: Path) -> int:

@@ -9,13 +9,12 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
 #: Version of the key derivation itself; bump it when the fingerprint layout changes.
 KEY_FORMAT = 1
-_CHUNK = 1 << 20
 
 
 def canonical_json(obj: Any) -> str:
@@ -30,6 +29,14 @@ def step_key(stage: str, fingerprint: dict[str, Any]) -> str:
 
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(file: Path | BinaryIO) -> str:
+    """sha256 of a file's bytes (a path, or a file open for binary reading)."""
+    if not isinstance(file, Path):
+        return hashlib.file_digest(file, "sha256").hexdigest()
+    with file.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class FileHasher:
@@ -48,23 +55,32 @@ class FileHasher:
             except (OSError, ValueError) as exc:
                 logger.warning("ignoring unreadable hash memo %s (%s)", memo_path, exc)
 
-    def digest(self, path: Path) -> str:
+    def digest(self, path: Path, *, name: str | None = None, fresh: bool = False) -> str:
+        """The file's sha256. `name`: its key in the memo (default: the resolved path; the cache uses paths relative
+        to itself, so a moved cache keeps its memo). `fresh`: read the bytes even if the memo knows the file (a
+        deep check: bit rot leaves size and mtime alone)."""
         st = path.stat()
         ident = [st.st_ino, st.st_size, st.st_mtime_ns]
-        name = str(path.resolve())
+        name = name if name is not None else str(path.resolve())
         with self._lock:
             hit = self._memo.get(name)
-            if hit is not None and hit[:3] == ident:
+            if not fresh and hit is not None and hit[:3] == ident:
                 return hit[3]
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-        digest = h.hexdigest()
-        with self._lock:
-            self._memo[name] = [*ident, digest]
-            self._dirty = True
+        digest = file_sha256(path)
+        self.remember(path, digest, name=name, stat=st)
         return digest
+
+    def remember(self, path: Path, digest: str, *, name: str | None = None, stat: os.stat_result | None = None) -> None:
+        """Note a digest computed elsewhere (the cache hashes each output as it commits it)."""
+        st = stat or path.stat()
+        with self._lock:
+            self._memo[name if name is not None else str(path.resolve())] = [
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                digest,
+            ]
+            self._dirty = True
 
     def folder_digest(self, folder: Path, patterns: tuple[str, ...] = ("*",)) -> str:
         """One digest for a folder of weights: names and digests of its files, recursively."""

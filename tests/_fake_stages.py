@@ -26,18 +26,43 @@ def _digest(job: StepJob) -> bytes:
     return h.hexdigest().encode()
 
 
-def make_registry(log: Path | None = None, delay: float = 0.0, chunk_delay: float = 0.0) -> dict[str, Any]:
-    """Stage functions keyed by target. `log` gets one line per step built; `delay` sleeps mid-write."""
+def write_mp4(path: Path, seed: bytes, frames: int = 6) -> None:
+    """A small real H.264 MP4 whose colours come from `seed` (for tests that decode what was published)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            rgb = np.full((32, 32, 3), [seed[0], seed[1], (seed[2] + 8 * i) % 256], np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_registry(
+    log: Path | None = None, delay: float = 0.0, chunk_delay: float = 0.0, mp4: bool = False
+) -> dict[str, Any]:
+    """Stage functions keyed by target. `log` gets one line per step built; `delay` sleeps mid-write; `mp4`: the
+    video stages write real (tiny) MP4s."""
 
     def stage_fn(jobs: Sequence[StepJob], pool: ModelPool) -> list[Any]:
         pool.get(f"fake-{jobs[0].stage}", jobs[0].device, "float32", lambda: object())
         out: list[Any] = []
         for job in jobs:
-            if "FAIL" in job.text:
-                out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL"))
+            if "FAIL" in job.text:  # what it made before failing is the failed step's artifact
+                made = job.out_dir / STAGES[job.stage].outputs[0]
+                made.write_bytes(b"made before failing")
+                out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL", artifact=made))
                 continue
             spec = STAGES[job.stage]
             for name in spec.outputs:
+                if mp4 and name.endswith(".mp4"):
+                    write_mp4(job.out_dir / name, hashlib.sha256(_digest(job)).digest())
+                    continue
                 with open(job.out_dir / name, "wb") as fh:
                     fh.write(_digest(job)[:32])
                     fh.flush()

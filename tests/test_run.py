@@ -167,7 +167,10 @@ def test_run_truncated_output_is_a_miss(tmp_path: Path) -> None:
     out = cache.output("mux", mux.key, "video.mp4")
     out.write_bytes(out.read_bytes()[:10])
     p, _ = plan(tmp_path)
-    assert p.videos[0].decisions[-1].reason == "output missing"
+    assert p.videos[0].decisions[-1].reason == "cache entry: video.mp4 has 10 bytes, its record says 64"
+    out.unlink()
+    p, _ = plan(tmp_path)
+    assert p.videos[0].decisions[-1].reason == "cache entry: video.mp4 is missing"
 
 
 def test_run_killed_mid_write_leaves_no_hit_and_resumes(tmp_path: Path) -> None:
