@@ -33,6 +33,7 @@ from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
+    from batch.checks import Finding
     from batch.run import RunResult
 
 logger = logging.getLogger("batch")
@@ -240,28 +241,67 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
     if problems := template_problems(manifest):
         raise ManifestError(problems)
+    plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
+    findings = _preflight(plan, cache, checkpoints, measure=True)
+    errors = sum(f.severity == "error" for f in findings)
+    code = EXIT_USAGE if errors else EXIT_OK
     counts = {"characters": len(manifest.characters), "scripts": len(manifest.scripts), "videos": len(manifest.videos)}
     if args.json:
-        print(json.dumps(document("validate", EXIT_OK, manifest=str(manifest.path), counts=counts), indent=2))
+        problems = [f.as_dict() for f in findings]
+        print(
+            json.dumps(
+                document("validate", code, manifest=str(manifest.path), counts=counts, problems=problems), indent=2
+            )
+        )
+        return code
+    print_findings(findings)
+    if errors:
+        print(
+            f"{display_path(manifest.path)}: {errors} problem{'s' * (errors != 1)} would fail the build",
+            file=sys.stderr,
+        )
     else:
         print(f"{display_path(manifest.path)}: ok — " + ", ".join(f"{n} {what}" for what, n in counts.items()))
-    return EXIT_OK
+    return code
+
+
+def _preflight(plan: Plan, cache: Cache, checkpoints: Path, measure: bool) -> list[Finding]:
+    """The checks before rendering (batch/checks.py); `plan` reads the portrait and recording checks `validate`
+    cached, and says how many it left to `validate`."""
+    from batch.checks import preflight
+
+    findings, unchecked = preflight(plan, checkpoints, cache.root, cache.hasher, measure=measure)
+    cache.hasher.save()
+    if unchecked:
+        logger.warning("%d portrait or recording file(s) not checked yet: `dhbatch validate` checks them", unchecked)
+    return findings
+
+
+def print_findings(findings: list[Finding]) -> None:
+    """What the checks before rendering found (batch/checks.py), on stderr, errors and warnings alike."""
+    for f in findings:
+        print(f"{f.severity}: {f.problem}", file=sys.stderr)
+        if f.hint:
+            print(f"  hint: {f.hint}", file=sys.stderr)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan, cache, _ = _plan(args)
+    plan, cache, checkpoints = _plan(args)
+    findings = _preflight(plan, cache, checkpoints, measure=False)
     code = EXIT_FAILED if plan.stale else EXIT_OK
     if args.json:
         shard = {"shard": str(args.shard)} if args.shard else {}
-        print(json.dumps(document("plan", code, **plan.as_dict(), **shard), indent=2))
+        problems = [f.as_dict() for f in findings]
+        print(json.dumps(document("plan", code, **plan.as_dict(), **shard, problems=problems), indent=2))
     else:
         from batch.written import plan_script_lines
 
         scripts = plan_script_lines(plan, cache.record) if args.verbose else None
         print_plan(plan, steps=args.verbose > 0, scripts=scripts)
+        print_findings(findings)
     return code
 
 
