@@ -150,7 +150,10 @@ def test_cluster_demo_has_the_local_keys_and_bytes(cluster: Any, tmp_path: Path)
     report = json.loads((remote / "demo" / "report.json").read_text())
     steps = [s for v in report["videos"] for s in v["steps"] if s["status"] == "ran"]
     assert {s["worker"] for s in steps} == {"cpu-0", "cpu-1"} and all(s["node"] and s["device"] for s in steps)
-    assert report["device"] == "a local Ray: 2 CPU workers" and ", queued " in (remote / "demo" / "report.html").read_text()
+    assert (
+        report["device"] == "a local Ray: 2 CPU workers"
+        and ", queued " in (remote / "demo" / "report.html").read_text()
+    )
 
 
 def test_cluster_two_cpu_actors_share_eight_videos_each_loading_once(cluster: Any, tmp_path: Path) -> None:
