@@ -33,6 +33,7 @@ from batch.shard import parse_shard, shard_videos
 from batch.stages import ORDER
 
 if TYPE_CHECKING:
+    from batch.checks import Finding
     from batch.run import RunResult
 
 logger = logging.getLogger("batch")
@@ -104,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
     sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
+    sp.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on Ray: ray (a local Ray for this run), auto (the one `ray start` runs, or RAY_ADDRESS), ray://HOST:PORT",
+    )
+    sp.add_argument("--gpu-resource", default="GPU", metavar="NAME", help="the Ray resource that marks a GPU")
     fleet.add_remote_options(sp)
     sp.add_argument("--events", type=Path, metavar="FILE", help="append progress events to FILE as JSON lines")
 
@@ -116,7 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     fleet.add_parsers(sub, common, _shard_arg)
 
+    from batch.starter import add_parser as add_init
     from batch.web.command import add_parser as add_serve  # light: FastAPI loads only when `serve` runs
+
+    add_init(sub)
 
     add_serve(sub)
     return p
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging(args.verbose, args.quiet)
         commands = {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate, **fleet.COMMANDS}
         commands["serve"] = cmd_serve
+        commands["init"] = cmd_init
         return commands[args.command](args)
     except (DHBatchError, KeyboardInterrupt, OSError) as exc:
         code = _report_error(exc)
@@ -234,30 +245,73 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
     if problems := template_problems(manifest):
         raise ManifestError(problems)
+    plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
+    findings = _preflight(plan, cache, checkpoints, measure=True)
+    errors = sum(f.severity == "error" for f in findings)
+    code = EXIT_USAGE if errors else EXIT_OK
     counts = {"characters": len(manifest.characters), "scripts": len(manifest.scripts), "videos": len(manifest.videos)}
     if args.json:
-        print(json.dumps(document("validate", EXIT_OK, manifest=str(manifest.path), counts=counts), indent=2))
+        problems = [f.as_dict() for f in findings]
+        print(
+            json.dumps(
+                document("validate", code, manifest=str(manifest.path), counts=counts, problems=problems), indent=2
+            )
+        )
+        return code
+    print_findings(findings)
+    if errors:
+        print(
+            f"{display_path(manifest.path)}: {errors} problem{'s' * (errors != 1)} would fail the build",
+            file=sys.stderr,
+        )
     else:
         print(f"{display_path(manifest.path)}: ok — " + ", ".join(f"{n} {what}" for what, n in counts.items()))
-    return EXIT_OK
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    plan, _, _ = _plan(args)
-    code = EXIT_FAILED if plan.stale else EXIT_OK
-    if args.json:
-        shard = {"shard": str(args.shard)} if args.shard else {}
-        print(json.dumps(document("plan", code, **plan.as_dict(), **shard), indent=2))
-    else:
-        print_plan(plan, steps=args.verbose > 0)
     return code
 
 
-def print_plan(plan: Plan, steps: bool = False) -> None:
-    """A stale video with each step's decision and reason; an up-to-date one in one line (every step with `steps`)."""
+def _preflight(plan: Plan, cache: Cache, checkpoints: Path, measure: bool) -> list[Finding]:
+    """The checks before rendering (batch/checks.py); `plan` reads the portrait and recording checks `validate`
+    cached, and says how many it left to `validate`."""
+    from batch.checks import preflight
+
+    findings, unchecked = preflight(plan, checkpoints, cache.root, cache.hasher, measure=measure)
+    cache.hasher.save()
+    if unchecked:
+        logger.warning("%d portrait or recording file(s) not checked yet: `dhbatch validate` checks them", unchecked)
+    return findings
+
+
+def print_findings(findings: list[Finding]) -> None:
+    """What the checks before rendering found (batch/checks.py), on stderr, errors and warnings alike."""
+    for f in findings:
+        print(f"{f.severity}: {f.problem}", file=sys.stderr)
+        if f.hint:
+            print(f"  hint: {f.hint}", file=sys.stderr)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan, cache, checkpoints = _plan(args)
+    findings = _preflight(plan, cache, checkpoints, measure=False)
+    code = EXIT_FAILED if plan.stale else EXIT_OK
+    if args.json:
+        shard = {"shard": str(args.shard)} if args.shard else {}
+        problems = [f.as_dict() for f in findings]
+        print(json.dumps(document("plan", code, **plan.as_dict(), **shard, problems=problems), indent=2))
+    else:
+        from batch.written import plan_script_lines
+
+        scripts = plan_script_lines(plan, cache.record) if args.verbose else None
+        print_plan(plan, steps=args.verbose > 0, scripts=scripts)
+        print_findings(findings)
+    return code
+
+
+def print_plan(plan: Plan, steps: bool = False, scripts: dict[str, list[str]] | None = None) -> None:
+    """A stale video with each step's decision and reason; an up-to-date one in one line (every step with `steps`);
+    `scripts` (plan -v): lines showing each video's written script."""
     runs = len({d.key for v in plan.videos for d in v.decisions if not d.cached})  # a shared step runs once
     for v in plan.videos:
         mark = "stale" if v.stale else "up to date"
@@ -266,6 +320,8 @@ def print_plan(plan: Plan, steps: bool = False) -> None:
             continue
         for d in v.decisions:
             print(f"  {d.stage:<8} {'cached' if d.cached else 'run':<6} {d.key[:12]}  {d.reason}")
+        for line in (scripts or {}).get(v.video.id, []):
+            print(line)
         if not v.published and not any(not d.cached for d in v.decisions):
             print(f"  publish  {display_path(v.output)} is missing or differs: the build copies it from the cache")
     for vid in plan.removed:
@@ -293,6 +349,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         for d in v.decisions:
             if not d.cached:
                 logger.info("%s: %s will run (%s)", v.video.id, d.stage, d.reason)
+    executor = None
+    if args.cluster:
+        from batch.executors.ray import RayExecutor
+
+        executor = RayExecutor(args.cluster, scratch=cache.tmp, device=args.device, gpu_resource=args.gpu_resource)
     runner = Runner(
         plan,
         cache,
@@ -304,6 +365,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         remote=remote,
         events=EventFile(args.events) if args.events else None,
+        executor=executor,
     )
     try:
         result = runner.run()
@@ -337,8 +399,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, ...]:
-    """The plans of the videos that a `--only` build left out, so that their MP4s are retired too when they changed
-    since they were built; none when they cannot be planned (a warning says why)."""
+    """The plans of the videos that a `--only` or `--shard` build left out, so that their MP4s are retired too when
+    they changed since they were built; none when they cannot be planned (a warning says why)."""
     chosen = {v.video.id for v in plan.videos}
     rest = [v for v in plan.manifest.videos if v.id not in chosen]
     if not rest:
@@ -372,6 +434,15 @@ def print_build(result: RunResult, report: Path) -> None:
         f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s{note} — report: "
         f"{display_path(report.with_suffix('.html'))}"
     )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from batch.starter import write_starter
+
+    written = write_starter(args.dir, args.portrait)
+    print(f"wrote {', '.join(display_path(p) for p in written)}")
+    print(f"next: dhbatch build {display_path(written[0])}   (offline: Piper voice, puppet animator)")
+    return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

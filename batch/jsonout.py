@@ -30,7 +30,7 @@ def error_document(command: str | None, exit_code: int, exc: BaseException) -> d
         n = len(exc.problems)
         kind, message = "manifest", f"invalid manifest ({n} problem{'s' * (n != 1)})"
     elif isinstance(exc, DHBatchError):
-        kind, message = ("usage" if exc.exit_code == 2 else "error"), exc.message
+        kind, message = {2: "usage", 3: "io"}.get(exc.exit_code, "error"), exc.message
     elif isinstance(exc, KeyboardInterrupt):
         kind, message = "interrupted", "interrupted: nothing partial was kept; run the same command again to resume"
     elif isinstance(exc, OSError):

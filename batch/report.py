@@ -300,9 +300,34 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em} .sum span{margin-right:1.2em}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}
-.built{color:#0a6} .cached{color:#357} .failed,.skipped,.stale{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px}
+.built{color:#0a6} .cached{color:#357} .failed,.skipped,.stale{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px} img.old{opacity:.45}
 .steps{font-size:.85em;color:#555} .steps b{color:#222} code{font-size:.85em}
+.script{color:#222;margin:.3em 0} .script ol{margin:.2em 0;padding-left:1.4em} .cite{font-family:monospace;margin-left:.3em}
 """
+
+
+def _written_script(info: Any, root: Path, out_dir: Path) -> str:
+    """A written script, sentence by sentence, each with links to the lines (or PDF page) of the passages it cites,
+    relative to the report, so a reviewer can check every sentence against its source."""
+    if not isinstance(info, dict) or not isinstance(info.get("sentences"), list):
+        return ""
+    e = html.escape
+    items = []
+    for sentence in info["sentences"]:
+        links = []
+        for cite in sentence.get("cites", []) if isinstance(sentence, dict) else []:
+            target = os.path.relpath(root / str(cite.get("file", "")), out_dir).replace(os.sep, "/")
+            href = e(target + str(cite.get("anchor", "")))
+            links.append(f'<a class=cite href="{href}">{e(str(cite.get("where", "")))}</a>')
+        text = e(str(sentence.get("text", ""))) if isinstance(sentence, dict) else ""
+        items.append(f"<li>{text} {' '.join(links) or '<span class=warn>cites nothing</span>'}</li>")
+    return f"<div class=script>script ({e(str(info.get('words')))} words):<ol>{''.join(items)}</ol></div>"
+
+
+def _placed_html(step: dict[str, Any]) -> str:
+    """Where a cluster built a step, and how long it waited for a worker."""
+    e = html.escape
+    return f" · on {e(step['worker'])} ({e(step.get('node', ''))}, {e(step.get('device', ''))}), queued {step.get('queued', 0):.1f}s"
 
 
 def _artifact_html(artifact: str | None, out_dir: Path) -> str:
@@ -321,6 +346,8 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
     rows = []
     for v in data["videos"]:
         thumb = f'<img src="{e(thumbs[v["id"]])}" alt="frame of {e(v["id"])}">' if v["id"] in thumbs else ""
+        if thumb and not v["output"]:  # the last good output's frame: an earlier build, not this one
+            thumb = thumb.replace("<img ", '<img class=old title="the last good MP4, from an earlier build" ')
         if v["output"]:
             link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>'
         elif v.get("last_good"):  # an earlier build's output, out of the outputs' glob
@@ -330,10 +357,12 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
         steps = "<br>".join(
             f"<b>{e(s['stage'])}</b> {e(s['status'])} · {e(s['reason'])}"
             + (f" · {s['seconds']:.2f}s" if s["status"] in ("ran", "failed") else "")
+            + (_placed_html(s) if s.get("worker") not in (None, "", "local") else "")
             + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
             + _artifact_html(s.get("artifact"), out_dir)
             + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")
             + "".join(f" · <span class=warn>warning: {e(text)}</span>" for text in s.get("warnings", []))
+            + (_written_script(s.get("info"), Path(data["manifest"]).parent, out_dir) if s["stage"] == "write" else "")
             for s in v["steps"]
         )
         err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""

@@ -264,6 +264,8 @@ class Runner:
             deferred = self._submit_ready()
             if not self._inflight:
                 if not deferred:
+                    if self._todo:  # a bug in the scheduling, not the user's: say so rather than skip steps
+                        raise RuntimeError(f"{len(self._todo)} steps were never handed over")
                     return
                 time.sleep(0.1)  # another build holds their locks: it is building them; look again soon
                 continue
@@ -307,8 +309,13 @@ class Runner:
         if self.remote is not None:
             self._fetch_remote(ready)
         deferred = 0
-        for group in ready.values():
-            for chunk in self._chunks(group):
+        for target, group in ready.items():
+            size = self._chunk_size(group)
+            chunks = [group[i : i + size] for i in range(0, len(group), size)]
+            if target in BATCHED_GPU_TARGETS and len(chunks[-1]) < size and self._more_coming(target, group):
+                if len(chunks) > 1 or not self.executor.idle(True):
+                    chunks.pop()  # a partial batch waits for more steps while the GPUs are busy
+            for chunk in chunks:
                 if not self._submit(chunk):
                     deferred += len(chunk)
         if only is not None and not any(f.chunk.stage == only for f in self._inflight.values()):
@@ -317,6 +324,11 @@ class Runner:
                 if deferred == 0 and self._todo:
                     return self._submit_ready()
         return deferred
+
+    def _more_coming(self, target: str, ready: list[Step]) -> bool:
+        """Whether steps of `target` wait for their inputs (to fill a GPU batch with, on an overlapping executor)."""
+        keys = {s.key for s in ready}
+        return any(s.target == target and s.key not in keys for s in self._todo.values())
 
     def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
         """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
@@ -342,9 +354,9 @@ class Runner:
         self._bar(s.stage).update(1)
         self._record(StepOutcome(s.stage, s.key, True, "from the remote cache", 0.0, rec.get("info", {})))
 
-    def _chunks(self, group: list[Step]) -> list[list[Step]]:
-        """Steps of one target in chunks: a stage's chunk size (the GPU renderer's larger batches, the image stage's
-        batch_size), and on a cluster no larger than needed to give every worker of that kind some."""
+    def _chunk_size(self, group: list[Step]) -> int:
+        """Steps of one target per chunk: the stage's chunk (the GPU renderer's larger batches, the image stage's
+        batch_size), and on a cluster no more than needed to give every worker of that kind some."""
         spec = STAGES[group[0].stage]
         target = group[0].target
         size = BATCHED_GPU_TARGETS.get(target, spec.chunk)
@@ -352,7 +364,7 @@ class Runner:
             size = int(group[0].settings.get("batch_size", spec.chunk))
         if self.executor.overlap and target not in BATCHED_GPU_TARGETS:
             size = min(size, -(-len(group) // max(1, self.executor.workers(_on_gpu(group[0])))))
-        return [group[i : i + size] for i in range(0, len(group), size)]
+        return size
 
     def _submit(self, steps: list[Step]) -> bool:
         """Lock, re-check and hand over one chunk; False when another build holds a lock (the steps stay to do)."""

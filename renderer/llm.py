@@ -231,10 +231,19 @@ def prompt_format(max_length: int) -> dict[str, Any]:
     }
 
 
-def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, where: str = "") -> str:
-    """Ask an Ollama server for a structured completion (`format`: a JSON object holding the prompt; `think`: off;
-    `num_predict`: capped), within `llm.timeout` for the whole request (not per read: a server that trickles its
-    answer is stopped too). Connection, timeout and missing-model failures become BackendError."""
+def generate_ollama(
+    request: str,
+    model: str,
+    settings: LLMSettings,
+    seed: int,
+    where: str = "",
+    format: dict[str, Any] | None = None,
+    num_predict: int | None = None,
+) -> str:
+    """Ask an Ollama server for a structured completion (`format`: a JSON schema, by default an object holding the
+    prompt; `think`: off; `num_predict`: capped, by default for `max_length` characters), within `llm.timeout` for
+    the whole request (not per read: a server that trickles its answer is stopped too). Connection, timeout and
+    missing-model failures become BackendError."""
     import asyncio
 
     import httpx
@@ -252,13 +261,13 @@ def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, 
             return await client.generate(
                 model=model,
                 prompt=request,
-                format=prompt_format(settings.max_length),
+                format=format if format is not None else prompt_format(settings.max_length),
                 think=False,
                 options={
                     "seed": int(seed),
                     "temperature": float(settings.temperature),
                     # about 3 characters a token, plus the JSON around the prompt
-                    "num_predict": settings.max_length // 3 + 32,
+                    "num_predict": num_predict or settings.max_length // 3 + 32,
                 },
             )
 
@@ -308,8 +317,9 @@ class LocalModel:
     source: str
 
 
-def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
-    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline."""
+def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool, max_new_tokens: int | None = None) -> str:
+    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline (at most
+    `max_new_tokens`, by default enough for `max_length` characters)."""
     import torch
 
     gguf, folder, source = _local_paths(settings.model, job.checkpoints, job.label or job.key)
@@ -326,7 +336,7 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
     ids = ids.to(model.device)
     sample = float(settings.temperature) > 0
     # About 3 characters per token in these prompts; a little slack, the text is cut to max_length anyway.
-    max_new = min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
+    max_new = max_new_tokens or min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new}
     if sample:
         kwargs.update(temperature=float(settings.temperature), top_k=64, top_p=0.95)

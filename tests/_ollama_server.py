@@ -7,9 +7,10 @@ can check what the client really sent. The server binds 127.0.0.1 on a free port
 stdout line, and exits by itself after --lifetime seconds.
 
 The answer text is --reply with "{seed}" and "{temperature}" replaced by the request's options, so a test can see
-that the options arrived and that the stage cleans what comes back. A request with a JSON schema as `format` is
-answered as Ollama's structured output is, a JSON object `{"prompt": <reply>}`, unless --ignore-format (an older
-server, or a model that ignores it). --trickle sends the answer one byte at a time, that many seconds apart (each read
+that the options arrived and that the stage cleans what comes back. A request with the prompt stage's JSON schema as
+`format` is answered as Ollama's structured output is, a JSON object `{"prompt": <reply>}`, unless --ignore-format (an
+older server, or a model that ignores it); for another schema (the write stage's) the reply is sent as it is: the
+test writes it as the JSON the model would answer. --trickle sends the answer one byte at a time, that many seconds apart (each read
 is quick, the whole answer slow). --reply-for WORDS=REPLY answers differently to requests that mention WORDS.
 """
 
@@ -100,8 +101,9 @@ def make_handler(
             text = chosen.replace("{seed}", str(options.get("seed"))).replace(
                 "{temperature}", str(options.get("temperature"))
             )
-            if isinstance(body.get("format"), dict) and not ignore_format:
-                text = json.dumps({"prompt": text})
+            schema = body.get("format")
+            if isinstance(schema, dict) and "prompt" in schema.get("properties", {}) and not ignore_format:
+                text = json.dumps({"prompt": text})  # the prompt stage's schema; other replies are given as JSON
             base = {"model": model, "created_at": _now()}
             if body.get("stream", True):
                 # Ollama streams newline-delimited JSON: one fragment per chunk, then a final done record.

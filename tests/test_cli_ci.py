@@ -35,6 +35,7 @@ def as_json(out: subprocess.CompletedProcess[str], command: str) -> dict:
     """stdout parsed and validated against the command's shipped schema; its exit_code is the process's."""
     assert out.stdout.strip(), f"no JSON on stdout; stderr: {out.stderr}"
     data = json.loads(out.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema(command))
     jsonschema.Draft202012Validator(schema(command)).validate(data)
     assert data["exit_code"] == out.returncode and data["command"] == command and data["schema_version"] == 1
     return data
@@ -49,6 +50,9 @@ def test_cli_json_of_every_command_matches_its_schema(tmp_path: Path) -> None:
     write_project(tmp_path)
     valid = as_json(dhbatch("validate", "m.yaml", "--json", cwd=tmp_path), "validate")
     assert valid["counts"] == {"characters": 2, "scripts": 3, "videos": 5} and valid["error"] is None
+    for broken in ({**valid, "counts": {"characters": "2"}}, {k: v for k, v in valid.items() if k != "manifest"}):
+        with pytest.raises(jsonschema.ValidationError):  # the schema holds the documented shape, not just anything
+            jsonschema.validate(broken, schema("validate"))
     stale = as_json(dhbatch("plan", "m.yaml", "--json", cwd=tmp_path), "plan")
     assert stale["exit_code"] == 1 and stale["stale"] and len(stale["videos"]) == 5
     built = as_json(dhbatch("build", "m.yaml", "--json", cwd=tmp_path), "build")
@@ -122,6 +126,9 @@ def test_cli_failed_video_leaves_no_old_mp4_among_the_outputs(tmp_path: Path) ->
     write_project(tmp_path)  # fixed: built (here: from the cache) and published again; last-good emptied
     assert dhbatch("build", "m.yaml", cwd=tmp_path).returncode == 0
     assert mp4s(tmp_path) == before and not list((out_dir / "last-good").iterdir())
+    gc = as_json(dhbatch("gc", "m.yaml", "--yes", "--json", cwd=tmp_path), "gc")  # the failed step is out of reach
+    assert [(e["stage"], e["failed"]) for e in gc["entries"]] == [("voice", True)]
+    assert not Path(voice["artifact"]).exists()
 
 
 def test_cli_only_build_retires_outputs_that_changed_since(tmp_path: Path) -> None:

@@ -59,6 +59,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+MIXED = f"""\
+version: 1
+defaults:
+  video: {{renderer: puppet, size: 256}}
+characters:
+  eileen: {{name: Eileen, image: portraits/astronaut.jpg, seed: 1}}
+  blank: {{image: portraits/blank.png, seed: 1}}
+scripts:
+  short: {{text: "{SENTENCE}"}}
+videos:
+  - {{id: good, character: eileen, script: short}}
+  - {{id: faceless, character: blank, script: short}}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(project: Path) -> Iterator[Server]:
     with serve(project, "--webhook-allow", "127.0.0.1") as s:
@@ -184,6 +199,23 @@ def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
         assert missing.status_code == 404 and "<h1>Error 404</h1>" in missing.text
 
 
+def test_web_api_failed_video_comes_first_with_its_reason(server: Server) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (320, 320), (200, 190, 180)).save(server.project / "manifests" / "portraits" / "blank.png")
+    (server.project / "manifests" / "mixed.yaml").write_text(MIXED)
+    with server.client() as c:
+        job = server.wait_job(c, c.post("/api/jobs", json={"manifest": "mixed"}).json()["id"], ("done", "failed"))
+        assert job["status"] == "failed" and job["exit_code"] == 1
+        assert job["error"].startswith("1 of 2 videos failed: faceless: animate:") and "no face" in job["error"]
+        assert [(v["id"], v["status"]) for v in job["videos"]] == [("faceless", "failed"), ("good", "cached")]
+        page = c.get(f"/jobs/{job['id']}", headers={"Accept": "text/html"}).text
+        assert page.index("faceless") < page.index("good") and "no face found" in page
+        gallery = c.get("/manifests/mixed", headers={"Accept": "text/html"}).text
+        assert gallery.index('id="video-faceless"') < gallery.index('id="video-good"')
+        assert "Build faceless" in gallery  # what the next build would run, for the failed one
+
+
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
     with server.client() as c:
         first = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
@@ -200,6 +232,7 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
         assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
         before = c.get("/api/jobs").json()
+    assert (project / "build" / ".studio" / "jobs.sqlite3").is_file()  # beside the outputs, in no manifest's folder
     server.proc.terminate()
     server.proc.wait(timeout=30)
     with serve(project) as again, again.client() as c:

@@ -47,7 +47,7 @@ class LocalExecutor:
     def workers(self, gpu: bool) -> int:
         return 1 if gpu else self.jobs
 
-    def ready(self, gpu: bool) -> bool:
+    def idle(self, gpu: bool) -> bool:
         return True
 
     def submit(self, chunk: Chunk) -> None:

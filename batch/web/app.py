@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from batch.web import auth
 from batch.web.models import error_body
 from batch.web.state import ServeConfig, StudioState
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 #: Largest request body accepted (a portrait or a recording, base64 in JSON included).
 MAX_BODY = 40 * 1024 * 1024
@@ -92,6 +94,13 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(request, exc.status_code, {"error": str(exc.detail)}, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(
+            request, 500, {"error": f"internal error: {exc.__class__.__name__}: {exc}", "hint": "see the server's log"}
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -64,13 +64,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: The server's own files in the build folder: the job history, each job's log and events. A manifest's name never
+#: starts with a dot, so no manifest's output folder (build/<name>/) is this one.
+SERVER_DIR = ".studio"
+
+
 class StudioState:
     """The studio manifest, the job store and queue, and the views of jobs shared by the API and the pages."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.studio = Studio(config.manifests_dir, config.build_dir / "studio")
-        self.store = JobStore(config.build_dir / "studio" / "jobs.sqlite3")
+        self.studio = Studio(
+            config.manifests_dir,
+            config.build_dir / SERVER_DIR,
+            build_dir=config.build_dir,
+            checkpoints=config.checkpoints,
+        )
+        self.store = JobStore(config.build_dir / SERVER_DIR / "jobs.sqlite3")
         settings = BuildSettings(config.project, config.build_dir, config.checkpoints, config.device, config.jobs)
         self.queue = JobQueue(self.store, settings, self.manifest_path, on_finish=self._finished)
 
@@ -109,29 +119,10 @@ class StudioState:
     # -- showing jobs ---------------------------------------------------------------------------------------------
     def describe(self, job: Job) -> dict[str, Any]:
         """A job as the API returns it (models.JobOut) and the pages show it."""
-        videos = []
-        result = job.result or {}
-        for v in result.get("videos", []) if isinstance(result.get("videos"), list) else []:
-            mp4 = self.config.build_dir / job.manifest / f"{v.get('id')}.mp4"
-            ok = v.get("output") and mp4.is_file()
-            thumb = mp4.parent / "thumbs" / f"{v.get('id')}.png"
-            videos.append(
-                {
-                    "id": v.get("id"),
-                    "status": v.get("status"),
-                    "renderer": v.get("renderer") or "",
-                    "error": v.get("error"),
-                    "warnings": [f"{s['stage']}: {w}" for s in v.get("steps", []) for w in s.get("warnings", [])],
-                    "steps": [
-                        {k: s.get(k) for k in ("stage", "status", "reason", "seconds", "error")}
-                        for s in v.get("steps", [])
-                    ],
-                    "video_url": catalog.file_url(job.manifest, v["id"], "mp4", mp4.stat().st_mtime) if ok else None,
-                    "thumbnail_url": catalog.file_url(job.manifest, v["id"], "png", thumb.stat().st_mtime)
-                    if ok and thumb.is_file()
-                    else None,
-                }
-            )
+        result = job.result if isinstance(job.result, dict) else {}
+        found = result.get("videos") if isinstance(result.get("videos"), list) else []
+        views = [view for v in found if (view := catalog.video_view(self.config.build_dir, job.manifest, v))]
+        videos = catalog.failures_first(views)
         return {
             **{k: v for k, v in dataclasses.asdict(job).items() if k != "result"},
             "position": self.queue.position(job),
