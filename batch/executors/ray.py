@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from batch.errors import UsageError
-from batch.executors import Chunk, ChunkResult, StageFn, call_stage, resolve_stage
+from batch.executors import Chunk, ChunkResult, StageFn, call_stage, loads_by_name, resolve_stage
 from batch.stages import ORDER
 
 logger = logging.getLogger(__name__)
@@ -123,11 +123,11 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "node": self.node, "device": self.label, "pid": os.getpid(), "shared": self.shared}
 
-    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str], *blobs: bytes) -> dict[str, Any]:
-        """Run a chunk. With `blobs` (the contents of `paths`, the inputs as the driver names them) the inputs are
+    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str] | None, *blobs: bytes) -> dict[str, Any]:
+        """Run a chunk. With `paths` (the inputs as the driver names them; `blobs`, their contents) the inputs are
         written to a private folder first and the outputs come back as bytes; without, the jobs' paths are used."""
         fn = resolve_stage(target, self.stages)
-        local = tempfile.mkdtemp(prefix="dhbatch-") if blobs else None
+        local = tempfile.mkdtemp(prefix="dhbatch-") if paths is not None else None
         try:
             if local is not None:
                 jobs = self._localise(jobs, dict(zip(paths, blobs, strict=True)), Path(local))
@@ -139,8 +139,13 @@ class Worker:
         finally:
             if local is not None:
                 shutil.rmtree(local, ignore_errors=True)
-        loads = {"/".join(key): n for key, n in self.pool.loads.items()}
-        return {"results": results, "outputs": outputs, "seconds": seconds, "loads": loads, **self.info()}
+        return {
+            "results": results,
+            "outputs": outputs,
+            "seconds": seconds,
+            "loads": loads_by_name(self.pool),
+            **self.info(),
+        }
 
     @staticmethod
     def _localise(jobs: list[Any], files: dict[str, bytes], root: Path) -> list[Any]:
@@ -381,7 +386,7 @@ class RayExecutor:
     def _send(self, chunk: Chunk, actor: _Actor) -> None:
         import ray
 
-        paths: list[str] = []
+        paths: list[str] | None = None
         blobs: list[Any] = []
         if not actor.info["shared"]:
             paths = sorted({str(p) for job in chunk.jobs for p in job.inputs.values()})
@@ -405,10 +410,13 @@ class RayExecutor:
         except ray.exceptions.RayError as exc:  # the task could not run (its arguments were lost, ...)
             got = {"results": [_lost_error(chunk, exc)] * len(chunk.jobs), "seconds": 0.0, "outputs": None}
             got.update(name=task.actor.name, node="", device="", pid=0, loads={})
-        if got["outputs"] is not None:
-            for job, files in zip(chunk.jobs, got["outputs"], strict=True):
+        if got["outputs"] is not None:  # they came as bytes: into the driver's folders
+            for job, files, res in zip(chunk.jobs, got["outputs"], got["results"], strict=True):
                 for name, data in files.items():
                     (Path(job.out_dir) / name).write_bytes(data)
+                artifact = getattr(res, "artifact", None)  # what a failed step left to look at, now here
+                if isinstance(artifact, Path) and artifact.name in files:
+                    res.artifact = Path(job.out_dir) / artifact.name
         self._loads[(got["name"], got["pid"])] = got["loads"]
         queued = max(0.0, time.monotonic() - chunk.submitted - got["seconds"])
         return ChunkResult(chunk, got["results"], got["seconds"], queued, got["name"], got["node"], got["device"])
