@@ -171,7 +171,8 @@ class _Actor:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     running: int = 0
     chunks: int = 0
-    lost: int = 0
+    #: Process ids of its incarnations that died (Ray restarts it MAX_RESTARTS times).
+    dead: set[int] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -405,7 +406,7 @@ class RayExecutor:
         chunk = task.chunk
         try:
             got = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # the actor or its node died: the chunk goes elsewhere
+        except _lost_exceptions() as exc:  # the actor, its process or its node died: the chunk goes elsewhere
             return self._lost(task, exc) if retry else None
         except ray.exceptions.RayError as exc:  # the task could not run (its arguments were lost, ...)
             got = {"results": [_lost_error(chunk, exc)] * len(chunk.jobs), "seconds": 0.0, "outputs": None}
@@ -418,16 +419,19 @@ class RayExecutor:
                 if isinstance(artifact, Path) and artifact.name in files:
                     res.artifact = Path(job.out_dir) / artifact.name
         self._loads[(got["name"], got["pid"])] = got["loads"]
+        if got["pid"]:  # the incarnation that runs now (a restarted actor has a new one)
+            task.actor.info["pid"] = got["pid"]
         queued = max(0.0, time.monotonic() - chunk.submitted - got["seconds"])
         return ChunkResult(chunk, got["results"], got["seconds"], queued, got["name"], got["node"], got["device"])
 
     def _lost(self, task: _Task, exc: Exception) -> ChunkResult | None:
         chunk, actor = task.chunk, task.actor
-        actor.lost += 1
+        if actor.info["pid"] not in actor.dead:  # one death, however many of its chunks it took along
+            actor.dead.add(actor.info["pid"])
         self._attempts[chunk.id] += 1
         self._lost_on[chunk.id].add(actor.name)
         logger.warning("worker %s was lost running %s (%s)", actor.name, chunk.stage, type(exc).__name__)
-        if actor.lost > MAX_RESTARTS:  # Ray gave up restarting it
+        if len(actor.dead) > MAX_RESTARTS:  # Ray gave up restarting it
             self._actors[actor.gpu] = [a for a in self._actors[actor.gpu] if a is not actor]
         if self._attempts[chunk.id] >= ATTEMPTS:
             return ChunkResult(chunk, [_lost_error(chunk, exc)] * len(chunk.jobs), 0.0, 0.0, actor.name)
@@ -454,6 +458,12 @@ class RayExecutor:
                     ray.kill(actor.handle, no_restart=True)
         self._actors.clear()
         self._tasks.clear()
+
+
+def _lost_exceptions() -> tuple[type[Exception], ...]:
+    from ray import exceptions as e
+
+    return (e.RayActorError, e.ObjectLostError, e.WorkerCrashedError, e.NodeDiedError, e.OutOfMemoryError)
 
 
 def _lost_error(chunk: Chunk, exc: Exception) -> Exception:
