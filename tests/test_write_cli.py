@@ -261,6 +261,11 @@ def test_write_cli_ollama_good_answer_is_spoken_and_bad_ones_fail_their_videos(
     for vid in errors:
         assert videos_out[vid]["status"] == "failed" and errors[vid].startswith(f"write: scripts.{vid}: ")
         assert [s["status"] for s in videos_out[vid]["steps"]][1:] == ["not run"] * 3
+    # The refused answer is kept whole, and the report links it.
+    kept = Path(videos_out["unknown"]["steps"][0]["artifact"])
+    assert kept.name == "answer.txt" and json.loads(kept.read_text())["sentences"][0]["passages"] == ["p1", "p42"]
+    report = (tmp_path / "build" / "m" / "report.html").read_text()
+    assert f'href="../cache/failed/write/{kept.parent.name[:2]}/{kept.parent.name}/answer.txt"' in report
 
 
 # --- end to end, offline ------------------------------------------------------------------------------------------
