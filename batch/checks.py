@@ -97,6 +97,7 @@ class _Checker:
     def run(self) -> list[Finding]:
         weights: dict[tuple, list[str]] = {}  # one message per missing set, naming everything that needs it
         ollama: dict[tuple[str, str], list[str]] = {}
+        online: dict[str, list[str]] = {}
         first: dict[tuple, Location] = {}
         seen: set[str] = set()
         for vplan in self.plan.videos:
@@ -117,6 +118,9 @@ class _Checker:
                 for what in self.missing_weights(step):
                     weights.setdefault(what, []).append(label)
                     first.setdefault(what, where)
+                if step.stage == "voice" and step.settings.get("engine") == "gtts":
+                    online.setdefault("gtts", []).append(label)
+                    first.setdefault(("gtts",), where)
                 if step.stage == "prompt" and step.settings.get("engine") == "ollama":
                     from renderer.llm import DEFAULT_OLLAMA_MODEL, ollama_host  # light: no torch
 
@@ -129,6 +133,14 @@ class _Checker:
         for what, labels in weights.items():
             message, hint = what[1], what[2]
             self.add("error", first[what], _names(labels), message, hint)
+        if "gtts" in online:
+            self.add(
+                "warning",
+                first[("gtts",)],
+                _names(online["gtts"]),
+                "voice.engine gtts is Google's online service: these voices need the network during the build",
+                "use voice.engine piper or hibari to build offline",
+            )
         hosts: dict[str, dict[str, list[str]]] = {}
         for (host, model), labels in ollama.items():
             hosts.setdefault(host, {})[model] = labels
