@@ -223,8 +223,8 @@ def test_web_api_failed_video_comes_first_with_its_reason(server: Server) -> Non
 
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
     with server.client() as c:
-        first = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
-        second = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
+        first = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
+        second = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
         server.wait_job(c, first["id"], ("running",))
         waiting = c.get(f"/api/jobs/{second['id']}").json()
         assert waiting["status"] == "queued" and waiting["position"] == 1
@@ -232,7 +232,7 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         assert cancelled["status"] == "cancelled"
         assert server.wait_job(c, first["id"], ("done", "failed"))["status"] == "done"
         rerun = c.post(f"/api/jobs/{second['id']}/rerun").json()
-        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["animate"]
+        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["mux"]
         server.wait_job(c, rerun["id"], ("running",))
         assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
         assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
@@ -243,4 +243,4 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
     with serve(project) as again, again.client() as c:
         after = c.get("/api/jobs").json()
         assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
-        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force animate")
+        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")
