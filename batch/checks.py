@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -380,15 +378,9 @@ def _files(folder: str, files: list[str], show: int = 4) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic write; a cache that cannot be written (read-only build folder) only costs a re-check later."""
+    from renderer.base import atomic_write_bytes  # light
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, json.dumps(data).encode())
     except OSError as exc:
         logger.debug("not caching %s: %s", path, exc)
