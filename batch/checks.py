@@ -77,15 +77,15 @@ class _Checker:
     def __init__(
         self, plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher, measure: bool
     ) -> None:
-        self.measure = measure
-        self.unchecked: set[Path] = set()
         self.plan = plan
         self.manifest = plan.manifest
         self.checkpoints = checkpoints
         self.cache_root = cache_root
         self.hasher = hasher
+        self.measure = measure
+        self.unchecked: set[Path] = set()  # files whose checks are not cached, when not measuring
         self.findings: list[Finding] = []
-        self.pool: Any = None
+        self.pool: Any = None  # dlib's models, loaded at the first portrait measured
 
     def add(self, severity: str, where: Location, path: str, message: str, hint: str = "") -> None:
         finding = Finding(severity, Problem(where.file, where.line, where.column, path, message), hint)
@@ -107,12 +107,15 @@ class _Checker:
                 if step.key not in to_run or step.key in seen:
                     continue
                 seen.add(step.key)
-                where = character.location if step.stage in ("prompt", "image") else video.location
+                # Who asks for a step's weights and services: the character for its portrait, else the video.
+                if step.stage in ("prompt", "image"):
+                    label, where = f"characters.{character.id}", character.location
+                else:
+                    label, where = f"videos.{video.id}", video.location
                 if step.stage == "animate" and character.image is not None:
                     self.portrait(character.image, character.location, f"characters.{character.id}.image")
                 if step.stage == "audio" and script.audio is not None:
                     self.audio(script.audio, script.location, f"scripts.{script.id}.audio")
-                label = f"characters.{character.id}" if step.stage in ("prompt", "image") else f"videos.{video.id}"
                 for what in self.missing_weights(step):
                     weights.setdefault(what, []).append(label)
                     first.setdefault(what, where)
@@ -126,8 +129,8 @@ class _Checker:
                         ollama_host(step.settings.get("host")),
                         step.settings.get("model") or DEFAULT_OLLAMA_MODEL,
                     )
-                    ollama.setdefault(server, []).append(step.label)
-                    first.setdefault(server, character.location)
+                    ollama.setdefault(server, []).append(label)
+                    first.setdefault(server, where)
         for what, labels in weights.items():
             message, hint = what[1], what[2]
             self.add("error", first[what], _names(labels), message, hint)
