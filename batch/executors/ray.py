@@ -70,7 +70,7 @@ def connect(address: str) -> bool:
             ray.init(include_dashboard=False, **options)
             return True
         ray.init(address=address, **options)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray's refusals have many types (no cluster, a token missing, ...)
         raise UsageError(
             f"cannot join the Ray cluster {address!r}: {exc}",
             "start one (`ray start --head`), check the address, or use `--cluster ray` for a local one",
@@ -307,10 +307,11 @@ class RayExecutor:
         return dict(sorted(total.items()))
 
     def describe(self) -> str:
+        where = "a local Ray" if self.address == "ray" else f"Ray at {self.address}"
         if not self._counts:
-            return f"ray {self.address} (not used)"
+            return f"{where} (not used)"
         gpu = f"{self._counts[True]} {self._gpu_resource} + " if self._counts[True] else ""
-        return f"ray {self.address}: {gpu}{self._counts[False]} CPU workers"
+        return f"{where}: {gpu}{self._counts[False]} CPU workers"
 
     # -- actors ---------------------------------------------------------------------------------------------------
     def _start(self, kind: bool) -> list[_Actor]:
