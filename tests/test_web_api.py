@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import json
 import subprocess
 import sys
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -161,6 +164,30 @@ def test_web_api_inline_video_is_written_to_the_studio_manifest(server: Server) 
     assert "hello-api (puppet): up to date" in plan.stdout
 
 
+def test_web_api_inline_video_with_a_recording(server: Server) -> None:
+    sample_rate, seconds = 22050, 1.2
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
+    recording = base64.b64encode(buf.getvalue()).decode()
+    body = {
+        "video": {"character": {"pick": "m:eileen"}, "script": {"recording": recording, "recording_filename": "hi.wav"}}
+    }
+    with server.client() as c:
+        created = c.post("/api/jobs", json=body)
+        assert created.status_code == 201, created.text
+        job = server.wait_job(c, created.json()["id"], ("done", "failed"))
+    assert job["status"] == "done", job
+    assert [s["stage"] for s in job["videos"][0]["steps"]] == ["audio", "animate", "mux"]
+    data = yaml.safe_load((server.project / "manifests" / "studio.yaml").read_text())
+    audio = data["scripts"][job["only"][0]]["audio"]
+    assert (server.project / "manifests" / audio).read_bytes() == buf.getvalue()
+
+
 def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
     with server.client() as c:
         broken = c.post("/api/jobs", json={"manifest": "broken"})
@@ -184,7 +211,7 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
 def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
     with server.client() as c:
         jobs = c.get("/api/jobs").json()
-        job, studio_job = jobs[-1], next(j for j in jobs if j["manifest"] == "studio")
+        job, studio_job = jobs[-1], next(j for j in jobs if j["only"] == ["hello-api"])
         video_url = job["videos"][0]["video_url"]
         for path, expected in [
             ("/", ['href="/manifests/m"', "/files/m/thumbs/eileen-short.png", "unknown script"]),
