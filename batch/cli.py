@@ -123,7 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     fleet.add_parsers(sub, common, _shard_arg)
 
+    from batch.starter import add_parser as add_init
     from batch.web.command import add_parser as add_serve  # light: FastAPI loads only when `serve` runs
+
+    add_init(sub)
 
     add_serve(sub)
     return p
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging(args.verbose, args.quiet)
         commands = {"plan": cmd_plan, "build": cmd_build, "gc": cmd_gc, "validate": cmd_validate, **fleet.COMMANDS}
         commands["serve"] = cmd_serve
+        commands["init"] = cmd_init
         return commands[args.command](args)
     except (DHBatchError, KeyboardInterrupt, OSError) as exc:
         code = _report_error(exc)
@@ -430,6 +434,15 @@ def print_build(result: RunResult, report: Path) -> None:
         f"{ok}/{len(result.videos)} videos ready in {result.seconds:.1f}s{note} — report: "
         f"{display_path(report.with_suffix('.html'))}"
     )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from batch.starter import write_starter
+
+    written = write_starter(args.dir, args.portrait)
+    print(f"wrote {', '.join(display_path(p) for p in written)}")
+    print(f"next: dhbatch build {display_path(written[0])}   (offline: Piper voice, puppet animator)")
+    return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -25,10 +25,10 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
-from batch.cache import write_atomic
-from batch.errors import DHBatchError, ManifestError
-from batch.manifest import Character, display_path, load_manifest, thaw
-from batch.plan import template_problems
+from batch.cache import Cache, write_atomic
+from batch.errors import DHBatchError, ManifestError, Problem
+from batch.manifest import Character, Manifest, Video, display_path, load_manifest, thaw
+from batch.plan import plan_manifest, template_problems
 from batch.stages import PACKAGE_VOICES
 
 #: The studio's manifest, in the project's manifests/ folder.
@@ -102,9 +102,15 @@ class Choice:
 class Studio:
     """The studio manifest of a project whose manifests live in `manifests_dir`."""
 
-    def __init__(self, manifests_dir: Path, lock_dir: Path) -> None:
+    def __init__(
+        self, manifests_dir: Path, lock_dir: Path, *, build_dir: Path | None = None, checkpoints: Path | None = None
+    ) -> None:
         self.manifests_dir = manifests_dir.resolve()
         self.path = self.manifests_dir / f"{STUDIO}.yaml"
+        #: With a build folder, a new video is also checked as `dhbatch validate` checks it before rendering (its
+        #: portrait has a face, its recording decodes, the weights it needs are there) before it is written.
+        self.build_dir = build_dir
+        self.checkpoints = checkpoints if checkpoints is not None else Path("checkpoints")
         self._lock = threading.Lock()
         self._lock_file = lock_dir / "studio.yaml.lock"  # other processes writing the studio manifest
 
@@ -205,7 +211,8 @@ class Studio:
                 os.fsync(f.fileno())
             try:
                 manifest = load_manifest(tmp)
-                problems = template_problems(manifest, [v for v in manifest.videos if v.id == vid])
+                videos = [v for v in manifest.videos if v.id == vid]
+                problems = template_problems(manifest, videos) or self._preflight(manifest, videos)
             except ManifestError as exc:
                 problems = exc.problems
             if problems:
@@ -218,6 +225,22 @@ class Studio:
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _preflight(self, manifest: Manifest, videos: list[Video]) -> list[Problem]:
+        """What would fail the new video's build, found before rendering (batch/checks.py, as `dhbatch validate`)."""
+        if self.build_dir is None:
+            return []
+        from batch.checks import preflight
+
+        cache = Cache(self.build_dir / "cache")
+        plan = plan_manifest(manifest, cache, build_dir=self.build_dir, checkpoints=self.checkpoints, videos=videos)
+        findings, _ = preflight(plan, self.checkpoints, cache.root, cache.hasher, measure=True)
+        cache.hasher.save()
+        return [
+            dataclasses.replace(f.problem, message=f"{f.problem.message} — {f.hint}" if f.hint else f.problem.message)
+            for f in findings
+            if f.severity == "error"
+        ]
 
     def _picked(self, pick: str) -> tuple[str, Character]:
         name, _, cid = pick.partition(":")

@@ -10,7 +10,8 @@ template). `ScriptWriter.__call__`:
    passages and answers JSON (Ollama's structured output: the sentences and the passage ids each one used); with
    `engine: none` the script is extractive: the best-ranked sentences of the passages, trimmed to `words`;
 4. check the answer: it must cite, cite only passages it was given, say something, and stay within twice `words`;
-   otherwise the step fails for this script with the answer in the message, for inspection;
+   otherwise the step fails for this script with the answer in the message and kept as ``answer.txt`` (the runner
+   moves it to the cache's failed/ folder and the report links it), for inspection;
 5. write ``script.txt`` (what the voice stage speaks) and ``citations.json`` (the sentences, the passages each
    cites with file and lines, every retrieved passage, and the raw answer).
 
@@ -202,8 +203,14 @@ class ScriptWriter:
         else:
             request = render_request(template, brief, settings, retrieved)
             answer, model = self._ask(job, request, settings, list(retrieved))
-            # 4. The guard rails: whatever the answer is, it is checked as data.
-            sentences, warnings = check_answer(answer, retrieved, settings.words, where)
+            # 4. The guard rails: whatever the answer is, it is checked as data; a refused one is kept (answer.txt,
+            # in the cache's failed/ folder, linked from the report).
+            try:
+                sentences, warnings = check_answer(answer, retrieved, settings.words, where)
+            except BackendError as exc:
+                exc.artifact = job.out_dir / "answer.txt"
+                atomic_write_bytes(exc.artifact, answer.encode("utf-8"))
+                raise
             engine = settings.llm.engine
             written = WrittenScript(
                 _join(sentences), tuple(sentences), retrieved, engine, model, answer, tuple(warnings)
@@ -275,13 +282,13 @@ def check_answer(
         return BackendError(f"{where}: the LLM's script {what}; its answer was: {shown!r}", hint)
 
     data = _json_object(answer)
-    items = data.get("sentences") if isinstance(data, dict) else None
+    items = data.get("sentences") if isinstance(data, dict) else _marked_sentences(answer)
     if not isinstance(items, list) or not all(
         isinstance(i, dict) and isinstance(i.get("text"), str) and isinstance(i.get("passages", []), list)
         for i in items
     ):
         raise refuse(
-            "is not the JSON asked for ({'sentences': [{'text', 'passages'}]})",
+            "is not the JSON asked for ({'sentences': [{'text', 'passages'}]}) nor sentences marked [p1]",
             "use a model that follows JSON schemas (Ollama's structured output), or llm.engine: none",
         )
     sentences = [
@@ -308,6 +315,28 @@ def check_answer(
         )
     warnings = [f"sentence {n} cites no passage: {s.text!r}" for n, s in enumerate(sentences, 1) if not s.passages]
     return sentences, warnings
+
+
+#: A citation mark in a plain-text answer: "[p1]", "[p1, p3]".
+_MARK = re.compile(r"\s*\[([^\[\]\n]{1,100})\]")
+
+
+def _marked_sentences(answer: str) -> list[dict[str, Any]] | None:
+    """The sentences of a plain-text answer whose citations are marks after the text they support ("Orders ship in
+    two days. [p1] Express costs 9 euros. [p2]"): how a base model (`engine: local`), which continues a pattern rather
+    than following a JSON schema, answers. None when the answer has no mark."""
+    parts = _MARK.split(answer.strip())
+    if len(parts) < 2:
+        return None
+    chunks: list[tuple[str, list[str]]] = []
+    text, ids = parts[0], []
+    for mark, following in zip(parts[1::2], parts[2::2], strict=True):
+        ids += [i.strip() for i in mark.split(",") if i.strip()]
+        if following.strip():  # the next text: what these marks cite ends here
+            chunks.append((text, ids))
+            text, ids = following, []
+    chunks.append((text, ids))
+    return [{"text": s, "passages": ids} for text, ids in chunks for s in split_sentences(" ".join(text.split()))]
 
 
 def _json_object(answer: str) -> Any:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import json
 import subprocess
 import sys
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -57,6 +60,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "videos:\n  - {id: v, character: a, script: nope}\n"
     )
     return root
+
+
+MIXED = f"""\
+version: 1
+defaults:
+  video: {{renderer: puppet, size: 256}}
+characters:
+  eileen: {{name: Eileen, image: portraits/astronaut.jpg, seed: 1}}
+  blank: {{image: portraits/blank.png, seed: 1}}
+scripts:
+  short: {{text: "{SENTENCE}"}}
+videos:
+  - {{id: good, character: eileen, script: short}}
+  - {{id: faceless, character: blank, script: short}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +164,30 @@ def test_web_api_inline_video_is_written_to_the_studio_manifest(server: Server) 
     assert "hello-api (puppet): up to date" in plan.stdout
 
 
+def test_web_api_inline_video_with_a_recording(server: Server) -> None:
+    sample_rate, seconds = 22050, 1.2
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
+    recording = base64.b64encode(buf.getvalue()).decode()
+    body = {
+        "video": {"character": {"pick": "m:eileen"}, "script": {"recording": recording, "recording_filename": "hi.wav"}}
+    }
+    with server.client() as c:
+        created = c.post("/api/jobs", json=body)
+        assert created.status_code == 201, created.text
+        job = server.wait_job(c, created.json()["id"], ("done", "failed"))
+    assert job["status"] == "done", job
+    assert [s["stage"] for s in job["videos"][0]["steps"]] == ["audio", "animate", "mux"]
+    data = yaml.safe_load((server.project / "manifests" / "studio.yaml").read_text())
+    audio = data["scripts"][job["only"][0]]["audio"]
+    assert (server.project / "manifests" / audio).read_bytes() == buf.getvalue()
+
+
 def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
     with server.client() as c:
         broken = c.post("/api/jobs", json={"manifest": "broken"})
@@ -160,12 +202,16 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         both = c.post("/api/jobs", json={"manifest": "m", "video": {"character": {}, "script": {}}})
         assert both.status_code == 422 and "either" in both.json()["problems"][0]["message"]
         assert c.get("/api/jobs/999").status_code == 404
+        # Without a token the server answers to loopback names only: a DNS name rebound to 127.0.0.1 gets nothing.
+        assert c.get("/api/manifests", headers={"Host": "evil.example:8000"}).status_code == 403
+        assert c.get("/api/manifests", headers={"Host": "localhost"}).status_code == 200
         assert "/api/jobs" in c.get("/api/openapi.json").json()["paths"]
 
 
 def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
     with server.client() as c:
-        job = c.get("/api/jobs").json()[-1]
+        jobs = c.get("/api/jobs").json()
+        job, studio_job = jobs[-1], next(j for j in jobs if j["only"] == ["hello-api"])
         video_url = job["videos"][0]["video_url"]
         for path, expected in [
             ("/", ['href="/manifests/m"', "/files/m/thumbs/eileen-short.png", "unknown script"]),
@@ -174,6 +220,7 @@ def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
             ("/new", ['value="m:eileen"', 'name="csrf"', "piper · en_US-joe-medium"]),
             ("/jobs", [f'href="/jobs/{job["id"]}"']),
             (f"/jobs/{job['id']}", [f'src="{video_url}"', "$ dhbatch build manifests/m.yaml"]),
+            (f"/jobs/{studio_job['id']}", ["Saved in <code>manifests/studio.yaml</code> as <code>hello-api</code>"]),
             ("/api/docs", ["/api/jobs/{job_id}", "JobIn"]),
         ]:
             page = c.get(path, headers={"Accept": "text/html"})
@@ -184,10 +231,27 @@ def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
         assert missing.status_code == 404 and "<h1>Error 404</h1>" in missing.text
 
 
+def test_web_api_failed_video_comes_first_with_its_reason(server: Server) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (320, 320), (200, 190, 180)).save(server.project / "manifests" / "portraits" / "blank.png")
+    (server.project / "manifests" / "mixed.yaml").write_text(MIXED)
+    with server.client() as c:
+        job = server.wait_job(c, c.post("/api/jobs", json={"manifest": "mixed"}).json()["id"], ("done", "failed"))
+        assert job["status"] == "failed" and job["exit_code"] == 1
+        assert job["error"].startswith("1 of 2 videos failed: faceless: animate:") and "no face" in job["error"]
+        assert [(v["id"], v["status"]) for v in job["videos"]] == [("faceless", "failed"), ("good", "cached")]
+        page = c.get(f"/jobs/{job['id']}", headers={"Accept": "text/html"}).text
+        assert page.index("faceless") < page.index("good") and "no face found" in page
+        gallery = c.get("/manifests/mixed", headers={"Accept": "text/html"}).text
+        assert gallery.index('id="video-faceless"') < gallery.index('id="video-good"')
+        assert "Build faceless" in gallery  # what the next build would run, for the failed one
+
+
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
     with server.client() as c:
-        first = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
-        second = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
+        first = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
+        second = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
         server.wait_job(c, first["id"], ("running",))
         waiting = c.get(f"/api/jobs/{second['id']}").json()
         assert waiting["status"] == "queued" and waiting["position"] == 1
@@ -195,14 +259,15 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         assert cancelled["status"] == "cancelled"
         assert server.wait_job(c, first["id"], ("done", "failed"))["status"] == "done"
         rerun = c.post(f"/api/jobs/{second['id']}/rerun").json()
-        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["animate"]
+        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["mux"]
         server.wait_job(c, rerun["id"], ("running",))
         assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
         assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
         before = c.get("/api/jobs").json()
+    assert (project / "build" / ".studio" / "jobs.sqlite3").is_file()  # beside the outputs, in no manifest's folder
     server.proc.terminate()
     server.proc.wait(timeout=30)
     with serve(project) as again, again.client() as c:
         after = c.get("/api/jobs").json()
         assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
-        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force animate")
+        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")

@@ -3,6 +3,7 @@ out of the project, no cross-site form posts, everything shown escaped. No build
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -84,6 +85,10 @@ def test_web_security_upload_that_is_not_an_image(server: Server, browser: tuple
     noise = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x07" * 64
     response = _new(c, csrf, script="recording", files={"recording": ("talk.wav", noise, "audio/wav")})
     assert response.status_code == 422 and "talk.wav" in response.text
+    too_big = c.post(
+        "/api/jobs", content=b"{" + b" " * (40 * 1024 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert too_big.status_code == 413
     manifests = server.project / "manifests"
     assert not (manifests / "studio.yaml").exists() and not (manifests / "studio").exists()
 
@@ -142,3 +147,39 @@ def test_web_security_html_in_a_script_is_shown_escaped(server: Server, browser:
     assert "Content-Security-Policy" in c.get("/manifests/studio").headers
     form = _new(c, csrf, id="bad id <script>", text="x")  # a refused value is shown back escaped too
     assert form.status_code == 422 and "&lt;script&gt;" in form.text and "<script>" not in form.text.split("</head>")[1]
+
+
+def test_web_security_failed_step_artifact_shown_only_from_the_cache(
+    server: Server, browser: tuple[httpx.Client, str]
+) -> None:
+    """A failed step's artifact (the report names it, e.g. a drawn portrait that failed the face check) is shown beside
+    its error; a report naming a file outside the cache gets nothing served."""
+    from PIL import Image
+
+    c, _ = browser
+    project = server.project
+    (project / "manifests" / "f.yaml").write_text(
+        "version: 1\ncharacters:\n  a: {image: portraits/astronaut.jpg}\nscripts:\n  s: {text: hi}\n"
+        "videos:\n  - {id: fine, character: a, script: s}\n  - {id: drawn, character: a, script: s}\n"
+    )
+    key = "ab" * 32
+    artifact = project / "build" / "cache" / "failed" / "image" / key[:2] / key / "portrait.png"
+    artifact.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(artifact)
+
+    def failed(vid: str, path: str) -> dict:
+        step = {"stage": "image", "key": key, "status": "failed", "reason": "new", "error": "no face", "artifact": path}
+        return {"id": vid, "status": "failed", "renderer": "puppet", "output": None, "error": "image: no face",
+                "steps": [step]}  # fmt: skip
+
+    report = {"manifest": "f.yaml", "seconds": 1.0, "device": "cpu", "warnings": 0,
+              "summary": {"built": 0, "cached": 0, "failed": 2, "skipped": 0},
+              "videos": [failed("fine", "/etc/hostname"), failed("drawn", str(artifact))]}  # fmt: skip
+    (project / "build" / "f").mkdir(parents=True)
+    (project / "build" / "f" / "report.json").write_text(json.dumps(report))
+    page = c.get("/manifests/f").text
+    assert '<img class="artifact" src="/files/f/failed/drawn/image"' in page and "image: no face" in page
+    shown = c.get("/files/f/failed/drawn/image")
+    assert shown.headers["content-type"] == "image/png" and shown.content == artifact.read_bytes()
+    assert c.get("/files/f/failed/fine/image").status_code == 404
+    assert c.get("/files/f/failed/drawn/voice").status_code == 404

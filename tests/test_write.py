@@ -3,7 +3,9 @@ rails on an LLM's answer, and the request a real Ollama-compatible HTTP server r
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,7 +122,7 @@ def make_job(tmp_path: Path, sources: list[Path], brief: str, name: str = "job",
     resolved.update(settings)
     inputs = {f"source:{p.name}": p for p in sources}
     if resolved["engine"] != "none":
-        inputs["template"] = TEMPLATE
+        inputs["template"] = TEMPLATE.with_name(f"script_from_sources{'_fewshot' * (resolved['engine'] == 'local')}.j2")
     return StepJob("write", name, resolved, inputs, out, text=brief, label=f"scripts.{name}")
 
 
@@ -168,6 +170,35 @@ def test_write_answer_checks_accept_a_cited_script() -> None:
     )
     assert [(s.text, s.passages) for s in sentences] == [("Refunds take five days.", ("p1",)), ("Welcome!", ())]
     assert warnings == ["sentence 2 cites no passage: 'Welcome!'"]
+
+
+def test_write_answer_checks_read_citation_marks_as_a_base_model_writes_them() -> None:
+    """engine local: a base model continues the few-shot pattern "sentence. [p1]" instead of answering JSON."""
+    sentences, warnings = check_answer(
+        " Refunds take five days. [p1] Gift cards? Final. [p2, p1] Bye.", RETRIEVED, 20, "x"
+    )
+    assert [(s.text, s.passages) for s in sentences] == [
+        ("Refunds take five days.", ("p1",)),
+        ("Gift cards?", ("p2", "p1")),
+        ("Final.", ("p2", "p1")),
+        ("Bye.", ()),
+    ]
+    assert warnings == ["sentence 4 cites no passage: 'Bye.'"]
+    with pytest.raises(BackendError, match="not given: p9"):
+        check_answer("Refunds are instant. [p9]", RETRIEVED, 20, "x")
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="the bundled Gemma 3 270M, 1-3 minutes: RUN_SLOW=1")
+def test_write_local_engine_writes_from_the_bundled_model(tmp_path: Path) -> None:
+    """The few-shot template through the bundled base model (greedy, so the same text every run): a script from the
+    shipping page, its first sentence citing it. Measured 118 s with the conversion done, on 2 shared cores."""
+    checkpoints = Path(os.environ.get("DHB_TEST_CHECKPOINTS", tmp_path / "checkpoints"))
+    job = make_job(tmp_path, sorted(CORPUS.iterdir()), "How long does delivery take?", engine="local", temperature=0)
+    job = dataclasses.replace(job, checkpoints=checkpoints)
+    [info] = run([job], ModelPool())
+    assert isinstance(info, dict), info
+    assert info["engine"] == "local" and info["sentences"][0]["cites"][0]["file"] == "shipping.md"
+    assert "two business days" in info["script"]
 
 
 @pytest.mark.parametrize(
@@ -245,7 +276,7 @@ def test_write_ollama_request_carries_template_passages_and_schema(
     ]
     # An answer that followed the injected instruction cites a file, not a passage: refused, nothing read.
     assert isinstance(bad, BackendError) and "not given: /etc/passwd" in str(bad) and "root:x:0:0" in str(bad)
-    assert not any(obey.out_dir.iterdir())
+    assert [f.name for f in obey.out_dir.iterdir()] == ["answer.txt"] and bad.artifact == obey.out_dir / "answer.txt"
     assert isinstance(blank, BackendError) and "is not the JSON asked for" in str(blank)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from batch.errors import DHBatchError
-from batch.web import auth
+from batch.web import auth, catalog
 from batch.web.models import error_body
 from batch.web.state import ServeConfig, StudioState
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 #: Largest request body accepted (a portrait or a recording, base64 in JSON included).
 MAX_BODY = 40 * 1024 * 1024
@@ -25,14 +27,8 @@ MAX_BODY = 40 * 1024 * 1024
 def templates() -> jinja2.Environment:
     """Jinja with autoescape on for every template: everything shown is escaped unless a template says otherwise."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
-    env.filters["when"] = _when
+    env.filters["when"] = lambda seconds: catalog.when(seconds) or ""
     return env
-
-
-def _when(seconds: float | None) -> str:
-    from batch.web.catalog import when
-
-    return when(seconds) or ""
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -92,6 +88,13 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(request, exc.status_code, {"error": str(exc.detail)}, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(
+            request, 500, {"error": f"internal error: {exc.__class__.__name__}: {exc}", "hint": "see the server's log"}
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -33,6 +33,39 @@ def file_url(name: str, video_id: str, kind: str, stamp: float) -> str:
     return f"/files/{name}/{folder}{video_id}.{kind}?v={int(stamp)}"
 
 
+def video_view(build_dir: Path, name: str, v: Any) -> dict[str, Any] | None:
+    """One video of a build's JSON (report.json, or `build --json`) as the pages and the API show it (VideoOut)."""
+    if not isinstance(v, dict) or not isinstance(v.get("id"), str):
+        return None
+    vid = v["id"]
+    mp4, thumb = build_dir / name / f"{vid}.mp4", build_dir / name / "thumbs" / f"{vid}.png"
+    published = bool(v.get("output")) and mp4.is_file()
+    steps = [s for s in v.get("steps", []) if isinstance(s, dict)]
+    return {
+        "id": vid,
+        "status": str(v.get("status", "")),
+        "renderer": str(v.get("renderer", "")),
+        "error": v.get("error"),
+        "seconds": v.get("seconds"),
+        "earlier_run": bool(v.get("earlier_run")),
+        "warnings": [f"{s.get('stage')}: {w}" for s in steps for w in s.get("warnings", []) or []],
+        "steps": [
+            {
+                "stage": str(s.get("stage", "")),
+                "status": str(s.get("status", "")),
+                "reason": str(s.get("reason", "")),
+                "seconds": s.get("seconds"),
+                "error": s.get("error"),
+                "artifact_url": f"/files/{name}/failed/{vid}/{s.get('stage')}" if s.get("artifact") else None,
+                "artifact_kind": "image" if str(s.get("artifact", "")).endswith((".png", ".jpg")) else "file",
+            }
+            for s in steps
+        ],
+        "video_url": file_url(name, vid, "mp4", mp4.stat().st_mtime) if published else None,
+        "thumbnail_url": file_url(name, vid, "png", thumb.stat().st_mtime) if published and thumb.is_file() else None,
+    }
+
+
 def last_build(build_dir: Path, name: str) -> dict[str, Any] | None:
     """The manifest's last build from build/<name>/report.json, None when it was never built."""
     out_dir = build_dir / name
@@ -44,38 +77,7 @@ def last_build(build_dir: Path, name: str) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("videos"), list):
         return None
-    videos = []
-    for v in data["videos"]:
-        if not isinstance(v, dict) or not isinstance(v.get("id"), str):
-            continue
-        vid = v["id"]
-        mp4, thumb = out_dir / f"{vid}.mp4", out_dir / "thumbs" / f"{vid}.png"
-        steps = [s for s in v.get("steps", []) if isinstance(s, dict)]
-        videos.append(
-            {
-                "id": vid,
-                "status": str(v.get("status", "")),
-                "renderer": str(v.get("renderer", "")),
-                "error": v.get("error"),
-                "seconds": v.get("seconds"),
-                "earlier_run": bool(v.get("earlier_run")),
-                "warnings": [f"{s.get('stage')}: {w}" for s in steps for w in s.get("warnings", []) or []],
-                "steps": [
-                    {
-                        "stage": str(s.get("stage", "")),
-                        "status": str(s.get("status", "")),
-                        "reason": str(s.get("reason", "")),
-                        "seconds": s.get("seconds"),
-                        "error": s.get("error"),
-                    }
-                    for s in steps
-                ],
-                "video_url": file_url(name, vid, "mp4", mp4.stat().st_mtime)
-                if v.get("output") and mp4.is_file()
-                else None,
-                "thumbnail_url": file_url(name, vid, "png", thumb.stat().st_mtime) if thumb.is_file() else None,
-            }
-        )
+    videos = [view for v in data["videos"] if (view := video_view(build_dir, name, v)) is not None]
     summary = data.get("summary") if isinstance(data.get("summary"), dict) else {}
     return {
         "time": when(stamp),
@@ -86,6 +88,20 @@ def last_build(build_dir: Path, name: str) -> dict[str, Any] | None:
         "warnings": data.get("warnings", 0),
         "videos": videos,
     }
+
+
+def failed_artifact(build_dir: Path, name: str, video: str, stage: str) -> Path | None:
+    """What a failed step of the manifest's last build left for people to see (the portrait that failed the face
+    check), as its report names it; only a file inside the build folder's cache."""
+    try:
+        data = json.loads((build_dir / name / "report.json").read_text(encoding="utf-8"))
+        (v,) = [v for v in data["videos"] if v.get("id") == video]
+        (artifact,) = [s["artifact"] for s in v["steps"] if s.get("stage") == stage and s.get("artifact")]
+        path = Path(artifact).resolve()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    cache = (build_dir / "cache").resolve()
+    return path if path.is_relative_to(cache) and path.is_file() else None
 
 
 def overview(build_dir: Path, name: str, path: Path) -> dict[str, Any]:
@@ -123,9 +139,13 @@ def gallery(build_dir: Path, checkpoints: Path, name: str, path: Path) -> dict[s
             v["next"] = [{"stage": d.stage, "cached": d.cached, "reason": d.reason} for d in vp.decisions]
             v["says"] = _says(vp)
         videos.append(v)
-    videos.sort(key=lambda v: _RANK.get(v["status"], 2))  # stable: manifest order within a rank
-    info["gallery"] = videos
+    info["gallery"] = failures_first(videos)
     return info
+
+
+def failures_first(videos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed videos, then skipped, not built, and built ones; in their given order within each."""
+    return sorted(videos, key=lambda v: _RANK.get(v["status"], 2))
 
 
 def _says(vp: Any) -> str:

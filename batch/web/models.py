@@ -81,6 +81,7 @@ class StepOut(BaseModel):
     reason: str
     seconds: float | None = None
     error: str | None = None
+    artifact_url: str | None = Field(None, description="what a failed step made (a drawn portrait), to look at")
 
 
 class VideoOut(BaseModel):

@@ -1,9 +1,8 @@
-"""The server's settings and the objects its routes share (held on `app.state.studio`)."""
+"""The objects the routes share (held on `app.state.studio`): the studio manifest, the job store and queue."""
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
 from pathlib import Path
@@ -16,52 +15,10 @@ from batch.manifest import load_manifest
 from batch.plan import check_force, select_videos, template_problems
 from batch.studio import STUDIO, NewVideo, Studio
 from batch.web import catalog
-from batch.web.command import TOKEN_ENV
-from batch.web.jobs import BuildSettings, Job, JobQueue, JobStore, post_webhook, webhook_problem
+from batch.web.config import SERVER_DIR, ServeConfig
+from batch.web.jobs import Job, JobQueue, JobStore, post_webhook, webhook_problem
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    project: Path
-    build_dir: Path
-    checkpoints: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str | None = None
-    webhook_allow: tuple[str, ...] = ()
-    device: str = "auto"
-    jobs: int = 1
-
-    @property
-    def manifests_dir(self) -> Path:
-        return self.project / "manifests"
-
-    def check(self) -> None:
-        """Refuse what would be unsafe or cannot work, before anything listens."""
-        if not is_loopback(self.host) and not self.token:
-            raise UsageError(
-                f"--host {self.host} would let other machines in without a token",
-                f"give --token (or set {TOKEN_ENV}) to listen on {self.host}, or keep the default 127.0.0.1",
-            )
-        if self.token is not None and len(self.token) < 16:
-            raise UsageError(
-                "the token is too short", "use at least 16 random characters (e.g. `openssl rand -hex 16`)"
-            )
-        if not self.manifests_dir.is_dir():
-            raise UsageError(
-                f"{self.project} has no manifests/ folder", "run `dhbatch serve` in the project (or give its folder)"
-            )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class StudioState:
@@ -69,10 +26,14 @@ class StudioState:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.studio = Studio(config.manifests_dir, config.build_dir / "studio")
-        self.store = JobStore(config.build_dir / "studio" / "jobs.sqlite3")
-        settings = BuildSettings(config.project, config.build_dir, config.checkpoints, config.device, config.jobs)
-        self.queue = JobQueue(self.store, settings, self.manifest_path, on_finish=self._finished)
+        self.studio = Studio(
+            config.manifests_dir,
+            config.build_dir / SERVER_DIR,
+            build_dir=config.build_dir,
+            checkpoints=config.checkpoints,
+        )
+        self.store = JobStore(config.build_dir / SERVER_DIR / "jobs.sqlite3")
+        self.queue = JobQueue(self.store, config, self.manifest_path, on_finish=self._finished)
 
     def manifest_path(self, name: str) -> Path | None:
         return self.studio.manifest_paths().get(name)
@@ -109,29 +70,10 @@ class StudioState:
     # -- showing jobs ---------------------------------------------------------------------------------------------
     def describe(self, job: Job) -> dict[str, Any]:
         """A job as the API returns it (models.JobOut) and the pages show it."""
-        videos = []
-        result = job.result or {}
-        for v in result.get("videos", []) if isinstance(result.get("videos"), list) else []:
-            mp4 = self.config.build_dir / job.manifest / f"{v.get('id')}.mp4"
-            ok = v.get("output") and mp4.is_file()
-            thumb = mp4.parent / "thumbs" / f"{v.get('id')}.png"
-            videos.append(
-                {
-                    "id": v.get("id"),
-                    "status": v.get("status"),
-                    "renderer": v.get("renderer") or "",
-                    "error": v.get("error"),
-                    "warnings": [f"{s['stage']}: {w}" for s in v.get("steps", []) for w in s.get("warnings", [])],
-                    "steps": [
-                        {k: s.get(k) for k in ("stage", "status", "reason", "seconds", "error")}
-                        for s in v.get("steps", [])
-                    ],
-                    "video_url": catalog.file_url(job.manifest, v["id"], "mp4", mp4.stat().st_mtime) if ok else None,
-                    "thumbnail_url": catalog.file_url(job.manifest, v["id"], "png", thumb.stat().st_mtime)
-                    if ok and thumb.is_file()
-                    else None,
-                }
-            )
+        result = job.result if isinstance(job.result, dict) else {}
+        found = result.get("videos") if isinstance(result.get("videos"), list) else []
+        views = [view for v in found if (view := catalog.video_view(self.config.build_dir, job.manifest, v))]
+        videos = catalog.failures_first(views)
         return {
             **{k: v for k, v in dataclasses.asdict(job).items() if k != "result"},
             "position": self.queue.position(job),

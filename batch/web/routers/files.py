@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 from batch.studio import ID_RULE
+from batch.web import catalog
 from batch.web.state import State, StudioState
 
 router = APIRouter(tags=["files"])
@@ -37,6 +38,16 @@ def video_file(manifest: str, video: str, state: State) -> FileResponse:
 def thumbnail(manifest: str, video: str, state: State) -> FileResponse:
     """A frame from the middle of a published video."""
     return FileResponse(_published(state, manifest, video, "png"), media_type="image/png")
+
+
+@router.get("/files/{manifest}/failed/{video}/{stage}")
+def failed_artifact(manifest: str, video: str, stage: str, state: State) -> FileResponse:
+    """What a failed step left for people to see (e.g. a drawn portrait that failed the face check)."""
+    path = catalog.failed_artifact(state.config.build_dir, manifest, video, stage)
+    if path is None:
+        raise HTTPException(404, "no such file")
+    kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+    return FileResponse(path, media_type=kinds.get(path.suffix.lower(), "application/octet-stream"))
 
 
 @router.get("/static/{name}", include_in_schema=False)
