@@ -201,3 +201,21 @@ def test_llm_answers_service_errors_are_summarised(tmp_path: Path, status: int, 
     assert isinstance(err, BackendError)
     assert said in err.message, err.message
     assert "<" not in err.message and "\n" not in err.message and "errors.pydantic.dev" not in err.message
+
+
+def test_llm_answers_server_refusing_think_is_asked_again_without_it(tmp_path: Path) -> None:
+    server = serve(tmp_path, "--no-think", "--reply", "portrait of a gardener")
+    try:
+        [info] = run([job(tmp_path, "gardener", host=server.host)], ModelPool())
+        bodies = [r["body"] for r in server.requests() if r["path"] == "/api/generate"]
+    finally:
+        server.stop()
+    assert info["prompt"] == "portrait of a gardener"
+    assert [("think" in b) for b in bodies] == [True, False]
+
+
+def test_llm_answers_structured_answer_cut_by_num_predict_keeps_its_prompt() -> None:
+    assert clean_prompt('{"prompt": "portrait of a CEO, grey suit, studio \\"light', 200) == (
+        'portrait of a CEO, grey suit, studio "light'
+    )
+    assert clean_prompt('{"prompt": "portrait of a CEO, grey su', 25) == "portrait of a CEO"
