@@ -197,6 +197,8 @@ def test_cluster_gpu_actors_one_per_device_with_warm_pools(
     result = _build(tmp_path, registry, _ray(tmp_path, registry, gpu_resource="fake_gpu"))
     status = collections.Counter(v.status for v in result.videos)
     assert status == {"built": 6, "failed": 2}
+    errors = {v.error for v in result.videos if v.status == "failed"}  # a worker's error reads like a local one's
+    assert errors == {f"voice: scripts.{s}: the text asks to fail — remove FAIL" for s in ("hello", "bye")}
     ran = [s for v in result.videos for s in v.steps if s.status == "ran"]
     renders = [s for s in ran if s.stage == "animate"]
     gpu_workers = {s.worker for s in renders}
