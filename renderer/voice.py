@@ -48,6 +48,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    media_error,
     run_each,
 )
 
@@ -261,7 +262,7 @@ def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndar
                 yield out.to_ndarray().mean(axis=0, dtype=np.float32), out.sample_rate
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as exc:
         raise BadInputError(
-            f"cannot decode audio {name}: {exc}", "pass a readable wav, mp3, flac, ogg or m4a file"
+            f"cannot decode audio {name}: {media_error(exc)}", "pass a readable wav, mp3, flac, ogg or m4a file"
         ) from exc
 
 
