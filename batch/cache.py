@@ -1,6 +1,7 @@
 """Content-addressed step cache under build/cache/: atomic entries, a record written last, a lock per key.
 
-Layout: steps/<stage>/<key[:2]>/<key>/ holds a step's outputs and `step.json`. An entry is a hit only when its record
+Layout: steps/<stage>/<key[:2]>/<key>/ holds a step's outputs and `step.json`; failed/<stage>/<key[:2]>/<key>/ what
+a failed step made for people to look at (never an input, never a hit). An entry is a hit only when its record
 parses, names its key, and every listed output exists with the recorded size and sha256: a half-written, corrupt or
 damaged entry is a warning and a miss, never a hit. Digests are checked against a memo on (inode, size, mtime_ns), so
 a file rewritten in place is read again while an untouched one costs a stat; `deep` reads every byte (bit rot keeps
@@ -42,6 +43,7 @@ class Cache:
     def __init__(self, root: Path, *, deep: bool = False) -> None:
         self.root = root
         self.steps = root / "steps"
+        self.failed = root / "failed"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
         self.hasher = FileHasher(root / "hashes.json")
@@ -81,6 +83,17 @@ class Cache:
 
     def entry(self, stage: str, key: str) -> Path:
         return self.steps / stage / key[:2] / key
+
+    def failed_entry(self, stage: str, key: str) -> Path:
+        return self.failed / stage / key[:2] / key
+
+    def keep_failed(self, stage: str, key: str, artifact: Path) -> Path:
+        """Move what a failed step made (the portrait that failed the face check) to the step's failed/ folder,
+        replacing what an earlier failure of the same step left there. Returns its new path."""
+        dest = self.failed_entry(stage, key) / artifact.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(artifact, dest)
+        return dest
 
     def output(self, stage: str, key: str, name: str) -> Path:
         return self.entry(stage, key) / name
@@ -259,11 +272,12 @@ class Cache:
                 removed += 1
         return removed
 
-    def entries(self) -> Iterator[tuple[str, str, Path]]:
-        """Every (stage, key, folder) in the cache."""
-        if not self.steps.is_dir():
+    def entries(self, failed: bool = False) -> Iterator[tuple[str, str, Path]]:
+        """Every (stage, key, folder) in the cache (with `failed`, in failed/)."""
+        base = self.failed if failed else self.steps
+        if not base.is_dir():
             return
-        for stage_dir in sorted(self.steps.iterdir()):
+        for stage_dir in sorted(base.iterdir()):
             for shard in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
                 for folder in sorted(p for p in shard.iterdir() if p.is_dir()):
                     yield stage_dir.name, folder.name, folder

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import glob
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from batch.templates import TemplateError, compile_template
 from batch.yamlfile import Located, dotted, load_yaml
 
 SECTIONS = ("llm", "image", "voice", "video")
+#: Documents a written script may be made from (`sources`), by file suffix: what renderer/retrieval.py reads.
+SOURCE_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf")
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,6 +99,12 @@ class Script:
     location: Location
     #: Where the text (or text_file key) is, for template errors.
     text_location: Location | None = None
+    #: A written script (`brief` + `sources`): what to write about, the files matched by the `sources` globs (sorted,
+    #: under the manifest's folder), the target length, and `llm` settings over `defaults.llm`.
+    brief: str | None = None
+    sources: tuple[Path, ...] = ()
+    words: int = 80
+    llm: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,8 +338,12 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         and isinstance(err.instance, dict)
         and {"text", "text_file", "audio"} & set(err.schema.get("properties", {}))
     ):
-        given = [k for k in ("text", "text_file", "audio") if k in err.instance]
-        return f"a script needs exactly one of text, text_file or audio (given: {', '.join(given) or 'none'})"
+        given = [k for k in ("text", "text_file", "audio", "brief") if k in err.instance]
+        return f"a script needs exactly one of text, text_file, audio or brief (given: {', '.join(given) or 'none'})"
+    if err.validator == "dependentRequired":
+        needs = {"brief": "sources (the files to write it from)"}
+        key = next((k for k, v in err.validator_value.items() if k in err.instance and set(v) - set(err.instance)), "")
+        return f"{key!r} needs {needs.get(key, 'brief (what to write about)')}" if key else err.message
     if err.validator == "anyOf" and "description" in err.schema.get("properties", {}):
         return "a character needs a description (to draw it) or an image (a portrait file)"
     if err.validator == "propertyNames":
@@ -400,7 +413,16 @@ def _assemble(top: Path, root: Path, docs: list[tuple[Located, Path]], problems:
                 except TemplateError as exc:
                     problems.add(doc, ("scripts", sid, field), exc.message.removeprefix(f"scripts.{sid}.{field}: "))
             tloc = _loc(doc, ("scripts", sid, field)) if field in s else None
-            scripts[sid] = Script(sid, text, text_file, audio, freeze(s.get("vars", {})), loc, tloc)
+            written: dict[str, Any] = {}
+            if "brief" in s:
+                tloc = _loc(doc, ("scripts", sid, "brief"))
+                written = {
+                    "brief": s["brief"],
+                    "sources": _sources(doc, root, file, ("scripts", sid, "sources"), s["sources"], problems),
+                    "words": s.get("words", schema()["$defs"]["script"]["properties"]["words"]["default"]),
+                    "llm": freeze(s.get("llm", {})),
+                }
+            scripts[sid] = Script(sid, text, text_file, audio, freeze(s.get("vars", {})), loc, tloc, **written)
             script_where[sid] = loc
 
     videos: list[Video] = []
@@ -513,6 +535,47 @@ def _file(doc: Located, root: Path, file: Path, path: tuple, rel: str | None, pr
         problems.add(doc, path, f"file {rel!r} does not exist ({display_path(full)})")
         return None
     return full
+
+
+def _sources(
+    doc: Located, root: Path, file: Path, path: tuple, patterns: list[str], problems: _Collector
+) -> tuple[Path, ...]:
+    """The files a written script's `sources` name: each entry a file or a glob (`**` included) relative to the
+    manifest's folder, which must match at least one readable document of a known kind inside that folder."""
+    found: dict[Path, None] = {}
+    for i, pattern in enumerate(patterns):
+        where = (*path, i)
+        if Path(pattern).is_absolute() or pattern.startswith("~"):
+            problems.add(doc, where, f"{pattern!r}: absolute paths are not allowed; give one relative to the manifest")
+            continue
+        hits = sorted(glob.glob(os.path.join(glob.escape(str(file.parent)), pattern), recursive=True))
+        files = []
+        for hit in hits:
+            full = Path(hit).resolve()
+            if not _inside(root, full):
+                outside = f"{pattern!r} reaches {os.path.relpath(hit, file.parent)!r}, outside the manifest's folder"
+                problems.add(doc, where, f"{outside}; keep sources beside or below the manifest")
+                files = None
+                break
+            if full.is_file():
+                files.append(full)
+        if files is None:
+            continue
+        if not files:
+            what = "matches no file" if glob.has_magic(pattern) else "does not exist"
+            problems.add(doc, where, f"{pattern!r} {what} (looked in {display_path(file.parent)})")
+            continue
+        bad = [f for f in files if f.suffix.lower() not in SOURCE_SUFFIXES]
+        if bad:
+            problems.add(
+                doc,
+                where,
+                f"{pattern!r} matches {display_path(bad[0])}, which is not a document this tool reads "
+                f"(supported: {', '.join(SOURCE_SUFFIXES)}); narrow the pattern",
+            )
+            continue
+        found.update(dict.fromkeys(files))
+    return tuple(sorted(found))
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -12,8 +13,8 @@ from typing import Any
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
 from batch.locking import Held, lock_folder
-from batch.manifest import Character, Manifest, Video, manifest_identity, project_root, thaw
-from batch.stages import STAGES, keyed_settings, sadtalker_available, weights_identity
+from batch.manifest import Character, Manifest, Script, Video, manifest_identity, project_root, section_defaults, thaw
+from batch.stages import ORDER, STAGES, keyed_settings, sadtalker_available, weights_identity
 from batch.templates import TemplateError, prompt_template, render
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 PROMPT_CONTEXT_HINT = (
     "a prompt template sees description, engine and character (id, name, description); fix the template, or "
     "choose another with llm.template"
+)
+WRITE_CONTEXT_HINT = (
+    "a script-writing template sees brief, words, engine and passages (each: id, file, where, section, text); fix "
+    "the template, or choose another with the script's llm.template"
 )
 
 
@@ -184,7 +189,7 @@ class Planner:
             "settings": keyed,
             "inputs": input_ids,
             "weights": self._weights_for(stage, settings)
-            if stage in ("prompt", "image", "voice", "animate", "enhance")
+            if stage in ("prompt", "image", "write", "voice", "animate", "enhance")
             else {},
         }
         return Step(stage, step_key(stage, fingerprint), fingerprint, settings, inputs, text, seed or 0, label, target)
@@ -219,6 +224,57 @@ class Planner:
                 script.text_location or script.location,
             )
         return text
+
+    def write_settings(self, script: Script) -> dict[str, Any]:
+        """A written script's settings: the `llm` section (built-in ← defaults.llm ← the script's `llm`; the prompt
+        template only from the script's own), and `words`. The same for every video of the script: written once."""
+        llm = {**section_defaults()["llm"], **self.manifest.defaults.get("llm", {}), **script.llm}
+        fewshot = llm["engine"] == "local"
+        llm["template"] = script.llm.get("template") or f"script_from_sources{'_fewshot' * fewshot}.j2"
+        return {**llm, "words": script.words}
+
+    def write_step(self, script: Script) -> Step:
+        """The step that writes a script from its sources: keyed on the bytes of each file its globs matched (not
+        of other documents), the brief, words, the LLM settings and the prompt template."""
+        settings = self.write_settings(script)
+        root = self.manifest.root
+        names = {p.relative_to(root).as_posix(): p for p in script.sources}
+        inputs = [StepInput(f"source:{name}", path=path) for name, path in names.items()]
+        ids: dict[str, Any] = {
+            "brief": text_digest(script.brief or ""),
+            "sources": {name: self.hasher.digest(path) for name, path in names.items()},
+        }
+        if settings["engine"] != "none":  # the extractive script uses no template
+            try:
+                source, path = self._template(settings["template"])
+            except TemplateError as exc:
+                raise TemplateError(f"scripts.{script.id}: {exc.message}", exc.hint, script.location) from exc
+            inputs.append(StepInput("template", path=path))
+            ids["template"] = text_digest(source)
+        return self._step(
+            "write",
+            settings,
+            tuple(inputs),
+            ids,
+            text=script.brief or "",
+            label=f"scripts.{script.id}",
+            target="renderer.write:run",
+        )
+
+    def write_request(self, script: Script) -> str:
+        """The write template rendered with a sample passage, as `validate` checks it (the real passages come at
+        run time)."""
+        settings = self.write_settings(script)
+        if settings["engine"] == "none":
+            return ""
+        sample = {"id": "p1", "file": "doc.md", "where": "doc.md:1-2", "section": "Section", "text": "A passage."}
+        context = {"brief": script.brief, "words": script.words, "engine": settings["engine"], "passages": [sample]}
+        try:
+            source, path = self._template(settings["template"])
+            return render(source, f"prompt template {path.name}", context, hint=WRITE_CONTEXT_HINT)
+        except TemplateError as exc:
+            location = script.text_location or script.location
+            raise TemplateError(f"scripts.{script.id}: {exc.message}", exc.hint, location) from exc
 
     # -- per video ------------------------------------------------------------------------------------------------
     def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
@@ -259,8 +315,20 @@ class Planner:
             portrait = StepInput("portrait", stage="image", key=image.key, filename="portrait.png")
             portrait_id = image.key
 
-        # Speech: a given audio file (converted), or synthesis from the rendered script text.
-        if script.audio is not None:
+        # Speech: a given audio file (converted), synthesis of a script written from documents, or of the rendered
+        # script text.
+        if script.brief is not None:
+            write = self.write_step(script)
+            steps.append(write)
+            speech = self._step(
+                "voice",
+                settings["voice"],
+                (StepInput("script", stage="write", key=write.key, filename="script.txt"),),
+                {"script": write.key},
+                label=slabel,
+                target="renderer.voice:run",
+            )
+        elif script.audio is not None:
             speech = self._step(
                 "audio",
                 {},
@@ -457,6 +525,9 @@ def forced_keys(steps: Iterable[Step], force: Iterable[str]) -> set[str]:
 _INPUT_WORDS = {
     "text": "script text changed",
     "request": "character description or prompt template changed",
+    "brief": "brief changed",
+    "template": "prompt template changed",
+    "script": "written script changed",
     "prompt": "prompt changed",
     "portrait": "portrait changed",
     "audio": "audio changed",
@@ -485,10 +556,26 @@ def explain(before: Mapping[str, Any] | None, step: Step) -> str:
     old_i, new_i = old.get("inputs", {}), new["inputs"]
     for name in sorted(set(old_i) | set(new_i)):
         if old_i.get(name) != new_i.get(name):
-            reasons.append(_INPUT_WORDS.get(name, f"{name} changed"))
+            if name == "sources" and isinstance(old_i.get(name), Mapping):
+                reasons += _files_changed(name, old_i[name], new_i[name])
+            else:
+                reasons.append(_INPUT_WORDS.get(name, f"{name} changed"))
     if old.get("weights") != new["weights"] and not switched:
         reasons.append("weights changed")
     return "; ".join(reasons) if reasons else "output missing"
+
+
+def _files_changed(name: str, old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """ "sources changed: docs/refunds.md", "sources added: …", "sources removed: …" for a {file: digest} input."""
+    out = []
+    for what, files in (
+        ("changed", [f for f in new if f in old and old[f] != new[f]]),
+        ("added", [f for f in new if f not in old]),
+        ("removed", [f for f in old if f not in new]),
+    ):
+        if files:
+            out.append(f"{name} {what}: {', '.join(sorted(files))}")
+    return out
 
 
 def _show(value: Any) -> str:
@@ -521,7 +608,10 @@ def template_problems(
         if character.image is None:
             llm = settings["llm"]
             checks.append((planner.prompt_request, (character, _template_name(llm), llm["engine"])))
-        if manifest.scripts[video.script].audio is None:
+        script = manifest.scripts[video.script]
+        if script.brief is not None:
+            checks.append((planner.write_request, (script,)))
+        elif script.audio is None:
             checks.append((planner.script_text, (video, check_empty)))
         for check, args in checks:
             try:
@@ -557,13 +647,32 @@ def plan_manifest(
     return planner.plan(manifest.videos if videos is None else videos)
 
 
+def check_force(force: Iterable[str]) -> None:
+    """`--force` takes stage names, or "all"; anything else is a usage error naming the stages."""
+    for f in force:
+        if f not in (*ORDER, "all"):
+            raise UsageError(f"--force {f!r}: not a stage", f"use one of {', '.join(ORDER)}, or --force alone for all")
+
+
 def select_videos(manifest: Manifest, only: Iterable[str]) -> tuple[Video, ...]:
-    """Videos named by --only (all when empty); an unknown id is a usage error listing the known ones."""
-    only = list(dict.fromkeys(only))  # each video once, in the order given
-    if not only:
+    """Videos named by --only (all when empty): ids or shell-style patterns (`grace-*`, `*-hello`, `ceo-?`), each
+    video once, in the order given (a pattern's matches in manifest order). A pattern that matches no id is a usage
+    error listing the known ones."""
+    patterns = list(dict.fromkeys(only))
+    if not patterns:
         return manifest.videos
+    ids = [v.id for v in manifest.videos]
+    chosen: dict[str, None] = {}
+    unmatched = []
+    for pattern in patterns:
+        matches = [pattern] if pattern in ids else [i for i in ids if fnmatch.fnmatchcase(i, pattern)]
+        if not matches:
+            unmatched.append(pattern)
+        chosen.update(dict.fromkeys(matches))
+    if unmatched:
+        raise UsageError(
+            f"--only {' '.join(unmatched)}: no video id matches",
+            f"known ids: {', '.join(sorted(ids))} (patterns take * ? [...], quoted so the shell leaves them alone)",
+        )
     known = {v.id: v for v in manifest.videos}
-    unknown = [i for i in only if i not in known]
-    if unknown:
-        raise UsageError(f"unknown video id(s) {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
-    return tuple(known[i] for i in only)
+    return tuple(known[i] for i in chosen)

@@ -6,14 +6,16 @@ import dataclasses
 import html
 import json
 import logging
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from batch.cache import tmp_sibling, write_atomic, write_if_changed
+from batch.cache import Cache, tmp_sibling, write_atomic, write_if_changed
 from batch.errors import UsageError
 from batch.manifest import thaw
-from batch.plan import Plan, load_state, ownership, state_path
+from batch.plan import Plan, VideoPlan, load_state, ownership, state_path
 from batch.run import RunResult
 from batch.shard import Shard, shard_file
 
@@ -45,11 +47,12 @@ def _write_state(path: Path, plan: Plan, videos: dict[str, Any]) -> None:
     write_if_changed(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
-def write_report(plan: Plan, result: RunResult, shard: Shard | None = None) -> Path:
+def write_report(plan: Plan, result: RunResult, shard: Shard | None = None, retired: Iterable[str] = ()) -> Path:
     """report.json and report.html for the manifest's videos: this run's, and for the videos a `--only` run left out,
-    their entries from the previous report (marked `earlier_run`), so the report always covers the whole manifest.
-    A shard's report (report.shard-I-of-N.json) covers its own videos, each with its shard and its place in the
-    manifest, for `dhbatch report merge`."""
+    their entries from the previous report (marked `earlier_run`), so the report always covers the whole manifest;
+    those whose MP4 this build `retired` (they changed since) are marked stale. A shard's report
+    (report.shard-I-of-N.json) covers its own videos, each with its shard and its place in the manifest, for `dhbatch
+    report merge`."""
     out_dir = plan.build_dir / plan.manifest.name
     data = result.as_dict()
     ids = [v.id for v in plan.manifest.videos]
@@ -61,12 +64,18 @@ def write_report(plan: Plan, result: RunResult, shard: Shard | None = None) -> P
             v.update(shard=str(shard), index=index[v["id"]])
     elif set(ids) - ran:
         by_id = {v["id"]: v for v in data["videos"]}
+        retired = set(retired)
         for old in _previous_videos(out_dir / "report.json"):
             if old["id"] in ids and old["id"] not in ran:
-                by_id[old["id"]] = {**old, "earlier_run": True}
+                entry = by_id[old["id"]] = {**old, "earlier_run": True}
+                if old["id"] in retired:
+                    entry.update(status="stale", output=None, error=STALE)
+                kept = out_dir / LAST_GOOD / f"{old['id']}.mp4"
+                entry["last_good"] = str(kept) if kept.is_file() else None
         data["videos"] = [by_id[i] for i in ids if i in by_id]
         data["only"] = sorted(ran)
-        data["summary"] = {s: sum(v["status"] == s for v in data["videos"]) for s in data["summary"]}
+        statuses = [*data["summary"], *(["stale"] if retired else [])]
+        data["summary"] = {s: sum(v["status"] == s for v in data["videos"]) for s in statuses}
         data["warnings"] = sum(len(step.get("warnings", [])) for v in data["videos"] for step in v["steps"])
     return _write_report(out_dir, shard_file("report.json", shard), data)
 
@@ -78,10 +87,14 @@ def _write_report(out_dir: Path, name: str, data: dict[str, Any]) -> Path:
     for v in data["videos"]:
         # The published file, for this run's videos and the earlier ones alike (never a path from the old report).
         output = out_dir / f"{v['id']}.mp4"
+        kept = out_dir / LAST_GOOD / f"{v['id']}.mp4"
+        thumb = None
         if v.get("output") and output.is_file():
             thumb = _thumbnail(output, out_dir / "thumbs" / f"{v['id']}.png")
-            if thumb is not None:
-                thumbs[v["id"]] = thumb.relative_to(out_dir).as_posix()
+        elif v.get("last_good") and kept.is_file():
+            thumb = _thumbnail(kept, kept.with_suffix(".png"))
+        if thumb is not None:
+            thumbs[v["id"]] = thumb.relative_to(out_dir).as_posix()
     html_path = out_dir / name.removesuffix(".json")
     write_atomic(html_path.with_name(html_path.name + ".html"), render_html(data, thumbs, out_dir).encode("utf-8"))
     return out_dir / name
@@ -199,13 +212,53 @@ def prune_removed(plan: Plan) -> list[str]:
     gone = [i for i in plan.removed if i in videos]  # the planner's list, less what an earlier call removed
     out_dir = path.parent
     for vid in gone:
-        for stale in (out_dir / f"{vid}.mp4", out_dir / "thumbs" / f"{vid}.png"):
-            if stale.parent in (out_dir, out_dir / "thumbs") and stale.name.startswith(vid):
+        keep = out_dir / LAST_GOOD
+        for stale in (
+            out_dir / f"{vid}.mp4",
+            out_dir / "thumbs" / f"{vid}.png",
+            keep / f"{vid}.mp4",
+            keep / f"{vid}.png",
+        ):
+            if stale.parent in (out_dir, out_dir / "thumbs", keep) and stale.name.startswith(vid):
                 stale.unlink(missing_ok=True)
         del videos[vid]
     if gone:
         write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
     return gone
+
+
+#: Why a video left out of a `--only` run has no output now.
+STALE = "changed since it was built, and not part of this run (--only): build it to update its MP4"
+#: Where build/<manifest>/ keeps the last good MP4 of a video that is not built now, out of `build/<manifest>/*.mp4`.
+LAST_GOOD = "last-good"
+
+
+def retire_outdated(videos: Iterable[VideoPlan], cache: Cache, result: RunResult) -> list[str]:
+    """Outputs never lie: every build/<manifest>/<id>.mp4 left after a build is the output of the manifest as it is
+    now. The MP4 of a video that failed or was not run, or (outside a `--only` run) that changed since it was built,
+    moves to build/<manifest>/last-good/<id>.mp4 with its thumbnail, replacing an older one there; a video built now
+    drops its last-good copy. `videos`: the plans of every video of the manifest. Notes each of this run's videos'
+    last-good file in `result`. Returns the ids whose MP4 moved."""
+    ran = {v.id: v for v in result.videos}
+    retired = []
+    for vp in videos:
+        vid, keep = vp.video.id, vp.output.parent / LAST_GOOD
+        if vid in ran and ran[vid].output:  # built or cached now: the last good output is this one
+            for old in (keep / f"{vid}.mp4", keep / f"{vid}.png"):
+                old.unlink(missing_ok=True)
+            continue
+        final = vp.steps[-1]
+        current = vid not in ran and vp.published and cache.is_cached(final.stage, final.key)
+        if (vp.output.is_file() or vp.output.is_symlink()) and not current:
+            keep.mkdir(exist_ok=True)
+            os.replace(vp.output, keep / f"{vid}.mp4")
+            thumb = vp.output.parent / "thumbs" / f"{vid}.png"
+            if thumb.is_file():
+                os.replace(thumb, keep / f"{vid}.png")
+            retired.append(vid)
+        if vid in ran and (keep / f"{vid}.mp4").is_file():
+            ran[vid].last_good = str(keep / f"{vid}.mp4")
+    return retired
 
 
 def _thumbnail(video: Path, dest: Path) -> Path | None:
@@ -244,9 +297,39 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em} .sum span{margin-right:1.2em}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}
-.built{color:#0a6} .cached{color:#357} .failed,.skipped{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px}
+.built{color:#0a6} .cached{color:#357} .failed,.skipped,.stale{color:#c22} .warn{color:#a50} img{width:128px;border-radius:4px} img.old{opacity:.45}
 .steps{font-size:.85em;color:#555} .steps b{color:#222} code{font-size:.85em}
+.script{color:#222;margin:.3em 0} .script ol{margin:.2em 0;padding-left:1.4em} .cite{font-family:monospace;margin-left:.3em}
 """
+
+
+def _written_script(info: Any, root: Path, out_dir: Path) -> str:
+    """A written script, sentence by sentence, each with links to the lines (or PDF page) of the passages it cites,
+    relative to the report, so a reviewer can check every sentence against its source."""
+    if not isinstance(info, dict) or not isinstance(info.get("sentences"), list):
+        return ""
+    e = html.escape
+    items = []
+    for sentence in info["sentences"]:
+        links = []
+        for cite in sentence.get("cites", []) if isinstance(sentence, dict) else []:
+            target = os.path.relpath(root / str(cite.get("file", "")), out_dir).replace(os.sep, "/")
+            href = e(target + str(cite.get("anchor", "")))
+            links.append(f'<a class=cite href="{href}">{e(str(cite.get("where", "")))}</a>')
+        text = e(str(sentence.get("text", ""))) if isinstance(sentence, dict) else ""
+        items.append(f"<li>{text} {' '.join(links) or '<span class=warn>cites nothing</span>'}</li>")
+    return f"<div class=script>script ({e(str(info.get('words')))} words):<ol>{''.join(items)}</ol></div>"
+
+
+def _artifact_html(artifact: str | None, out_dir: Path) -> str:
+    """What a failed step made, beside its error: an image shown, another file linked (paths relative to the report,
+    so the cache's failed/ folder is reached from build/<manifest>/)."""
+    if not artifact:
+        return ""
+    href = html.escape(Path(os.path.relpath(artifact, out_dir)).as_posix())
+    if Path(artifact).suffix.lower() in (".png", ".jpg", ".jpeg"):
+        return f'<br><a href="{href}"><img src="{href}" alt="what the failed step made"></a>'
+    return f' · <a href="{href}">what the failed step made</a>'
 
 
 def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> str:
@@ -254,13 +337,22 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
     rows = []
     for v in data["videos"]:
         thumb = f'<img src="{e(thumbs[v["id"]])}" alt="frame of {e(v["id"])}">' if v["id"] in thumbs else ""
-        link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>' if v["output"] else ""
+        if thumb and not v["output"]:  # the last good output's frame: an earlier build, not this one
+            thumb = thumb.replace("<img ", '<img class=old title="the last good MP4, from an earlier build" ')
+        if v["output"]:
+            link = f'<a href="{e(Path(v["output"]).name)}">{e(v["id"])}.mp4</a>'
+        elif v.get("last_good"):  # an earlier build's output, out of the outputs' glob
+            link = f'<a href="{LAST_GOOD}/{e(v["id"])}.mp4">last good MP4</a> (an earlier build)'
+        else:
+            link = ""
         steps = "<br>".join(
             f"<b>{e(s['stage'])}</b> {e(s['status'])} · {e(s['reason'])}"
             + (f" · {s['seconds']:.2f}s" if s["status"] in ("ran", "failed") else "")
             + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
+            + _artifact_html(s.get("artifact"), out_dir)
             + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")
             + "".join(f" · <span class=warn>warning: {e(text)}</span>" for text in s.get("warnings", []))
+            + (_written_script(s.get("info"), Path(data["manifest"]).parent, out_dir) if s["stage"] == "write" else "")
             for s in v["steps"]
         )
         err = f"<div class=failed>{e(v['error'])}</div>" if v.get("error") else ""

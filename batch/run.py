@@ -6,21 +6,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.cache import Cache, publish
 from batch.errors import disk_full_path
 from batch.executors import Chunk, ChunkResult, Executor, StageFn
 from batch.plan import Plan, Step, VideoPlan, forced_keys
+from batch.progress import Progress, reporter
 from batch.stages import BATCHED_GPU_TARGETS, ORDER, STAGES
+
+if TYPE_CHECKING:
+    from batch.remote import RemoteCache
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,8 @@ class StepOutcome:
     seconds: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
-    #: False for a step that never ran (its upstream failed, or --fail-fast stopped the run).
+    #: Whether this run ran the step: False for a cached step, and for one that never ran (its upstream failed, or
+    #: --fail-fast stopped the run).
     ran: bool = True
     #: Where a step that ran now was built (the executor's worker, its node and device), and how long its chunk
     #: waited between the driver handing it over and the stage starting (for a worker, or for its inputs to move).
@@ -42,6 +47,13 @@ class StepOutcome:
     node: str = ""
     device: str = ""
     queued: float = 0.0
+    #: What a failed step made before it failed, kept in the cache for a person to look at (the portrait that
+    #: failed the face check): `Cache.keep_failed`.
+    artifact: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cached:
+            self.ran = False
 
     @property
     def status(self) -> str:
@@ -73,6 +85,8 @@ class VideoResult:
     steps: list[StepOutcome]
     error: str | None = None
     seconds: float = 0.0
+    #: Not built now, but an earlier build's MP4 is kept where the outputs' glob misses it (`report.retire_outdated`).
+    last_good: str | None = None
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -124,9 +138,7 @@ class _InFlight:
     chunk: Chunk
     steps: list[Step]
     locks: contextlib.ExitStack
-    #: Indexes of the steps already committed as their job finished (`Chunk.on_result`), and the chunk's seconds
-    #: at the last of them.
-    committed: set[int] = dataclasses.field(default_factory=set)
+    #: The chunk's seconds when the stage last reported a finished job (`Chunk.on_result`).
     reported_s: float = 0.0
 
     def release(self) -> None:
@@ -151,9 +163,11 @@ class Runner:
         fail_fast: bool = False,
         jobs: int = 1,
         force: Sequence[str] = (),
-        progress: bool = True,
+        progress: bool | Progress = True,
         stages: Mapping[str, StageFn] | None = None,
         executor: Executor | None = None,
+        remote: RemoteCache | None = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.plan = plan
         self.cache = cache
@@ -161,12 +175,19 @@ class Runner:
         self.fail_fast = fail_fast
         self.force = set(force)
         self._forced_keys: set[str] | None = None
-        self.progress = progress
+        #: Bars at a terminal, timestamped lines in a CI log (`batch.progress`); told of each video once it is done.
+        self.progress = progress if isinstance(progress, Progress) else reporter(progress)
+        #: Called with each progress event: a stage starts, a step finishes, a video is done (`build --events`,
+        #: the studio).
+        self.events = events
         if executor is None:
             from batch.executors.local import LocalExecutor
 
             executor = LocalExecutor(device=device, jobs=jobs, stages=stages)
         self.executor = executor
+        #: A shared cache (batch/remote.py): steps missing here are downloaded from it, steps built are uploaded.
+        self.remote = remote
+        self._remote_missed: set[str] = set()
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
@@ -176,6 +197,8 @@ class Runner:
         self._chunk_ids = itertools.count()
         self._bars: dict[str, Any] = {}
         self._stop = False
+        self._users: dict[str, list[VideoPlan]] = defaultdict(list)  # step key -> the videos made from it
+        self._results: dict[str, VideoResult | None] = {}  # video id -> its result once published (None: failed)
         self._commit_lock = threading.RLock()  # steps may be committed from a stage's thread as they finish
         self._disk_full: str | None = None  # the file a full disk kept from being written
 
@@ -213,6 +236,7 @@ class Runner:
         for vp in self.plan.videos:
             for s in vp.steps:
                 steps.setdefault(s.key, s)
+                self._users[s.key].append(vp)
         self._todo = {s.key: s for s in sorted(steps.values(), key=lambda s: ORDER.index(s.stage))}
         self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
         stopped = False
@@ -232,7 +256,9 @@ class Runner:
             for bar in self._bars.values():
                 bar.close()
             self.executor.close()
-        results = [self._video_result(vp, stopped) for vp in self.plan.videos]
+            if self.remote is not None:
+                self.remote.wait_uploads()
+        results = [self._result(vp, stopped or self._disk_full is not None) for vp in self.plan.videos]
         return RunResult(
             str(self.plan.manifest.path),
             results,
@@ -249,6 +275,8 @@ class Runner:
             deferred = self._submit_ready()
             if not self._inflight:
                 if not deferred:
+                    if self._todo:  # a bug in the scheduling, not the user's: say so rather than skip steps
+                        raise RuntimeError(f"{len(self._todo)} steps were never handed over")
                     return
                 time.sleep(0.1)  # another build holds their locks: it is building them; look again soon
                 continue
@@ -284,14 +312,21 @@ class Runner:
             rec = None if self._forced(step) else self.cache.record(step.stage, key)
             if rec is not None:
                 self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
-                self.outcomes[key] = StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {}))
                 self._done.add(key)
+                self._record(StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {})))
                 del self._todo[key]
                 continue
             ready[step.target].append(step)
+        if self.remote is not None:
+            self._fetch_remote(ready)
         deferred = 0
-        for group in ready.values():
-            for chunk in self._chunks(group):
+        for target, group in ready.items():
+            size = self._chunk_size(group)
+            chunks = [group[i : i + size] for i in range(0, len(group), size)]
+            if target in BATCHED_GPU_TARGETS and len(chunks[-1]) < size and self._more_coming(target, group):
+                if len(chunks) > 1 or not self.executor.idle(True):
+                    chunks.pop()  # a partial batch waits for more steps while the GPUs are busy
+            for chunk in chunks:
                 if not self._submit(chunk):
                     deferred += len(chunk)
         if only is not None and not any(f.chunk.stage == only for f in self._inflight.values()):
@@ -301,9 +336,38 @@ class Runner:
                     return self._submit_ready()
         return deferred
 
-    def _chunks(self, group: list[Step]) -> list[list[Step]]:
-        """Steps of one target in chunks: a stage's chunk size (the GPU renderer's larger batches, the image stage's
-        batch_size), and on a cluster no larger than needed to give every worker of that kind some."""
+    def _more_coming(self, target: str, ready: list[Step]) -> bool:
+        """Whether steps of `target` wait for their inputs (to fill a GPU batch with, on an overlapping executor)."""
+        keys = {s.key for s in ready}
+        return any(s.target == target and s.key not in keys for s in self._todo.values())
+
+    def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
+        """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
+        wanted = [
+            (s.stage, s.key)
+            for group in ready.values()
+            for s in group
+            if not self._forced(s) and s.key not in self._remote_missed
+        ]
+        hits = self.remote.fetch_many(self.cache, wanted)
+        self._remote_missed |= {key for _, key in wanted if key not in hits}  # looked up again only under its lock
+        for target, group in list(ready.items()):
+            for s in group:
+                if s.key in hits:
+                    self._remote_hit(s, hits[s.key])
+            ready[target] = [s for s in group if s.key not in hits]
+            if not ready[target]:
+                del ready[target]
+
+    def _remote_hit(self, s: Step, rec: dict[str, Any]) -> None:
+        self._done.add(s.key)
+        self._todo.pop(s.key, None)
+        self._bar(s.stage).update(1)
+        self._record(StepOutcome(s.stage, s.key, True, "from the remote cache", 0.0, rec.get("info", {})))
+
+    def _chunk_size(self, group: list[Step]) -> int:
+        """Steps of one target per chunk: the stage's chunk (the GPU renderer's larger batches, the image stage's
+        batch_size), and on a cluster no more than needed to give every worker of that kind some."""
         spec = STAGES[group[0].stage]
         target = group[0].target
         size = BATCHED_GPU_TARGETS.get(target, spec.chunk)
@@ -311,7 +375,7 @@ class Runner:
             size = int(group[0].settings.get("batch_size", spec.chunk))
         if self.executor.overlap and target not in BATCHED_GPU_TARGETS:
             size = min(size, -(-len(group) // max(1, self.executor.workers(_on_gpu(group[0])))))
-        return [group[i : i + size] for i in range(0, len(group), size)]
+        return size
 
     def _submit(self, steps: list[Step]) -> bool:
         """Lock, re-check and hand over one chunk; False when another build holds a lock (the steps stay to do)."""
@@ -336,15 +400,18 @@ class Runner:
                 self.cache.forget(s.key)
                 rec = self.cache.record(stage, s.key)
                 if rec is not None:  # another run built it while we waited for the lock
-                    self.outcomes[s.key] = StepOutcome(
-                        stage, s.key, True, "built by another run", 0.0, rec.get("info", {})
-                    )
                     self._done.add(s.key)
                     self._bar(stage).update(1)
+                    self._record(StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {})))
+                    continue
+                # Another job may have uploaded it since the last look (a step that videos of several shards need).
+                if self.remote is not None and (rec := self.remote.fetch(self.cache, stage, s.key, held=True)):
+                    self._remote_hit(s, rec)
                     continue
             if damaged := self._damaged_input(s):  # it was checked when its stage ran: something changed it since
                 self.failed[s.key] = damaged
-                self.outcomes[s.key] = StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged)
+                self._bar(stage).update(1)
+                self._record(StepOutcome(stage, s.key, False, self._reasons[s.key], 0.0, {}, damaged))
                 logger.error("%s: %s failed: %s", s.label, stage, damaged)
                 continue
             misses.append(s)
@@ -387,18 +454,19 @@ class Runner:
         return True
 
     def _finish(self, res: ChunkResult) -> None:
-        """Commit a finished chunk's steps into the cache (each atomically), note failures, free its locks."""
-        flight = self._inflight.pop(res.chunk.id, None)
+        """Commit a finished chunk's steps into the cache (each atomically), note failures, free its locks. Called
+        again for the same chunk after a Ctrl-C (executors return every finished chunk then): what is committed
+        stays, the rest is committed now."""
+        flight = self._inflight.get(res.chunk.id)
         if flight is None:  # already handled
             return
-        try:
-            seconds = res.seconds / len(flight.steps)
-            for index, (s, job, outcome) in enumerate(zip(flight.steps, res.chunk.jobs, res.results, strict=True)):
-                with self._commit_lock:
-                    if index not in flight.committed:  # not yet committed as it finished
-                        self._commit(s, job.out_dir, outcome, seconds, res)
-        finally:
-            flight.release()
+        seconds = res.seconds / len(flight.steps)
+        with self._commit_lock:
+            for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
+                if s.key not in self.outcomes:  # not committed as it finished (Chunk.on_result), nor before a Ctrl-C
+                    self._commit(s, job.out_dir, outcome, seconds, res)
+            del self._inflight[res.chunk.id]
+        flight.release()
         if self.executor.overlap:
             self._close_finished_bars()
 
@@ -406,11 +474,11 @@ class Runner:
         """A step of a chunk in flight has finished (the stage said so as it went): commit it now, so a run killed
         before the chunk ends keeps it. Called on the stage's thread."""
         with self._commit_lock:
-            if index in flight.committed or flight.chunk.id not in self._inflight:
+            step = flight.steps[index]
+            if step.key in self.outcomes or flight.chunk.id not in self._inflight:
                 return
-            flight.committed.add(index)
             seconds, flight.reported_s = where.seconds - flight.reported_s, where.seconds
-            self._commit(flight.steps[index], flight.chunk.jobs[index].out_dir, res, seconds, where)
+            self._commit(step, flight.chunk.jobs[index].out_dir, res, seconds, where)
 
     def _commit(self, s: Step, tmp: Path, res: Any, seconds: float, where: ChunkResult) -> None:
         spec = STAGES[s.stage]
@@ -421,7 +489,9 @@ class Runner:
         if isinstance(res, BaseException):
             msg = str(res)
             self.failed[s.key] = msg
-            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, {}, msg, **placed)
+            kept = self._keep_artifact(s.stage, s.key, tmp, getattr(res, "artifact", None))
+            self._bar(s.stage).update(1)
+            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, {}, msg, **placed, artifact=kept))
             logger.error("%s: %s failed: %s", s.label, s.stage, msg)
             self._stop = self._stop or self.fail_fast
             return
@@ -450,12 +520,15 @@ class Runner:
             if full:
                 self._note_disk_full(exc, tmp)
             self.failed[s.key] = msg
-            self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, msg, **placed)
+            self._bar(s.stage).update(1)
+            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, msg, **placed))
             self._stop = self._stop or self.fail_fast
             return
-        self.outcomes[s.key] = StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed)
         self._done.add(s.key)
         self._bar(s.stage).update(1)
+        self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed))
+        if self.remote is not None:
+            self.remote.upload(self.cache, s.stage, s.key, replace=self._forced(s))
 
     def _note_disk_full(self, exc: BaseException, fallback: Path) -> None:
         """The disk is full: stop handing out work (what runs finishes; what is built is kept and published)."""
@@ -493,7 +566,9 @@ class Runner:
     def _bar(self, stage: str) -> Any:
         if stage not in self._bars:
             total = len({d.key for vp in self.plan.videos for d in vp.decisions if d.stage == stage and not d.cached})
-            self._bars[stage] = _progress(stage, total, self.progress)
+            self._bars[stage] = self.progress.stage(stage, total)
+            if self.events is not None:
+                self._bars[stage] = _EventBar(self._bars[stage], stage, total, self.events)
         return self._bars[stage]
 
     def _stage_finished(self, stage: str) -> None:
@@ -506,15 +581,57 @@ class Runner:
         for stage in [s for s in self._bars if s not in busy]:
             self._bars.pop(stage).close()
 
+    def _keep_artifact(self, stage: str, key: str, tmp: Path, artifact: Any) -> str | None:
+        """Move what a failed step left for people to see (a RenderError's `artifact`, in its tmp folder) into the
+        cache's failed/ folder before the tmp folder is swept; its path, or None."""
+        if not isinstance(artifact, Path) or artifact.parent != tmp or not artifact.is_file():
+            return None
+        try:
+            return str(self.cache.keep_failed(stage, key, artifact))
+        except OSError as exc:  # nothing to show is no reason to lose the error itself
+            logger.warning("could not keep %s: %s", artifact.name, exc)
+            return None
+
+    def _record(self, outcome: StepOutcome) -> None:
+        """Note a step's outcome. A video whose final step is done is published now, not at the end of the run (a
+        CI log sees it complete, a kill keeps it), and one whose step failed is reported failed now."""
+        self.outcomes[outcome.key] = outcome
+        for vp in self._users.get(outcome.key, ()):
+            if vp.video.id in self._results or (outcome.error is None and outcome.key != vp.steps[-1].key):
+                continue
+            result = self._video_result(vp, stopped=False)
+            # Published (or it could not be): final. A failed one is made again at the end, with every step known.
+            self._results[vp.video.id] = result if outcome.error is None else None
+            self._announce(result)
+
+    def _announce(self, result: VideoResult) -> None:
+        """A video is done: the progress reporter says so, and `events` gets {"event": "video", id, status, output,
+        error}."""
+        self.progress.video(result)
+        if self.events is not None:
+            fields = {"id": result.id, "status": result.status, "output": result.output, "error": result.error}
+            self.events({"event": "video", **fields})
+
+    def _result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
+        """A video's result at the end of the run: the one published during the run, or (failed, skipped, or left
+        by --fail-fast with every step cached) made now."""
+        if (done := self._results.get(vp.video.id)) is not None:
+            return done
+        if stopped:  # --fail-fast: steps already in the cache are this run's too (a video cached, not skipped)
+            for s in vp.steps:
+                if s.key not in self.outcomes and s.key not in self.failed and not self._forced(s):
+                    if (rec := self.cache.record(s.stage, s.key)) is not None:
+                        self.outcomes[s.key] = StepOutcome(s.stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
+        result = self._video_result(vp, stopped)
+        if vp.video.id not in self._results:
+            self._announce(result)
+        return result
+
     def _video_result(self, vp: VideoPlan, stopped: bool) -> VideoResult:
         outcomes = []
         error = None
         for s in vp.steps:
             o = self.outcomes.get(s.key)
-            if o is None and s.key not in self.failed and not self._forced(s):
-                rec = self.cache.record(s.stage, s.key)  # the run stopped before it came to this cached step
-                if rec is not None:
-                    o = self.outcomes[s.key] = StepOutcome(s.stage, s.key, True, "unchanged", 0.0, rec.get("info", {}))
             if o is None:
                 reason = next(d.reason for d in vp.decisions if d.key == s.key)
                 o = StepOutcome(
@@ -581,27 +698,34 @@ def _thaw(value: Any) -> Any:
     return thaw(value)
 
 
-class _NoBar:
+class _EventBar:
+    """A progress bar that also reports to `events`: {"event": "stage", stage, total} when the stage starts, then
+    {"event": "step", stage, done, total} for each finished step."""
+
+    def __init__(self, bar: Any, stage: str, total: int, events: Callable[[dict[str, Any]], None]) -> None:
+        self.bar, self.stage, self.total, self.events = bar, stage, total, events
+        self.done = 0
+        events({"event": "stage", "stage": stage, "total": total})
+
     def update(self, n: int = 1) -> None:
-        pass
+        self.bar.update(n)
+        self.done += n
+        self.events({"event": "step", "stage": self.stage, "done": self.done, "total": self.total})
 
     def close(self) -> None:
-        pass
+        self.bar.close()
 
 
-def _progress(stage: str, total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+class EventFile:
+    """Writes events as JSON lines with their time (`build --events FILE`), each flushed at once so that a reader
+    (the studio's job page) sees the build's progress live."""
 
-    # In a CI log (no terminal) the bar prints a plain line at most every 10 s instead of redrawing.
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=f"{stage:>8}",
-        unit="step",
-        file=sys.stderr,
-        leave=True,
-        dynamic_ncols=interactive,
-        mininterval=0.1 if interactive else 10.0,
-    )
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps({**event, "time": round(time.time(), 3)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

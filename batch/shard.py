@@ -65,6 +65,8 @@ def expected_cost(script: Script) -> float:
     """Seconds of work a video of this script is expected to take, up to a constant factor."""
     if script.audio is not None:
         return VIDEO_OVERHEAD_S + _audio_seconds(script.audio)
+    if script.brief is not None:  # written from documents: about `words` words of about 6 characters
+        return VIDEO_OVERHEAD_S + script.words * 6 / CHARS_PER_SECOND
     return VIDEO_OVERHEAD_S + len(script.text or "") / CHARS_PER_SECOND
 
 

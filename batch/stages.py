@@ -40,6 +40,7 @@ STAGES: Mapping[str, StageSpec] = {
     for s in (
         StageSpec("prompt", 1, "llm", ("prompt.txt",)),
         StageSpec("image", 1, "image", ("portrait.png",), chunk=4),
+        StageSpec("write", 1, "llm", ("script.txt", "citations.json")),
         StageSpec("voice", 1, "voice", ("speech.wav",), optional=("phonemes.json",), parallel=True),
         StageSpec("audio", 1, "", ("speech.wav",), parallel=True),
         StageSpec("animate", 1, "video", ("video.mp4",), optional=("track.json",), chunk=4, parallel=True),
@@ -53,6 +54,7 @@ ORDER = tuple(STAGES)
 TARGETS: Mapping[str, str] = {
     "prompt": "renderer.llm:run",
     "image": "renderer.portrait:run",
+    "write": "renderer.write:run",
     "voice": "renderer.voice:run",
     "audio": "renderer.voice:run_convert",
     "animate:puppet": "renderer.puppet:run",
@@ -71,6 +73,7 @@ BATCHED_GPU_TARGETS: Mapping[str, int] = {"renderer.sadtalker.pipeline:run": 16}
 #: Settings that change a stage's output (the rest, like batch sizes or hosts, are cosmetic: left out of keys).
 KEYED: Mapping[str, tuple[str, ...]] = {
     "prompt": ("engine", "model", "temperature", "max_length"),
+    "write": ("engine", "model", "temperature", "words"),
     "image": ("model", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "size", "dtype"),
     "voice:piper": ("engine", "model", "rate", "sentence_silence", "noise_scale", "noise_w_scale"),
     "voice:hibari": ("engine", "model", "rate", "pitch", "sentence_silence"),
@@ -106,12 +109,14 @@ def keyed_settings(stage: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         names = KEYED[f"voice:{settings['engine']}"]
     elif stage == "prompt" and settings["engine"] == "none":
         names = ("engine", "max_length")  # the rendered template is cut to max_length
+    elif stage == "write" and settings["engine"] == "none":
+        names = ("engine", "words")  # extractive: no model
     else:
         names = KEYED.get(stage, ())
     out = {n: settings[n] for n in names}
     if stage == "voice" and "model" in out:
         out["model"] = voice_model(settings)
-    if stage == "prompt" and settings["engine"] == "ollama" and not out["model"]:
+    if stage in ("prompt", "write") and settings["engine"] == "ollama" and not out["model"]:
         out["model"] = DEFAULT_OLLAMA_MODEL
     return out
 
@@ -144,7 +149,7 @@ def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path,
             out[n] = hasher.digest(p) if p.is_file() else "missing"
         return out
 
-    if stage == "prompt":
+    if stage in ("prompt", "write"):
         if settings["engine"] == "ollama":
             return {"ollama": settings["model"] or DEFAULT_OLLAMA_MODEL}
         if settings["engine"] == "local":

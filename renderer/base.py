@@ -29,16 +29,52 @@ T = TypeVar("T")
 class RenderError(Exception):
     """A stage could not produce its output; the runner reports it for the affected videos.
 
-    `message` says what failed and where, `hint` what to do about it.
+    `message` says what failed and where, `hint` what to do about it; `artifact`, a file in the job's `out_dir` that
+    shows what went wrong (the portrait that failed the face check), which the runner keeps in the cache's failed/
+    folder and the report shows beside the error.
     """
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", artifact: Path | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.artifact = artifact
 
     def __str__(self) -> str:
         return f"{self.message} — {self.hint}" if self.hint else self.message
+
+
+def summarise(text: object, limit: int = 160) -> str:
+    """A service's error text in one short line, never pasted raw: an HTML error page becomes its title (or first
+    heading) and first words, a JSON body its `error`/`detail`/`message`, a validation dump (pydantic's "1
+    validation error for ...") its first complaint; whitespace collapsed, cut to `limit` characters."""
+    import html
+    import json
+    import re
+
+    raw = str(text).strip()
+    if raw[:1] in "{[":
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            for key in ("error", "detail", "message"):
+                if data.get(key):
+                    return summarise(data[key], limit)
+        if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("msg"):
+            return summarise(f"{'.'.join(map(str, data[0].get('loc', [])))}: {data[0]['msg']}", limit)
+    if re.search(r"<(?:!doctype|html|head|body|title|h1)\b", raw, re.IGNORECASE):
+        title = re.search(r"<(title|h1)[^>]*>(.*?)</\1>", raw, re.IGNORECASE | re.DOTALL)
+        body = re.sub(r"<(script|style)[^>]*>.*?</\1>|<[^>]+>", " ", raw, flags=re.IGNORECASE | re.DOTALL)
+        words = html.unescape(title.group(2) if title else body)
+        raw = f"an HTML page: {' '.join(words.split())}"
+    else:
+        dump = re.match(r"\d+ validation errors? for \w+\s*\n\s*(\S+)\s*\n\s*([^\[\n]+)", raw)
+        if dump:
+            raw = f"{dump.group(1)}: {dump.group(2).strip()}"
+    line = " ".join(raw.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 class MissingWeightsError(RenderError):

@@ -68,6 +68,44 @@ class DownloadError(BackendError):
     """A checkpoint could not be fetched or failed its check; `hint` says what to do."""
 
 
+class HostUnreachable(DownloadError):
+    """The server cannot be reached at all (no network, DNS failure, refused, timed out): said once per host, and
+    the host's other files are not tried."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach {host} ({reason})",
+            "check the network connection (or give a mirror with --base-url) and run again",
+        )
+        self.host = host
+        self.reason = reason
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
+def probe(url: str, timeout: float) -> None:
+    """Raise HostUnreachable unless a TCP connection to `url`'s host opens within `timeout` seconds: one quick
+    answer for a machine with no network, instead of a failed request (and a wait) per file."""
+    import socket
+
+    proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme)
+    if proxy and not urllib.request.proxy_bypass(urllib.parse.urlsplit(url).hostname or ""):
+        url = proxy if "://" in proxy else f"http://{proxy}"  # the requests go through the proxy: probe it
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return
+    except socket.gaierror as exc:
+        raise HostUnreachable(parts.netloc, f"name not resolved: {exc.strerror or exc}") from exc
+    except TimeoutError as exc:
+        raise HostUnreachable(parts.netloc, f"no answer within {timeout:g} s") from exc
+    except OSError as exc:
+        raise HostUnreachable(parts.netloc, exc.strerror or str(exc)) from exc
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One weights file: where it lives under checkpoints/, where it comes from, and how to check it.
@@ -333,7 +371,9 @@ def select(
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What happened to one checkpoint: `status` is "present", "downloaded", "missing" (check only) or "failed"."""
+    """What happened to one checkpoint: `status` is "present", "downloaded", "missing" (check only), "unverified"
+    (check only: present, with no published size or digest to check it against), "unreachable" (its server could
+    not be reached; `message` says why, the same for every file of that server) or "failed"."""
 
     path: str
     status: str
@@ -631,17 +671,35 @@ def download(
     timeout: float = 60.0,
     progress: bool = True,
 ) -> list[Outcome]:
-    """Fetch every entry (see `fetch`); a failure is recorded in its Outcome and the others go on."""
+    """Fetch every entry (see `fetch`); a failure is recorded in its Outcome and the others go on. Each server is
+    probed once before its first download: one that cannot be reached gives every file of it the same "unreachable"
+    outcome at once."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     stamps = _Stamps(dest)
     outcomes = []
+    reached: dict[str, HostUnreachable | None] = {}
     try:
         for entry in entries:
+            url = entry.url(base_url)
+            target = _target(dest, entry)
+            needs_network = not (target.is_file() and _verify(entry, target, stamps) is None)
             try:
+                if needs_network:
+                    host = _host(url)
+                    if host not in reached:
+                        try:
+                            probe(url, min(timeout, 10.0))
+                            reached[host] = None
+                        except HostUnreachable as exc:
+                            reached[host] = exc
+                    if reached[host] is not None:
+                        raise reached[host]
                 outcomes.append(
                     fetch(entry, dest, base_url=base_url, timeout=timeout, progress=progress, stamps=stamps)
                 )
+            except HostUnreachable as exc:
+                outcomes.append(Outcome(entry.path, "unreachable", exc.message))
             except DownloadError as exc:
                 outcomes.append(Outcome(entry.path, "failed", str(exc)))
     finally:
@@ -660,7 +718,20 @@ def check(entries: Iterable[Checkpoint], dest: Path) -> list[Outcome]:
             outcomes.append(Outcome(entry.path, "missing"))
             continue
         problem = _verify(entry, target, stamps)
-        outcomes.append(Outcome(entry.path, "present" if problem is None else "failed", problem or ""))
+        if problem is not None:
+            outcomes.append(Outcome(entry.path, "failed", problem))
+        elif entry.sha256 is None and stamps.published(entry.path) is None:
+            checked = "its size matches; " if entry.size is not None else ""
+            outcomes.append(
+                Outcome(
+                    entry.path,
+                    "unverified",
+                    f"{checked}no digest to check it against (none pinned, none recorded from the server: "
+                    "`make checkpoints` records it when it downloads the file)",
+                )
+            )
+        else:
+            outcomes.append(Outcome(entry.path, "present"))
     stamps.save()
     return outcomes
 
@@ -691,15 +762,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes = check(entries, args.dest)
     else:
         outcomes = download(entries, args.dest, base_url=args.base_url, timeout=args.timeout, progress=not args.quiet)
+    unreachable = [o for o in outcomes if o.status == "unreachable"]
+    for message in dict.fromkeys(o.message for o in unreachable):  # once per server, not once per file
+        files = [o.path for o in unreachable if o.message == message]
+        print(f"{message}: {len(files)} file(s) not downloaded ({', '.join(files)})", file=sys.stderr)
+        print("  hint: check the network connection (or give a mirror with --base-url) and run again", file=sys.stderr)
     width = max(len(o.path) for o in outcomes) if outcomes else 0
     for o in outcomes:
-        line = f"{o.status:<10} {o.path:<{width}}  {o.message}".rstrip()
-        print(line, file=sys.stderr if o.status == "failed" else sys.stdout)
-    bad = [o for o in outcomes if o.status in ("failed", "missing")]
+        if o.status != "unreachable":
+            line = f"{o.status:<10} {o.path:<{width}}  {o.message}".rstrip()
+            print(line, file=sys.stderr if o.status == "failed" else sys.stdout)
+    unverified = [o.path for o in outcomes if o.status == "unverified"]
+    if unverified:
+        print(f"could not verify {len(unverified)} file(s) (present, nothing to check them against): "
+              f"{', '.join(unverified)}")  # fmt: skip
+    bad = [o for o in outcomes if o.status in ("failed", "missing", "unreachable")]
     if bad:
         print(f"{len(bad)} of {len(outcomes)} checkpoint file(s) not ready in {args.dest}", file=sys.stderr)
         return 1
-    print(f"all {len(outcomes)} checkpoint file(s) verified in {args.dest}")
+    verified = len(outcomes) - len(unverified)
+    print(f"{verified} of {len(outcomes)} checkpoint file(s) verified in {args.dest}" if unverified
+          else f"all {len(outcomes)} checkpoint file(s) verified in {args.dest}")  # fmt: skip
     return 0
 
 

@@ -42,6 +42,8 @@ class Face:
     landmarks: np.ndarray
     #: Other faces found with a clear score: the stages report them (`warning`), as only the best one is animated.
     others: int = 0
+    #: The detector's scores of those other faces.
+    other_scores: tuple[float, ...] = ()
 
     @property
     def warning(self) -> str | None:
@@ -127,18 +129,19 @@ def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None) -> Face:
-    """Find the best-scoring face and its 68 landmarks; several faces → warning, none → BadInputError."""
+def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = None, *, warn: bool = True) -> Face:
+    """Find the best-scoring face and its 68 landmarks; several faces → warning (logged unless `warn` is False: the
+    caller reports `Face.others` itself), none → BadInputError."""
 
     where = source or "the image"
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
     models = _models(pool)
     with models.lock:
-        return _detect(image, where, models.detector, models.predictor)
+        return _detect(image, where, models.detector, models.predictor, warn)
 
 
-def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Face:
+def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any, warn: bool = True) -> Face:
     import dlib
 
     image = np.ascontiguousarray(image)
@@ -156,7 +159,7 @@ def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Fac
         raise BadInputError(f"no face found in {where}", _NO_FACE_HINT)
     best = int(np.argmax(scores))
     strong = [s for s in scores if s >= 0.5]
-    if len(strong) > 1:
+    if len(strong) > 1 and warn:
         logger.warning(
             "%d faces found in %s; animating the one with the best score (%.2f)", len(strong), where, scores[best]
         )
@@ -165,4 +168,53 @@ def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any) -> Fac
     shape = predictor(image, dlib.rectangle(left, top, right, bottom))
     landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
     box = (max(left, 0), max(top, 0), min(right, width - 1), min(bottom, height - 1))
-    return Face(box=box, score=float(scores[best]), landmarks=landmarks, others=max(len(strong) - 1, 0))
+    others = tuple(float(s) for i, s in enumerate(scores) if s >= 0.5 and i != best)
+    return Face(box=box, score=float(scores[best]), landmarks=landmarks, others=len(others), other_scores=others)
+
+
+#: A generic head's 3D points (millimetres, x right, y up, z towards the camera) at six of the iBUG-68 landmarks:
+#: nose tip, chin, the eyes' outer corners, the mouth's corners (the model commonly used with solvePnP).
+_HEAD_MODEL = {
+    30: (0.0, 0.0, 0.0),
+    8: (0.0, -330.0, -65.0),
+    36: (-225.0, 170.0, -135.0),
+    45: (225.0, 170.0, -135.0),
+    48: (-150.0, -150.0, -125.0),
+    54: (150.0, -150.0, -125.0),
+}
+
+
+def head_yaw(landmarks: np.ndarray) -> float:
+    """How far the head is turned from the camera about the vertical axis, in degrees (0: frontal; the sign says
+    which way), from a scaled-orthographic fit of a generic 3D head to six landmarks: the least-squares affine
+    camera's first row, normalised, is the rotation's first row (cos yaw, ·, sin yaw). Frontal portraits come out
+    within a few degrees; near-profile faces past 35."""
+    ids = list(_HEAD_MODEL)
+    model = np.array([_HEAD_MODEL[i] for i in ids])
+    model[:, 1] *= -1  # image y points down
+    points = np.asarray(landmarks, dtype=np.float64)[ids]
+    camera, *_ = np.linalg.lstsq(model - model.mean(0), points - points.mean(0), rcond=None)
+    row = camera[:, 0] / np.linalg.norm(camera[:, 0])
+    return float(np.degrees(np.arctan2(row[2], row[0])))
+
+
+def survey_portrait(path: Path, pool: ModelPool | None = None) -> dict[str, Any]:
+    """What `dhbatch validate` needs to judge a portrait, as plain data (it is cached by the file's digest): the
+    picture's size, and the best face's box, detector score and yaw, with the scores of other clear faces; `face`
+    is None when there is none. An unreadable picture raises BadInputError."""
+    image = load_image(path)
+    height, width = image.shape[:2]
+    try:
+        face = detect_face(image, str(path), pool, warn=False)
+    except BadInputError:
+        return {"width": width, "height": height, "face": None}
+    return {
+        "width": width,
+        "height": height,
+        "face": {
+            "box": list(face.box),
+            "score": round(face.score, 3),
+            "yaw": round(head_yaw(face.landmarks), 1),
+            "others": [round(s, 3) for s in face.other_scores],
+        },
+    }

@@ -38,6 +38,7 @@ from renderer.base import (
     StepJob,
     atomic_write_bytes,
     run_each,
+    summarise,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 ENGINES = ("ollama", "local", "none")
 #: Model an Ollama server is asked for when `llm.model` is null.
 DEFAULT_OLLAMA_MODEL = "gemma:2b"
+#: Server asked when neither `llm.host` nor $OLLAMA_HOST says otherwise (Ollama's own default).
+DEFAULT_HOST = "http://127.0.0.1:11434"
+#: The environment variable Ollama's own tools read for the server's address.
+HOST_ENV = "OLLAMA_HOST"
 #: Folder under job.checkpoints that holds the assembled bundled GGUF and its converted safetensors copy.
 LOCAL_DIR = "gemma3-270m"
 BUNDLED_SOURCE = "gemma3-270m-q4_k_m"
@@ -72,7 +77,8 @@ class LLMSettings:
 
     engine: str = "ollama"
     model: str | None = None
-    host: str = "http://127.0.0.1:11434"
+    #: None: $OLLAMA_HOST, else DEFAULT_HOST (`ollama_host`).
+    host: str | None = None
     temperature: float = 0.7
     max_length: int = 200
     timeout: float = 60.0
@@ -97,12 +103,46 @@ class LLMSettings:
         return out
 
 
-def clean_prompt(text: str, max_length: int) -> str:
-    """Reduce a model's answer to one prompt line: first non-empty line, no "Prompt:" label, chat lead-in ("Sure!
-    Here is a prompt:") or quotes, one space
-    between words, at most `max_length` characters cut at a word boundary. Returns "" when nothing is left."""
+def ollama_host(host: str | None) -> str:
+    """The Ollama server to talk to: `llm.host`, else $OLLAMA_HOST (as a CI job exports it), else the default."""
+    return host or os.environ.get(HOST_ENV) or DEFAULT_HOST
+
+
+#: A reasoning model's thoughts: `<think>…</think>`, or an opening tag never closed (the answer ran out).
+_THINK = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.IGNORECASE | re.DOTALL)
+#: A markdown heading or a line that is only a label ("**Prompt:**", "### Stable Diffusion prompt").
+_HEADING = re.compile(r"^(?:#{1,6}\s.*|\*\*[^*]+\*\*:?|__[^_]+__:?|[^:]{0,60}\bprompts?\b[^:]{0,30}:)$", re.IGNORECASE)
+#: How a chat model declines.
+_REFUSAL = re.compile(
+    r"^(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (?:can(?:'|no)?t|cannot|won'?t|will not|am unable|'m unable)"
+    r"|as an ai\b|unfortunately,? i\b)",
+    re.IGNORECASE,
+)
+
+
+class RefusalError(BackendError):
+    """The model declined to write the prompt."""
+
+
+def answer_text(answer: str) -> str:
+    """What a model's answer says once its reasoning is dropped: the `prompt` field of a structured (JSON) answer,
+    else the text with any `<think>` block removed."""
+    text = _THINK.sub("", answer).strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(data, dict) and isinstance(data.get("prompt"), str):
+            return _THINK.sub("", data["prompt"]).strip()
+    return text
+
+
+def _clean_line(text: str) -> str:
+    """The first line of `text` that is prompt: no heading, lead-in ("Sure! Here is a prompt:"), label, bullet or
+    quotes, one space between words. "" when none is left."""
     for raw in text.splitlines():
-        line = raw.strip()
+        line = raw.strip().replace("**", "").replace("__", "") if not _HEADING.match(raw.strip()) else ""
         # Labels, lead-ins and quotes can nest ('Here is the prompt: "Prompt: …"'), so peel until nothing changes.
         previous = None
         while line != previous:
@@ -114,14 +154,26 @@ def clean_prompt(text: str, max_length: int) -> str:
             line = line.strip(_QUOTES).strip()
         line = " ".join(line.split())
         if line:
-            break
-    else:
-        return ""
-    if len(line) > max_length:
-        cut = line[: max_length + 1]
-        space = cut.rfind(" ")
-        line = cut[:space] if space > 0 else line[:max_length]
-    return line.rstrip(" ,;:-")
+            return line
+    return ""
+
+
+def shorten(line: str, max_length: int) -> str:
+    """`line` cut to at most `max_length` characters at the last sentence or clause end (". ", ", ", "; ") that
+    keeps at least half of it, else at a word boundary; a single long word is cut hard."""
+    if len(line) <= max_length:
+        return line
+    head = line[: max_length + 1]
+    clause = max(head.rfind(p) for p in (". ", ", ", "; ", ": ", " - "))
+    if clause >= max_length // 2:
+        return head[:clause].rstrip(" ,;:-.")
+    space = head.rfind(" ")
+    return (head[:space] if space > 0 else line[:max_length]).rstrip(" ,;:-")
+
+
+def clean_prompt(text: str, max_length: int) -> str:
+    """A model's answer reduced to one prompt line of at most `max_length` characters ("" when nothing is left)."""
+    return shorten(_clean_line(answer_text(text)), max_length).rstrip(" ,;:-")
 
 
 def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
@@ -143,60 +195,111 @@ def _run_one(job: StepJob, pool: ModelPool) -> dict:
     else:
         model = None
         answer = job.text
-    prompt = clean_prompt(answer, settings.max_length)
+    line = _clean_line(answer_text(answer))
+    if _REFUSAL.match(line):
+        raise RefusalError(
+            f"{where}: the model declined to write a portrait prompt ({summarise(line, 100)})",
+            "reword the character's description, set another seed or llm.model, or use llm.engine: none",
+        )
+    prompt = shorten(line, settings.max_length)
     if not prompt:
         raise BackendError(
-            f"{where}: the {settings.engine} engine returned no usable prompt (answer: {answer[:80]!r})",
+            f"{where}: the {settings.engine} engine returned no usable prompt (answer: {summarise(answer, 80)!r})",
             "set another seed, another llm.model, or llm.engine: none",
         )
     (job.out_dir / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
     logger.info("%s: prompt (%s): %s", where, settings.engine, prompt)
-    return {"prompt": prompt, "engine": settings.engine, "model": model}
+    info: dict[str, Any] = {"prompt": prompt, "engine": settings.engine, "model": model}
+    if prompt != line:  # said in the report: the portrait is drawn from less than the model wrote
+        info["warnings"] = [
+            f"the model's prompt ({len(line)} characters) was cut to {len(prompt)} at a clause boundary "
+            f"(llm.max_length {settings.max_length}): {line[len(prompt) :].strip(' ,;:.-')[:60]!r} left out"
+        ]
+    return info
 
 
 # --- ollama -------------------------------------------------------------------------------------------------------
 
 
-def generate_ollama(request: str, model: str, settings: LLMSettings, seed: int, where: str = "") -> str:
-    """Ask an Ollama server for a completion; connection, timeout and missing-model failures become BackendError."""
+def prompt_format(max_length: int) -> dict[str, Any]:
+    """The JSON schema handed to Ollama as `format`: the answer is an object whose `prompt` holds the prompt, so a
+    chat model's lead-in or headings have nowhere to go."""
+    return {
+        "type": "object",
+        "properties": {"prompt": {"type": "string", "maxLength": max_length}},
+        "required": ["prompt"],
+    }
+
+
+def generate_ollama(
+    request: str,
+    model: str,
+    settings: LLMSettings,
+    seed: int,
+    where: str = "",
+    format: dict[str, Any] | None = None,
+    num_predict: int | None = None,
+) -> str:
+    """Ask an Ollama server for a structured completion (`format`: a JSON schema, by default an object holding the
+    prompt; `think`: off; `num_predict`: capped, by default for `max_length` characters), within `llm.timeout` for
+    the whole request (not per read: a server that trickles its answer is stopped too). Connection, timeout and
+    missing-model failures become BackendError."""
+    import asyncio
+
     import httpx
     import ollama
 
+    host = ollama_host(settings.host)
+    timeout = float(settings.timeout)
     try:
-        client = ollama.Client(host=settings.host, timeout=float(settings.timeout))
+        client = ollama.AsyncClient(host=host, timeout=timeout)
     except (ValueError, TypeError) as exc:  # "http://[::1", a port out of range
-        raise BadInputError(f"{where}: llm.host {settings.host!r} is not a usable URL ({exc})") from exc
-    try:
-        with client:  # its HTTP connection pool is closed after this job
-            response = client.generate(
+        raise BadInputError(f"{where}: llm.host {host!r} is not a usable URL ({exc})") from exc
+
+    async def ask() -> Any:
+        async with client:  # its HTTP connections are closed after this job, also when cancelled
+            return await client.generate(
                 model=model,
                 prompt=request,
-                options={"seed": int(seed), "temperature": float(settings.temperature)},
+                format=format if format is not None else prompt_format(settings.max_length),
+                think=False,
+                options={
+                    "seed": int(seed),
+                    "temperature": float(settings.temperature),
+                    # about 3 characters a token, plus the JSON around the prompt
+                    "num_predict": num_predict or settings.max_length // 3 + 32,
+                },
             )
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(ask(), timeout)
+
+    try:
+        response = asyncio.run(bounded())
     except ConnectionError as exc:
         raise BackendError(
-            f"{where}: cannot reach the Ollama server at {settings.host}",
+            f"{where}: cannot reach the Ollama server at {host}",
             "start it with `ollama serve` (or set llm.engine: local or none)",
         ) from exc
     except ollama.ResponseError as exc:
         if exc.status_code == 404 and "model" in str(exc.error).lower():
             raise BackendError(
-                f"{where}: the Ollama server at {settings.host} has no model {model!r} ({exc.error})",
+                f"{where}: the Ollama server at {host} has no model {model!r} ({summarise(exc.error)})",
                 f"run `ollama pull {model}`",
             ) from exc
         raise BackendError(
-            f"{where}: the Ollama server at {settings.host} failed (HTTP {exc.status_code}): {exc.error}"
+            f"{where}: the Ollama server at {host} failed (HTTP {exc.status_code}): {summarise(exc.error)}"
         ) from exc
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         raise BackendError(
-            f"{where}: the Ollama server at {settings.host} did not answer within {settings.timeout} s",
+            f"{where}: the Ollama server at {host} did not answer within {settings.timeout} s",
             "raise llm.timeout, or check the server's load",
         ) from exc
     except httpx.HTTPError as exc:
-        raise BackendError(f"{where}: talking to the Ollama server at {settings.host} failed: {exc}") from exc
+        raise BackendError(f"{where}: talking to the Ollama server at {host} failed: {summarise(str(exc))}") from exc
     except (ValueError, TypeError) as exc:  # not JSON, a streamed answer, fields of the wrong type
         raise BackendError(
-            f"{where}: {settings.host} did not answer like an Ollama server ({type(exc).__name__}: {exc})",
+            f"{where}: {host} did not answer like an Ollama server ({type(exc).__name__}: {summarise(str(exc))})",
             "check llm.host: it must point at `ollama serve`",
         ) from exc
     return response.response or ""
@@ -214,8 +317,9 @@ class LocalModel:
     source: str
 
 
-def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
-    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline."""
+def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool, max_new_tokens: int | None = None) -> str:
+    """Complete job.text with the in-process base model, seeded by job.seed, stopping at the first newline (at most
+    `max_new_tokens`, by default enough for `max_length` characters)."""
     import torch
 
     gguf, folder, source = _local_paths(settings.model, job.checkpoints, job.label or job.key)
@@ -232,7 +336,7 @@ def generate_local(job: StepJob, settings: LLMSettings, pool: ModelPool) -> str:
     ids = ids.to(model.device)
     sample = float(settings.temperature) > 0
     # About 3 characters per token in these prompts; a little slack, the text is cut to max_length anyway.
-    max_new = min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
+    max_new = max_new_tokens or min(MAX_NEW_TOKENS, settings.max_length // 3 + 16)
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new}
     if sample:
         kwargs.update(temperature=float(settings.temperature), top_k=64, top_p=0.95)

@@ -293,10 +293,12 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
             # 3. Face check, 4. save.
             for (index, prompt), job, image in zip(batch, batch_jobs, images, strict=True):
                 try:
-                    face = check_face(image, job, pool)
                     image.save(job.out_dir / "portrait.png")
+                    face = check_face(image, job, pool)
                 except Exception as exc:  # noqa: BLE001 - no face, a full disk, a bug: this portrait only
                     results[index] = job_error(job, exc)
+                    if isinstance(exc, BadInputError):  # no face: what was drawn is shown beside the error
+                        results[index].artifact = job.out_dir / "portrait.png"
                     continue
                 results[index] = {
                     "renderer": "stable-diffusion",

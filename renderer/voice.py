@@ -266,6 +266,25 @@ def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndar
         ) from exc
 
 
+def probe_audio(path: Path) -> dict[str, Any]:
+    """Decode a recording through, as the `audio` stage will, without writing anything: its length and peak, for
+    `dhbatch validate` (a file that cannot be decoded, or is silent, raises BadInputError)."""
+    samples, seconds, peak = 0, 0.0, 0.0
+    for block, rate in _decoded_mono(str(path), Path(path).name):
+        samples += len(block)
+        seconds += len(block) / rate
+        if len(block):
+            peak = max(peak, float(np.max(np.abs(block))))
+    if samples == 0:
+        raise BadInputError(f"{Path(path).name} holds no audio samples", "pass a recording with speech in it")
+    if peak < _SILENT_PEAK:
+        raise BadInputError(
+            f"{Path(path).name} is silent (peak {peak:.2e} of full scale over {seconds:.2f} s)",
+            "pass a recording with speech in it",
+        )
+    return {"seconds": round(seconds, 3), "peak": round(peak, 4)}
+
+
 def decode_to_wav(source: str | io.BytesIO, out_wav: Path, name: str) -> dict[str, Any]:
     """Decode an audio file (path or in-memory bytes) to a 16 kHz mono s16 WAV; silence is a BadInputError."""
     sink: WavSink | None = None
@@ -682,13 +701,15 @@ def _run_gtts(job: StepJob, text: str, backoff: float) -> dict:
 
 
 def run(jobs: Sequence[StepJob], pool: ModelPool, *, gtts_backoff: float = 1.0) -> list[dict | RenderError]:
-    """Stage "voice": job.text → out_dir/speech.wav (16 kHz mono s16) and out_dir/phonemes.json.
+    """Stage "voice": job.text (or, for a written script, the `script` input: the write step's script.txt) →
+    out_dir/speech.wav (16 kHz mono s16) and out_dir/phonemes.json.
 
     `gtts_backoff` is the first wait (seconds) before retrying a throttled gTTS request; tests make it small.
     """
 
     def one(job: StepJob) -> dict:
-        text = clean_text(job.text).strip()
+        written = job.inputs.get("script")
+        text = clean_text(Path(written).read_text(encoding="utf-8") if written else job.text).strip()
         if not text:
             raise BadInputError(f"script {job.label!r} is empty", "write the text the character should say")
         engine = job.settings.get("engine", "piper")

@@ -3,7 +3,8 @@
     python tests/_fake_cli.py build m.yaml --device cpu ...
 
 Environment: FAKE_LOG (one line per step built), FAKE_DELAY (seconds each output write sleeps mid-file),
-FAKE_CHUNK_DELAY (seconds after each chunk), FAKE_MP4=1 (the video stages write real tiny MP4s).
+FAKE_CHUNK_DELAY (seconds after each chunk), FAKE_MP4=1 (the video stages write real tiny MP4s), FAKE_UPLOAD_PAUSE (a
+file to create, then wait, just before the first remote record is written: a window to kill the job mid-upload).
 Everything else (options, config files, locks, the cache, publishing, reports, exit codes) is the real command line.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import batch.remote  # noqa: E402
 import batch.run  # noqa: E402
 from batch.cli import main  # noqa: E402
 from tests._fake_stages import make_registry  # noqa: E402
@@ -36,6 +39,15 @@ def use_fake_stages() -> None:
         init(self, *args, **kwargs)
 
     batch.run.Runner.__init__ = fake_init  # type: ignore[method-assign]
+    if pause := os.environ.get("FAKE_UPLOAD_PAUSE"):
+        put_record = batch.remote.RemoteCache._put_record
+
+        def paused(self: batch.remote.RemoteCache, path: str, data: bytes) -> None:
+            Path(pause).touch()
+            time.sleep(60)
+            put_record(self, path, data)
+
+        batch.remote.RemoteCache._put_record = paused  # type: ignore[method-assign]
 
 
 def dhbatch_fake(

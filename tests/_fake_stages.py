@@ -59,8 +59,10 @@ def make_registry(
         pool.get(f"fake-{jobs[0].stage}", jobs[0].device, "float32", lambda: object())
         out: list[Any] = []
         for job in jobs:
-            if "FAIL" in job.text:
-                out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL"))
+            if "FAIL" in job.text:  # what it made before failing is the failed step's artifact
+                made = job.out_dir / STAGES[job.stage].outputs[0]
+                made.write_bytes(b"made before failing")
+                out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL", artifact=made))
                 if done is not None:
                     done(len(out) - 1, out[-1])
                 continue

@@ -7,7 +7,11 @@ can check what the client really sent. The server binds 127.0.0.1 on a free port
 stdout line, and exits by itself after --lifetime seconds.
 
 The answer text is --reply with "{seed}" and "{temperature}" replaced by the request's options, so a test can see
-that the options arrived and that the stage cleans what comes back.
+that the options arrived and that the stage cleans what comes back. A request with the prompt stage's JSON schema as
+`format` is answered as Ollama's structured output is, a JSON object `{"prompt": <reply>}`, unless --ignore-format (an
+older server, or a model that ignores it); for another schema (the write stage's) the reply is sent as it is: the
+test writes it as the JSON the model would answer. --trickle sends the answer one byte at a time, that many seconds apart (each read
+is quick, the whole answer slow). --reply-for WORDS=REPLY answers differently to requests that mention WORDS.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    models: list[str],
+    reply: str,
+    log: Path,
+    delay: float,
+    trickle: float = 0.0,
+    ignore_format: bool = False,
+    replies: dict[str, str] | None = None,
+) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -44,7 +56,16 @@ def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not trickle:
+                self.wfile.write(payload)
+                return
+            try:
+                for i in range(len(payload)):
+                    self.wfile.write(payload[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(trickle)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting, as it should
 
         def _json(self, status: int, obj: object) -> None:
             self._send(status, json.dumps(obj).encode())
@@ -76,9 +97,13 @@ def make_handler(models: list[str], reply: str, log: Path, delay: float) -> type
             if delay:
                 time.sleep(delay)
             options = body.get("options") or {}
-            text = reply.replace("{seed}", str(options.get("seed"))).replace(
+            chosen = next((r for key, r in (replies or {}).items() if key in str(body.get("prompt"))), reply)
+            text = chosen.replace("{seed}", str(options.get("seed"))).replace(
                 "{temperature}", str(options.get("temperature"))
             )
+            schema = body.get("format")
+            if isinstance(schema, dict) and "prompt" in schema.get("properties", {}) and not ignore_format:
+                text = json.dumps({"prompt": text})  # the prompt stage's schema; other replies are given as JSON
             base = {"model": model, "created_at": _now()}
             if body.get("stream", True):
                 # Ollama streams newline-delimited JSON: one fragment per chunk, then a final done record.
@@ -98,10 +123,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reply", default="passport photo, seed {seed}", help="text every generate answers")
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines file of received requests")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering generate")
+    parser.add_argument(
+        "--reply-for",
+        action="append",
+        default=[],
+        metavar="WORDS=REPLY",
+        help="answer REPLY to requests whose prompt contains WORDS (repeatable; others get --reply)",
+    )
+    parser.add_argument("--trickle", type=float, default=0.0, help="seconds between the bytes of each answer")
+    parser.add_argument("--ignore-format", action="store_true", help="answer plain text even when asked for JSON")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds after which the server exits")
     args = parser.parse_args(argv)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(args.model, args.reply, args.log, args.delay))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        make_handler(
+            args.model,
+            args.reply,
+            args.log,
+            args.delay,
+            args.trickle,
+            args.ignore_format,
+            dict(item.split("=", 1) for item in args.reply_for),
+        ),
+    )
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     timer = threading.Timer(args.lifetime, server.shutdown)

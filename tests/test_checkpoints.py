@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,14 +136,48 @@ def test_checkpoints_missing_file_on_server_is_reported(tmp_path: Path) -> None:
 
 def test_checkpoints_server_down_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = closed_port_url()
+    host = url.removeprefix("http://")
     [outcome] = ck.download([_entry("f.pth", b"abc")], tmp_path, base_url=url, progress=False, timeout=5)
-    assert outcome.status == "failed"
-    assert outcome.message.startswith(f"cannot reach {url}/files/f.pth")
-    assert "network" in outcome.message
-    code = ck.main(["--dest", str(tmp_path), "--only", "gfpgan", "--base-url", url, "--timeout", "5", "--quiet"])
+    assert outcome.status == "unreachable"
+    assert outcome.message == f"cannot reach {host} (Connection refused)"
+
+
+def test_checkpoints_offline_says_once_that_the_host_cannot_be_reached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No network: one message for the server (not one per file, no "publishes no digest" per file), at once."""
+    url = closed_port_url()
+    code = ck.main(["--dest", str(tmp_path), "--only", "sd", "--base-url", url, "--timeout", "5", "--quiet"])
+    captured = capsys.readouterr()
     assert code == 1
-    assert "cannot reach" in capsys.readouterr().err
-    assert not (tmp_path / "gfpgan" / "GFPGANv1.4.pth").exists()
+    err = captured.err.splitlines()
+    n = len(ck.sd_files())
+    assert err[0].startswith(f"cannot reach {url.removeprefix('http://')} (Connection refused): {n} file(s) not "
+                             "downloaded (stable-diffusion-2-1-base/model_index.json, ")  # fmt: skip
+    assert err[1] == "  hint: check the network connection (or give a mirror with --base-url) and run again"
+    assert err[2:] == [f"{n} of {n} checkpoint file(s) not ready in {tmp_path}"]
+    assert "publishes no digest" not in captured.out + captured.err
+    assert not (tmp_path / "stable-diffusion-2-1-base" / "model_index.json").exists()
+
+
+def test_checkpoints_check_says_which_files_it_could_not_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pinned = next(c for c in ck.CHECKPOINTS if c.group == "sd" and c.sha256 is not None)
+    for entry in ck.select(["sd"]):
+        (tmp_path / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / entry.path).write_bytes(b"{}")  # placed by hand: no digest recorded from the server
+    assert ck.main(["--dest", str(tmp_path), "--only", "sd", "--check"]) == 1
+    out = capsys.readouterr()
+    assert f"failed     {pinned.path}" in out.err  # a pinned digest: checked, and wrong
+    unverified = [c.path for c in ck.select(["sd"]) if c.sha256 is None]
+    line = next(x for x in out.out.splitlines() if x.startswith("could not verify"))
+    assert line == (
+        f"could not verify {len(unverified)} file(s) (present, nothing to check them against): {', '.join(unverified)}"
+    )
+    assert re.search(
+        r"^unverified +stable-diffusion-2-1-base/model_index.json +no digest to check it against", out.out, re.M
+    )
 
 
 def test_checkpoints_check_mode_uses_no_network(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from tests._fake_stages import make_registry
 from tests._project import build, plan, write_project
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def dhbatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -57,7 +59,7 @@ def test_cli_usage_errors_are_clean(tmp_path: Path) -> None:
     bad_only = dhbatch("plan", str(m), "--only", "nope")
     assert (
         bad_only.returncode == 2
-        and "unknown video id(s) nope" in bad_only.stderr
+        and "--only nope: no video id matches" in bad_only.stderr
         and "Traceback" not in bad_only.stderr
     )
     bad_force = dhbatch("plan", str(m), "--force", "paint")
@@ -68,8 +70,17 @@ def test_cli_usage_errors_are_clean(tmp_path: Path) -> None:
 
 def test_cli_validate_summarises(tmp_path: Path) -> None:
     m = write_project(tmp_path)
+    out = dhbatch("validate", "m.yaml", cwd=tmp_path)
+    # The project's portrait and recording are placeholder bytes, and no Stable Diffusion weights are installed.
+    assert out.returncode == 2, out.stderr
+    assert "m.yaml:9:3: characters.ceo: Stable Diffusion weights missing" in out.stderr
+    assert "m.yaml:12:3: characters.cto.image: cannot decode the image face.png" in out.stderr
+    assert "m.yaml:19:3: scripts.recorded.audio: cannot decode audio voice.wav" in out.stderr
+    m.write_text(m.read_text().replace("description: a confident CEO in her fifties", "image: face.png"))
+    shutil.copy(ROOT / "manifests" / "portraits" / "grace_hopper.jpg", tmp_path / "face.png")
+    shutil.copy(ROOT / "manifests" / "audio" / "greeting.wav", tmp_path / "voice.wav")
     out = dhbatch("validate", str(m))
-    assert out.returncode == 0 and "2 characters, 3 scripts, 5 videos" in out.stdout
+    assert out.returncode == 0 and "2 characters, 3 scripts, 5 videos" in out.stdout, out.stderr
 
 
 def test_cli_build_rejects_unavailable_device_cleanly(tmp_path: Path) -> None:
@@ -134,7 +145,8 @@ def test_cli_options_do_not_swallow_the_manifest(tmp_path: Path) -> None:
     only = dhbatch("plan", "--only", "ceo-hello", "ceo-hello", "m.yaml", "--json", "-q", cwd=tmp_path)
     assert only.returncode == 1, only.stderr
     assert [v["id"] for v in json.loads(only.stdout)["videos"]] == ["ceo-hello"]
-    assert dhbatch("validate", "m.yaml", "--verbose", cwd=tmp_path).returncode == 0
+    checked = dhbatch("validate", "m.yaml", "--verbose", cwd=tmp_path)
+    assert checked.returncode == 2 and "problems would fail the build" in checked.stderr  # placeholder inputs
     stage = dhbatch("plan", "--force", "voice", "m.yaml", cwd=tmp_path)
     assert stage.returncode == 1 and "Traceback" not in stage.stderr
 

@@ -27,7 +27,7 @@ from renderer.voice import GTTS_URL_ENV, run
 pytest.importorskip("gtts")
 
 MP3_RATE = 24_000
-NETWORK_HINT = "gTTS needs network access to translate.google.com; use voice engine: piper"
+NETWORK_HINT = "gTTS needs network access to translate.google.com; use voice engine: piper or hibari"
 
 
 def gtts_mp3(seconds: float, freq: float = 330.0) -> bytes:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,33 +11,10 @@ import pytest
 
 from renderer.base import BackendError, BadInputError, ModelPool, StepJob
 from renderer.llm import clean_prompt, run
+from tests._ollama import FakeOllama
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = Path(__file__).with_name("_ollama_server.py")
 REQUEST = "Write one Stable Diffusion prompt for this photograph: a CEO. Answer with the prompt only."
-
-
-class FakeOllama:
-    """A running tests/_ollama_server.py subprocess: its URL and the requests it received."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.log = tmp / f"requests-{time.monotonic_ns()}.jsonl"
-        self.log.touch()
-        cmd = [sys.executable, str(SERVER), "--log", str(self.log), "--lifetime", "60", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the server prints its port once it listens
-        assert line.strip().isdigit(), f"fake Ollama server did not start: {line!r}"
-        self.host = f"http://127.0.0.1:{int(line)}"
-
-    def requests(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines()]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -138,7 +112,9 @@ def test_llm_ollama_sends_seed_temperature_and_writes_clean_prompt(tmp_path: Pat
     body = generate[0]["body"]
     assert body["model"] == "gemma:2b"
     assert body["prompt"] == REQUEST
-    assert body["options"] == {"seed": 1234, "temperature": 0.3}
+    assert body["options"] == {"seed": 1234, "temperature": 0.3, "num_predict": 200 // 3 + 32}
+    assert body["think"] is False and body["stream"] is False
+    assert body["format"]["properties"]["prompt"] == {"type": "string", "maxLength": 200}
     assert body["stream"] is False
 
 

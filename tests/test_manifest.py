@@ -61,7 +61,7 @@ EXPECTED = {
     "unknown_key.yaml": [
         "unknown_key.yaml:2:1: charcters: unknown key 'charcters' (allowed: characters, defaults, include, matrix,"
         " scripts, vars, version, videos); did you mean 'characters'?",
-        "unknown_key.yaml:5:3: scripts.hi: a script needs exactly one of text, text_file or audio (given: text, audio)",
+        "unknown_key.yaml:5:3: scripts.hi: a script needs exactly one of text, text_file, audio or brief (given: text, audio)",
         "unknown_key.yaml:7:6: videos[0].id: '../v1' is not a valid id: use letters, digits, '-', '_' and '.' (no '..'),"
         " at most 64 characters",
     ],

@@ -4,19 +4,14 @@ merged into one report and one state."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import wave
 from pathlib import Path
 
 from batch.manifest import load_manifest
 from batch.shard import Shard, assign, expected_cost, parse_shard, shard_videos
+from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
-
-REPO = Path(__file__).resolve().parent.parent
-FAKE_CLI = [sys.executable, str(REPO / "tests" / "_fake_cli.py")]
 
 
 def write_wav(path: Path, seconds: float, rate: int = 16_000) -> None:
@@ -43,12 +38,6 @@ def write_big_manifest(root: Path, characters: int = 40, scripts: int = 25) -> P
     path = root / "big.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def dhbatch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FAKE_CLI, *args], capture_output=True, text=True, cwd=cwd, check=False, env={**os.environ, **(env or {})}
-    )
 
 
 def test_shard_parse_rejects_what_is_not_i_of_n() -> None:
@@ -85,7 +74,7 @@ def test_shard_plan_is_the_same_in_every_process(tmp_path: Path) -> None:
     path = write_big_manifest(tmp_path)
     ids: list[str] = []
     for index in (1, 2, 3):
-        out = dhbatch("plan", str(path), "--shard", f"{index}/3", "--json", env={"PYTHONHASHSEED": str(index)})
+        out = dhbatch("plan", str(path), "--shard", f"{index}/3", "--json", PYTHONHASHSEED=str(index))
         data = json.loads(out.stdout)
         assert out.returncode == 1 and data["shard"] == f"{index}/3", out.stderr
         ids += [v["id"] for v in data["videos"]]

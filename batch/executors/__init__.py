@@ -68,8 +68,9 @@ class Executor(Protocol):
     def workers(self, gpu: bool) -> int:
         """How many chunks of this kind can run at once (the driver splits work so that each gets some)."""
 
-    def ready(self, gpu: bool) -> bool:
-        """Whether a chunk of this kind submitted now would start soon (a worker of that kind has room)."""
+    def idle(self, gpu: bool) -> bool:
+        """Whether a worker of this kind has nothing to do (the driver then hands it a partial batch rather than
+        wait for more steps to fill one)."""
 
     def submit(self, chunk: Chunk) -> None:
         """Hand over a chunk; it runs later or now, its result comes back from `wait`."""

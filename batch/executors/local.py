@@ -34,7 +34,10 @@ class LocalExecutor:
         self._pool = ModelPool()
         self._inline: list[Chunk] = []  # GPU chunks, or any chunk with jobs=1: run by wait(), in order
         self._threaded: list[Chunk] = []  # CPU chunks waiting to start on the threads
-        self._futures: dict[Future, Chunk] = {}
+        self._futures: list[Future] = []
+        #: Every chunk that finished, until the run ends: `interrupt` returns them all, those `wait` returned too (a
+        #: Ctrl-C may have come while the driver committed them; it commits each step once).
+        self._finished: list[ChunkResult] = []
         self._threads: ThreadPoolExecutor | None = None
         self._prefix = f"dhbatch-local-{next(_POOLS)}"
         self._stop = threading.Event()
@@ -44,7 +47,7 @@ class LocalExecutor:
     def workers(self, gpu: bool) -> int:
         return 1 if gpu else self.jobs
 
-    def ready(self, gpu: bool) -> bool:
+    def idle(self, gpu: bool) -> bool:
         return True
 
     def submit(self, chunk: Chunk) -> None:
@@ -53,16 +56,17 @@ class LocalExecutor:
 
     def wait(self) -> list[ChunkResult]:
         if self._inline:  # GPU chunks first, alone: two render loops would only compete for the device
-            return [self._run(self._inline.pop(0))]
+            self._finished.append(self._run(self._inline.pop(0)))
+            return self._finished[-1:]
         if self._threaded:
             if self._threads is None:
                 self._threads = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix=self._prefix)
             for chunk in self._threaded:
-                self._futures[self._threads.submit(self._run_unless_stopped, chunk)] = chunk
+                self._futures.append(self._threads.submit(self._run_unless_stopped, chunk))
             self._threaded.clear()
         if not self._futures:
             return []
-        done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
+        done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
         return self._collect(done)
 
     def stage_done(self, stage: str) -> None:
@@ -70,12 +74,13 @@ class LocalExecutor:
 
     def interrupt(self) -> list[ChunkResult]:
         """No chunk starts after this; the running ones finish before it returns: threads left inside native code
-        (PyAV, ONNX Runtime) while the interpreter exits crash the process."""
+        (PyAV, ONNX Runtime) while the interpreter exits crash the process. Returns every chunk that finished, those
+        `wait` returned too (a Ctrl-C may have come while the driver committed them)."""
         self._stop.set()
         self._inline.clear()
         self._threaded.clear()
         self._join()
-        return self._collect([f for f in self._futures if f.done()])
+        return list(self._finished)
 
     def close(self) -> None:
         self._stop.set()
@@ -92,13 +97,11 @@ class LocalExecutor:
     def _collect(self, done: Any) -> list[ChunkResult]:
         out = []
         for future in done:
-            self._futures.pop(future)
-            if future.cancelled():
-                continue
             if future.exception() is not None:  # not a stage's failure (call_stage keeps those): a bug or Ctrl-C
                 raise future.exception()
             if future.result() is not None:
                 out.append(future.result())
+        self._futures = [f for f in self._futures if f not in done]
         return out
 
     def _join(self) -> None:
@@ -113,7 +116,11 @@ class LocalExecutor:
         self._threads = None
 
     def _run_unless_stopped(self, chunk: Chunk) -> ChunkResult | None:
-        return None if self._stop.is_set() else self._run(chunk)
+        if self._stop.is_set():
+            return None
+        result = self._run(chunk)
+        self._finished.append(result)  # here, not in wait(): a Ctrl-C in submit() leaves a future untracked
+        return result
 
     def _run(self, chunk: Chunk) -> ChunkResult:
         import dataclasses

@@ -38,7 +38,7 @@ from renderer.puppet.motion import Tracks, make_tracks, read_audio_features, rea
 logger = logging.getLogger(__name__)
 
 #: Bump when the pictures this stage draws change for the same inputs (the runner folds it into cache keys).
-VERSION = 1
+VERSION = 2
 SIZES = SADTALKER_SIZES  # the same `video` settings as SadTalker's
 PREPROCESS = SADTALKER_PREPROCESS
 #: How much wider the `extcrop` / `extfull` square is than the tight one (more hair, neck and background).

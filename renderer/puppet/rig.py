@@ -2,7 +2,7 @@
 
 The mesh is a Delaunay triangulation of the 68 dlib landmarks (plus four lip midpoints), a few forehead points,
 a ring around the head (moves with it), a ring further out and the picture's border (both fixed, so the
-background stays put). Each frame moves the vertices (lips, jaw, eyelids, head pose) and draws the picture
+background stays put). Each frame moves the vertices (lips, jaw, head pose) and draws the picture
 through the piecewise-affine map from the moved mesh back to the rest mesh:
 
 1. per triangle, the affine map output pixel → barycentric → source pixel (12 numbers, ~190 triangles);
@@ -12,9 +12,9 @@ through the piecewise-affine map from the moved mesh back to the rest mesh:
    interpolated (the map is piecewise linear, so this costs nothing visible);
 3. one bilinear sample of the portrait per pixel of that box; the rest of the picture is copied.
 
-Then the inside of the mouth is painted between the moved inner lip edges (a dark seam when closed, a dark cavity
-with a band of upper teeth when open), and a closing lid is evened out with the skin just above it and given a
-soft lash line, all within small boxes with soft edges.
+Then the inside of the mouth is painted between the moved inner lip edges (a dark seam when closed; open, a cavity
+with the tongue, and teeth sized to the mouth and lit like the skin), and a blink closes the lids with the portrait's
+own lid skin slid down over the eye (`_paint_lids`): the mesh does not move for a blink, so glasses do not bend.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ _JAW_FOLLOW = {3: 0.05, 4: 0.14, 5: 0.28, 6: 0.42, 7: 0.56, 8: 0.64, 9: 0.56, 10
 #: Horizontal mouth stretch per unit of width (-1 round .. +1 spread) and narrowing at full opening.
 _WIDTH_STRETCH = 0.13
 _OPEN_NARROW = 0.08
-#: Eyelid travel at a full blink (upper lid share of the eye opening, lower lid share).
-_LID_UPPER, _LID_LOWER = 0.9, 0.07
+#: The strip of upper-lid skin (above the open lid's edge, in eye widths) that a blink stretches down over the eye.
+_LID_SKIN = 0.3
+#: Below this closure nothing is drawn (the eye at rest is the portrait's own).
+_BLINK_MIN = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +98,13 @@ def _border(width: int, height: int, per_side: int = 4) -> np.ndarray:
     return np.concatenate([top, bottom, left, right])
 
 
-def _curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """y of a lip/lid contour through points (px, py) at columns xs (sorted by x, linear between points)."""
+def _smooth_curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """y of a smooth (monotone cubic) lip contour through points (px, py) at columns xs, flat beyond its ends."""
+    from scipy.interpolate import PchipInterpolator
+
     order = np.argsort(px, kind="stable")
-    return np.interp(xs, px[order], py[order])
+    x = np.maximum.accumulate(px[order] + 1e-3 * np.arange(len(px)))
+    return PchipInterpolator(x, py[order], extrapolate=False)(np.clip(xs, x[0], x[-1]))
 
 
 def _arc(xs: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -283,12 +288,13 @@ class FaceRig:
         )
         lips = np.median(at(lip_points), axis=0)
         # Inside of the mouth: the lips' hue, much darker; the tongue a little lighter toward the bottom.
-        self._cavity = (lips * np.array([0.34, 0.24, 0.24])).astype(np.float32)
-        self._tongue = (lips * np.array([0.72, 0.5, 0.5])).astype(np.float32)
+        self._cavity = (lips * np.array([0.26, 0.14, 0.14])).astype(np.float32)
+        self._tongue = (lips * np.array([0.78, 0.46, 0.46])).astype(np.float32)
         self._seam = (lips * np.array([0.42, 0.32, 0.32])).astype(np.float32)
-        self._enamel = (np.array([236.0, 230.0, 218.0]) * min(self.lighting * 1.05, 1.0)).astype(np.float32)
-        edges = np.concatenate([np.linspace(lm[36], lm[39], 8), np.linspace(lm[42], lm[45], 8)])
-        self._lash = (np.percentile(at(edges), 15, axis=0) * 0.8).astype(np.float32)
+        # Teeth: ivory lit like the skin (its brightness and colour cast), a little darker than it inside the mouth.
+        cast = skin / max(float(skin.mean()), 1.0)
+        ivory = np.array([0.94, 0.9, 0.8]) * np.clip(cast, 0.75, 1.25) ** 0.8
+        self._enamel = (ivory * min(luminance * 1.05, 235.0)).astype(np.float32)
 
     # ------------------------------------------------------------------ geometry
     def _lip_offsets(self, pose: Pose) -> np.ndarray:
@@ -319,17 +325,6 @@ class FaceRig:
         offset[lips, 0] += (rest[lips, 0] - self.mouth_centre[0]) * stretch
         return offset
 
-    def _lid_offsets(self, blink: float) -> np.ndarray:
-        lm = self.landmarks
-        offset = np.zeros((N_FACE, 2))
-        b = float(np.clip(blink, 0.0, 1.0))
-        for uppers, lowers in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
-            for up, low in zip(uppers, lowers, strict=True):
-                gap = lm[low] - lm[up]
-                offset[up] += _LID_UPPER * b * gap
-                offset[low] -= _LID_LOWER * b * gap
-        return offset
-
     def _head(self, points: np.ndarray, pose: Pose) -> np.ndarray:
         yaw, pitch, roll = (math.radians(a) for a in (pose.yaw, pose.pitch, pose.roll))
         if yaw == pitch == roll == 0.0:
@@ -346,7 +341,7 @@ class FaceRig:
         If an extreme pose (a large expression_scale on a tight crop) would fold a triangle over its neighbour,
         the face's own motion is scaled back until none folds: the picture may not tear or mirror.
         """
-        local = self._lip_offsets(pose) + self._lid_offsets(pose.blink)
+        local = self._lip_offsets(pose)
         for _ in range(10):
             points = self.rest.copy()
             points[:N_FACE] += local
@@ -460,7 +455,7 @@ class FaceRig:
         frame = self.image.copy()
         frame[y0 : y1 + 1, x0 : x1 + 1] = self._sample(sx.ravel(), sy.ravel()).reshape(y1 - y0 + 1, x1 - x0 + 1, 3)
         self._paint_mouth(frame, points)
-        if pose.blink > 0.05:
+        if pose.blink > _BLINK_MIN:
             self._paint_lids(frame, points, pose)
         return frame, points
 
@@ -473,13 +468,17 @@ class FaceRig:
         return x0, x1, y0, y1
 
     def _paint_mouth(self, frame: np.ndarray, points: np.ndarray) -> None:
-        """Paint the inside of the mouth between the inner lip edges: a dark seam when closed, else a cavity."""
+        """Paint the inside of the mouth between the inner lip edges (smooth curves through the moved lip points):
+        a dark seam when closed; when open a cavity, darkest at the back, the tongue's lit back rising from the
+        lower lip, the upper teeth under the upper lip (as deep as the opening allows, no more than a tenth of the
+        mouth's width, in the lip's shadow at the top and the cheeks' toward the corners, with faint gaps between
+        the incisors) and, wide open, the edge of the lower teeth."""
         x0, x1, y0, y1 = self._box(points[INNER_UPPER_CONTOUR + INNER_LOWER_CONTOUR], 2.0)
         if x1 <= x0 or y1 <= y0:
             return
         xs = np.arange(x0, x1 + 1, dtype=np.float64)
-        top = _curve(xs, points[INNER_UPPER_CONTOUR, 0], points[INNER_UPPER_CONTOUR, 1])
-        bottom = _curve(xs, points[INNER_LOWER_CONTOUR, 0], points[INNER_LOWER_CONTOUR, 1])
+        top = _smooth_curve(xs, points[INNER_UPPER_CONTOUR, 0], points[INNER_UPPER_CONTOUR, 1])
+        bottom = np.maximum(_smooth_curve(xs, points[INNER_LOWER_CONTOUR, 0], points[INNER_LOWER_CONTOUR, 1]), top)
         gap = bottom - top
         middle = (top + bottom) / 2
         half_gap = np.maximum(gap / 2, 0.5)
@@ -493,63 +492,97 @@ class FaceRig:
         alpha = band * within * (0.45 + 0.55 * opened)
         if not alpha.any():
             return
-        t = np.clip((ys - top) / np.maximum(gap, 1.0), 0, 1)
-        shade = (1.0 - 0.5 * u**2)[..., None]
-        colour = self._cavity + (self._tongue - self._cavity) * (np.clip((t - 0.5) / 0.5, 0, 1) ** 1.5)[..., None]
-        colour = colour * shade
+        mw = self.mouth_width
+        depth_y = ys - top  # below the upper lip's edge
+        # Cavity: darkest at the back and toward the corners.
+        colour = self._cavity * (1.0 - 0.35 * np.clip(1.0 - u**2, 0, 1))[..., None] + np.zeros((len(ys), 1, 3))
+        # Tongue: a rounded hump resting on the lower lip, lit on its upper surface.
+        hump = bottom[None, :] - 0.42 * gap[None, :] * np.sqrt(np.clip(1.0 - (u / 0.75) ** 2, 0, 1))
+        tongue = np.clip((ys - hump) / np.maximum(0.12 * gap[None, :], 1.0), 0, 1) * (gap[None, :] > 2.0)
+        lit = 1.0 - 0.35 * np.clip((ys - hump) / np.maximum(0.4 * gap[None, :], 1.0), 0, 1)
+        colour += (self._tongue * lit[..., None] - colour) * tongue[..., None]
         colour = self._seam + (colour - self._seam) * opened[..., None]
-        # Upper teeth: a light band under the upper lip, narrower than the mouth, as deep as the opening allows.
-        depth = np.minimum(0.3 * gap, 0.1 * self.mouth_width)[None, :]
-        teeth = np.clip(depth - (ys - top) + 0.5, 0, 1) * np.clip((0.75 - np.abs(u)) / 0.25, 0, 1)
-        teeth *= np.clip((gap[None, :] - 3.0) / 3.0, 0, 1)
-        enamel = (
-            self._enamel * (1.0 - 0.35 * u**2)[..., None] * (0.8 + 0.2 * np.clip(1 - (ys - top) / 3, 0, 1))[..., None]
-        )
-        colour += (enamel - colour) * teeth[..., None] * 0.9
+        # Upper teeth.
+        height = np.minimum(0.32 * gap, 0.1 * mw)[None, :]
+        upper = np.clip(height - depth_y + 0.5, 0, 1) * np.clip((gap[None, :] - 3.0) / 3.0, 0, 1)
+        shade = (0.72 + 0.28 * np.clip(depth_y / np.maximum(0.4 * height, 1.0), 0, 1)) * (1.0 - 0.55 * u**2)
+        # Faint gaps between the teeth: the incisors meet at the middle, the next gaps every 0.27 half-widths.
+        gaps_between = 1.0 - 0.1 * np.exp(-(((np.abs(u) + 0.135) % 0.27 - 0.135) ** 2) / 0.0008)
+        teeth = self._enamel * (shade * gaps_between)[..., None]
+        colour += (teeth - colour) * (upper * np.clip((0.8 - np.abs(u)) / 0.2, 0, 1))[..., None]
+        # Lower teeth: a thin edge above the lower lip when the mouth is wide open, in more shade.
+        lower_height = np.clip(0.12 * gap - 0.02 * mw, 0, 0.05 * mw)[None, :]
+        lower = np.clip(ys - (bottom[None, :] - lower_height) + 0.5, 0, 1) * (lower_height > 0.3)
+        colour += (teeth * 0.7 - colour) * (lower * np.clip((0.55 - np.abs(u)) / 0.2, 0, 1))[..., None]
         region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
         a = alpha[..., None]
         frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + (colour - region) * a + 0.5, 0, 255).astype(np.uint8)
 
     def _paint_lids(self, frame: np.ndarray, points: np.ndarray, pose: Pose) -> None:
-        """Even out a closing lid with the skin just above it and keep a soft lash line at its edge."""
+        """Close the upper lids by `pose.blink` with the portrait's own lid: the skin strip above each open lid's
+        edge slides down to the moving edge, its bottom rows (the lid margin and lashes) unchanged, the rows above
+        them stretched; the more they stretch, the more they take the smooth colour of the skin around the eye
+        (a thin strip stretched far would show streaks), shaded darker toward the edge where the lid curves over
+        the eyeball.
+
+        The mesh does not move for a blink and only the strip and the eye opening below it change: glasses in front
+        of the eyes are not bent and their rims, above and below the opening, are not painted over."""
         from scipy.ndimage import uniform_filter1d
 
-        strength = float(np.clip((pose.blink - 0.2) / 0.6, 0.0, 1.0))
-        if strength <= 0:
-            return
-        lid_motion = self._lid_offsets(pose.blink)
+        closure = float(np.clip(pose.blink, 0.0, 1.0))
         for upper, lower in (([36, 37, 38, 39], [39, 40, 41, 36]), ([42, 43, 44, 45], [45, 46, 47, 42])):
-            open_points = points[upper] - lid_motion[upper]
-            x0, x1, y0, y1 = self._box(np.concatenate([points[upper + lower], open_points]), 3.0)
-            grow = int(0.3 * (points[upper[-1], 0] - points[upper[0], 0])) + 4
-            y0, y1 = max(y0 - grow, 0), min(y1 + grow, self.height - 1)
+            left, right = points[upper[0], 0], points[upper[-1], 0]
+            span = max(right - left, 1.0)
+            skin = _LID_SKIN * span + 1.0
+            margin = 0.35 * skin
+            x0, x1, _, y1 = self._box(np.concatenate([points[upper], points[lower]]), 1.0)
+            y0 = max(int(math.floor(points[upper, 1].min() - skin - 2)), 0)
+            y1 = min(y1 + int(skin), self.height - 1)
             if x1 - x0 < 3 or y1 <= y0:
                 continue
             xs = np.arange(x0, x1 + 1, dtype=np.float64)
-            lid = _arc(xs, points[upper])
-            open_lid = _arc(xs, open_points)
+            top = _arc(xs, points[upper])
+            bottom = np.maximum(_arc(xs, points[lower]), top)
+            edge = top + closure * (bottom - top) * 0.97  # the closed lid rests a touch above the lower lid
+            start = top - skin
             ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
-            left, right = points[upper[0], 0], points[upper[-1], 0]
-            span = max(right - left, 1.0)
-            within = np.clip((xs - left) / (0.08 * span), 0, 1) * np.clip((right - xs) / (0.08 * span), 0, 1)
+            # Where each row of the lid comes from: the margin keeps its height, the skin above it stretches.
+            stretch = (edge - margin - start) / (top - margin - start)
+            source_y = np.where(ys >= edge - margin, ys - (edge - top), start + (ys - start) / stretch)
+            weight = np.clip(edge - ys + 0.5, 0, 1) * np.clip(ys - start + 0.5, 0, 1)
+            within = np.clip((xs - left) / (0.06 * span) + 0.5, 0, 1) * np.clip(
+                (right - xs) / (0.06 * span) + 0.5, 0, 1
+            )
+            weight *= within[None, :]
+            if not weight.any():
+                continue
             region = frame[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
-            # Skin per column: the median of a few rows above where the open lid was and a few below the lower lid
-            # (robust to a glasses rim on one side), smoothed across the eye.
-            cols = np.arange(len(xs))
-            low = _arc(xs, points[lower])
-            reach = max(3, int(0.25 * span))
-            above = np.round(open_lid).astype(int)[None, :] - y0 - np.arange(2, 2 + reach)[:, None]
-            below = np.round(low).astype(int)[None, :] - y0 + np.arange(2, 2 + reach)[:, None]
-            rows = np.clip(np.concatenate([above, below]), 0, y1 - y0)
-            # Skin is the bright part of those rows: lashes, brows, the iris and glasses rims are darker.
-            strip = region[rows, cols]
+            lid = _sample_rows(region, np.clip(source_y - y0, 0, y1 - y0))
+            # Skin colour per column: the brighter half of the strip and of the rows under the lower lid (lashes,
+            # the iris and rims are darker), smoothed across the eye.
+            sampled = np.concatenate([start + np.arange(skin)[:, None], bottom + 2 + np.arange(3)[:, None]])
+            rows = np.clip(np.round(sampled) - y0, 0, y1 - y0).astype(np.intp)
+            strip = region[rows, np.arange(len(xs))[None, :]]
             order = np.argsort(strip.sum(axis=2), axis=0)
             bright = np.take_along_axis(strip, order[len(order) // 2 :, :, None], axis=0).mean(axis=0)
-            skin = uniform_filter1d(bright, size=max(3, int(span / 3)), axis=0)
-            covered = np.clip((ys - (open_lid - 2.0)) / 2.5, 0, 1) * np.clip(lid - ys + 0.5, 0, 1)
-            depth = np.clip((ys - open_lid) / np.maximum(lid - open_lid, 1.0), 0, 1)
-            shaded = skin[None, :, :] * (1.0 - 0.1 * depth)[..., None]
-            region += (shaded - region) * (covered * within[None, :] * strength * 0.9)[..., None]
-            lash = np.clip(1.0 - np.abs(ys - lid) / max(0.8, 0.012 * self.face_width), 0, 1) * within[None, :]
-            region += (self._lash - region) * (lash * strength * 0.45)[..., None]
+            colour = uniform_filter1d(bright, size=max(3, int(span / 4)), axis=0)
+            smooth = uniform_filter1d(lid, size=max(3, int(span / 10)), axis=1)
+            stretched = np.clip((ys - start) / np.maximum(edge - margin - start, 1.0), 0, 1) * (ys < edge - margin)
+            blend = (np.clip((stretch - 1.0) / 2.0, 0, 0.75)[None, :] * stretched)[..., None]
+            # Toward the skin's colour, keeping a third of the strip's own light and grain.
+            grain = smooth.mean(axis=2, keepdims=True) / (colour.mean(axis=1)[None, :, None] + 1.0)
+            lid = smooth + (colour[None, :, :] * (0.65 + 0.35 * grain) - smooth) * blend
+            # Shade: the lid curves away from the light toward its edge.
+            depth = np.clip((ys - top) / np.maximum(edge - top, 1.0), 0, 1)
+            lid *= (1.0 - 0.1 * depth * closure)[..., None]
+            region += (lid - region) * weight[..., None]
             frame[y0 : y1 + 1, x0 : x1 + 1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
+
+
+def _sample_rows(region: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """region (H, W, 3) sampled at fractional row positions rows (h, W), column by column, linearly."""
+    r0 = np.floor(rows).astype(np.intp)
+    r1 = np.minimum(r0 + 1, region.shape[0] - 1)
+    frac = (rows - r0)[..., None].astype(np.float32)
+    cols = np.arange(region.shape[1])[None, :]
+    return region[r0, cols] * (1.0 - frac) + region[r1, cols] * frac

@@ -1,0 +1,456 @@
+"""The Ray executor: a build's chunks run on the actors of a Ray cluster, every GPU of a machine or of many.
+
+One actor per GPU (`num_gpus=1`) and one per remaining CPU slot, each holding a warm `renderer.base.ModelPool` for
+the whole run, so a model loads once per actor, not once per step. GPU chunks (image, the SadTalker renderer,
+enhance) go to the GPU actors, CPU chunks (voice, puppet, mux) to the CPU actors; without GPUs every chunk goes to
+the CPU actors. The driver submits a step as soon as its inputs are committed, so stages overlap across videos.
+
+Inputs travel as bytes through Ray's object store and outputs come back the same way, unless the actor sees the
+build folder at the driver's path (the same machine, or storage every node mounts): then it reads and writes there.
+The driver commits every step itself, so nothing is committed twice or half. An actor (or node) lost mid-chunk has
+its chunk handed to another actor (Ray restarts the lost one); a step that fails for its own reasons comes back as
+that step's error, like on the local runner, and is not retried.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from batch.errors import UsageError
+from batch.executors import Chunk, ChunkResult, StageFn, call_stage, resolve_stage
+from batch.stages import ORDER
+
+logger = logging.getLogger(__name__)
+
+#: Chunks handed to one actor at a time: one running and one waiting, so it never idles between two.
+PER_ACTOR = 2
+#: Tries per chunk when its actors keep dying (a chunk that kills its worker is not retried forever).
+ATTEMPTS = 3
+#: Times Ray restarts a lost actor (a restart reloads its models).
+MAX_RESTARTS = 3
+#: Seconds to wait for a cluster's port before saying it cannot be reached.
+CONNECT_TIMEOUT = 5.0
+#: Seconds to wait for the actors to start (their resources may be taken by another job).
+START_TIMEOUT = 300.0
+
+
+def connect(address: str) -> bool:
+    """Join or start the Ray cluster `address` names; True when this call started it (the run shuts it down).
+
+    `ray`: a local Ray instance for this run (every GPU and CPU of this machine); `auto`: the cluster `ray start` runs
+    here, or the one RAY_ADDRESS names; `ray://HOST:PORT` (Ray Client) or `HOST:PORT`: that cluster. A Ray already
+    initialised in this process is used as it is."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError(
+            "--cluster needs Ray, which is not installed", "install the cluster extra: pip install -e '.[cluster]'"
+        ) from exc
+    if ray.is_initialized():
+        return False
+    if address not in ("ray", "auto"):
+        _check_reachable(address)
+    quiet = not logger.isEnabledFor(logging.INFO)
+    options: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+    try:
+        if address == "ray":
+            ray.init(include_dashboard=False, **options)
+            return True
+        ray.init(address=address, **options)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise UsageError(
+            f"cannot join the Ray cluster {address!r}: {exc}",
+            "start one (`ray start --head`), check the address, or use `--cluster ray` for a local one",
+        ) from exc
+    return False
+
+
+def _check_reachable(address: str) -> None:
+    """A quick TCP check, so an unreachable address is an error in seconds (Ray itself retries for minutes)."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise UsageError(
+            f"--cluster {address!r} is not a cluster address", "use ray, auto, ray://HOST:PORT or HOST:PORT"
+        )
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"cannot reach the Ray cluster at {host}:{port}: {exc.strerror or exc}",
+            "check that its head node runs (`ray status` there) and that this machine may connect to that port",
+        ) from exc
+
+
+class Worker:
+    """A Ray actor: one device and its warm model pool for the whole run; runs whole chunks of one stage."""
+
+    def __init__(self, name: str, device: str, label: str, stages: Mapping[str, StageFn], marker: tuple[str, str]):
+        import ray
+
+        from renderer.base import ModelPool, resolve_device
+
+        self.name = name
+        self.pool = ModelPool()
+        self.device = "cpu" if device == "cpu" else resolve_device(device)  # "cpu" without importing torch
+        gpus = ray.get_gpu_ids()
+        self.label = f"cuda:{gpus[0]}" if device == "cuda" and gpus else label
+        self.node = ray.util.get_node_ip_address()
+        self.stages = dict(stages)
+        path, token = marker
+        try:  # the build folder is here, at the driver's path: read and write it directly
+            self.shared = Path(path).read_text() == token
+        except OSError:
+            self.shared = False
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "node": self.node, "device": self.label, "pid": os.getpid(), "shared": self.shared}
+
+    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str], *blobs: bytes) -> dict[str, Any]:
+        """Run a chunk. With `blobs` (the contents of `paths`, the inputs as the driver names them) the inputs are
+        written to a private folder first and the outputs come back as bytes; without, the jobs' paths are used."""
+        fn = resolve_stage(target, self.stages)
+        local = tempfile.mkdtemp(prefix="dhbatch-") if blobs else None
+        try:
+            if local is not None:
+                jobs = self._localise(jobs, dict(zip(paths, blobs, strict=True)), Path(local))
+            jobs = [dataclasses.replace(job, device=self.device) for job in jobs]
+            results, seconds = call_stage(fn, stage, jobs, self.pool)
+            outputs = None
+            if local is not None:
+                outputs = [{p.name: p.read_bytes() for p in Path(job.out_dir).iterdir() if p.is_file()} for job in jobs]
+        finally:
+            if local is not None:
+                shutil.rmtree(local, ignore_errors=True)
+        loads = {"/".join(key): n for key, n in self.pool.loads.items()}
+        return {"results": results, "outputs": outputs, "seconds": seconds, "loads": loads, **self.info()}
+
+    @staticmethod
+    def _localise(jobs: list[Any], files: dict[str, bytes], root: Path) -> list[Any]:
+        out = []
+        for i, job in enumerate(jobs):
+            inputs = {}
+            for name, path in job.inputs.items():
+                local = root / f"{i}" / "in" / name / Path(path).name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(files[str(path)])
+                inputs[name] = local
+            out_dir = root / f"{i}" / "out"
+            out_dir.mkdir(parents=True)
+            out.append(dataclasses.replace(job, inputs=inputs, out_dir=out_dir))
+        return out
+
+
+@dataclasses.dataclass
+class _Actor:
+    handle: Any
+    name: str
+    gpu: bool
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    running: int = 0
+    chunks: int = 0
+    lost: int = 0
+
+
+@dataclasses.dataclass
+class _Task:
+    chunk: Chunk
+    actor: _Actor
+    blobs: list[Any]
+
+
+class RayExecutor:
+    """Chunks on the actors of a Ray cluster (see the module's docstring). `gpu_resource` names the resource that
+    marks a GPU (Ray's "GPU"; a custom one, e.g. for accelerators Ray does not know, makes its actors run on the
+    CPU devices). `transfer`: "auto" (the build folder where actors see it, bytes elsewhere) or "bytes" (always)."""
+
+    overlap = True
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        scratch: Path,
+        device: str = "auto",
+        stages: Mapping[str, StageFn] | None = None,
+        gpu_resource: str = "GPU",
+        cpu_workers: int | None = None,
+        transfer: str = "auto",
+    ) -> None:
+        self.address = address
+        self._device_spec = device
+        self._gpu_resource = gpu_resource
+        self._cpu_workers = cpu_workers
+        self._stages = dict(stages or {})
+        self._transfer = transfer
+        self._marker = scratch / f"cluster-{uuid.uuid4().hex}"
+        self._token = uuid.uuid4().hex
+        self._own: bool | None = None  # None: not connected yet (a build with nothing to run never connects)
+        self._counts: dict[bool, int] = {}
+        self._actors: dict[bool, list[_Actor]] = {}
+        self._queue: dict[bool, collections.deque[Chunk]] = {True: collections.deque(), False: collections.deque()}
+        self._tasks: dict[Any, _Task] = {}  # object ref -> what it runs
+        self._attempts: dict[int, int] = collections.Counter()
+        self._lost_on: dict[int, set[str]] = collections.defaultdict(set)
+        self._ready: list[ChunkResult] = []  # to return at the next wait
+        self._finished: list[ChunkResult] = []
+        self._loads: dict[tuple[str, int], dict[str, int]] = {}
+
+    def _connect(self) -> dict[bool, int]:
+        """Join the cluster (the first time work comes) and size the two kinds of workers from its resources."""
+        if self._own is None:
+            import ray
+
+            self._own = connect(self.address)
+            resources = ray.cluster_resources()
+            no_gpu = self._device_spec == "cpu" and self._gpu_resource == "GPU"  # a custom resource's actors use CPUs
+            gpus = 0 if no_gpu else int(resources.get(self._gpu_resource, 0))
+            cpus = int(resources.get("CPU", 1))
+            #: A GPU actor takes a CPU slot of its own where there are enough (it prepares the GPU's batches).
+            self._gpu_cpus = 1 if cpus >= 2 * gpus else 0
+            self._counts = {True: gpus, False: self._cpu_workers or max(1, cpus - gpus * self._gpu_cpus)}
+        return self._counts
+
+    # -- what the driver asks -------------------------------------------------------------------------------------
+    def _kind(self, gpu: bool) -> bool:
+        """GPU chunks go to the GPU actors, or to the CPU actors on a cluster without GPUs."""
+        return gpu and self._connect()[True] > 0
+
+    def workers(self, gpu: bool) -> int:
+        return self._connect()[self._kind(gpu)]
+
+    def idle(self, gpu: bool) -> bool:
+        kind = self._kind(gpu)
+        actors = self._actors.get(kind)
+        return not self._queue[kind] and (actors is None or any(a.running == 0 for a in actors))
+
+    def submit(self, chunk: Chunk) -> None:
+        self._enqueue(chunk)
+        self._dispatch()
+
+    def _enqueue(self, chunk: Chunk) -> None:
+        """Later stages first (a video whose voice is done renders before the next video's voice starts, so videos
+        finish early and stages overlap), then in the order submitted; a chunk back from a lost worker first."""
+        queue = self._queue[self._kind(chunk.gpu)]
+        rank = (not self._attempts[chunk.id], -ORDER.index(chunk.stage), chunk.id)
+        at = next(
+            (i for i, c in enumerate(queue) if (not self._attempts[c.id], -ORDER.index(c.stage), c.id) > rank), None
+        )
+        queue.insert(len(queue) if at is None else at, chunk)
+
+    def wait(self) -> list[ChunkResult]:
+        import ray
+
+        out, self._ready = self._ready, []  # chunks that failed without running (no worker left)
+        while not out and self._tasks:
+            done, _ = ray.wait(list(self._tasks), num_returns=1, timeout=1.0)  # a timeout: Ctrl-C gets through
+            if not done:
+                continue
+            done, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0)
+            for ref in done:
+                result = self._receive(ref, self._tasks.pop(ref))
+                if result is not None:
+                    out.append(result)
+            self._dispatch()
+        self._finished += out
+        return out
+
+    def stage_done(self, stage: str) -> None:
+        pass  # the actors keep every model warm for the whole run
+
+    def interrupt(self) -> list[ChunkResult]:
+        """Ctrl-C: the actors are stopped (what they had half-written is the driver's to delete); the chunks that had
+        finished come back to be committed."""
+        import ray
+
+        for queue in self._queue.values():
+            queue.clear()
+        if self._tasks:
+            done, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0)
+            for ref in done:
+                with contextlib.suppress(Exception):
+                    if (result := self._receive(ref, self._tasks.pop(ref), retry=False)) is not None:
+                        self._finished.append(result)
+        self._stop_actors()
+        return list(self._finished)
+
+    def close(self) -> None:
+        import ray
+
+        self._stop_actors()
+        self._marker.unlink(missing_ok=True)
+        if self._own and ray.is_initialized():
+            ray.shutdown()
+
+    def model_loads(self) -> dict[str, int]:
+        total: dict[str, int] = collections.Counter()
+        for (name, _pid), loads in self._loads.items():  # a restarted actor loads again
+            for model, n in loads.items():
+                total[f"{name}/{model}"] += n
+        return dict(sorted(total.items()))
+
+    def describe(self) -> str:
+        if not self._counts:
+            return f"ray {self.address} (not used)"
+        gpu = f"{self._counts[True]} {self._gpu_resource} + " if self._counts[True] else ""
+        return f"ray {self.address}: {gpu}{self._counts[False]} CPU workers"
+
+    # -- actors ---------------------------------------------------------------------------------------------------
+    def _start(self, kind: bool) -> list[_Actor]:
+        """Start the actors of one kind (when its first chunk comes), and wait until they run."""
+        import ray
+
+        if kind not in self._actors:
+            if not self._marker.exists():
+                self._marker.parent.mkdir(parents=True, exist_ok=True)
+                self._marker.write_text(self._token)
+            remote = ray.remote(Worker)
+            actors = []
+            for i in range(self._counts[kind]):
+                options: dict[str, Any] = {"max_restarts": MAX_RESTARTS, "max_task_retries": 0}
+                if kind and self._gpu_resource == "GPU":
+                    options.update(num_gpus=1, num_cpus=self._gpu_cpus)
+                    device, label = "cuda", "cuda"
+                elif kind:
+                    options.update(resources={self._gpu_resource: 1}, num_cpus=self._gpu_cpus)
+                    device, label = "cpu", f"{self._gpu_resource}:{i}"
+                else:
+                    options.update(num_cpus=1)
+                    device, label = "cpu", "cpu"
+                name = f"{'gpu' if kind else 'cpu'}-{i}"
+                marker = (str(self._marker), self._token if self._transfer == "auto" else "")
+                handle = remote.options(**options).remote(name, device, label, self._stages, marker)
+                actors.append(_Actor(handle, name, kind))
+            try:
+                infos = ray.get([a.handle.info.remote() for a in actors], timeout=START_TIMEOUT)
+            except ray.exceptions.GetTimeoutError as exc:
+                raise UsageError(
+                    f"the Ray cluster did not start {len(actors)} {'GPU' if kind else 'CPU'} workers in "
+                    f"{START_TIMEOUT:.0f} s",
+                    "check `ray status`: another job may hold its resources",
+                ) from exc
+            except ray.exceptions.RayActorError as exc:
+                raise UsageError(
+                    f"a Ray worker failed to start: {exc}", "install dhbatch the same way on every node"
+                ) from exc
+            for actor, info in zip(actors, infos, strict=True):
+                actor.info = info
+            self._actors[kind] = actors
+            where = collections.Counter(
+                f"{i['node']} ({'shared build folder' if i['shared'] else 'bytes'})" for i in infos
+            )
+            logger.info("%d %s workers: %s", len(actors), "GPU" if kind else "CPU", dict(where))
+        return self._actors[kind]
+
+    def _dispatch(self) -> None:
+        """Hand queued chunks to the least busy actors of their kind (another actor than one lost with the chunk
+        where there is one)."""
+        for kind, queue in self._queue.items():
+            while queue:
+                actors = self._start(kind)
+                if not actors:
+                    self._fail_all(queue, "no worker of this kind is left on the cluster (every one died)")
+                    break
+                chunk = queue[0]
+                free = [a for a in actors if a.running < PER_ACTOR]
+                fresh = [a for a in free if a.name not in self._lost_on[chunk.id]]
+                if not free or (not fresh and len(self._lost_on[chunk.id]) < len(actors)):
+                    break
+                actor = min(fresh or free, key=lambda a: (a.running, a.chunks))
+                queue.popleft()
+                self._send(chunk, actor)
+
+    def _send(self, chunk: Chunk, actor: _Actor) -> None:
+        import ray
+
+        paths: list[str] = []
+        blobs: list[Any] = []
+        if not actor.info["shared"]:
+            paths = sorted({str(p) for job in chunk.jobs for p in job.inputs.values()})
+            blobs = [ray.put(Path(p).read_bytes()) for p in paths]
+        ref = actor.handle.run.remote(chunk.stage, chunk.target, chunk.jobs, paths, *blobs)
+        actor.running += 1
+        actor.chunks += 1
+        self._tasks[ref] = _Task(chunk, actor, blobs)
+
+    def _receive(self, ref: Any, task: _Task, retry: bool = True) -> ChunkResult | None:
+        """A finished task's result, with its outputs written into the driver's folders; None when its actor was
+        lost and the chunk went back in the queue."""
+        import ray
+
+        task.actor.running -= 1
+        chunk = task.chunk
+        try:
+            got = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # the actor or its node died: the chunk goes elsewhere
+            return self._lost(task, exc) if retry else None
+        except ray.exceptions.RayError as exc:  # the task could not run (its arguments were lost, ...)
+            got = {"results": [_lost_error(chunk, exc)] * len(chunk.jobs), "seconds": 0.0, "outputs": None}
+            got.update(name=task.actor.name, node="", device="", pid=0, loads={})
+        if got["outputs"] is not None:
+            for job, files in zip(chunk.jobs, got["outputs"], strict=True):
+                for name, data in files.items():
+                    (Path(job.out_dir) / name).write_bytes(data)
+        self._loads[(got["name"], got["pid"])] = got["loads"]
+        queued = max(0.0, time.monotonic() - chunk.submitted - got["seconds"])
+        return ChunkResult(chunk, got["results"], got["seconds"], queued, got["name"], got["node"], got["device"])
+
+    def _lost(self, task: _Task, exc: Exception) -> ChunkResult | None:
+        chunk, actor = task.chunk, task.actor
+        actor.lost += 1
+        self._attempts[chunk.id] += 1
+        self._lost_on[chunk.id].add(actor.name)
+        logger.warning("worker %s was lost running %s (%s)", actor.name, chunk.stage, type(exc).__name__)
+        if actor.lost > MAX_RESTARTS:  # Ray gave up restarting it
+            self._actors[actor.gpu] = [a for a in self._actors[actor.gpu] if a is not actor]
+        if self._attempts[chunk.id] >= ATTEMPTS:
+            return ChunkResult(chunk, [_lost_error(chunk, exc)] * len(chunk.jobs), 0.0, 0.0, actor.name)
+        for job in chunk.jobs:  # whatever the lost actor wrote there is not kept
+            shutil.rmtree(job.out_dir, ignore_errors=True)
+            Path(job.out_dir).mkdir(parents=True)
+        self._enqueue(chunk)
+        return None
+
+    def _fail_all(self, queue: collections.deque[Chunk], why: str) -> None:
+        from renderer.base import BackendError
+
+        while queue:
+            chunk = queue.popleft()
+            error = BackendError(f"{chunk.stage}: {why}", "check the cluster (`ray status`) and run again")
+            self._ready.append(ChunkResult(chunk, [error] * len(chunk.jobs), 0.0, 0.0, "none"))
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for actors in self._actors.values():
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor.handle, no_restart=True)
+        self._actors.clear()
+        self._tasks.clear()
+
+
+def _lost_error(chunk: Chunk, exc: Exception) -> Exception:
+    from renderer.base import BackendError
+
+    return BackendError(
+        f"{chunk.stage}: the Ray worker running it was lost {ATTEMPTS} times ({type(exc).__name__})",
+        "check the cluster's nodes (`ray status`, their logs) and run again: what was built is kept",
+    )
