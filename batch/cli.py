@@ -24,6 +24,7 @@ from batch.plan import (
     Plan,
     VideoPlan,
     check_force,
+    claim_output_folder,
     load_state,
     lock_output_folder,
     owner_state,
@@ -350,6 +351,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         for folder in (out_dir, out_dir / "thumbs"):
             sweep_stale_tmp(folder)  # what killed runs left half-written (the cache sweeps its own)
         plan, cache, checkpoints = _plan(args, (manifest, build_dir, checkpoints, cache))
+        claim_output_folder(build_dir, manifest)
         return _build(args, plan, cache, checkpoints)
 
 
@@ -528,7 +530,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                         f"a build is using the cache {display_path(cache.root)}", "run gc again when it has finished"
                     )
             for manifest, build_dir, _, _ in setups:  # and the output folders, whose owners are checked under it
-                held = lock_output_folder(build_dir, manifest, wait=False, claim=False)
+                held = lock_output_folder(build_dir, manifest, wait=False)
                 if held is None:
                     raise UsageError(
                         f"a build is writing {display_path(build_dir / manifest.name)}",

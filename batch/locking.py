@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 class Held:
     """A lock held through an open descriptor; `release()` removes its file (if it has one) and lets go."""
 
-    def __init__(self, fd: int, path: Path | None) -> None:
+    def __init__(self, fd: int, path: Path | None, made: Path | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.made = made  # a folder made to be locked: removed on release if still empty
 
     def release(self) -> None:
         if self.fd < 0:
@@ -36,6 +37,9 @@ class Held:
                 with contextlib.suppress(OSError):  # still held: nobody else can be using this file now
                     if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                         os.unlink(self.path)
+            if self.made is not None:
+                with contextlib.suppress(OSError):  # not empty: it is in use
+                    self.made.rmdir()
         finally:
             os.close(self.fd)  # closing lets go of the lock
             self.fd = -1

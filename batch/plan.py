@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -442,35 +444,51 @@ class Planner:
         return Decision(step.stage, step.key, False, explain(before, step))
 
 
-def lock_output_folder(build_dir: Path, manifest: Manifest, *, wait: bool = True, claim: bool = True) -> Held | None:
-    """Hold build/<name>/ for the length of a build (or of gc), so that ownership is checked and kept under one lock:
-    two manifests with the same file name built at the same moment never both publish there. A build of the same
-    manifest that holds it is waited for; one of another manifest is an error at once (seen in its state.json, which
-    the holder claims first). `claim`: write this manifest's identity into state.json if the folder has no living
-    owner. None when `wait` is False and another process holds the folder."""
+def lock_output_folder(build_dir: Path, manifest: Manifest, *, wait: bool = True) -> Held | None:
+    """Hold build/<name>/ for the length of a build (or of gc), so that its owner is checked, claimed
+    (`claim_output_folder`) and kept under one lock: two manifests with the same file name built at the same moment
+    never both publish there. A build of the same manifest that holds it is waited for; one of another manifest is
+    an error at once (its state.json names it). None when `wait` is False and another process holds the folder."""
     folder = build_dir / manifest.name
-    if not claim and not folder.is_dir():
-        return Held(-1, None)  # nothing there to keep
-    folder.mkdir(parents=True, exist_ok=True)
-    held = lock_folder(folder, wait=False)
-    if held is None:
-        _refuse_other_owner(build_dir, manifest, "is being built for")
-        if not wait:
-            return None
-        held = lock_folder(folder, waiting_for=f"another build of {manifest.path.name} into {folder} to finish")
+    while True:
+        made = None
+        if not folder.is_dir():
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(parents=True)
+                made = folder  # removed again if the command stops before writing anything there (a bad --only)
+        held = lock_folder(folder, wait=False)
+        if held is None:
+            _refuse_other_owner(build_dir, manifest, "is being built for")
+            if not wait:
+                return None
+            held = lock_folder(folder, waiting_for=f"another build of {manifest.path.name} into {folder} to finish")
+        held.made = made
+        try:
+            if os.stat(folder).st_ino == os.fstat(held.fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        held.made = None
+        held.release()  # its holder removed the empty folder while we waited: lock it anew
     try:
-        path = state_path(build_dir, manifest)
-        state = load_state(path)
-        _refuse_other_owner(build_dir, manifest, "holds the videos of", state)
-        if claim and owner_state(state, manifest) != "same":  # new, or its owner is gone: ours from now on
-            from batch.cache import write_atomic
-
-            state = {"format": 1, "videos": {}, **state, **ownership(manifest)}
-            write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
+        _refuse_other_owner(build_dir, manifest, "holds the videos of")
     except BaseException:
         held.release()
         raise
     return held
+
+
+def claim_output_folder(build_dir: Path, manifest: Manifest) -> None:
+    """Write this manifest's identity into build/<name>/state.json if the folder has no living owner (new, or its
+    manifest is gone), so that a build of another same-named manifest starting now is refused at once. Called under
+    `lock_output_folder`, once the build is known to go ahead."""
+    path = state_path(build_dir, manifest)
+    state = load_state(path)
+    if owner_state(state, manifest) != "same":
+        from batch.cache import write_atomic
+
+        state = {"format": 1, "videos": {}, **state, **ownership(manifest)}
+        write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
 def ownership(manifest: Manifest) -> dict[str, str]:

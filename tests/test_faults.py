@@ -84,7 +84,7 @@ def test_faults_same_named_manifests_built_at_once_the_second_is_refused(tmp_pat
 def test_faults_same_manifest_built_twice_at_once_waits_and_builds_each_step_once(tmp_path: Path) -> None:
     m = write_project(tmp_path)
     log = tmp_path / "log"
-    first = start_fake("build", str(m), "-q", FAKE_LOG=str(log), FAKE_DELAY="0.05")
+    first = start_fake("build", str(m), "-q", FAKE_LOG=str(log), FAKE_DELAY="0.3")
     _wait_for(lambda: _lines(log), what="the first build to start building")
     second = dhbatch_fake("build", str(m), FAKE_LOG=str(log))
     first.communicate(timeout=120)
