@@ -321,6 +321,12 @@ def _written_script(info: Any, root: Path, out_dir: Path) -> str:
     return f"<div class=script>script ({e(str(info.get('words')))} words):<ol>{''.join(items)}</ol></div>"
 
 
+def _placed_html(step: dict[str, Any]) -> str:
+    """Where a cluster built a step, and how long it waited for a worker."""
+    e = html.escape
+    return f" · on {e(step['worker'])} ({e(step.get('node', ''))}, {e(step.get('device', ''))}), queued {step.get('queued', 0):.1f}s"
+
+
 def _artifact_html(artifact: str | None, out_dir: Path) -> str:
     """What a failed step made, beside its error: an image shown, another file linked (paths relative to the report,
     so the cache's failed/ folder is reached from build/<manifest>/)."""
@@ -348,6 +354,7 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str], out_dir: Path) -> 
         steps = "<br>".join(
             f"<b>{e(s['stage'])}</b> {e(s['status'])} · {e(s['reason'])}"
             + (f" · {s['seconds']:.2f}s" if s["status"] in ("ran", "failed") else "")
+            + (_placed_html(s) if s.get("worker") not in (None, "", "local") else "")
             + (f" · <span class=failed>{e(s['error'])}</span>" if s.get("error") else "")
             + _artifact_html(s.get("artifact"), out_dir)
             + (f" · <i>{e(str(s['info'].get('prompt', '')))}</i>" if s.get("info", {}).get("prompt") else "")

@@ -120,6 +120,10 @@ _REFUSAL = re.compile(
 )
 
 
+#: A structured answer cut off inside its prompt string (whole escapes only, so the rest is valid JSON text).
+_CUT_JSON = re.compile(r'^\{\s*"prompt"\s*:\s*"((?:[^"\\]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*)')
+
+
 class RefusalError(BackendError):
     """The model declined to write the prompt."""
 
@@ -132,7 +136,9 @@ def answer_text(answer: str) -> str:
         try:
             data = json.loads(text)
         except ValueError:
-            return text
+            # Cut off by num_predict inside the string: `{"prompt": "portrait of a CEO, grey su`.
+            cut = _CUT_JSON.match(text)
+            return json.loads(f'"{cut.group(1)}"') if cut else text
         if isinstance(data, dict) and isinstance(data.get("prompt"), str):
             return _THINK.sub("", data["prompt"]).strip()
     return text
@@ -258,18 +264,25 @@ def generate_ollama(
 
     async def ask() -> Any:
         async with client:  # its HTTP connections are closed after this job, also when cancelled
-            return await client.generate(
-                model=model,
-                prompt=request,
-                format=format if format is not None else prompt_format(settings.max_length),
-                think=False,
-                options={
+            request_args = {
+                "model": model,
+                "prompt": request,
+                "format": format if format is not None else prompt_format(settings.max_length),
+                "options": {
                     "seed": int(seed),
                     "temperature": float(settings.temperature),
                     # about 3 characters a token, plus the JSON around the prompt
                     "num_predict": num_predict or settings.max_length // 3 + 32,
                 },
-            )
+            }
+            try:
+                return await client.generate(**request_args, think=False)
+            except ollama.ResponseError as exc:
+                # Some servers refuse the `think` field itself for a model without the capability: ask again
+                # without it (a <think> block that comes back anyway is dropped by answer_text).
+                if exc.status_code != 400 or "thinking" not in str(exc.error).lower():
+                    raise
+                return await client.generate(**request_args)
 
     async def bounded() -> Any:
         return await asyncio.wait_for(ask(), timeout)

@@ -150,7 +150,10 @@ def test_cluster_demo_has_the_local_keys_and_bytes(cluster: Any, tmp_path: Path)
     report = json.loads((remote / "demo" / "report.json").read_text())
     steps = [s for v in report["videos"] for s in v["steps"] if s["status"] == "ran"]
     assert {s["worker"] for s in steps} == {"cpu-0", "cpu-1"} and all(s["node"] and s["device"] for s in steps)
-    assert report["device"].startswith("ray")
+    assert (
+        report["device"] == "a local Ray: 2 CPU workers"
+        and ", queued " in (remote / "demo" / "report.html").read_text()
+    )
 
 
 def test_cluster_two_cpu_actors_share_eight_videos_each_loading_once(cluster: Any, tmp_path: Path) -> None:
@@ -194,6 +197,8 @@ def test_cluster_gpu_actors_one_per_device_with_warm_pools(
     result = _build(tmp_path, registry, _ray(tmp_path, registry, gpu_resource="fake_gpu"))
     status = collections.Counter(v.status for v in result.videos)
     assert status == {"built": 6, "failed": 2}
+    errors = {v.error for v in result.videos if v.status == "failed"}  # a worker's error reads like a local one's
+    assert errors == {f"voice: scripts.{s}: the text asks to fail — remove FAIL" for s in ("hello", "bye")}
     ran = [s for v in result.videos for s in v.steps if s.status == "ran"]
     renders = [s for s in ran if s.stage == "animate"]
     gpu_workers = {s.worker for s in renders}
@@ -207,7 +212,7 @@ def test_cluster_gpu_actors_one_per_device_with_warm_pools(
     assert set(animate_loads.values()) == {1}
     failing = [line for line in (tmp_path / "steps").read_text().splitlines() if line.startswith("voice ")]
     assert len(failing) == len({line.split()[1] for line in failing})  # every voice ran once, the failing ones too
-    assert result.device == "ray ray: 4 fake_gpu + 2 CPU workers"
+    assert result.device == "a local Ray: 4 fake_gpu + 2 CPU workers"
 
 
 def test_cluster_worker_killed_mid_chunk_is_replaced(cluster: Any, tmp_path: Path) -> None:

@@ -103,10 +103,19 @@ def test_write_cli_validate_locates_sources_that_match_nothing_or_escape(tmp_pat
     assert result.returncode == 2 and "m.yaml:4:3: scripts.s: 'brief' needs sources" in result.stderr, result.stderr
 
 
-def test_write_cli_validate_accepts_a_written_script(tmp_path: Path) -> None:
+def test_write_cli_validate_accepts_a_written_script_and_renders_its_template(tmp_path: Path) -> None:
     manifest = make_project(tmp_path, SCRIPTS, VIDEOS, llm="{engine: ollama}")
     result = dhbatch("validate", str(manifest))
     assert result.returncode == 0, result.stderr
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "mine.j2").write_text("Write about {{ brief }} from {{ passages[0].txt }}.\n")
+    text = manifest.read_text().replace("    words: 30\n", "    words: 30\n    llm: {template: mine.j2}\n", 1)
+    manifest.write_text(text.replace("shipping.md]\n    words: 30\n", "shipping.md]\n    llm: {template: no.j2}\n"))
+    result = dhbatch("validate", str(manifest))
+    assert result.returncode == 2
+    assert re.search(r"m\.yaml:\d+:\d+: scripts\.refunds: prompt template mine\.j2: line 1: .*'txt'", result.stderr)
+    assert re.search(r"m\.yaml:\d+:\d+: scripts\.shipping: prompt template 'no\.j2' not found", result.stderr)
 
 
 # --- caching ------------------------------------------------------------------------------------------------------
@@ -299,3 +308,22 @@ def test_write_e2e_extractive_video_speaks_the_written_script(tmp_path: Path) ->
     segments, _ = asr.transcribe(str(tmp_path / "build" / "m" / "eileen-refunds.mp4"), language="en", beam_size=1)
     transcript = " ".join(s.text.strip() for s in segments)
     assert word_error_rate(script, transcript) < 0.15, (script, transcript)
+
+
+def test_write_key_derivation_is_pinned(tmp_path: Path) -> None:
+    """An accidental change of how the write step is keyed fails here (change the stage's version on purpose)."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nRefunds take five days.\n")
+    (tmp_path / "face.jpg").write_bytes(b"portrait")
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\ncharacters: {c: {image: face.jpg}}\nscripts:\n  s: {brief: refunds, sources: [docs/*.md], "
+        "words: 20, llm: {engine: none}}\nvideos: [{id: v, character: c, script: s}]\n"
+    )
+    cache = Cache(tmp_path / "build" / "cache")
+    plan = plan_manifest(load_manifest(tmp_path / "m.yaml"), cache, build_dir=tmp_path / "build", checkpoints=tmp_path)
+    write, voice = plan.videos[0].steps[:2]
+    assert write.fingerprint["inputs"]["sources"] == {
+        "docs/a.md": "0273e222c65c2a509b82799b74cfea618c4cda8d3fe48de935804c4f7a6e9f0c"
+    }
+    assert (write.stage, write.key) == ("write", "5a77f5084aaef8c99531b9b188ce8f5fd744c25ab64259e71f2c4c013e0000f9")
+    assert voice.fingerprint["inputs"] == {"script": write.key}

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from batch.errors import DHBatchError
-from batch.web import auth
+from batch.web import auth, catalog
 from batch.web.models import error_body
 from batch.web.state import ServeConfig, StudioState
 
@@ -27,14 +27,8 @@ MAX_BODY = 40 * 1024 * 1024
 def templates() -> jinja2.Environment:
     """Jinja with autoescape on for every template: everything shown is escaped unless a template says otherwise."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
-    env.filters["when"] = _when
+    env.filters["when"] = lambda seconds: catalog.when(seconds) or ""
     return env
-
-
-def _when(seconds: float | None) -> str:
-    from batch.web.catalog import when
-
-    return when(seconds) or ""
 
 
 def create_app(config: ServeConfig) -> FastAPI:
