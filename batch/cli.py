@@ -346,20 +346,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         raise UsageError(f"--device {args.device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
     manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
+    remote = fleet.open_remote(args, project_root(args.manifest))  # --remote-required fails before anything is made
     with holding(lock_output_folder(build_dir, manifest)):  # ownership is checked, and kept, under the lock
         out_dir = build_dir / manifest.name
         for folder in (out_dir, out_dir / "thumbs"):
             sweep_stale_tmp(folder)  # what killed runs left half-written (the cache sweeps its own)
         plan, cache, checkpoints = _plan(args, (manifest, build_dir, checkpoints, cache))
         claim_output_folder(build_dir, manifest)
-        return _build(args, plan, cache, checkpoints)
+        return _build(args, plan, cache, checkpoints, remote)
 
 
-def _build(args: argparse.Namespace, plan: Plan, cache: Cache, checkpoints: Path) -> int:
+def _build(args: argparse.Namespace, plan: Plan, cache: Cache, checkpoints: Path, remote: Any) -> int:
     from batch.report import prune_removed, retire_outdated, write_report, write_state
     from batch.run import EventFile, Runner
 
-    remote = fleet.open_remote(args, project_root(args.manifest))
     for v in plan.videos:
         for d in v.decisions:
             if not d.cached:
