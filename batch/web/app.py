@@ -15,8 +15,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from batch.errors import DHBatchError
 from batch.web import auth, catalog
+from batch.web.config import ServeConfig
 from batch.web.models import error_body
-from batch.web.state import ServeConfig, StudioState
+from batch.web.state import StudioState
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -50,9 +51,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         description="Build talking-head videos from the project's manifests, or from one video described inline.",
         version="1",
         lifespan=lifespan,
-        docs_url=None,  # the docs page below is served without a CDN, behind the same checks as every route
+        # The docs (pages.api_docs, no CDN) and the OpenAPI document (below) go through the same checks as every route.
+        docs_url=None,
         redoc_url=None,
-        openapi_url=None,  # served below, behind the same checks as every route
+        openapi_url=None,
         dependencies=[Depends(auth.require_token), Depends(auth.refuse_cross_site)],
     )
     app.state.studio = state
