@@ -61,13 +61,13 @@ def connect(address: str) -> bool:
         ) from exc
     if ray.is_initialized():
         return False
-    if address not in ("ray", "auto"):
-        _check_reachable(address)
+    if address != "ray":
+        _check_reachable(_auto_address() if address == "auto" else address)
     quiet = not logger.isEnabledFor(logging.INFO)
     options: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
     try:
         if address == "ray":
-            ray.init(include_dashboard=False, **options)
+            ray.init(address="local", include_dashboard=False, **options)  # a new one, whatever RAY_ADDRESS says
             return True
         ray.init(address=address, **options)
     except Exception as exc:  # noqa: BLE001 - Ray's refusals have many types (no cluster, a token missing, ...)
@@ -78,8 +78,19 @@ def connect(address: str) -> bool:
     return False
 
 
-def _check_reachable(address: str) -> None:
+def _auto_address() -> str | None:
+    """Where `auto` leads: RAY_ADDRESS, or the cluster the last `ray start` on this machine recorded (None: Ray will
+    say that it found none, at once)."""
+    from ray._private.services import find_bootstrap_address  # Ray's own lookup, used by ray.init("auto")
+
+    found = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+    return None if found in (None, "", "auto", "local") else found
+
+
+def _check_reachable(address: str | None) -> None:
     """A quick TCP check, so an unreachable address is an error in seconds (Ray itself retries for minutes)."""
+    if address is None:
+        return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parsed.hostname, parsed.port

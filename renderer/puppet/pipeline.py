@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 VERSION = 2
 SIZES = SADTALKER_SIZES  # the same `video` settings as SadTalker's
 PREPROCESS = SADTALKER_PREPROCESS
+#: x264's preset for the puppet's frames: 5x faster than "medium" at 256 (2.1 vs 10.8 ms a frame, measured under
+#: load) and its files no larger at crf 18 (64 vs 73 KB for 4 s at 256), bench/results/2026-12-07-cpu.
+ENCODER_PRESET = "veryfast"
 #: How much wider the `extcrop` / `extfull` square is than the tight one (more hair, neck and background).
 EXT_MARGIN = 1.5
 
@@ -192,7 +195,7 @@ def animate(
     # 4. Draw and stream every frame into the encoder.
     gap = np.zeros(frames)
     progress = tqdm(total=frames, desc=f"puppet {label or portrait.name}", unit="frame", leave=False, disable=None)
-    with progress, VideoWriter(out_dir / "video.mp4", width, height, fps=FPS) as writer:
+    with progress, VideoWriter(out_dir / "video.mp4", width, height, fps=FPS, preset=ENCODER_PRESET) as writer:
         for i in range(frames):
             pose = Pose(
                 mouth_open=float(tracks.mouth_open[i]),
