@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -49,9 +47,6 @@ class Finding:
     problem: Problem
     hint: str = ""
 
-    def __str__(self) -> str:
-        return f"{self.problem} — {self.hint}" if self.hint else str(self.problem)
-
     def as_dict(self) -> dict[str, Any]:
         p = self.problem
         return {
@@ -79,15 +74,15 @@ class _Checker:
     def __init__(
         self, plan: Plan, checkpoints: Path, cache_root: Path | None, hasher: FileHasher, measure: bool
     ) -> None:
-        self.measure = measure
-        self.unchecked: set[Path] = set()
         self.plan = plan
         self.manifest = plan.manifest
         self.checkpoints = checkpoints
         self.cache_root = cache_root
         self.hasher = hasher
+        self.measure = measure
+        self.unchecked: set[Path] = set()  # files whose checks are not cached, when not measuring
         self.findings: list[Finding] = []
-        self.pool: Any = None
+        self.pool: Any = None  # dlib's models, loaded at the first portrait measured
 
     def add(self, severity: str, where: Location, path: str, message: str, hint: str = "") -> None:
         finding = Finding(severity, Problem(where.file, where.line, where.column, path, message), hint)
@@ -109,12 +104,15 @@ class _Checker:
                 if step.key not in to_run or step.key in seen:
                     continue
                 seen.add(step.key)
-                where = character.location if step.stage in ("prompt", "image") else video.location
+                # Who asks for a step's weights and services: the character for its portrait, else the video.
+                if step.stage in ("prompt", "image"):
+                    label, where = f"characters.{character.id}", character.location
+                else:
+                    label, where = f"videos.{video.id}", video.location
                 if step.stage == "animate" and character.image is not None:
                     self.portrait(character.image, character.location, f"characters.{character.id}.image")
                 if step.stage == "audio" and script.audio is not None:
                     self.audio(script.audio, script.location, f"scripts.{script.id}.audio")
-                label = f"characters.{character.id}" if step.stage in ("prompt", "image") else f"videos.{video.id}"
                 for what in self.missing_weights(step):
                     weights.setdefault(what, []).append(label)
                     first.setdefault(what, where)
@@ -128,8 +126,8 @@ class _Checker:
                         ollama_host(step.settings.get("host")),
                         step.settings.get("model") or DEFAULT_OLLAMA_MODEL,
                     )
-                    ollama.setdefault(server, []).append(step.label)
-                    first.setdefault(server, character.location)
+                    ollama.setdefault(server, []).append(label)
+                    first.setdefault(server, where)
         for what, labels in weights.items():
             message, hint = what[1], what[2]
             self.add("error", first[what], _names(labels), message, hint)
@@ -380,15 +378,9 @@ def _files(folder: str, files: list[str], show: int = 4) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic write; a cache that cannot be written (read-only build folder) only costs a re-check later."""
+    from renderer.base import atomic_write_bytes  # light
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, json.dumps(data).encode())
     except OSError as exc:
         logger.debug("not caching %s: %s", path, exc)

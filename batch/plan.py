@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -14,6 +15,7 @@ from typing import Any
 
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
+from batch.locking import Held, lock_folder
 from batch.manifest import (
     Character,
     Manifest,
@@ -447,14 +449,8 @@ class Planner:
 
     @gc_paused()
     def plan(self, videos: Iterable[Video]) -> Plan:
-        state_file = state_path(self.build_dir, self.manifest)
-        state = load_state(state_file)
-        owner, this = state.get("manifest"), manifest_identity(self.manifest)
-        if isinstance(owner, str) and owner_state(state, self.manifest) == "other":
-            raise UsageError(
-                f"{state_file.parent} holds the videos of {owner}, and {this} has the same file name",
-                "rename one of them, or build it with its own --build-dir",
-            )
+        state = load_state(state_path(self.build_dir, self.manifest))
+        _refuse_other_owner(self.build_dir, self.manifest, "holds the videos of", state)
         previous = state.get("videos", {})
         out: list[VideoPlan] = []
         videos = tuple(videos)
@@ -502,6 +498,68 @@ class Planner:
         if step.key in self.damaged:
             return Decision(step.stage, step.key, False, f"cache entry: {self.damaged[step.key]}")
         return Decision(step.stage, step.key, False, explain(before, step))
+
+
+def lock_output_folder(build_dir: Path, manifest: Manifest, *, wait: bool = True) -> Held | None:
+    """Hold build/<name>/ for the length of a build (or of gc), so that its owner is checked, claimed
+    (`claim_output_folder`) and kept under one lock: two manifests with the same file name built at the same moment
+    never both publish there. A build of the same manifest that holds it is waited for; one of another manifest is
+    an error at once (its state.json names it). None when `wait` is False and another process holds the folder."""
+    folder = build_dir / manifest.name
+    while True:
+        made = None
+        if not folder.is_dir():
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(parents=True)
+                made = folder  # removed again if the command stops before writing anything there (a bad --only)
+        held = lock_folder(folder, wait=False)
+        if held is None:
+            _refuse_other_owner(build_dir, manifest, "is being built for")
+            if not wait:
+                return None
+            held = lock_folder(folder, waiting_for=f"another build of {manifest.path.name} into {folder} to finish")
+        held.made = made
+        try:
+            if os.stat(folder).st_ino == os.fstat(held.fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        held.made = None
+        held.release()  # its holder removed the empty folder while we waited: lock it anew
+    try:
+        _refuse_other_owner(build_dir, manifest, "holds the videos of")
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def claim_output_folder(build_dir: Path, manifest: Manifest) -> None:
+    """Write this manifest's identity into build/<name>/state.json if the folder has no living owner (new, or its
+    manifest is gone), so that a build of another same-named manifest starting now is refused at once. Called under
+    `lock_output_folder`, once the build is known to go ahead."""
+    path = state_path(build_dir, manifest)
+    state = load_state(path)
+    if owner_state(state, manifest) != "same":
+        from batch.cache import write_atomic
+
+        state = {"format": 1, "videos": {}, **state, **ownership(manifest)}
+        write_atomic(path, json.dumps(state, indent=1, sort_keys=True).encode())
+
+
+def ownership(manifest: Manifest) -> dict[str, str]:
+    """What state.json records of the manifest that owns the folder."""
+    return {"manifest": manifest_identity(manifest), "manifest_path": str(manifest.path.resolve())}
+
+
+def _refuse_other_owner(build_dir: Path, manifest: Manifest, verb: str, state: Mapping[str, Any] | None = None) -> None:
+    state = load_state(state_path(build_dir, manifest)) if state is None else state
+    owner = state.get("manifest")
+    if isinstance(owner, str) and owner_state(state, manifest) == "other":
+        raise UsageError(
+            f"{build_dir / manifest.name} {verb} {owner}, and {manifest_identity(manifest)} has the same file name",
+            "rename one of them, or build it with its own --build-dir",
+        )
 
 
 def owner_state(state: Mapping[str, Any], manifest: Manifest | None, root: Path | None = None) -> str:

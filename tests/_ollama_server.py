@@ -38,6 +38,7 @@ def make_handler(
     trickle: float = 0.0,
     ignore_format: bool = False,
     replies: dict[str, str] | None = None,
+    no_think: bool = False,
 ) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
@@ -91,6 +92,9 @@ def make_handler(
                 self._json(404, {"error": "not found"})
                 return
             model = body.get("model", "")
+            if no_think and "think" in body:  # as some servers answer for a model without the capability
+                self._json(400, {"error": f'"{model}" does not support thinking'})
+                return
             if model not in models:
                 self._json(404, {"error": f"model '{model}' not found"})
                 return
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="WORDS=REPLY",
         help="answer REPLY to requests whose prompt contains WORDS (repeatable; others get --reply)",
     )
+    parser.add_argument("--no-think", action="store_true", help="refuse requests that carry a `think` field (400)")
     parser.add_argument("--trickle", type=float, default=0.0, help="seconds between the bytes of each answer")
     parser.add_argument("--ignore-format", action="store_true", help="answer plain text even when asked for JSON")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds after which the server exits")
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             args.trickle,
             args.ignore_format,
             dict(item.split("=", 1) for item in args.reply_for),
+            args.no_think,
         ),
     )
     server.daemon_threads = True

@@ -197,6 +197,8 @@ def test_cluster_gpu_actors_one_per_device_with_warm_pools(
     result = _build(tmp_path, registry, _ray(tmp_path, registry, gpu_resource="fake_gpu"))
     status = collections.Counter(v.status for v in result.videos)
     assert status == {"built": 6, "failed": 2}
+    errors = {v.error for v in result.videos if v.status == "failed"}  # a worker's error reads like a local one's
+    assert errors == {f"voice: scripts.{s}: the text asks to fail — remove FAIL" for s in ("hello", "bye")}
     ran = [s for v in result.videos for s in v.steps if s.status == "ran"]
     renders = [s for s in ran if s.stage == "animate"]
     gpu_workers = {s.worker for s in renders}
@@ -275,18 +277,24 @@ def test_cluster_ctrl_c_keeps_what_finished_and_the_next_run_resumes(cluster: An
     assert not done & set(cache.commits)  # what the interrupted run finished was not built again
 
 
-def test_cluster_unreachable_address_is_a_usage_error(tmp_path: Path) -> None:
-    """An address where no cluster answers: exit 2 with what to do, in seconds."""
+@pytest.mark.parametrize("via_env", [False, True], ids=["ray-client-address", "auto-with-RAY_ADDRESS"])
+def test_cluster_unreachable_address_is_a_usage_error(tmp_path: Path, via_env: bool) -> None:
+    """An address where no cluster answers, given on the command line or in RAY_ADDRESS for `auto`: exit 2 with
+    what to do, in seconds."""
     write_project(tmp_path)
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    address, env = f"ray://127.0.0.1:{port}", dict(os.environ)
+    if via_env:
+        address, env["RAY_ADDRESS"] = "auto", f"127.0.0.1:{port}"
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "batch.cli", "build", str(tmp_path / "m.yaml"), "--cluster", f"ray://127.0.0.1:{port}"],
+        [sys.executable, "-m", "batch.cli", "build", str(tmp_path / "m.yaml"), "--cluster", address],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=env,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr

@@ -14,7 +14,7 @@ def test_light_imports_batch_does_not_import_torch(tmp_path: Path, repo: Path) -
         "import contextlib, io\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    batch.cli.main(['plan', 'manifests/demo.yaml', '--build-dir', sys.argv[1]])\n"
-        "heavy = ('torch', 'diffusers', 'transformers', 'cv2', 'dlib', 'av', 'fastapi', 'starlette', 'uvicorn', 'pydantic')\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'cv2', 'dlib', 'av', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'ray')\n"
         "heavy = sorted(m for m in heavy if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -119,9 +119,13 @@ def test_llm_answers_max_length_cuts_at_a_clause_and_says_so(tmp_path: Path) -> 
 
 def test_llm_answers_through_dhbatch_build(tmp_path: Path) -> None:
     """One build, four characters: a `<think>` answer (its prompt is cached clean), a refusal (that character's
-    video fails with the reason, at its prompt step), a server that trickles past llm.timeout, and $OLLAMA_HOST
-    standing in for llm.host."""
-    good = serve(tmp_path, "--ignore-format", "--reply-for", f"thinker={THINK}", "--reply-for", f"refuser={REFUSAL}")
+    video fails with the reason, at its prompt step), a server that trickles past llm.timeout, an answer cut at a
+    clause (a warning in the report), and $OLLAMA_HOST standing in for llm.host."""
+    long = "portrait of a CEO, grey suit, studio light, 85mm lens, sharp focus"
+    good = serve(
+        tmp_path, "--ignore-format", "--reply-for", f"thinker={THINK}", "--reply-for", f"refuser={REFUSAL}",
+        "--reply-for", f"talker={long}",
+    )  # fmt: skip
     slow = serve(tmp_path, "--trickle", "0.2", "--reply", "portrait " * 10)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(
@@ -130,6 +134,7 @@ def test_llm_answers_through_dhbatch_build(tmp_path: Path) -> None:
         "characters:\n"
         "  thinker: {description: a thinker}\n"
         "  refuser: {description: a refuser}\n"
+        "  talker: {description: a talker, overrides: {llm: {max_length: 50}}}\n"
         f"  slow:\n    description: a slow one\n    overrides: {{llm: {{host: '{slow.host}', timeout: 1}}}}\n"
         "scripts:\n  hi: {text: hello}\n"
         "matrix: {characters: all, scripts: [hi]}\n"
@@ -152,3 +157,65 @@ def test_llm_answers_through_dhbatch_build(tmp_path: Path) -> None:
     key = prompt_step["key"]
     cached = tmp_path / "b" / "cache" / "steps" / "prompt" / key[:2] / key / "prompt.txt"
     assert cached.read_text() == "portrait of a CEO, 85mm\n"
+    [cut] = [s for s in result["talker-hi"]["steps"] if s["stage"] == "prompt"]
+    assert cut["info"]["prompt"] == "portrait of a CEO, grey suit, studio light"
+    assert "cut to 42 at a clause boundary (llm.max_length 50)" in cut["warnings"][0]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (
+            502,
+            b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{}</style></head>"
+            b"<body><h1>502 Bad Gateway</h1><hr><center>nginx</center></body></html>",
+            "failed (HTTP 502): an HTML page: 502 Bad Gateway",
+        ),
+        (200, b'{"model": "gemma:2b", "response": 3, "done": true}', "response: Input should be a valid string"),
+    ],
+    ids=["html-error-page", "validation-dump"],
+)
+def test_llm_answers_service_errors_are_summarised(tmp_path: Path, status: int, body: bytes, said: str) -> None:
+    """A proxy's HTML error page or a client's validation dump becomes one short line, never pasted raw."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        [err] = run([job(tmp_path, "x", host=f"http://127.0.0.1:{server.server_address[1]}")], ModelPool())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(err, BackendError)
+    assert said in err.message, err.message
+    assert "<" not in err.message and "\n" not in err.message and "errors.pydantic.dev" not in err.message
+
+
+def test_llm_answers_server_refusing_think_is_asked_again_without_it(tmp_path: Path) -> None:
+    server = serve(tmp_path, "--no-think", "--reply", "portrait of a gardener")
+    try:
+        [info] = run([job(tmp_path, "gardener", host=server.host)], ModelPool())
+        bodies = [r["body"] for r in server.requests() if r["path"] == "/api/generate"]
+    finally:
+        server.stop()
+    assert info["prompt"] == "portrait of a gardener"
+    assert [("think" in b) for b in bodies] == [True, False]
+
+
+def test_llm_answers_structured_answer_cut_by_num_predict_keeps_its_prompt() -> None:
+    assert clean_prompt('{"prompt": "portrait of a CEO, grey suit, studio \\"light', 200) == (
+        'portrait of a CEO, grey suit, studio "light'
+    )
+    assert clean_prompt('{"prompt": "portrait of a CEO, grey su', 25) == "portrait of a CEO"

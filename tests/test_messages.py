@@ -66,6 +66,12 @@ YAML_CASES = {
         "m.yaml:6:11: scripts.hi.text: a value that starts with `{{` must be quoted, or YAML reads it as a mapping; "
         'quote the whole value: "{{ ... }}"',
     ),
+    "unquoted jinja in a flow mapping": (
+        "version: 1\ncharacters:\n  ceo: {image: portraits/astronaut.jpg}\nscripts:\n"
+        "  hi: {text: {{ greeting }} from us, vars: {greeting: Hi}}\nvideos:\n  - {id: a, character: ceo, script: hi}\n",
+        "m.yaml:5:14: YAML error: a value that starts with `{{` must be quoted, or YAML reads it as a mapping; "
+        'quote the whole value: text: "{{ greeting }} from us"',
+    ),
     "colon in a value": (
         "version: 1\ncharacters:\n  ceo: {image: portraits/astronaut.jpg}\nscripts:\n  hi:\n"
         "    text: Note: we ship today\nvideos:\n  - {id: a, character: ceo, script: hi}\n",

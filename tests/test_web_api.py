@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import json
 import subprocess
 import sys
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -161,6 +164,30 @@ def test_web_api_inline_video_is_written_to_the_studio_manifest(server: Server) 
     assert "hello-api (puppet): up to date" in plan.stdout
 
 
+def test_web_api_inline_video_with_a_recording(server: Server) -> None:
+    sample_rate, seconds = 22050, 1.2
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
+    recording = base64.b64encode(buf.getvalue()).decode()
+    body = {
+        "video": {"character": {"pick": "m:eileen"}, "script": {"recording": recording, "recording_filename": "hi.wav"}}
+    }
+    with server.client() as c:
+        created = c.post("/api/jobs", json=body)
+        assert created.status_code == 201, created.text
+        job = server.wait_job(c, created.json()["id"], ("done", "failed"))
+    assert job["status"] == "done", job
+    assert [s["stage"] for s in job["videos"][0]["steps"]] == ["audio", "animate", "mux"]
+    data = yaml.safe_load((server.project / "manifests" / "studio.yaml").read_text())
+    audio = data["scripts"][job["only"][0]]["audio"]
+    assert (server.project / "manifests" / audio).read_bytes() == buf.getvalue()
+
+
 def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
     with server.client() as c:
         broken = c.post("/api/jobs", json={"manifest": "broken"})
@@ -175,12 +202,16 @@ def test_web_api_refuses_bad_jobs_with_located_problems(server: Server) -> None:
         both = c.post("/api/jobs", json={"manifest": "m", "video": {"character": {}, "script": {}}})
         assert both.status_code == 422 and "either" in both.json()["problems"][0]["message"]
         assert c.get("/api/jobs/999").status_code == 404
+        # Without a token the server answers to loopback names only: a DNS name rebound to 127.0.0.1 gets nothing.
+        assert c.get("/api/manifests", headers={"Host": "evil.example:8000"}).status_code == 403
+        assert c.get("/api/manifests", headers={"Host": "localhost"}).status_code == 200
         assert "/api/jobs" in c.get("/api/openapi.json").json()["paths"]
 
 
 def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
     with server.client() as c:
-        job = c.get("/api/jobs").json()[-1]
+        jobs = c.get("/api/jobs").json()
+        job, studio_job = jobs[-1], next(j for j in jobs if j["only"] == ["hello-api"])
         video_url = job["videos"][0]["video_url"]
         for path, expected in [
             ("/", ['href="/manifests/m"', "/files/m/thumbs/eileen-short.png", "unknown script"]),
@@ -189,6 +220,7 @@ def test_web_pages_show_the_manifests_gallery_and_jobs(server: Server) -> None:
             ("/new", ['value="m:eileen"', 'name="csrf"', "piper · en_US-joe-medium"]),
             ("/jobs", [f'href="/jobs/{job["id"]}"']),
             (f"/jobs/{job['id']}", [f'src="{video_url}"', "$ dhbatch build manifests/m.yaml"]),
+            (f"/jobs/{studio_job['id']}", ["Saved in <code>manifests/studio.yaml</code> as <code>hello-api</code>"]),
             ("/api/docs", ["/api/jobs/{job_id}", "JobIn"]),
         ]:
             page = c.get(path, headers={"Accept": "text/html"})
@@ -218,8 +250,8 @@ def test_web_api_failed_video_comes_first_with_its_reason(server: Server) -> Non
 
 def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
     with server.client() as c:
-        first = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
-        second = c.post("/api/jobs", json={"manifest": "m", "force": ["animate"]}).json()
+        first = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
+        second = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
         server.wait_job(c, first["id"], ("running",))
         waiting = c.get(f"/api/jobs/{second['id']}").json()
         assert waiting["status"] == "queued" and waiting["position"] == 1
@@ -227,7 +259,7 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         assert cancelled["status"] == "cancelled"
         assert server.wait_job(c, first["id"], ("done", "failed"))["status"] == "done"
         rerun = c.post(f"/api/jobs/{second['id']}/rerun").json()
-        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["animate"]
+        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["mux"]
         server.wait_job(c, rerun["id"], ("running",))
         assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
         assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
@@ -238,4 +270,4 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
     with serve(project) as again, again.client() as c:
         after = c.get("/api/jobs").json()
         assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
-        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force animate")
+        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")

@@ -85,6 +85,10 @@ def test_web_security_upload_that_is_not_an_image(server: Server, browser: tuple
     noise = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x07" * 64
     response = _new(c, csrf, script="recording", files={"recording": ("talk.wav", noise, "audio/wav")})
     assert response.status_code == 422 and "talk.wav" in response.text
+    too_big = c.post(
+        "/api/jobs", content=b"{" + b" " * (40 * 1024 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert too_big.status_code == 413
     manifests = server.project / "manifests"
     assert not (manifests / "studio.yaml").exists() and not (manifests / "studio").exists()
 

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from batch.errors import UsageError
-from batch.executors import Chunk, ChunkResult, StageFn, call_stage, resolve_stage
+from batch.executors import Chunk, ChunkResult, StageFn, call_stage, loads_by_name, resolve_stage
 from batch.stages import ORDER
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,13 @@ def connect(address: str) -> bool:
         ) from exc
     if ray.is_initialized():
         return False
-    if address not in ("ray", "auto"):
-        _check_reachable(address)
+    if address != "ray":
+        _check_reachable(_auto_address() if address == "auto" else address)
     quiet = not logger.isEnabledFor(logging.INFO)
     options: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
     try:
         if address == "ray":
-            ray.init(include_dashboard=False, **options)
+            ray.init(address="local", include_dashboard=False, **options)  # a new one, whatever RAY_ADDRESS says
             return True
         ray.init(address=address, **options)
     except Exception as exc:  # noqa: BLE001 - Ray's refusals have many types (no cluster, a token missing, ...)
@@ -78,8 +78,19 @@ def connect(address: str) -> bool:
     return False
 
 
-def _check_reachable(address: str) -> None:
+def _auto_address() -> str | None:
+    """Where `auto` leads: RAY_ADDRESS, or the cluster the last `ray start` on this machine recorded (None: Ray will
+    say that it found none, at once)."""
+    from ray._private.services import find_bootstrap_address  # Ray's own lookup, used by ray.init("auto")
+
+    found = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+    return None if found in (None, "", "auto", "local") else found
+
+
+def _check_reachable(address: str | None) -> None:
     """A quick TCP check, so an unreachable address is an error in seconds (Ray itself retries for minutes)."""
+    if address is None:
+        return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parsed.hostname, parsed.port
@@ -123,11 +134,11 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "node": self.node, "device": self.label, "pid": os.getpid(), "shared": self.shared}
 
-    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str], *blobs: bytes) -> dict[str, Any]:
-        """Run a chunk. With `blobs` (the contents of `paths`, the inputs as the driver names them) the inputs are
+    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str] | None, *blobs: bytes) -> dict[str, Any]:
+        """Run a chunk. With `paths` (the inputs as the driver names them; `blobs`, their contents) the inputs are
         written to a private folder first and the outputs come back as bytes; without, the jobs' paths are used."""
         fn = resolve_stage(target, self.stages)
-        local = tempfile.mkdtemp(prefix="dhbatch-") if blobs else None
+        local = tempfile.mkdtemp(prefix="dhbatch-") if paths is not None else None
         try:
             if local is not None:
                 jobs = self._localise(jobs, dict(zip(paths, blobs, strict=True)), Path(local))
@@ -139,8 +150,13 @@ class Worker:
         finally:
             if local is not None:
                 shutil.rmtree(local, ignore_errors=True)
-        loads = {"/".join(key): n for key, n in self.pool.loads.items()}
-        return {"results": results, "outputs": outputs, "seconds": seconds, "loads": loads, **self.info()}
+        return {
+            "results": results,
+            "outputs": outputs,
+            "seconds": seconds,
+            "loads": loads_by_name(self.pool),
+            **self.info(),
+        }
 
     @staticmethod
     def _localise(jobs: list[Any], files: dict[str, bytes], root: Path) -> list[Any]:
@@ -166,7 +182,8 @@ class _Actor:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     running: int = 0
     chunks: int = 0
-    lost: int = 0
+    #: Process ids of its incarnations that died (Ray restarts it MAX_RESTARTS times).
+    dead: set[int] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -381,7 +398,7 @@ class RayExecutor:
     def _send(self, chunk: Chunk, actor: _Actor) -> None:
         import ray
 
-        paths: list[str] = []
+        paths: list[str] | None = None
         blobs: list[Any] = []
         if not actor.info["shared"]:
             paths = sorted({str(p) for job in chunk.jobs for p in job.inputs.values()})
@@ -400,26 +417,32 @@ class RayExecutor:
         chunk = task.chunk
         try:
             got = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # the actor or its node died: the chunk goes elsewhere
+        except _lost_exceptions() as exc:  # the actor, its process or its node died: the chunk goes elsewhere
             return self._lost(task, exc) if retry else None
         except ray.exceptions.RayError as exc:  # the task could not run (its arguments were lost, ...)
             got = {"results": [_lost_error(chunk, exc)] * len(chunk.jobs), "seconds": 0.0, "outputs": None}
             got.update(name=task.actor.name, node="", device="", pid=0, loads={})
-        if got["outputs"] is not None:
-            for job, files in zip(chunk.jobs, got["outputs"], strict=True):
+        if got["outputs"] is not None:  # they came as bytes: into the driver's folders
+            for job, files, res in zip(chunk.jobs, got["outputs"], got["results"], strict=True):
                 for name, data in files.items():
                     (Path(job.out_dir) / name).write_bytes(data)
+                artifact = getattr(res, "artifact", None)  # what a failed step left to look at, now here
+                if isinstance(artifact, Path) and artifact.name in files:
+                    res.artifact = Path(job.out_dir) / artifact.name
         self._loads[(got["name"], got["pid"])] = got["loads"]
+        if got["pid"]:  # the incarnation that runs now (a restarted actor has a new one)
+            task.actor.info["pid"] = got["pid"]
         queued = max(0.0, time.monotonic() - chunk.submitted - got["seconds"])
         return ChunkResult(chunk, got["results"], got["seconds"], queued, got["name"], got["node"], got["device"])
 
     def _lost(self, task: _Task, exc: Exception) -> ChunkResult | None:
         chunk, actor = task.chunk, task.actor
-        actor.lost += 1
+        if actor.info["pid"] not in actor.dead:  # one death, however many of its chunks it took along
+            actor.dead.add(actor.info["pid"])
         self._attempts[chunk.id] += 1
         self._lost_on[chunk.id].add(actor.name)
         logger.warning("worker %s was lost running %s (%s)", actor.name, chunk.stage, type(exc).__name__)
-        if actor.lost > MAX_RESTARTS:  # Ray gave up restarting it
+        if len(actor.dead) > MAX_RESTARTS:  # Ray gave up restarting it
             self._actors[actor.gpu] = [a for a in self._actors[actor.gpu] if a is not actor]
         if self._attempts[chunk.id] >= ATTEMPTS:
             return ChunkResult(chunk, [_lost_error(chunk, exc)] * len(chunk.jobs), 0.0, 0.0, actor.name)
@@ -446,6 +469,12 @@ class RayExecutor:
                     ray.kill(actor.handle, no_restart=True)
         self._actors.clear()
         self._tasks.clear()
+
+
+def _lost_exceptions() -> tuple[type[Exception], ...]:
+    from ray import exceptions as e
+
+    return (e.RayActorError, e.ObjectLostError, e.WorkerCrashedError, e.NodeDiedError, e.OutOfMemoryError)
 
 
 def _lost_error(chunk: Chunk, exc: Exception) -> Exception:

@@ -14,9 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from batch.errors import DHBatchError
-from batch.web import auth
+from batch.web import auth, catalog
+from batch.web.config import ServeConfig
 from batch.web.models import error_body
-from batch.web.state import ServeConfig, StudioState
+from batch.web.state import StudioState
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -27,14 +28,8 @@ MAX_BODY = 40 * 1024 * 1024
 def templates() -> jinja2.Environment:
     """Jinja with autoescape on for every template: everything shown is escaped unless a template says otherwise."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
-    env.filters["when"] = _when
+    env.filters["when"] = lambda seconds: catalog.when(seconds) or ""
     return env
-
-
-def _when(seconds: float | None) -> str:
-    from batch.web.catalog import when
-
-    return when(seconds) or ""
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -56,9 +51,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         description="Build talking-head videos from the project's manifests, or from one video described inline.",
         version="1",
         lifespan=lifespan,
-        docs_url=None,  # the docs page below is served without a CDN, behind the same checks as every route
+        # The docs (pages.api_docs, no CDN) and the OpenAPI document (below) go through the same checks as every route.
+        docs_url=None,
         redoc_url=None,
-        openapi_url=None,  # served below, behind the same checks as every route
+        openapi_url=None,
         dependencies=[Depends(auth.require_token), Depends(auth.refuse_cross_site)],
     )
     app.state.studio = state

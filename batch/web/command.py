@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import UsageError
-
-TOKEN_ENV = "DHBATCH_TOKEN"
+from batch.web.config import TOKEN_ENV, ServeConfig
 
 
 def add_parser(sub: Any) -> None:
@@ -29,7 +28,7 @@ def add_parser(sub: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Server:
-    config: Any  # batch.web.state.ServeConfig
+    config: ServeConfig
 
     @property
     def url(self) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from batch.web.config import ServeConfig
+
 logger = logging.getLogger(__name__)
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -162,19 +164,9 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class BuildSettings:
-    """What every build of the server gets: the folders and the CLI's device options."""
-
-    project: Path
-    build_dir: Path
-    checkpoints: Path
-    device: str = "auto"
-    jobs: int = 1
-
-
 class JobQueue:
-    """Runs queued jobs in order, at most one per build folder at a time (the studio's manifests share one).
+    """Runs queued jobs in order, one at a time: the server's manifests all build into its one build folder (a
+    second build there would only wait on the first one's locks).
 
     `manifest_path(name)` maps a job's manifest name to its file (None when it is gone); `on_finish(job)` is called
     (in the job's own thread) when a job has ended."""
@@ -182,13 +174,13 @@ class JobQueue:
     def __init__(
         self,
         store: JobStore,
-        settings: BuildSettings,
+        config: ServeConfig,
         manifest_path: Callable[[str], Path | None],
         on_finish: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         self.on_finish = on_finish
-        self.settings = settings
+        self.config = config
         self.manifest_path = manifest_path
         self.jobs_dir = store.path.parent / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +227,7 @@ class JobQueue:
         return list(stages.values())
 
     def position(self, job: Job) -> int | None:
-        """1 for the next job to run in its build folder, 2 for the one after, ...; None unless queued."""
+        """1 for the next job to run, 2 for the one after, ...; None unless queued."""
         if job.status != "queued":
             return None
         queued = sorted(j.id for j in self.store.list(["queued"], limit=10_000))
@@ -295,7 +287,6 @@ class JobQueue:
                 if self._stopping:
                     return
                 queued = sorted(self.store.list(["queued"], limit=10_000), key=lambda j: j.id)
-                # Every manifest of the project builds into the same folder: one build at a time.
                 job = queued[0] if queued and not self._running else None
                 if job is not None:
                     self._launch(job)
@@ -306,7 +297,7 @@ class JobQueue:
         if path is None:
             self.store.update(job.id, status="failed", finished=time.time(), error=f"manifest {job.manifest!r} is gone")
             return
-        s = self.settings
+        s = self.config
         chosen = [arg for stage in job.force for arg in ("--force", stage)] + (
             ["--only", *job.only] if job.only else []
         )

@@ -1,9 +1,8 @@
-"""The server's settings and the objects its routes share (held on `app.state.studio`)."""
+"""The objects the routes share (held on `app.state.studio`): the studio manifest, the job store and queue."""
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
 from pathlib import Path
@@ -16,57 +15,10 @@ from batch.manifest import load_manifest
 from batch.plan import check_force, select_videos, template_problems
 from batch.studio import STUDIO, NewVideo, Studio
 from batch.web import catalog
-from batch.web.command import TOKEN_ENV
-from batch.web.jobs import BuildSettings, Job, JobQueue, JobStore, post_webhook, webhook_problem
+from batch.web.config import SERVER_DIR, ServeConfig
+from batch.web.jobs import Job, JobQueue, JobStore, post_webhook, webhook_problem
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    project: Path
-    build_dir: Path
-    checkpoints: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str | None = None
-    webhook_allow: tuple[str, ...] = ()
-    device: str = "auto"
-    jobs: int = 1
-
-    @property
-    def manifests_dir(self) -> Path:
-        return self.project / "manifests"
-
-    def check(self) -> None:
-        """Refuse what would be unsafe or cannot work, before anything listens."""
-        if not is_loopback(self.host) and not self.token:
-            raise UsageError(
-                f"--host {self.host} would let other machines in without a token",
-                f"give --token (or set {TOKEN_ENV}) to listen on {self.host}, or keep the default 127.0.0.1",
-            )
-        if self.token is not None and len(self.token) < 16:
-            raise UsageError(
-                "the token is too short", "use at least 16 random characters (e.g. `openssl rand -hex 16`)"
-            )
-        if not self.manifests_dir.is_dir():
-            raise UsageError(
-                f"{self.project} has no manifests/ folder", "run `dhbatch serve` in the project (or give its folder)"
-            )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-#: The server's own files in the build folder: the job history, each job's log and events. A manifest's name never
-#: starts with a dot, so no manifest's output folder (build/<name>/) is this one.
-SERVER_DIR = ".studio"
 
 
 class StudioState:
@@ -81,8 +33,7 @@ class StudioState:
             checkpoints=config.checkpoints,
         )
         self.store = JobStore(config.build_dir / SERVER_DIR / "jobs.sqlite3")
-        settings = BuildSettings(config.project, config.build_dir, config.checkpoints, config.device, config.jobs)
-        self.queue = JobQueue(self.store, settings, self.manifest_path, on_finish=self._finished)
+        self.queue = JobQueue(self.store, config, self.manifest_path, on_finish=self._finished)
 
     def manifest_path(self, name: str) -> Path | None:
         return self.studio.manifest_paths().get(name)

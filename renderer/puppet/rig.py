@@ -65,10 +65,24 @@ _JAW_FOLLOW = {3: 0.05, 4: 0.14, 5: 0.28, 6: 0.42, 7: 0.56, 8: 0.64, 9: 0.56, 10
 #: Horizontal mouth stretch per unit of width (-1 round .. +1 spread) and narrowing at full opening.
 _WIDTH_STRETCH = 0.13
 _OPEN_NARROW = 0.08
+#: The coarse grid of the map has about this many cells across the picture (a cell of 4 pixels at 256, 8 at 512).
+_GRID_CELLS = 64
+#: Around the lips the map is found on every second pixel (its error there stays under half a pixel).
+_LIP_STRIDE = 2
 #: The strip of upper-lid skin (above the open lid's edge, in eye widths) that a blink stretches down over the eye.
 _LID_SKIN = 0.3
 #: Below this closure nothing is drawn (the eye at rest is the portrait's own).
 _BLINK_MIN = 0.03
+
+
+@dataclasses.dataclass
+class _Grid:
+    """Points where the map is found exactly, and the moved triangle that held each in the last frame."""
+
+    x: np.ndarray
+    y: np.ndarray
+    hint: np.ndarray
+    shape: tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +112,17 @@ def _border(width: int, height: int, per_side: int = 4) -> np.ndarray:
     return np.concatenate([top, bottom, left, right])
 
 
-def _smooth_curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """y of a smooth (monotone cubic) lip contour through points (px, py) at columns xs, flat beyond its ends."""
-    from scipy.interpolate import PchipInterpolator
-
+def _smooth_curve(xs: np.ndarray, px: np.ndarray, py: np.ndarray, width: float) -> np.ndarray:
+    """y of a lip contour through points (px, py) at columns xs (sorted by x, linear between points), its corners
+    rounded by a moving average over `width` columns (the mouth's lip points are a few pixels apart)."""
     order = np.argsort(px, kind="stable")
-    x = np.maximum.accumulate(px[order] + 1e-3 * np.arange(len(px)))
-    return PchipInterpolator(x, py[order], extrapolate=False)(np.clip(xs, x[0], x[-1]))
+    ys = np.interp(xs, px[order], py[order])
+    k = max(int(width) | 1, 1)
+    if k < 3 or len(ys) < k:
+        return ys
+    padded = np.concatenate([np.full(k // 2, ys[0]), ys, np.full(k // 2, ys[-1])])
+    sums = np.cumsum(np.concatenate([[0.0], padded]))
+    return (sums[k:] - sums[:-k]) / k
 
 
 def _arc(xs: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -157,18 +175,21 @@ class FaceRig:
             int(min(math.ceil(corners[:, 0].max() + reach), self.width - 1)),
             int(min(math.ceil(corners[:, 1].max() + reach), self.height - 1)),
         )
+        # The map from output pixels to portrait pixels is found exactly on a coarse grid over the box (every
+        # `_STRIDE`-th pixel, placed where OpenCV's linear resize puts its samples) and interpolated; the lips, where
+        # the map bends sharply, get it exactly on every pixel.
         x0, y0, x1, y1 = self.box
-        self.stride = 2 if max(self.width, self.height) > 384 else 1
-        gx = np.arange(x0, x1 + self.stride, self.stride, dtype=np.float64)
-        gy = np.arange(y0, y1 + self.stride, self.stride, dtype=np.float64)
-        self._grid_shape = (len(gy), len(gx))
-        grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
-        self._gx = grid_x.ravel().astype(np.float32)
-        self._gy = grid_y.ravel().astype(np.float32)
-        self._hint = self._rasterize(gx, gy).ravel()
-        rgba = np.zeros((self.height * self.width, 4), np.uint8)
-        rgba[:, :3] = self.image.reshape(-1, 3)
-        self._packed = rgba.view(np.uint32).ravel()
+        self.stride = max(2, int(round(max(self.width, self.height) / _GRID_CELLS)))
+        self._coarse = self._grid(x0, y0, x1, y1, self.stride)
+        pad = 0.3 * self.mouth_width + 2.0
+        lips = lm[48:68]
+        self.lip_box = (
+            int(max(math.floor(lips[:, 0].min() - pad), x0)),
+            int(max(math.floor(lips[:, 1].min() - pad), y0)),
+            int(min(math.ceil(lips[:, 0].max() + pad), x1)),
+            int(min(math.ceil(lips[:, 1].max() + MAX_GAP * self.mouth_width + pad), y1)),
+        )
+        self._lips = self._grid(*self.lip_box, _LIP_STRIDE)
         self._sample_skin()
 
     def _rasterize(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -378,13 +399,23 @@ class FaceRig:
         coefficients = np.concatenate([b1, b2, src_x, src_y], axis=1).astype(np.float32)
         return [np.ascontiguousarray(coefficients[:, k]) for k in range(12)]
 
-    def _locate(self, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates of every grid point: walk each point to the moved triangle that holds it."""
-        tri = self._hint
+    def _grid(self, x0: int, y0: int, x1: int, y1: int, stride: int) -> _Grid:
+        """Grid points over the box x0..x1, y0..y1 every `stride` pixels, at the centres of stride×stride cells."""
+        offset = (stride - 1) / 2
+        gx = x0 + offset + stride * np.arange(-(-(x1 - x0 + 1) // stride), dtype=np.float64)
+        gy = y0 + offset + stride * np.arange(-(-(y1 - y0 + 1) // stride), dtype=np.float64)
+        grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
+        hint = self._rasterize(gx, gy).ravel()
+        return _Grid(grid_x.ravel().astype(np.float32), grid_y.ravel().astype(np.float32), hint, (len(gy), len(gx)))
+
+    def _locate(self, maps: list[np.ndarray], grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates of every grid point, (gh, gw) each: walk each point to the moved triangle that holds
+        it, starting from the one that held it in the previous frame."""
+        tri = grid.hint
         sx = np.empty(len(tri), np.float32)
         sy = np.empty(len(tri), np.float32)
         todo = np.arange(len(tri))
-        x, y, t = self._gx, self._gy, tri
+        x, y, t = grid.x, grid.y, tri
         for step in range(32):
             b1 = maps[0][t] * x + maps[1][t] * y + maps[2][t]
             b2 = maps[3][t] * x + maps[4][t] * y + maps[5][t]
@@ -408,52 +439,44 @@ class FaceRig:
             keep = ~done
             moved = nxt[~edge]
             todo, x, y, t = todo[keep], x[keep], y[keep], moved
-        self._hint = tri
-        return sx, sy
+        grid.hint = tri
+        return sx.reshape(grid.shape), sy.reshape(grid.shape)
 
-    def _upsample(self, coarse: np.ndarray) -> np.ndarray:
-        """Maps found on every second pixel (..., gh, gw) → every pixel of the box, by linear interpolation."""
+    def remap(self, points: np.ndarray) -> np.ndarray:
+        """The portrait drawn through the moved mesh (before painting): OpenCV's bilinear remap over the box."""
+        import cv2
+
+        maps = self._triangle_maps(points)
         x0, y0, x1, y1 = self.box
-        gh, gw = coarse.shape[-2:]
-        rows = np.empty((*coarse.shape[:-2], 2 * gh - 1, gw), np.float32)
-        rows[..., 0::2, :] = coarse
-        rows[..., 1::2, :] = (coarse[..., :-1, :] + coarse[..., 1:, :]) * 0.5
-        out = np.empty((*coarse.shape[:-2], 2 * gh - 1, 2 * gw - 1), np.float32)
-        out[..., 0::2] = rows
-        out[..., 1::2] = (rows[..., :-1] + rows[..., 1:]) * 0.5
-        return out[..., : y1 - y0 + 1, : x1 - x0 + 1]
-
-    def _sample(self, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
-        """Bilinear samples of the portrait at (sx, sy), RGB uint8 (N, 3).
-
-        Fixed point like OpenCV's remap: 1/16-pixel weights in uint16, one gather of packed RGBA per corner.
-        """
-        w, h = self.width, self.height
-        sx = np.clip(sx, 0.0, w - 1.001)
-        sy = np.clip(sy, 0.0, h - 1.001)
-        x0 = sx.astype(np.int32)
-        y0 = sy.astype(np.int32)
-        wx = ((sx - x0) * 16 + 0.5).astype(np.uint16)
-        wy = ((sy - y0) * 16 + 0.5).astype(np.uint16)
-        i00 = y0 * w + x0
-        packed = self._packed
-        acc = np.take(packed, i00).view(np.uint8).reshape(-1, 4).astype(np.uint16)
-        acc *= ((16 - wx) * (16 - wy))[:, None]
-        acc += np.take(packed, i00 + 1).view(np.uint8).reshape(-1, 4) * (wx * (16 - wy))[:, None]
-        acc += np.take(packed, i00 + w).view(np.uint8).reshape(-1, 4) * ((16 - wx) * wy)[:, None]
-        acc += np.take(packed, i00 + w + 1).view(np.uint8).reshape(-1, 4) * (wx * wy)[:, None]
-        acc += 128
-        return (acc >> 8).astype(np.uint8)[:, :3]
+        width, height = x1 - x0 + 1, y1 - y0 + 1
+        # Interpolate the displacement, not the position: it is 0 at the picture's fixed border, where the resize
+        # holds its edge values.
+        grid = self._coarse
+        sx, sy = self._locate(maps, grid)
+        size = (grid.shape[1] * self.stride, grid.shape[0] * self.stride)
+        shift_x = cv2.resize(sx - grid.x.reshape(grid.shape), size, interpolation=cv2.INTER_LINEAR)
+        shift_y = cv2.resize(sy - grid.y.reshape(grid.shape), size, interpolation=cv2.INTER_LINEAR)
+        map_x = shift_x[:height, :width] + np.arange(x0, x1 + 1, dtype=np.float32)[None, :]
+        map_y = shift_y[:height, :width] + np.arange(y0, y1 + 1, dtype=np.float32)[:, None]
+        lx0, ly0, lx1, ly1 = self.lip_box
+        lips = self._lips
+        lip_x, lip_y = self._locate(maps, lips)
+        size = (lips.shape[1] * _LIP_STRIDE, lips.shape[0] * _LIP_STRIDE)
+        lip_x = cv2.resize(lip_x - lips.x.reshape(lips.shape), size, interpolation=cv2.INTER_LINEAR)
+        lip_y = cv2.resize(lip_y - lips.y.reshape(lips.shape), size, interpolation=cv2.INTER_LINEAR)
+        rows, cols = slice(ly0 - y0, ly1 - y0 + 1), slice(lx0 - x0, lx1 - x0 + 1)
+        map_x[rows, cols] = lip_x[: ly1 - ly0 + 1, : lx1 - lx0 + 1] + np.arange(lx0, lx1 + 1, dtype=np.float32)[None, :]
+        map_y[rows, cols] = lip_y[: ly1 - ly0 + 1, : lx1 - lx0 + 1] + np.arange(ly0, ly1 + 1, dtype=np.float32)[:, None]
+        frame = self.image.copy()
+        frame[y0 : y1 + 1, x0 : x1 + 1] = cv2.remap(
+            self.image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        return frame
 
     def render(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         """Draw one frame; returns (RGB uint8 frame, moved vertex positions)."""
         points = self.deform(pose)
-        sx, sy = self._locate(self._triangle_maps(points))
-        x0, y0, x1, y1 = self.box
-        if self.stride > 1:
-            sx, sy = self._upsample(np.stack([sx, sy]).reshape(2, *self._grid_shape))
-        frame = self.image.copy()
-        frame[y0 : y1 + 1, x0 : x1 + 1] = self._sample(sx.ravel(), sy.ravel()).reshape(y1 - y0 + 1, x1 - x0 + 1, 3)
+        frame = self.remap(points)
         self._paint_mouth(frame, points)
         if pose.blink > _BLINK_MIN:
             self._paint_lids(frame, points, pose)
@@ -468,7 +491,7 @@ class FaceRig:
         return x0, x1, y0, y1
 
     def _paint_mouth(self, frame: np.ndarray, points: np.ndarray) -> None:
-        """Paint the inside of the mouth between the inner lip edges (smooth curves through the moved lip points):
+        """Paint the inside of the mouth between the inner lip edges (rounded curves through the moved lip points):
         a dark seam when closed; when open a cavity, darkest at the back, the tongue's lit back rising from the
         lower lip, the upper teeth under the upper lip (as deep as the opening allows, no more than a tenth of the
         mouth's width, in the lip's shadow at the top and the cheeks' toward the corners, with faint gaps between
@@ -477,8 +500,10 @@ class FaceRig:
         if x1 <= x0 or y1 <= y0:
             return
         xs = np.arange(x0, x1 + 1, dtype=np.float64)
-        top = _smooth_curve(xs, points[INNER_UPPER_CONTOUR, 0], points[INNER_UPPER_CONTOUR, 1])
-        bottom = np.maximum(_smooth_curve(xs, points[INNER_LOWER_CONTOUR, 0], points[INNER_LOWER_CONTOUR, 1]), top)
+        rounding = 0.12 * self.mouth_width
+        top = _smooth_curve(xs, points[INNER_UPPER_CONTOUR, 0], points[INNER_UPPER_CONTOUR, 1], rounding)
+        bottom = _smooth_curve(xs, points[INNER_LOWER_CONTOUR, 0], points[INNER_LOWER_CONTOUR, 1], rounding)
+        bottom = np.maximum(bottom, top)
         gap = bottom - top
         middle = (top + bottom) / 2
         half_gap = np.maximum(gap / 2, 0.5)
@@ -569,9 +594,9 @@ class FaceRig:
             smooth = uniform_filter1d(lid, size=max(3, int(span / 10)), axis=1)
             stretched = np.clip((ys - start) / np.maximum(edge - margin - start, 1.0), 0, 1) * (ys < edge - margin)
             blend = (np.clip((stretch - 1.0) / 2.0, 0, 0.75)[None, :] * stretched)[..., None]
-            # Toward the skin's colour, keeping a third of the strip's own light and grain.
+            # Toward the skin's colour, keeping a third of the strip's own light and grain (smoothed across).
             grain = smooth.mean(axis=2, keepdims=True) / (colour.mean(axis=1)[None, :, None] + 1.0)
-            lid = smooth + (colour[None, :, :] * (0.65 + 0.35 * grain) - smooth) * blend
+            lid += (colour[None, :, :] * (0.65 + 0.35 * grain) - lid) * blend
             # Shade: the lid curves away from the light toward its edge.
             depth = np.clip((ys - top) / np.maximum(edge - top, 1.0), 0, 1)
             lid *= (1.0 - 0.1 * depth * closure)[..., None]
