@@ -268,14 +268,9 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
             return dest
         from PIL import Image
 
-        from renderer.encode import probe, read_frames
+        from renderer.encode import middle_frame
 
-        middle = max(0, probe(video).frames // 2)
-        frame = None
-        for i, f in enumerate(read_frames(video)):
-            frame = f
-            if i >= middle:
-                break
+        frame = middle_frame(video)
         if frame is None:
             return None
         img = Image.fromarray(frame)
