@@ -278,7 +278,7 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_sibling(dest)  # runs may overlap; a killed run's is swept by the next (sweep_stale_tmp)
         try:
-            img.save(tmp, format="PNG")
+            img.save(tmp, format="PNG", compress_level=1)  # a fast zlib level: a small image, written per build
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)

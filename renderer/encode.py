@@ -294,7 +294,6 @@ def middle_frame(path: Path) -> np.ndarray | None:
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         middle = max(0, (stream.frames or 0) // 2)
         frame = None
         for i, frame in enumerate(container.decode(stream)):  # noqa: B007 - the last one decoded is kept
