@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import json
 import logging
 import os
@@ -28,13 +29,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from batch.hashing import FileHasher, canonical_json, file_sha256
+from batch.locking import lock_file
 
 logger = logging.getLogger(__name__)
 
 RECORD = "step.json"
+#: How the digest memo marks a record found sound (`Cache.is_cached`), followed by its outputs' name=sha256.
+_SOUND = "sound:"
 
 
 class Cache:
@@ -49,6 +51,7 @@ class Cache:
         self.hasher = FileHasher(root / "hashes.json")
         self.deep = deep
         self._hits: dict[str, dict[str, Any]] = {}
+        self._unchanged_keys: set[str] = set()  # hits by the memo (`is_cached`), their records not read
         #: Why an entry that exists is not a hit (key -> reason), for the plan's decisions.
         self.damaged: dict[str, str] = {}
 
@@ -82,7 +85,7 @@ class Cache:
             os.close(fd)  # closing releases the lock
 
     def entry(self, stage: str, key: str) -> Path:
-        return self.steps / stage / key[:2] / key
+        return Path(f"{self.steps}/{stage}/{key[:2]}/{key}")  # one Path, not four joins: planning asks 10,000s
 
     def failed_entry(self, stage: str, key: str) -> Path:
         return self.failed / stage / key[:2] / key
@@ -162,17 +165,56 @@ class Cache:
         try:
             sums = {name: self._digest(stage, key, name) for name in rec["outputs"]}
             rec = {**rec, "sha256": sums}
-            write_atomic(self.entry(stage, key) / RECORD, canonical_json(rec).encode("utf-8"))
+            write_atomic(self.entry(stage, key) / RECORD, canonical_json(rec).encode("utf-8"), self.tmp)
         except OSError as exc:  # a read-only cache: trusted by size again next time
             logger.info("cannot record checksums in %s (%s)", self.entry(stage, key), exc)
             return
         self._hits[key] = rec
 
     def is_cached(self, stage: str, key: str) -> bool:
-        return self.record(stage, key) is not None
+        """Whether the entry is a hit. Planning asks this of every step: an entry found sound before whose record
+        and outputs are unchanged since (the digest memo's inode, size and mtime) is a hit without reading its
+        record again, the same trust `record` puts in the memo for the outputs' bytes."""
+        if key in self._hits or key in self._unchanged_keys:
+            return True
+        if not self.deep and self._unchanged(stage, key):
+            self._unchanged_keys.add(key)
+            return True
+        rec = self.record(stage, key)
+        if rec is not None and isinstance(rec.get("sha256"), dict) and not self.deep:
+            self._note_sound(stage, key, rec["sha256"])
+        return rec is not None
+
+    def _unchanged(self, stage: str, key: str) -> bool:
+        folder = f"steps/{stage}/{key[:2]}/{key}"
+        memo = self.hasher.memo
+        sound = memo.get(f"{folder}/{RECORD}")
+        if sound is None or not isinstance(sound[3], str) or not sound[3].startswith(_SOUND):
+            return False
+        try:
+            st = os.stat(f"{self.root}/{folder}/{RECORD}")
+            if sound[:3] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+                return False
+            for part in sound[3][len(_SOUND) :].split(";"):
+                name, _, digest = part.partition("=")
+                seen = memo.get(f"{folder}/{name}")
+                st = os.stat(f"{self.root}/{folder}/{name}")
+                if seen is None or seen[:3] != [st.st_ino, st.st_size, st.st_mtime_ns] or seen[3] != digest:
+                    return False
+        except (OSError, TypeError, ValueError):
+            return False
+        return True
+
+    def _note_sound(self, stage: str, key: str, sums: Mapping[str, str]) -> None:
+        """Remember that this record, as it is on disk now, was found sound with these output digests."""
+        path = self.entry(stage, key) / RECORD
+        with contextlib.suppress(OSError):
+            marker = _SOUND + ";".join(f"{name}={digest}" for name, digest in sorted(sums.items()))
+            self.hasher.remember(path, marker, name=path.relative_to(self.root).as_posix())
 
     def forget(self, key: str) -> None:
         self._hits.pop(key, None)
+        self._unchanged_keys.discard(key)
 
     # -- writing --------------------------------------------------------------------------------------------------
     def new_tmp(self, key: str) -> Path:
@@ -201,8 +243,10 @@ class Cache:
             names.append(name)
         names += [name for name in optional if (tmp / name).is_file()]
         sums = {}
+        mode = 0o666 & ~umask()
         for p in tmp.iterdir():
             if p.is_file():  # each file read once: hashed, and synced to disk
+                os.chmod(p, mode)  # stages write through mkstemp (0600): the cache is shared, as the umask says
                 with open(p, "rb") as fh:
                     if p.name in names:
                         sums[p.name] = file_sha256(fh)
@@ -211,7 +255,7 @@ class Cache:
         final = self.entry(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a stale, incomplete or damaged entry (no valid record): replace it
-            stale = final.with_name(f"{final.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+            stale = self.tmp / f"stale-{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{_HOST}"  # swept if we die
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         fsync_dir(tmp)
@@ -221,7 +265,7 @@ class Cache:
             path = final / name
             self.hasher.remember(path, digest, name=path.relative_to(self.root).as_posix())
         rec = {**record, "key": key, "stage": stage, "outputs": sizes, "sha256": sums}
-        write_atomic(final / RECORD, canonical_json(rec).encode("utf-8"))
+        write_atomic(final / RECORD, canonical_json(rec).encode("utf-8"), self.tmp)
         self._hits[key] = rec
         self.damaged.pop(key, None)
         return rec
@@ -229,46 +273,40 @@ class Cache:
     @contextlib.contextmanager
     def locked(self, keys: list[str]) -> Iterator[None]:
         """Hold the lock of every key (sorted, so two processes never deadlock). The OS drops a dead process's
-        locks (flock), so a killed run never blocks the next one."""
+        locks (flock), so a killed run never blocks the next one; each lock file goes when its lock is released."""
         self.locks.mkdir(parents=True, exist_ok=True)
-        held: list[FileLock] = []
-        try:
+        with contextlib.ExitStack() as stack:
             for key in sorted(set(keys)):
-                lock = FileLock(str(self.locks / f"{key}.lock"))
-                lock.acquire()
-                held.append(lock)
+                stack.callback(lock_file(self.locks / f"{key}.lock").release)
             yield
-        finally:
-            for lock in reversed(held):
-                lock.release()
 
     def try_lock(self, keys: list[str]) -> contextlib.ExitStack | None:
         """The locks of every key without waiting, held until the returned stack is closed; None (holding nothing)
         when another process holds one of them. A driver that keeps several chunks in flight takes its locks this
         way, so two builds never wait on each other's locks while holding their own."""
-        from filelock import Timeout
-
         self.locks.mkdir(parents=True, exist_ok=True)
         stack = contextlib.ExitStack()
         try:
             for key in sorted(set(keys)):
-                lock = FileLock(str(self.locks / f"{key}.lock"))
-                lock.acquire(timeout=0)
-                stack.callback(lock.release)
-        except Timeout:
-            stack.close()
-            return None
+                held = lock_file(self.locks / f"{key}.lock", wait=False)
+                if held is None:
+                    stack.close()
+                    return None
+                stack.callback(held.release)
         except BaseException:
             stack.close()
             raise
         return stack
 
     def sweep_tmp(self) -> int:
-        """Remove temporary folders left by processes that no longer run."""
-        removed = 0
+        """Remove the temporary folders and files (and those in the cache's own folder: the hash memo's) left by
+        processes that no longer run."""
+        removed = sweep_stale_tmp(self.root) + sweep_stale_tmp(self.tmp)
         if not self.tmp.is_dir():
-            return 0
+            return removed
         for folder in self.tmp.iterdir():
+            if not folder.is_dir():
+                continue
             parts = folder.name.split(".", 3)
             pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
             if _abandoned(folder, pid, parts[3] if len(parts) == 4 else _HOST):
@@ -297,10 +335,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the new one, never half."""
+def tmp_sibling(path: Path, folder: Path | None = None) -> Path:
+    """A temporary name for writing `path` atomically (in `folder`, default beside it: one file system for the
+    os.replace). It names this process and host, so that the next run can sweep what a killed one left
+    (`sweep_stale_tmp`)."""
+    return (folder or path.parent) / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.{_HOST}.tmp"
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Temp file in the same folder (or `tmp_dir`, on the same file system), fsync, os.replace, fsync the folder:
+    readers see the old file or the new one, never half, and the new one survives a power cut once this returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp = tmp_sibling(path, tmp_dir)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -311,6 +357,32 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """`write_atomic` unless the file already holds `data` (a build with nothing new writes nothing: it works in a
+    read-only build folder). Returns whether it wrote."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    write_atomic(path, data)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: Path) -> None:
@@ -329,14 +401,15 @@ def fsync_dir(folder: Path) -> None:
 
 
 def sweep_stale_tmp(folder: Path) -> int:
-    """Remove the temporary files (`write_atomic`, `publish`: `.NAME.PID.ID.tmp`) that runs killed mid-write left in
-    `folder`: those of processes no longer running here, untouched for an hour."""
+    """Remove the temporary files (`tmp_sibling`: `.NAME.PID.ID.HOST.tmp`) that runs killed mid-write left in
+    `folder`: those of this host's processes that no longer run, and another host's after an hour untouched."""
     removed = 0
     for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
         match = _TMP_NAME.match(path.name)
-        if match and path.is_file() and _abandoned(path, int(match[1]), None):
-            path.unlink(missing_ok=True)
-            removed += 1
+        if match and path.is_file() and _abandoned(path, int(match[1]), match[2]):
+            with contextlib.suppress(OSError):  # a read-only folder: nothing of ours can be there
+                path.unlink()
+                removed += 1
     return removed
 
 
@@ -357,7 +430,8 @@ def _abandoned(path: Path, pid: int | None, host: str | None) -> bool:
 #: This machine's name, in temporary folder names (`Cache.sweep_tmp`).
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
 
-_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{6}\.tmp(\.png)?$")
+#: `tmp_sibling`'s names; those without a host (written before hosts were named) wait an hour.
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{6}(?:\.([A-Za-z0-9_-]+))?\.tmp(?:\.png)?$")
 
 
 def publish(src: Path, dest: Path) -> None:
@@ -371,10 +445,13 @@ def publish(src: Path, dest: Path) -> None:
     except OSError:
         pass  # unreadable: replace it
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp = tmp_sibling(dest)
     try:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(dest.parent)

@@ -47,9 +47,6 @@ class Finding:
     problem: Problem
     hint: str = ""
 
-    def __str__(self) -> str:
-        return f"{self.problem} — {self.hint}" if self.hint else str(self.problem)
-
     def as_dict(self) -> dict[str, Any]:
         p = self.problem
         return {

@@ -16,14 +16,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from batch import __version__, fleet
 from batch.cache import Cache, sweep_stale_tmp
-from batch.errors import DHBatchError, ManifestError, UsageError
+from batch.errors import DHBatchError, DiskFullError, ManifestError, UsageError, disk_full_path
 from batch.jsonout import COMMANDS, document, error_document
+from batch.locking import holding
 from batch.manifest import Manifest, display_path, load_manifest, project_root
 from batch.plan import (
     Plan,
     VideoPlan,
     check_force,
+    claim_output_folder,
     load_state,
+    lock_output_folder,
     owner_state,
     plan_manifest,
     select_videos,
@@ -236,9 +239,11 @@ def _setup(args: argparse.Namespace, manifest_path: Path) -> tuple[Manifest, Pat
     return manifest, build_dir, checkpoints, Cache(build_dir / "cache", deep=getattr(args, "verify", False))
 
 
-def _plan(args: argparse.Namespace) -> tuple[Plan, Cache, Path]:
+def _plan(
+    args: argparse.Namespace, setup: tuple[Manifest, Path, Path, Cache] | None = None
+) -> tuple[Plan, Cache, Path]:
     check_force(args.force)
-    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
+    manifest, build_dir, checkpoints, cache = setup or _setup(args, args.manifest)
     videos = shard_videos(manifest, select_videos(manifest, args.only), args.shard)
     plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints, videos=videos, force=args.force)
     return plan, cache, checkpoints
@@ -336,15 +341,25 @@ def print_plan(plan: Plan, steps: bool = False, scripts: dict[str, list[str]] | 
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from batch.report import prune_removed, retire_outdated, write_report, write_state
-    from batch.run import EventFile, Runner
-
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         raise UsageError(f"--device {args.device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
-    plan, cache, checkpoints = _plan(args)
-    remote = fleet.open_remote(args, project_root(args.manifest))
+    manifest, build_dir, checkpoints, cache = _setup(args, args.manifest)
+    remote = fleet.open_remote(args, project_root(args.manifest))  # --remote-required fails before anything is made
+    with holding(lock_output_folder(build_dir, manifest)):  # ownership is checked, and kept, under the lock
+        out_dir = build_dir / manifest.name
+        for folder in (out_dir, out_dir / "thumbs"):
+            sweep_stale_tmp(folder)  # what killed runs left half-written (the cache sweeps its own)
+        plan, cache, checkpoints = _plan(args, (manifest, build_dir, checkpoints, cache))
+        claim_output_folder(build_dir, manifest)
+        return _build(args, plan, cache, checkpoints, remote)
+
+
+def _build(args: argparse.Namespace, plan: Plan, cache: Cache, checkpoints: Path, remote: Any) -> int:
+    from batch.report import prune_removed, retire_outdated, write_report, write_state
+    from batch.run import EventFile, Runner
+
     for v in plan.videos:
         for d in v.decisions:
             if not d.cached:
@@ -367,24 +382,26 @@ def cmd_build(args: argparse.Namespace) -> int:
         events=EventFile(args.events) if args.events else None,
         executor=executor,
     )
+    report = plan.build_dir / plan.manifest.name / "report.json"
     try:
         result = runner.run()
     finally:
         if runner.events is not None:
             runner.events.close()
-        write_state(plan, cache.is_cached, args.shard)
+        _unless_disk_full("state.json", write_state, plan, cache.is_cached, args.shard)
         cache.hasher.save()
     retired = retire_outdated((*plan.videos, *_left_out(plan, cache, checkpoints)), cache, result)
-    report = write_report(plan, result, args.shard, retired)
+    # A build with nothing new writes nothing (a read-only build folder works); else the report, if it fits.
+    if plan.stale or result.failed or retired or args.shard or not report.is_file():
+        report = _unless_disk_full("the report", write_report, plan, result, args.shard, retired) or report
     removed = prune_removed(plan)
-    for folder in (report.parent, report.parent / "thumbs"):
-        sweep_stale_tmp(folder)  # what killed runs left half-written
-    code = EXIT_FAILED if result.failed else EXIT_OK
-    remote_json = {"remote": fleet.remote_summary(remote)} if remote else {}
+    full = _disk_full_error(result)
+    code = full.exit_code if full else EXIT_FAILED if result.failed else EXIT_OK
+    fleet_json = fleet.build_fields(args.shard, remote)
     if args.json:
         print(
             json.dumps(
-                document("build", code, **result.as_dict(), removed=removed, report=str(report), **remote_json),
+                document("build", code, **result.as_dict(), removed=removed, report=str(report), **fleet_json),
                 indent=2,
             )
         )
@@ -394,8 +411,24 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"removed the videos no longer in the manifest: {', '.join(removed)}")
         if remote:
             print(f"remote cache {remote.url}: {remote.hits} steps downloaded, {remote.uploaded} uploaded")
+    if full is not None:
+        if args.json:  # the document above already says so (disk_full, exit_code)
+            return _report_error(full)
+        raise full
     fleet.check_required(remote)
     return code
+
+
+def _disk_full_error(result: RunResult) -> DiskFullError | None:
+    if not result.disk_full:
+        return None
+    full = result.disk_full
+    return DiskFullError(
+        f"no space left on device: cannot write {full['path']}; this build needs about "
+        f"{_size(full['needed_bytes'])} more ({_size(full['free_bytes'])} free there now)",
+        "free some space (`dhbatch gc --yes` removes cache entries no manifest uses) and run the same command "
+        "again: it resumes, what was built is kept",
+    )
 
 
 def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, ...]:
@@ -412,6 +445,21 @@ def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, .
     except ManifestError as exc:
         logger.warning("cannot tell whether the other videos' MP4s are current (%s): build them to check", exc)
         return ()
+
+
+def _unless_disk_full(what: str, write: Any, *args: Any) -> Any:
+    """`write(*args)`, or None when the disk is full (said, and left to the build's own disk-full error)."""
+    try:
+        return write(*args)
+    except OSError as exc:
+        if disk_full_path(exc) is None:
+            raise
+        logger.error("no space left on device: %s was not written", what)
+        return None
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def print_build(result: RunResult, report: Path) -> None:
@@ -481,6 +529,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     raise UsageError(
                         f"a build is using the cache {display_path(cache.root)}", "run gc again when it has finished"
                     )
+            for manifest, build_dir, _, _ in setups:  # and the output folders, whose owners are checked under it
+                held = lock_output_folder(build_dir, manifest, wait=False)
+                if held is None:
+                    raise UsageError(
+                        f"a build is writing {display_path(build_dir / manifest.name)}",
+                        "run gc again when it has finished",
+                    )
+                stack.callback(held.release)
         reachable: set[str] = set()
         given: set[Path] = set()
         for manifest, build_dir, checkpoints, cache in setups:

@@ -54,3 +54,23 @@ class BuildError(DHBatchError):
     """Some videos failed to build (the others were built); the report says which and why."""
 
     exit_code = 1
+
+
+class DiskFullError(DHBatchError):
+    """The disk filled up during a build: what was built is kept (and published where it fitted)."""
+
+    exit_code = 3
+
+
+def disk_full_path(exc: BaseException | None) -> str | None:
+    """The file that a full disk (ENOSPC, or a quota: EDQUOT) kept from being written, from `exc` or the exceptions
+    that caused it: "" when the error does not name one; None when it is not a full disk."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return str(getattr(exc, "filename", "") or "")
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +69,11 @@ class FileHasher:
         self.remember(path, digest, name=name, stat=st)
         return digest
 
+    @property
+    def memo(self) -> dict[str, list]:
+        """The memo itself (name -> [inode, size, mtime_ns, digest]), for lookups in bulk; read-only by contract."""
+        return self._memo
+
     def remember(self, path: Path, digest: str, *, name: str | None = None, stat: os.stat_result | None = None) -> None:
         """Note a digest computed elsewhere (the cache hashes each output as it commits it)."""
         st = stat or path.stat()
@@ -92,14 +96,13 @@ class FileHasher:
         """Write the memo atomically (a lost race just costs a re-hash later)."""
         if self.memo_path is None or not self._dirty:
             return
-        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+        from batch.cache import write_atomic  # the cache builds on this module
+
+        with self._lock:
+            data = canonical_json(self._memo).encode("utf-8")
         try:
-            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(canonical_json(self._memo), encoding="utf-8")
-            os.replace(tmp, self.memo_path)
+            write_atomic(self.memo_path, data)
         except OSError as exc:  # a memo only: `plan` works in a read-only build folder, hashing again next time
             logger.info("cannot save the hash memo %s (%s); files will be hashed again", self.memo_path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             return
         self._dirty = False

@@ -8,15 +8,14 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from batch.cache import Cache, write_atomic
+from batch.cache import Cache, tmp_sibling, write_atomic, write_if_changed
 from batch.errors import UsageError
-from batch.manifest import manifest_identity, thaw
-from batch.plan import Plan, VideoPlan, load_state, state_path
+from batch.manifest import thaw
+from batch.plan import Plan, VideoPlan, load_state, ownership, state_path
 from batch.run import RunResult
 from batch.shard import Shard, shard_file
 
@@ -44,13 +43,8 @@ def write_state(plan: Plan, is_cached: Any, shard: Shard | None = None) -> None:
 
 
 def _write_state(path: Path, plan: Plan, videos: dict[str, Any]) -> None:
-    data = {
-        "format": 1,
-        "manifest": manifest_identity(plan.manifest),
-        "manifest_path": str(plan.manifest.path.resolve()),
-        "videos": videos,
-    }
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    data = {"format": 1, **ownership(plan.manifest), "videos": videos}
+    write_if_changed(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def write_report(plan: Plan, result: RunResult, shard: Shard | None = None, retired: Iterable[str] = ()) -> Path:
@@ -287,9 +281,12 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
         img = Image.fromarray(frame)
         img.thumbnail((256, 256))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.png")  # runs may overlap
-        img.save(tmp)
-        tmp.replace(dest)
+        tmp = tmp_sibling(dest)  # runs may overlap; a killed run's is swept by the next (sweep_stale_tmp)
+        try:
+            img.save(tmp, format="PNG")
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest
     except Exception as exc:  # noqa: BLE001 - a missing thumbnail must never fail a build
         logger.debug("no thumbnail for %s: %s", video, exc)

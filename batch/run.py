@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch.cache import Cache, publish
+from batch.errors import disk_full_path
 from batch.executors import Chunk, ChunkResult, Executor, StageFn
 from batch.plan import Plan, Step, VideoPlan, forced_keys
 from batch.progress import Progress, reporter
@@ -105,6 +107,9 @@ class RunResult:
     seconds: float
     device: str
     model_loads: dict[str, int]
+    #: Where the disk filled up: {"path": the file that could not be written, "needed_bytes": about how much more
+    #: this build needs (an estimate from the outputs made so far), "free_bytes": free there now}; None if it did not.
+    disk_full: dict[str, Any] | None = None
 
     @property
     def failed(self) -> list[VideoResult]:
@@ -119,6 +124,7 @@ class RunResult:
             "summary": {s: sum(v.status == s for v in self.videos) for s in ("built", "cached", "failed", "skipped")},
             "warnings": sum(len(v.warnings) for v in self.videos),
             "videos": [v.as_dict() for v in self.videos],
+            **({"disk_full": self.disk_full} if self.disk_full else {}),
         }
 
 
@@ -133,6 +139,8 @@ class _InFlight:
     chunk: Chunk
     steps: list[Step]
     locks: contextlib.ExitStack
+    #: The chunk's seconds when the stage last reported a finished job (`Chunk.on_result`).
+    reported_s: float = 0.0
 
     def release(self) -> None:
         for job in self.chunk.jobs:
@@ -199,6 +207,8 @@ class Runner:
         self._stop = False
         self._users: dict[str, list[VideoPlan]] = defaultdict(list)  # step key -> the videos made from it
         self._results: dict[str, VideoResult | None] = {}  # video id -> its result once published (None: failed)
+        self._commit_lock = threading.RLock()  # steps may be committed from a stage's thread as they finish
+        self._disk_full: str | None = None  # the file a full disk kept from being written
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _forced(self, step: Step) -> bool:
@@ -266,13 +276,14 @@ class Runner:
             self.executor.close()
             if self.remote is not None:
                 self.remote.wait_uploads()
-        results = [self._result(vp, stopped) for vp in self.plan.videos]
+        results = [self._result(vp, stopped or self._disk_full is not None) for vp in self.plan.videos]
         return RunResult(
             str(self.plan.manifest.path),
             results,
             time.perf_counter() - t0,
             self.executor.describe(),
             self.executor.model_loads(),
+            self._disk_full_info(),
         )
 
     def _drive(self) -> None:
@@ -400,7 +411,15 @@ class Runner:
         from renderer.base import StepJob
 
         stage = steps[0].stage
-        locks = self.cache.try_lock([s.key for s in steps])
+        if self._stop:  # a full disk, --fail-fast: its steps stay to do ("not run")
+            return True
+        try:
+            locks = self.cache.try_lock([s.key for s in steps])
+        except OSError as exc:
+            if disk_full_path(exc) is None:
+                raise
+            self._note_disk_full(exc, self.cache.locks)
+            return True
         if locks is None:
             return False
         misses = []
@@ -431,6 +450,7 @@ class Runner:
         flight = _InFlight(
             Chunk(next(self._chunk_ids), stage, misses[0].target, jobs, _on_gpu(misses[0])), misses, locks
         )
+        flight.chunk.on_result = lambda index, res, where: self._commit_one(flight, index, res, where)
         try:
             for s in misses:
                 jobs.append(
@@ -449,6 +469,12 @@ class Runner:
             self._bar(stage)
             flight.chunk.submitted = time.monotonic()
             self.executor.submit(flight.chunk)
+        except OSError as exc:
+            flight.release()
+            if disk_full_path(exc) is None:
+                raise
+            self._note_disk_full(exc, self.cache.tmp)  # its steps stay unbuilt: "not run"
+            return True
         except BaseException:
             flight.release()
             raise
@@ -463,18 +489,31 @@ class Runner:
         if flight is None:  # already handled
             return
         seconds = res.seconds / len(flight.steps)
-        for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
-            if s.key not in self.outcomes:
-                self._commit(s, job.out_dir, outcome, seconds, res)
-        del self._inflight[res.chunk.id]
+        with self._commit_lock:
+            for s, job, outcome in zip(flight.steps, res.chunk.jobs, res.results, strict=True):
+                if s.key not in self.outcomes:  # not committed as it finished (Chunk.on_result), nor before a Ctrl-C
+                    self._commit(s, job.out_dir, outcome, seconds, res)
+            del self._inflight[res.chunk.id]
         flight.release()
         if self.executor.overlap:
             self._close_finished_bars()
+
+    def _commit_one(self, flight: _InFlight, index: int, res: Any, where: ChunkResult) -> None:
+        """A step of a chunk in flight has finished (the stage said so as it went): commit it now, so a run killed
+        before the chunk ends keeps it. Called on the stage's thread."""
+        with self._commit_lock:
+            step = flight.steps[index]
+            if step.key in self.outcomes or flight.chunk.id not in self._inflight:
+                return
+            seconds, flight.reported_s = where.seconds - flight.reported_s, where.seconds
+            self._commit(step, flight.chunk.jobs[index].out_dir, res, seconds, where)
 
     def _commit(self, s: Step, tmp: Path, res: Any, seconds: float, where: ChunkResult) -> None:
         spec = STAGES[s.stage]
         reason = self._reasons[s.key]
         placed = {"worker": where.worker, "node": where.node, "device": where.device, "queued": round(where.queued, 3)}
+        if isinstance(res, BaseException) and disk_full_path(res) is not None:
+            self._note_disk_full(res, tmp)
         if isinstance(res, BaseException):
             msg = str(res)
             self.failed[s.key] = msg
@@ -501,16 +540,55 @@ class Runner:
                     "worker": {k: placed[k] for k in ("worker", "node", "device")},
                 },
             )
-        except FileNotFoundError as exc:
-            self.failed[s.key] = str(exc)
+        except OSError as exc:
+            full = disk_full_path(exc) is not None
+            if not full and not isinstance(exc, FileNotFoundError):
+                raise
+            msg = f"{exc.strerror}: {exc.filename or tmp}" if full else str(exc)
+            if full:
+                self._note_disk_full(exc, tmp)
+            self.failed[s.key] = msg
             self._bar(s.stage).update(1)
-            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, str(exc), **placed))
+            self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, msg, **placed))
             self._stop = self._stop or self.fail_fast
             return
         self._bar(s.stage).update(1)
         self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed))
         if self.remote is not None:
             self.remote.upload(self.cache, s.stage, s.key, replace=self._forced(s))
+
+    def _note_disk_full(self, exc: BaseException, fallback: Path) -> None:
+        """The disk is full: stop handing out work (what runs finishes; what is built is kept and published)."""
+        with self._commit_lock:
+            if self._disk_full is None:
+                self._disk_full = disk_full_path(exc) or str(fallback)
+                logger.error("no space left on device writing %s: stopping the build", self._disk_full)
+            self._stop = True
+
+    def _disk_full_info(self) -> dict[str, Any] | None:
+        """Where the disk filled up, and about how much more space the steps left to do and their publishing need:
+        the mean size of each stage's outputs made so far (or a typical size where none was), at least 1 MB."""
+        if self._disk_full is None:
+            return None
+        made: dict[str, list[int]] = defaultdict(list)
+        todo: list[str] = []
+        for step in {s.key: s for vp in self.plan.videos for s in vp.steps}.values():
+            if (rec := self.cache.record(step.stage, step.key)) is not None:
+                made[step.stage].append(sum(rec["outputs"].values()))
+            else:
+                todo.append(step.stage)
+        mean = {stage: sum(sizes) / len(sizes) for stage, sizes in made.items()}
+        needed = sum(mean.get(stage, _TYPICAL_BYTES[stage]) for stage in todo)
+        unpublished = sum(not vp.output.is_file() for vp in self.plan.videos)
+        needed += unpublished * mean.get("mux", _TYPICAL_BYTES["mux"])
+        where = Path(self._disk_full)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        return {
+            "path": self._disk_full,
+            "needed_bytes": int(max(needed, 1e6)),
+            "free_bytes": shutil.disk_usage(where).free,
+        }
 
     def _bar(self, stage: str) -> Any:
         if stage not in self._bars:
@@ -601,6 +679,8 @@ class Runner:
             try:
                 publish(src, vp.output)
             except OSError as exc:  # this video only: the others are still published, and the report written
+                if disk_full_path(exc) is not None:
+                    self._note_disk_full(exc, vp.output)
                 reason = exc.strerror or str(exc)
                 error = f"publish: cannot write {vp.output}: {reason} (it is built and cached: fix the folder and run again)"
                 return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
@@ -616,8 +696,23 @@ class Runner:
             )
         if error is None:
             error = "not run: the run stopped at the first failure (--fail-fast)" if stopped else "not run"
+            if self._disk_full is not None:
+                error = "not run: the disk is full"
             return VideoResult(vp.video.id, "skipped", None, vp.renderer, outcomes, error)
         return VideoResult(vp.video.id, "failed", None, vp.renderer, outcomes, error)
+
+
+#: Bytes a step's outputs typically take (a 30 s video at 256 pixels), for the space a build still needs when none
+#: of its stage's outputs has been made yet.
+_TYPICAL_BYTES: Mapping[str, float] = {
+    "prompt": 1e3,
+    "image": 5e5,
+    "voice": 1e6,
+    "audio": 1e6,
+    "animate": 4e6,
+    "enhance": 8e6,
+    "mux": 4e6,
+}
 
 
 def _on_gpu(step: Step) -> bool:

@@ -6,11 +6,15 @@ import functools
 import math
 import re
 import string
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.lexer
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from batch.errors import DHBatchError
@@ -39,6 +43,10 @@ MAX_NUMBER_BITS = 4096
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
 #: Longest text `wordwrap` takes (Python's textwrap is slow on huge inputs of short words).
 MAX_WRAP = 100_000
+#: Loop iterations one rendering may run (all loops together), and its time: a nested loop that prints nothing is
+#: bounded by neither the output nor Jinja's range limit (three nested ranges ran until killed).
+MAX_LOOP_ITERATIONS = 100_000
+MAX_RENDER_SECONDS = 2.0
 
 
 def _refuse(what: str) -> None:
@@ -92,6 +100,43 @@ def _check_str_format(fmt: str, args: tuple, kwargs: dict) -> None:
     if nested:
         _check_ints(args)
         _check_ints(kwargs)
+
+
+class _LoopLimit(jinja2.exceptions.SecurityError):
+    """A template ran too many loop iterations, or for too long."""
+
+
+class _Budget:
+    """What one rendering may spend: called at the top of every loop iteration (`_CountLoops`)."""
+
+    def __init__(self) -> None:
+        self.iterations = 0
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def tick(self) -> str:
+        self.iterations += 1
+        if self.iterations > MAX_LOOP_ITERATIONS:
+            raise _LoopLimit(f"its loops ran more than {MAX_LOOP_ITERATIONS:,} times")
+        if self.iterations % 1000 == 0 and time.monotonic() > self.deadline:
+            raise _LoopLimit(f"it ran for more than {MAX_RENDER_SECONDS:g} s")
+        return ""
+
+
+class _CountLoops(jinja2.ext.Extension):
+    """Puts `{{ _dh_tick() }}` at the top of every `{% for %}` body, so each iteration is counted (`_Budget`)."""
+
+    def filter_stream(self, stream: Any) -> Any:
+        prev, in_for = "", False
+        for token in stream:
+            yield token
+            if token.type == "name" and token.value == "for" and prev == "block_begin":
+                in_for = True
+            elif token.type == "block_end" and in_for:
+                in_for = False
+                for kind, value in (("variable_begin", "{{"), ("name", "_dh_tick"), ("lparen", "("),
+                                    ("rparen", ")"), ("variable_end", "}}")):  # fmt: skip
+                    yield jinja2.lexer.Token(token.lineno, kind, value)
+            prev = token.type
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -176,7 +221,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 @functools.lru_cache(maxsize=1)
 def environment() -> ImmutableSandboxedEnvironment:
     """One sandboxed environment with StrictUndefined, shared by prompts and scripts."""
-    return _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=True)
+    env = _Sandbox(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+        trim_blocks=True,
+        extensions=[_CountLoops],
+    )
+    env.globals["_dh_tick"] = str  # render() passes each rendering's own counter
+    return env
 
 
 @functools.lru_cache(maxsize=4096)
@@ -188,13 +241,25 @@ def compile_template(source: str, name: str) -> jinja2.Template:
         raise TemplateError(f"{name}: line {exc.lineno}: template syntax error: {exc.message}") from exc
 
 
+@functools.lru_cache(maxsize=4096)
+def template_variables(source: str) -> frozenset[str]:
+    """The top-level names a template reads (planning renders a text once for all the videos it does not tell
+    apart); every name for a template that does not parse (the render reports it)."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(environment().parse(source)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset({"video", "character"})
+
+
 def render(source: str, name: str, context: Mapping[str, Any], hint: str = "define it under `vars:`") -> str:
     """Render `source` (called `name` in messages) with `context`; undefined variables are errors (`hint` says
     where the variables come from)."""
     template = compile_template(source, name)
+    if too_slow := getattr(template, "dh_too_slow", None):  # once is enough: 1,000 videos, one slow template
+        raise TemplateError(*too_slow)
     try:
         parts, size = [], 0
-        for part in template.generate(**context):  # as render() does, with the output bounded
+        for part in template.generate(**context, _dh_tick=_Budget().tick):  # as render() does, output bounded
             size += len(part)
             if size > MAX_OUTPUT:
                 _refuse(f"the text would be longer than {MAX_OUTPUT} characters")
@@ -202,6 +267,12 @@ def render(source: str, name: str, context: Mapping[str, Any], hint: str = "defi
         return "".join(parts)
     except jinja2.UndefinedError as exc:
         raise TemplateError(f"{name}: line {_error_line(exc)}: {exc.message}", hint) from exc
+    except _LoopLimit as exc:
+        template.dh_too_slow = (
+            f"{name}: line {_error_line(exc)}: the template is too slow: {exc}",
+            "loop over fewer items: templates make short texts",
+        )
+        raise TemplateError(*template.dh_too_slow) from exc
     except jinja2.exceptions.SecurityError as exc:
         raise TemplateError(f"{name}: unsafe template operation: {exc}") from exc
     except jinja2.TemplateError as exc:

@@ -173,15 +173,22 @@ def labelled(exc: RenderError, label: str) -> RenderError:
     return exc
 
 
-def run_each(jobs: Sequence[StepJob], one: Callable[[StepJob], dict[str, Any]]) -> list[dict[str, Any] | RenderError]:
+def run_each(
+    jobs: Sequence[StepJob],
+    one: Callable[[StepJob], dict[str, Any]],
+    done: Callable[[int, Any], None] | None = None,
+) -> list[dict[str, Any] | RenderError]:
     """The stage contract for stages that handle jobs one at a time: whatever a job raises becomes that job's result
-    (`job_error`), labelled with its place in the manifest, and the other jobs go on."""
+    (`job_error`), labelled with its place in the manifest, and the other jobs go on. `done(index, result)`: told
+    as each job finishes (the runner commits it at once)."""
     results: list[dict[str, Any] | RenderError] = []
-    for job in jobs:
+    for index, job in enumerate(jobs):
         try:
             results.append(one(job))
         except Exception as exc:  # noqa: BLE001 - this job fails, not its chunk
             results.append(job_error(job, exc))
+        if done is not None:
+            done(index, results[-1])
     return results
 
 
@@ -194,11 +201,14 @@ def job_error(job: StepJob, exc: Exception) -> RenderError:
     if isinstance(exc, OSError) and not _is_ffmpeg_error(exc):
         logger.debug("%s failed", job.label or job.key, exc_info=True)
         where = f" ({exc.filename})" if exc.filename else ""
-        return labelled(
-            BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions"), job.label
-        )
+        err = BackendError(f"{exc.strerror or exc}{where}", "check free disk space and permissions")
+        err.__cause__ = exc  # the runner tells a full disk by its errno
+        return labelled(err, job.label)
     logger.debug("%s failed", job.label or job.key, exc_info=True)  # the traceback with -vv only
-    return labelled(as_render_error(exc), job.label)
+    err = as_render_error(exc)
+    if err is not exc:
+        err.__cause__ = exc
+    return labelled(err, job.label)
 
 
 def _is_ffmpeg_error(exc: BaseException) -> bool:
@@ -215,8 +225,16 @@ def as_render_error(exc: BaseException) -> RenderError:
     if isinstance(exc, RenderError):
         return exc
     if _is_ffmpeg_error(exc):
-        return BackendError(f"FFmpeg: {exc}", "check the input files; if they play elsewhere, please report this")
+        return BackendError(
+            f"FFmpeg: {media_error(exc)}", "check the input files; if they play elsewhere, please report this"
+        )
     return BackendError(f"internal error: {type(exc).__name__}: {exc}", "please report this (run with -vv for details)")
+
+
+def media_error(exc: BaseException) -> str:
+    """An FFmpeg (PyAV) error in words: "Invalid data found when processing input", without the raw error number
+    (`[Errno 1094995529]`) or the file name that the caller's message already gives."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def resolve_device(spec: str) -> str:

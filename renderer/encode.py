@@ -12,6 +12,7 @@ longer match the portrait size the caller asked for.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    media_error,
     run_each,
 )
 
@@ -199,7 +201,7 @@ def _read_pcm(wav: Path) -> np.ndarray:
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
     except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read audio {wav}: {exc}", "re-create the speech WAV") from exc
+        raise BadInputError(f"cannot read audio {wav}: {media_error(exc)}", "re-create the speech WAV") from exc
     if not chunks:
         raise BadInputError(f"{wav} holds no audio samples", "re-create the speech WAV")
     return np.concatenate(chunks).astype(np.int16, copy=False)
@@ -221,7 +223,7 @@ def mux(video: Path, wav: Path, out: Path) -> float:
     try:
         src = av.open(str(video))
     except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read video {video}: {exc}", "re-render the video") from exc
+        raise BadInputError(f"cannot read video {video}: {media_error(exc)}", "re-render the video") from exc
     tmp = _temp_sibling(out)
     try:
         with src:
@@ -268,7 +270,9 @@ def mux(video: Path, wav: Path, out: Path) -> float:
                 dst.mux(out_audio.encode(None))
         os.replace(tmp, out)
     except av.FFmpegError as exc:
-        raise BadInputError(f"cannot mux {video} with {wav}: {exc}", "re-render the video") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the video's fault: the runner says what space it needs
+            raise OSError(exc.errno, os.strerror(exc.errno), str(out)) from exc
+        raise BadInputError(f"cannot mux {video} with {wav}: {media_error(exc)}", "re-render the video") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return speech
@@ -303,7 +307,7 @@ def probe(path: Path) -> MediaInfo:
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read media {path}: {exc}") from exc
+        raise BadInputError(f"cannot read media {path}: {media_error(exc)}") from exc
     with container:
         video = container.streams.video[0] if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None

@@ -27,7 +27,7 @@ import logging
 import re
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -563,7 +563,9 @@ def _enhance_one(job: StepJob, pool: ModelPool) -> dict:
     }
 
 
-def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
+def run(
+    jobs: Sequence[StepJob], pool: ModelPool, done: Callable[[int, Any], None] | None = None
+) -> list[dict | RenderError]:
     """Stage "enhance": one result per job, in order; a job's failure (a video FFmpeg cannot read, a full disk)
-    does not stop the others."""
-    return run_each(jobs, lambda job: _enhance_one(job, pool))
+    does not stop the others. `done`: told as each video is finished (the runner commits it at once)."""
+    return run_each(jobs, lambda job: _enhance_one(job, pool), done)

@@ -77,8 +77,13 @@ def load_image(path: Path) -> np.ndarray:
         raise BadInputError(
             f"cannot read image {path}: {exc}", "give a PNG or JPEG portrait that opens in an image viewer"
         ) from exc
-    if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise BadInputError(f"image {path} is empty ({rgb.shape})", "give a PNG or JPEG portrait")
+    if rgb.ndim != 3 or rgb.size == 0:
+        raise BadInputError(f"image {path} is empty", "give a PNG or JPEG portrait")
+    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
+        raise BadInputError(
+            f"image {path} is only {rgb.shape[1]}x{rgb.shape[0]} pixels: too small to hold a face",
+            "give a portrait with the face at least 64 pixels high",
+        )
     return np.ascontiguousarray(rgb)
 
 

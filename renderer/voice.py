@@ -48,6 +48,7 @@ from renderer.base import (
     ModelPool,
     RenderError,
     StepJob,
+    media_error,
     run_each,
 )
 
@@ -260,9 +261,8 @@ def _decoded_mono(source: str | io.BytesIO, name: str) -> Iterator[tuple[np.ndar
             for out in resampler.resample(None):
                 yield out.to_ndarray().mean(axis=0, dtype=np.float32), out.sample_rate
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as exc:
-        why = getattr(exc, "strerror", None) or exc  # FFmpeg's words, without its error number and the full path
         raise BadInputError(
-            f"cannot decode audio {name}: {why}", "pass a readable wav, mp3, flac, ogg or m4a file"
+            f"cannot decode audio {name}: {media_error(exc)}", "pass a readable wav, mp3, flac, ogg or m4a file"
         ) from exc
 
 

@@ -50,7 +50,9 @@ def use_fake_stages() -> None:
         batch.remote.RemoteCache._put_record = paused  # type: ignore[method-assign]
 
 
-def dhbatch_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def dhbatch_fake(
+    *args: str, cwd: Path | None = None, umask: int | None = None, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run this script as a process (for tests): `dhbatch ARGS` with the fake stages; `env` adds FAKE_* settings."""
     return subprocess.run(
         [sys.executable, __file__, *args],
@@ -59,6 +61,20 @@ def dhbatch_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.
         cwd=cwd,
         env={**os.environ, **env},
         check=False,
+        timeout=timeout,
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
+    )
+
+
+def start_fake(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen[str]:
+    """The same as a running process (for tests that kill it or race it)."""
+    return subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
     )
 
 

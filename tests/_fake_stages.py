@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,16 @@ def _digest(job: StepJob) -> bytes:
 
 
 def write_mp4(path: Path, seed: bytes, frames: int = 6) -> None:
-    """A small real H.264 MP4 whose colours come from `seed` (for tests that decode what was published)."""
+    """A small real H.264 MP4 whose colours come from `seed` (for tests that decode what was published), written as
+    the renderer's encoder writes: into a temporary file made by mkstemp (mode 0600), then renamed."""
+    import tempfile
+
     import av
     import numpy as np
 
-    with av.open(str(path), "w", format="mp4") as container:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    with av.open(tmp, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=25)
         stream.width = stream.height = 32
         stream.pix_fmt = "yuv420p"
@@ -41,15 +46,16 @@ def write_mp4(path: Path, seed: bytes, frames: int = 6) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    os.replace(tmp, path)
 
 
 def make_registry(
     log: Path | None = None, delay: float = 0.0, chunk_delay: float = 0.0, mp4: bool = False
 ) -> dict[str, Any]:
     """Stage functions keyed by target. `log` gets one line per step built; `delay` sleeps mid-write; `mp4`: the
-    video stages write real (tiny) MP4s."""
+    video stages write real (tiny) MP4s. Each reports its jobs as they finish (`done`), as the renderer's do."""
 
-    def stage_fn(jobs: Sequence[StepJob], pool: ModelPool) -> list[Any]:
+    def stage_fn(jobs: Sequence[StepJob], pool: ModelPool, done: Callable[[int, Any], None] | None = None) -> list[Any]:
         pool.get(f"fake-{jobs[0].stage}", jobs[0].device, "float32", lambda: object())
         out: list[Any] = []
         for job in jobs:
@@ -57,6 +63,8 @@ def make_registry(
                 made = job.out_dir / STAGES[job.stage].outputs[0]
                 made.write_bytes(b"made before failing")
                 out.append(BadInputError(f"{job.label}: the text asks to fail", "remove FAIL", artifact=made))
+                if done is not None:
+                    done(len(out) - 1, out[-1])
                 continue
             spec = STAGES[job.stage]
             for name in spec.outputs:
@@ -76,6 +84,8 @@ def make_registry(
             warnings = ["the text asks for a warning"] if "WARN" in job.text else []
             notes = ["this run made it another way"] if "NOTE" in job.text else []
             out.append({"fake": True, "warnings": warnings, "run_notes": notes})
+            if done is not None:
+                done(len(out) - 1, out[-1])
         if chunk_delay:
             time.sleep(chunk_delay)
         return out

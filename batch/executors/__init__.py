@@ -36,6 +36,11 @@ class Chunk:
     gpu: bool
     #: time.monotonic() when the driver handed it over (the queue wait is measured from here).
     submitted: float = 0.0
+    #: Called as each job finishes, where the stage function reports jobs one by one (a `done` parameter) and the
+    #: executor runs in the driver's process: (job index, its result, where and how long so far, as a ChunkResult
+    #: without results). The driver commits that step at once, so a killed run keeps it; it skips the step when
+    #: the chunk's results come back. Executors that cannot call back leave it unused.
+    on_result: Callable[[int, Any, ChunkResult], None] | None = None
 
 
 @dataclasses.dataclass
@@ -98,15 +103,19 @@ def resolve_stage(target: str, registry: Mapping[str, StageFn]) -> StageFn:
     return getattr(importlib.import_module(module), name)
 
 
-def call_stage(fn: StageFn, stage: str, jobs: Sequence[Any], pool: Any) -> tuple[list[Any], float]:
+def call_stage(
+    fn: StageFn, stage: str, jobs: Sequence[Any], pool: Any, done: Callable[[int, Any], None] | None = None
+) -> tuple[list[Any], float]:
     """Run a stage function on a chunk under the renderer contract, on whatever worker: one result per job, and the
     seconds it took. A stage that raises a RenderError fails its whole chunk; a bug in a stage fails the chunk's
-    jobs with an internal error instead of taking the other videos down. Ctrl-C and SystemExit pass through."""
+    jobs with an internal error instead of taking the other videos down. Ctrl-C and SystemExit pass through.
+    `done`: handed to a stage function that takes a `done` parameter, which it calls with (index, result) as each
+    job finishes (a batching stage keeps its batches and still reports every video when it is ready)."""
     from renderer.base import RenderError
 
     t0 = time.perf_counter()
     try:
-        results = list(fn(jobs, pool))
+        results = list(fn(jobs, pool, done=done) if done is not None and _reports_each(fn) else fn(jobs, pool))
         if len(results) != len(jobs):
             raise RuntimeError(f"stage {stage} returned {len(results)} results for {len(jobs)} jobs")
     except (KeyboardInterrupt, SystemExit):
@@ -115,8 +124,20 @@ def call_stage(fn: StageFn, stage: str, jobs: Sequence[Any], pool: Any) -> tuple
         results = [exc] * len(jobs)
     except Exception as exc:  # noqa: BLE001 - a bug in a stage must not take the other videos down
         logger.debug("stage %s crashed", stage, exc_info=True)
-        results = [RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")] * len(jobs)
+        error = RuntimeError(f"internal error in stage {stage}: {exc.__class__.__name__}: {exc}")
+        error.__cause__ = exc  # the driver tells a full disk by its errno
+        results = [error] * len(jobs)
     return results, time.perf_counter() - t0
+
+
+def _reports_each(fn: StageFn) -> bool:
+    """Whether a stage function takes `done` (the older contract, (jobs, pool), still holds for the others)."""
+    import inspect
+
+    try:
+        return "done" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def loads_by_name(pool: Any, prefix: str = "") -> dict[str, int]:

@@ -129,7 +129,19 @@ class LocalExecutor:
         device = self.device()
         jobs = [dataclasses.replace(job, device=device) for job in chunk.jobs]
         fn = resolve_stage(chunk.target, self._stages)
-        results, seconds = call_stage(fn, chunk.stage, jobs, self._pool)
+        done = None
+        if chunk.on_result is not None:
+            report = chunk.on_result
+
+            def done(index: int, result: Any) -> None:
+                so_far = time.monotonic() - started
+                report(
+                    index,
+                    result,
+                    ChunkResult(chunk, [], so_far, started - chunk.submitted, "local", self._node, device),
+                )
+
+        results, seconds = call_stage(fn, chunk.stage, jobs, self._pool, done)
         return ChunkResult(chunk, results, seconds, started - chunk.submitted, "local", self._node, device)
 
     def device(self) -> str:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +246,11 @@ def _track_json(
     return data
 
 
-def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
-    """Stage "animate" (renderer: puppet): inputs portrait + audio (+ phonemes) → video.mp4, track.json."""
+def run(
+    jobs: Sequence[StepJob], pool: ModelPool, done: Callable[[int, Any], None] | None = None
+) -> list[dict | RenderError]:
+    """Stage "animate" (renderer: puppet): inputs portrait + audio (+ phonemes) → video.mp4, track.json. `done`:
+    told as each video is finished (the runner commits it at once)."""
 
     def one(job: StepJob) -> dict:
         missing = [name for name in ("portrait", "audio") if name not in job.inputs]
@@ -265,4 +268,4 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
             label=job.label,
         )
 
-    return run_each(jobs, one)
+    return run_each(jobs, one, done)

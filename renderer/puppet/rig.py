@@ -594,9 +594,9 @@ class FaceRig:
             smooth = uniform_filter1d(lid, size=max(3, int(span / 10)), axis=1)
             stretched = np.clip((ys - start) / np.maximum(edge - margin - start, 1.0), 0, 1) * (ys < edge - margin)
             blend = (np.clip((stretch - 1.0) / 2.0, 0, 0.75)[None, :] * stretched)[..., None]
-            # Toward the skin's colour, keeping a third of the strip's own light and grain.
+            # Toward the skin's colour, keeping a third of the strip's own light and grain (smoothed across).
             grain = smooth.mean(axis=2, keepdims=True) / (colour.mean(axis=1)[None, :, None] + 1.0)
-            lid = smooth + (colour[None, :, :] * (0.65 + 0.35 * grain) - smooth) * blend
+            lid += (colour[None, :, :] * (0.65 + 0.35 * grain) - lid) * blend
             # Shade: the lid curves away from the light toward its edge.
             depth = np.clip((ys - top) / np.maximum(edge - top, 1.0), 0, 1)
             lid *= (1.0 - 0.1 * depth * closure)[..., None]

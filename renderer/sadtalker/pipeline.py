@@ -239,8 +239,12 @@ class _Video:
         return len(self.target)
 
 
-def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
-    """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order."""
+def run(
+    jobs: Sequence[StepJob], pool: ModelPool, done: Callable[[int, Any], None] | None = None
+) -> list[dict | RenderError]:
+    """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order. `done`: told of each
+    group's videos as the group finishes (its videos share forward batches, so they end together; the runner
+    commits them at once)."""
     failed: dict[int, RenderError] = {}
     groups: dict[tuple[Any, ...], list[_Plan]] = {}
     for index, job in enumerate(jobs):
@@ -257,7 +261,10 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
     preparer = _Preparer(plans, pool, ahead, PREPARE_BATCH)
     try:
         for group in groups.values():
-            videos += _render_group(group, preparer, pool)
+            finished = _render_group(group, preparer, pool)
+            videos += finished
+            for video in finished if done is not None else ():
+                done(video.plan.index, _labelled(video.error, video.plan.job) if video.error else _info(video))
     finally:
         preparer.close()
     failed.update(preparer.failed)
@@ -273,8 +280,8 @@ def run(jobs: Sequence[StepJob], pool: ModelPool) -> list[dict | RenderError]:
         sum(video.written for video in videos),
         time.perf_counter() - started,
     )
-    done = {v.plan.index: _labelled(v.error, v.plan.job) if v.error else _info(v) for v in videos}
-    return [failed[i] if i in failed else done[i] for i in range(len(jobs))]
+    rendered = {v.plan.index: _labelled(v.error, v.plan.job) if v.error else _info(v) for v in videos}
+    return [failed[i] if i in failed else rendered[i] for i in range(len(jobs))]
 
 
 def _lookahead(plans: Sequence[_Plan]) -> int:
