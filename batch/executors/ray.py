@@ -35,8 +35,10 @@ from batch.stages import ORDER
 
 logger = logging.getLogger(__name__)
 
-#: Chunks handed to one actor at a time: one running and one waiting, so it never idles between two.
-PER_ACTOR = 2
+#: Chunks handed to one actor at a time: a GPU actor gets one running and one waiting, so the GPU never idles while
+#: the next chunk's inputs move; a CPU actor one, so that at the end of a build no chunk waits behind another on a
+#: busy actor while a free one idles (a chunk once handed to an actor stays there).
+PER_ACTOR = {True: 2, False: 1}
 #: Tries per chunk when its actors keep dying (a chunk that kills its worker is not retried forever).
 ATTEMPTS = 3
 #: Times Ray restarts a lost actor (a restart reloads its models).
@@ -387,7 +389,7 @@ class RayExecutor:
                     self._fail_all(queue, "no worker of this kind is left on the cluster (every one died)")
                     break
                 chunk = queue[0]
-                free = [a for a in actors if a.running < PER_ACTOR]
+                free = [a for a in actors if a.running < PER_ACTOR[a.gpu]]
                 fresh = [a for a in free if a.name not in self._lost_on[chunk.id]]
                 if not free or (not fresh and len(self._lost_on[chunk.id]) < len(actors)):
                     break
