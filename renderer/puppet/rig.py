@@ -73,6 +73,8 @@ _LIP_STRIDE = 2
 _LID_SKIN = 0.3
 #: Below this closure nothing is drawn (the eye at rest is the portrait's own).
 _BLINK_MIN = 0.03
+#: The bottom of the strip (the lid margin and lashes) that keeps its height as the lid slides down.
+_LID_MARGIN = 0.35
 
 
 @dataclasses.dataclass
@@ -559,7 +561,7 @@ class FaceRig:
             left, right = points[upper[0], 0], points[upper[-1], 0]
             span = max(right - left, 1.0)
             skin = _LID_SKIN * span + 1.0
-            margin = 0.35 * skin
+            margin = _LID_MARGIN * skin
             x0, x1, _, y1 = self._box(np.concatenate([points[upper], points[lower]]), 1.0)
             y0 = max(int(math.floor(points[upper, 1].min() - skin - 2)), 0)
             y1 = min(y1 + int(skin), self.height - 1)
