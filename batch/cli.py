@@ -397,11 +397,11 @@ def _build(args: argparse.Namespace, plan: Plan, cache: Cache, checkpoints: Path
     removed = prune_removed(plan)
     full = _disk_full_error(result)
     code = full.exit_code if full else EXIT_FAILED if result.failed else EXIT_OK
-    remote_json = {"remote": fleet.remote_summary(remote)} if remote else {}
+    fleet_json = fleet.build_fields(args.shard, remote)
     if args.json:
         print(
             json.dumps(
-                document("build", code, **result.as_dict(), removed=removed, report=str(report), **remote_json),
+                document("build", code, **result.as_dict(), removed=removed, report=str(report), **fleet_json),
                 indent=2,
             )
         )

@@ -97,14 +97,18 @@ def open_remote(args: argparse.Namespace, root: Path, required_by_command: bool 
     return remote
 
 
-def remote_summary(remote: RemoteCache) -> dict[str, Any]:
-    return {
-        "url": remote.url,
-        "read_only": remote.read_only,
-        "hits": remote.hits,
-        "uploaded": remote.uploaded,
-        "errors": list(remote.errors),
-    }
+def build_fields(shard: Any, remote: RemoteCache | None) -> dict[str, Any]:
+    """What `build --json` says about the shard it built and the remote cache it used."""
+    out: dict[str, Any] = {"shard": str(shard)} if shard else {}
+    if remote is not None:
+        out["remote"] = {
+            "url": remote.url,
+            "read_only": remote.read_only,
+            "hits": remote.hits,
+            "uploaded": remote.uploaded,
+            "errors": list(remote.errors),
+        }
+    return out
 
 
 def check_required(remote: RemoteCache | None) -> None:

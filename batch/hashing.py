@@ -69,6 +69,11 @@ class FileHasher:
         self.remember(path, digest, name=name, stat=st)
         return digest
 
+    @property
+    def memo(self) -> dict[str, list]:
+        """The memo itself (name -> [inode, size, mtime_ns, digest]), for lookups in bulk; read-only by contract."""
+        return self._memo
+
     def remember(self, path: Path, digest: str, *, name: str | None = None, stat: os.stat_result | None = None) -> None:
         """Note a digest computed elsewhere (the cache hashes each output as it commits it)."""
         st = stat or path.stat()

@@ -8,6 +8,7 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,19 @@ from typing import Any
 from batch.errors import ManifestError, Problem, UsageError
 from batch.hashing import FileHasher, step_key, text_digest
 from batch.locking import Held, lock_folder
-from batch.manifest import Character, Manifest, Script, Video, manifest_identity, project_root, section_defaults, thaw
+from batch.manifest import (
+    Character,
+    Manifest,
+    Script,
+    Video,
+    gc_paused,
+    manifest_identity,
+    project_root,
+    section_defaults,
+    thaw,
+)
 from batch.stages import ORDER, STAGES, keyed_settings, sadtalker_available, weights_identity
-from batch.templates import TemplateError, prompt_template, render
+from batch.templates import TemplateError, prompt_template, render, template_variables
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +169,53 @@ class Planner:
         self.damaged = damaged if damaged is not None else {}  # key -> why its cache entry is not a hit
         self._weights: dict[tuple, dict[str, str]] = {}
         self._prompts: dict[str, tuple[str, Path]] = {}
+        self._files: dict[Path, str] = {}
+        self._settings: dict[str, Mapping[str, Mapping[str, Any]]] = {}
+        self._weights_by_id: dict[tuple[str, int], tuple[Mapping[str, Any], dict[str, str]]] = {}
+        self._video_settings: dict[int, tuple[str, dict[str, Any], Mapping[str, Any]]] = {}
+        self._texts: dict[tuple[str, str, str], str] = {}
+        self._contexts: dict[str, dict[str, Any]] = {}  # a script's template variables (manifest vars, its own)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _weights_for(self, stage: str, settings: Mapping[str, Any]) -> dict[str, str]:
+        # First by the settings object (a character's, shared by its videos; kept here, so its id stays its own),
+        # then by value.
+        found = self._weights_by_id.get((stage, id(settings)))
+        if found is not None and found[0] is settings:
+            return found[1]
         memo = (stage, tuple(sorted((k, str(v)) for k, v in settings.items())))
         if memo not in self._weights:
             self._weights[memo] = weights_identity(stage, settings, self.checkpoints, self.hasher)
+        self._weights_by_id[(stage, id(settings))] = (settings, self._weights[memo])
         return self._weights[memo]
+
+    def _file_id(self, path: Path) -> str:
+        """A user file's digest, looked up once per plan (a portrait shared by a thousand videos)."""
+        if path not in self._files:
+            self._files[path] = self.hasher.digest(path)
+        return self._files[path]
+
+    def _settings_for(self, video: Video) -> Mapping[str, Mapping[str, Any]]:
+        """The video's resolved settings; those of a video without its own overrides are its character's, resolved
+        once."""
+        if video.overrides:
+            return self.manifest.settings(video)
+        if video.character not in self._settings:
+            self._settings[video.character] = self.manifest.settings(video)
+        return self._settings[video.character]
+
+    def _renderer(self, section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The renderer that `video.renderer` picks, and the video settings naming it (once per settings object)."""
+        if (found := self._video_settings.get(id(section))) is not None and found[2] is section:
+            return found[0], found[1]
+        video_settings = dict(section)
+        renderer = video_settings["renderer"]
+        if renderer == "auto":
+            ok = sadtalker_available(self.checkpoints, video_settings["size"], video_settings["preprocess"])
+            renderer = "sadtalker" if ok else "puppet"
+        video_settings["renderer"] = renderer
+        self._video_settings[id(section)] = (renderer, video_settings, section)
+        return renderer, video_settings
 
     def _template(self, name: str) -> tuple[str, Path]:
         if name not in self._prompts:
@@ -212,12 +263,19 @@ class Planner:
         problem for `validate` (`check_empty`); a build fails that video alone, at its voice step."""
         m = self.manifest
         script, character = m.scripts[video.script], m.characters[video.character]
-        context = {**m.vars, **script.vars, "character": _char_ctx(character), "video": {"id": video.id}}
+        # The same text for every video of a character and script, unless the template names the video.
+        memo = (script.id, character.id, video.id if "video" in template_variables(script.text or "") else "")
         field = "text_file" if script.text_file else "text"
-        try:
-            text = render(script.text or "", f"scripts.{script.id}.{field}", context)
-        except TemplateError as exc:
-            raise TemplateError(exc.message, exc.hint, script.text_location or script.location) from exc
+        text = self._texts.get(memo)
+        if text is None:
+            if (names := self._contexts.get(script.id)) is None:
+                names = self._contexts[script.id] = {**m.vars, **script.vars}
+            context = {**names, "character": _char_ctx(character), "video": {"id": video.id}}
+            try:
+                text = render(script.text or "", f"scripts.{script.id}.{field}", context)
+            except TemplateError as exc:
+                raise TemplateError(exc.message, exc.hint, script.text_location or script.location) from exc
+            self._texts[memo] = text
         if not text.strip() and check_empty:
             raise TemplateError(
                 f"scripts.{script.id}.{field}: the text is empty"
@@ -281,7 +339,7 @@ class Planner:
     # -- per video ------------------------------------------------------------------------------------------------
     def steps_for(self, video: Video) -> tuple[str, tuple[Step, ...]]:
         m = self.manifest
-        settings = m.settings(video)
+        settings = self._settings_for(video)
         character = m.characters[video.character]
         script = m.scripts[video.script]
         steps: list[Step] = []
@@ -290,7 +348,7 @@ class Planner:
         # Portrait: a given file, or prompt → image.
         if character.image is not None:
             portrait = StepInput("portrait", path=character.image)
-            portrait_id = self.hasher.digest(character.image)
+            portrait_id = self._file_id(character.image)
         else:
             llm = dict(settings["llm"])
             request = self.prompt_request(character, _template_name(llm), llm["engine"])
@@ -335,7 +393,7 @@ class Planner:
                 "audio",
                 {},
                 (StepInput("audio", path=script.audio),),
-                {"audio": self.hasher.digest(script.audio)},
+                {"audio": self._file_id(script.audio)},
                 label=slabel,
                 target="renderer.voice:run_convert",
             )
@@ -353,12 +411,7 @@ class Planner:
         steps.append(speech)
         audio_in = StepInput("audio", stage=speech.stage, key=speech.key, filename="speech.wav")
 
-        video_settings = dict(settings["video"])
-        renderer = video_settings["renderer"]
-        if renderer == "auto":
-            ok = sadtalker_available(self.checkpoints, video_settings["size"], video_settings["preprocess"])
-            renderer = "sadtalker" if ok else "puppet"
-        video_settings["renderer"] = renderer
+        renderer, video_settings = self._renderer(settings["video"])
         anim_inputs = [portrait, audio_in]
         if speech.stage == "voice":
             anim_inputs.append(StepInput("phonemes", stage="voice", key=speech.key, filename="phonemes.json"))
@@ -394,12 +447,14 @@ class Planner:
         steps.append(mux)
         return renderer, tuple(steps)
 
+    @gc_paused()
     def plan(self, videos: Iterable[Video]) -> Plan:
         state = load_state(state_path(self.build_dir, self.manifest))
         _refuse_other_owner(self.build_dir, self.manifest, "holds the videos of", state)
         previous = state.get("videos", {})
         out: list[VideoPlan] = []
         videos = tuple(videos)
+        out_dir = self.build_dir / self.manifest.name
         for video in videos:
             try:
                 renderer, steps = self.steps_for(video)
@@ -411,8 +466,8 @@ class Planner:
                 self._decide(s, before.get(s.stage) if isinstance(before, dict) else None, s.key in forced)
                 for s in steps
             )
-            output = self.build_dir / self.manifest.name / f"{video.id}.mp4"
-            if output.parent != self.build_dir / self.manifest.name:  # ids are checked at load; never write elsewhere
+            output = out_dir / f"{video.id}.mp4"
+            if output.parent != out_dir:  # ids are checked at load; never write elsewhere
                 raise ValueError(f"video id {video.id!r} would leave the build folder")
             out.append(VideoPlan(video, output, renderer, steps, decisions, self._published(output, steps[-1])))
         self.hasher.save()
@@ -424,12 +479,13 @@ class Planner:
         """Whether `output` holds the final step's file: present, and the size of the cached one (a cheap check; the
         build compares the bytes)."""
         try:
-            if output.is_symlink() or not output.is_file():  # a link where the output goes is replaced by a copy
+            st = os.lstat(output)
+            if not stat.S_ISREG(st.st_mode):  # a link where the output goes is replaced by a copy
                 return False
             if self.cached_output is None or not self.is_cached(final.stage, final.key):
                 return True  # the build makes it anew anyway
             cached = self.cached_output(final.stage, final.key, STAGES[final.stage].outputs[0])
-            return output.stat().st_size == cached.stat().st_size
+            return st.st_size == os.stat(cached).st_size
         except OSError:
             return False
 

@@ -3,6 +3,7 @@ per-video failure policy. How chunks run (this process, stage by stage; or a Ray
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -191,8 +192,15 @@ class Runner:
         self.outcomes: dict[str, StepOutcome] = {}
         self.failed: dict[str, str] = {}  # step key -> error
         self._reasons: dict[str, str] = {}
+        self._steps: dict[str, Step] = {}  # every step of the plan, by key
         self._todo: dict[str, Step] = {}  # not yet handed over, in stage order
         self._done: set[str] = set()  # cached or committed: its outputs can be read
+        # Kept as steps finish, so that each look for work costs what is ready, not what is left (10,000 videos):
+        self._waiting: dict[str, int] = {}  # step key -> upstream steps not finished yet
+        self._downstream: dict[str, list[str]] = defaultdict(list)
+        self._ready: dict[str, dict[str, Step]] = {stage: {} for stage in ORDER}  # to do, every upstream finished
+        self._left: collections.Counter[str] = collections.Counter()  # stage -> steps to do or in flight
+        self._todo_by_target: collections.Counter[str] = collections.Counter()
         self._inflight: dict[int, _InFlight] = {}
         self._chunk_ids = itertools.count()
         self._bars: dict[str, Any] = {}
@@ -237,7 +245,17 @@ class Runner:
             for s in vp.steps:
                 steps.setdefault(s.key, s)
                 self._users[s.key].append(vp)
+        self._steps = steps
         self._todo = {s.key: s for s in sorted(steps.values(), key=lambda s: ORDER.index(s.stage))}
+        for key, step in self._todo.items():
+            upstream = {inp.key for inp in step.inputs if inp.key}
+            self._waiting[key] = len(upstream)
+            for up in upstream:
+                self._downstream[up].append(key)
+            if not upstream:
+                self._ready[step.stage][key] = step
+            self._left[step.stage] += 1
+            self._todo_by_target[step.target] += 1
         self._reasons = {d.key: d.reason for vp in self.plan.videos for d in vp.decisions}
         stopped = False
         try:
@@ -292,31 +310,45 @@ class Runner:
 
     def _stage_now(self) -> str | None:
         """For a stage-major executor: the first stage with steps left (in flight or to do)."""
-        busy = {f.chunk.stage for f in self._inflight.values()} | {s.stage for s in self._todo.values()}
-        return next((stage for stage in ORDER if stage in busy), None)
+        return next((stage for stage in ORDER if self._left[stage]), None)
+
+    def _take(self, step: Step) -> None:
+        """The step leaves the to-do list (handed over, cached, or failed before running)."""
+        if self._todo.pop(step.key, None) is not None:
+            self._ready[step.stage].pop(step.key, None)
+            self._todo_by_target[step.target] -= 1
+
+    def _settle(self, key: str, ok: bool) -> None:
+        """A step is finished (built, cached or failed): its downstream steps whose inputs are all finished become
+        ready (a failed input: ready to inherit the failure)."""
+        if ok:
+            self._done.add(key)
+        self._left[self._steps[key].stage] -= 1
+        for down in self._downstream.get(key, ()):
+            self._waiting[down] -= 1
+            if (self._waiting[down] == 0 or not ok) and down in self._todo:
+                step = self._todo[down]
+                self._ready[step.stage][down] = step
 
     def _submit_ready(self) -> int:
         """Submit the steps whose inputs are committed; returns how many wait for another build's locks."""
         only = None if self.executor.overlap else self._stage_now()
         ready: dict[str, list[Step]] = defaultdict(list)  # by target
-        for key, step in list(self._todo.items()):
-            if only is not None and step.stage != only:
-                continue
-            upstream = [inp.key for inp in step.inputs if inp.key]
-            if failed := next((k for k in upstream if k in self.failed), None):  # it inherits the failure
-                self.failed[key] = self.failed[failed]
-                del self._todo[key]
-                continue
-            if not all(k in self._done for k in upstream):
-                continue
-            rec = None if self._forced(step) else self.cache.record(step.stage, key)
-            if rec is not None:
-                self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
-                self._done.add(key)
-                self._record(StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {})))
-                del self._todo[key]
-                continue
-            ready[step.target].append(step)
+        for stage in ORDER if only is None else (only,):  # in stage order: a hit makes its downstream ready now
+            for key, step in list(self._ready[stage].items()):
+                upstream = [inp.key for inp in step.inputs if inp.key]
+                if failed := next((k for k in upstream if k in self.failed), None):  # it inherits the failure
+                    self.failed[key] = self.failed[failed]
+                    self._take(step)
+                    self._settle(key, ok=False)
+                    continue
+                rec = None if self._forced(step) else self.cache.record(step.stage, key)
+                if rec is not None:
+                    self.cache.seal(step.stage, key)  # a record from before checksums: give it its sha256 now
+                    self._take(step)
+                    self._record(StepOutcome(step.stage, key, True, "unchanged", 0.0, rec.get("info", {})))
+                    continue
+                ready[step.target].append(step)
         if self.remote is not None:
             self._fetch_remote(ready)
         deferred = 0
@@ -329,17 +361,15 @@ class Runner:
             for chunk in chunks:
                 if not self._submit(chunk):
                     deferred += len(chunk)
-        if only is not None and not any(f.chunk.stage == only for f in self._inflight.values()):
-            if not any(s.stage == only for s in self._todo.values()):
-                self._stage_finished(only)
-                if deferred == 0 and self._todo:
-                    return self._submit_ready()
+        if only is not None and not self._left[only]:
+            self._stage_finished(only)
+            if deferred == 0 and self._todo:
+                return self._submit_ready()
         return deferred
 
     def _more_coming(self, target: str, ready: list[Step]) -> bool:
         """Whether steps of `target` wait for their inputs (to fill a GPU batch with, on an overlapping executor)."""
-        keys = {s.key for s in ready}
-        return any(s.target == target and s.key not in keys for s in self._todo.values())
+        return self._todo_by_target[target] > len(ready)
 
     def _fetch_remote(self, ready: dict[str, list[Step]]) -> None:
         """Download the ready steps that the remote cache has (in parallel); they are done, like local hits."""
@@ -360,8 +390,7 @@ class Runner:
                 del ready[target]
 
     def _remote_hit(self, s: Step, rec: dict[str, Any]) -> None:
-        self._done.add(s.key)
-        self._todo.pop(s.key, None)
+        self._take(s)
         self._bar(s.stage).update(1)
         self._record(StepOutcome(s.stage, s.key, True, "from the remote cache", 0.0, rec.get("info", {})))
 
@@ -395,12 +424,11 @@ class Runner:
             return False
         misses = []
         for s in steps:
-            del self._todo[s.key]
+            self._take(s)
             if not self._forced(s):
                 self.cache.forget(s.key)
                 rec = self.cache.record(stage, s.key)
                 if rec is not None:  # another run built it while we waited for the lock
-                    self._done.add(s.key)
                     self._bar(stage).update(1)
                     self._record(StepOutcome(stage, s.key, True, "built by another run", 0.0, rec.get("info", {})))
                     continue
@@ -524,7 +552,6 @@ class Runner:
             self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, msg, **placed))
             self._stop = self._stop or self.fail_fast
             return
-        self._done.add(s.key)
         self._bar(s.stage).update(1)
         self._record(StepOutcome(s.stage, s.key, False, reason, seconds, info, **placed))
         if self.remote is not None:
@@ -577,8 +604,7 @@ class Runner:
             self._bars.pop(stage).close()
 
     def _close_finished_bars(self) -> None:
-        busy = {f.chunk.stage for f in self._inflight.values()} | {s.stage for s in self._todo.values()}
-        for stage in [s for s in self._bars if s not in busy]:
+        for stage in [s for s in self._bars if not self._left[s]]:
             self._bars.pop(stage).close()
 
     def _keep_artifact(self, stage: str, key: str, tmp: Path, artifact: Any) -> str | None:
@@ -595,6 +621,9 @@ class Runner:
     def _record(self, outcome: StepOutcome) -> None:
         """Note a step's outcome. A video whose final step is done is published now, not at the end of the run (a
         CI log sees it complete, a kill keeps it), and one whose step failed is reported failed now."""
+        if outcome.key not in self.outcomes:
+            self.outcomes[outcome.key] = outcome
+            self._settle(outcome.key, outcome.error is None)
         self.outcomes[outcome.key] = outcome
         for vp in self._users.get(outcome.key, ()):
             if vp.video.id in self._results or (outcome.error is None and outcome.key != vp.steps[-1].key):

@@ -171,7 +171,9 @@ def weights_identity(stage: str, settings: Mapping[str, Any], checkpoints: Path,
     if stage == "animate":
         if settings["renderer"] == "sadtalker":
             return {**files(sadtalker_files(settings["size"], settings["preprocess"])), **_dlib()}
-        return _dlib()
+        from renderer.puppet.pipeline import VERSION as PUPPET_VERSION  # light: numpy, no torch
+
+        return {**_dlib(), "puppet": f"v{PUPPET_VERSION}"}
     if stage == "enhance":
         return files(gfpgan_files()) if settings["enhancer"] == "gfpgan" else {}
     return {}

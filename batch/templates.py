@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.lexer
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from batch.errors import DHBatchError
@@ -238,6 +239,16 @@ def compile_template(source: str, name: str) -> jinja2.Template:
         return environment().from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{name}: line {exc.lineno}: template syntax error: {exc.message}") from exc
+
+
+@functools.lru_cache(maxsize=4096)
+def template_variables(source: str) -> frozenset[str]:
+    """The top-level names a template reads (planning renders a text once for all the videos it does not tell
+    apart); every name for a template that does not parse (the render reports it)."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(environment().parse(source)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset({"video", "character"})
 
 
 def render(source: str, name: str, context: Mapping[str, Any], hint: str = "define it under `vars:`") -> str:

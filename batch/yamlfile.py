@@ -113,6 +113,8 @@ def load_yaml(path: Path, display: str) -> Located:
 
 def _check_size(root: yaml.Node, display: str) -> None:
     """Refuse documents whose aliases expand beyond MAX_NODES values (alias bombs)."""
+    if _plain_size(root) <= MAX_NODES:  # no node reached twice: no alias, and small enough
+        return
     sizes: dict[int, int] = {}
     open_: set[int] = set()  # nodes whose children are being sized: meeting one again is a cycle
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -137,6 +139,26 @@ def _check_size(root: yaml.Node, display: str) -> None:
                 f"the document expands to more than {MAX_NODES} values through aliases; remove the repeated anchors",
             )
         sizes[id(node)] = total
+
+
+def _plain_size(root: yaml.Node) -> int:
+    """The number of nodes of a document without aliases (one pass, a third of `_check_size`'s work on a large
+    manifest), or MAX_NODES + 1 as soon as a node is reached twice (an alias: `_check_size` sizes what it expands
+    to)."""
+    seen: set[int] = set()
+    stack = [root]
+    mapping, sequence = yaml.MappingNode, yaml.SequenceNode
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            return MAX_NODES + 1
+        seen.add(id(node))
+        if isinstance(node, mapping):
+            for key, value in node.value:
+                stack += (key, value)
+        elif isinstance(node, sequence):
+            stack += node.value
+    return len(seen)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

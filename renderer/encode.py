@@ -138,7 +138,29 @@ class VideoWriter:
             raise ValueError(f"frame shape must be {(self.height, self.width, 3)} (HxWx3 RGB), got {frame.shape}")
         import av
 
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"))
+
+    def write_i420(self, planes: np.ndarray) -> None:
+        """Encode one frame already converted to YUV 4:2:0 (BT.601, limited range): the Y plane over the U and V
+        planes, (H * 3 / 2) x W uint8, as OpenCV's `COLOR_RGB2YUV_I420` gives it (7x faster than FFmpeg's own
+        conversion from RGB; Y is the same within one level)."""
+        if self._closed:
+            raise ValueError(f"VideoWriter for {self.path} is already closed")
+        if (
+            not isinstance(planes, np.ndarray)
+            or planes.dtype != np.uint8
+            or planes.shape
+            != (
+                self.height * 3 // 2,
+                self.width,
+            )
+        ):
+            raise ValueError(f"I420 planes must be uint8 of shape {(self.height * 3 // 2, self.width)}")
+        import av
+
+        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(planes), format="yuv420p"))
+
+    def _encode(self, video_frame: object) -> None:
         video_frame.pts = self.frames_written
         # A fixed time base: the stream's own one changes to the muxer's (1/12800) once the header is written.
         video_frame.time_base = Fraction(1, self.fps)

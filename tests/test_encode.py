@@ -83,6 +83,19 @@ def test_video_writer_frames_decode_back_close_to_input(tmp_path: Path) -> None:
     assert psnr(decoded[5], pattern(5)) > psnr(decoded[5], pattern(8)) + 5
 
 
+def test_video_writer_i420_planes_decode_like_rgb_frames(tmp_path: Path) -> None:
+    """Frames converted to YUV by OpenCV (the puppet's path) decode back as close to the input as RGB frames."""
+    cv2 = pytest.importorskip("cv2")
+    frames = [pattern(i) for i in range(6)]
+    with VideoWriter(tmp_path / "i420.mp4", frames[0].shape[1], frames[0].shape[0]) as writer:
+        for frame in frames:
+            writer.write_i420(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420))
+        with pytest.raises(ValueError, match="I420"):
+            writer.write_i420(np.zeros((3, 3), np.uint8))
+    decoded = list(read_frames(tmp_path / "i420.mp4"))
+    assert len(decoded) == 6 and min(psnr(d, f) for d, f in zip(decoded, frames, strict=True)) > 30
+
+
 def test_video_writer_removes_partial_file_on_exception(tmp_path: Path) -> None:
     path = tmp_path / "video.mp4"
     with pytest.raises(RuntimeError, match="animator failed"):

@@ -208,6 +208,15 @@ def test_plan_voice_model_defaults_to_the_engines_bundled_voice(built: Path) -> 
     assert {s["voice"] for s in stale_steps(p).values() if "voice" in s} == {"voice.engine piper → hibari"}
 
 
+def test_plan_puppet_version_is_part_of_its_animate_keys(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The puppet draws differently from one version to the next: its animate steps rebuild, nothing else."""
+    from renderer.puppet import pipeline
+
+    monkeypatch.setattr(pipeline, "VERSION", pipeline.VERSION + 1)
+    p, _ = plan(built)
+    assert {stage for steps in stale_steps(p).values() for stage in steps} == {"animate", "mux"}
+
+
 def test_plan_auto_renderer_follows_checkpoints_and_explains_the_switch(built: Path) -> None:
     from batch.stages import sadtalker_files
 

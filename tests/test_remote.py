@@ -4,10 +4,16 @@ the project config, push/pull and gc."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
+
+from batch.jsonout import schema
 from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
 
@@ -38,6 +44,7 @@ def test_remote_fresh_folder_downloads_every_step_and_publishes(tmp_path: Path) 
 
     fresh = build(project, tmp_path / "ci2", "--remote", url, "--json", log=tmp_path / "log2")
     data = json.loads(fresh.stdout)
+    jsonschema.Draft202012Validator(schema("build")).validate(data)  # the remote's fields as documented
     assert fresh.returncode == 0 and built(tmp_path / "log2") == []  # nothing ran
     assert data["summary"]["cached"] == 5 and data["remote"]["hits"] == 15 and data["remote"]["uploaded"] == 0
     assert {s["reason"] for v in data["videos"] for s in v["steps"]} == {"from the remote cache"}
@@ -154,3 +161,26 @@ def test_remote_gc_shows_then_prunes_unreachable_and_old_entries(tmp_path: Path)
     assert "15 remote entries" in old.stdout and remote_records(remote) == {}
     fresh = build(project, tmp_path / "ci2", "--remote", url, log=tmp_path / "log")
     assert fresh.returncode == 0 and len(built(tmp_path / "log")) == 15
+
+
+def test_remote_two_jobs_building_the_same_steps_both_succeed(tmp_path: Path) -> None:
+    """Two CI jobs in their own folders build the same steps at the same time: both succeed and the remote keeps
+    one sound entry per step (a record whose blobs are all there, with their recorded sha256)."""
+    project = write_project(tmp_path / "p")
+    remote = tmp_path / "remote"
+    cmd = [sys.executable, str(Path(__file__).with_name("_fake_cli.py")), "build", str(project), "--device", "cpu"]
+    env = {**os.environ, "FAKE_DELAY": "0.05"}
+    jobs = [
+        subprocess.Popen([*cmd, "--build-dir", str(tmp_path / f"ci{i}"), "--remote", f"file://{remote}", "-q"], env=env)
+        for i in (1, 2)
+    ]
+    assert [job.wait(timeout=120) for job in jobs] == [0, 0]
+    records = remote_records(remote)
+    assert len(records) == 15
+    for rec in records.values():
+        for name, digest in rec["sha256"].items():
+            blob = remote / "v1" / "blobs" / digest[:2] / digest
+            assert (
+                hashlib.sha256(blob.read_bytes()).hexdigest() == digest and blob.stat().st_size == rec["outputs"][name]
+            )
+    assert not list(remote.rglob("*.tmp"))  # no temporary object left behind

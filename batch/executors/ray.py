@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import heapq
 import logging
 import os
 import shutil
@@ -35,8 +36,10 @@ from batch.stages import ORDER
 
 logger = logging.getLogger(__name__)
 
-#: Chunks handed to one actor at a time: one running and one waiting, so it never idles between two.
-PER_ACTOR = 2
+#: Chunks handed to one actor at a time: a GPU actor gets one running and one waiting, so the GPU never idles while
+#: the next chunk's inputs move; a CPU actor one, so that at the end of a build no chunk waits behind another on a
+#: busy actor while a free one idles (a chunk once handed to an actor stays there).
+PER_ACTOR = {True: 2, False: 1}
 #: Tries per chunk when its actors keep dying (a chunk that kills its worker is not retried forever).
 ATTEMPTS = 3
 #: Times Ray restarts a lost actor (a restart reloads its models).
@@ -222,7 +225,8 @@ class RayExecutor:
         self._own: bool | None = None  # None: not connected yet (a build with nothing to run never connects)
         self._counts: dict[bool, int] = {}
         self._actors: dict[bool, list[_Actor]] = {}
-        self._queue: dict[bool, collections.deque[Chunk]] = {True: collections.deque(), False: collections.deque()}
+        #: Chunks not handed to an actor yet, per kind: a heap of (rank, chunk) (`_enqueue`).
+        self._queue: dict[bool, list[tuple[tuple[bool, int, int], Chunk]]] = {True: [], False: []}
         self._tasks: dict[Any, _Task] = {}  # object ref -> what it runs
         self._attempts: dict[int, int] = collections.Counter()
         self._lost_on: dict[int, set[str]] = collections.defaultdict(set)
@@ -265,18 +269,17 @@ class RayExecutor:
     def _enqueue(self, chunk: Chunk) -> None:
         """Later stages first (a video whose voice is done renders before the next video's voice starts, so videos
         finish early and stages overlap), then in the order submitted; a chunk back from a lost worker first."""
-        queue = self._queue[self._kind(chunk.gpu)]
         rank = (not self._attempts[chunk.id], -ORDER.index(chunk.stage), chunk.id)
-        at = next(
-            (i for i, c in enumerate(queue) if (not self._attempts[c.id], -ORDER.index(c.stage), c.id) > rank), None
-        )
-        queue.insert(len(queue) if at is None else at, chunk)
+        heapq.heappush(self._queue[self._kind(chunk.gpu)], (rank, chunk))
 
     def wait(self) -> list[ChunkResult]:
         import ray
 
-        out, self._ready = self._ready, []  # chunks that failed without running (no worker left)
-        while not out and self._tasks:
+        out: list[ChunkResult] = []
+        while not out and (self._tasks or self._ready):
+            out, self._ready = self._ready, []  # chunks that failed without running (no worker left)
+            if out or not self._tasks:
+                break
             done, _ = ray.wait(list(self._tasks), num_returns=1, timeout=1.0)  # a timeout: Ctrl-C gets through
             if not done:
                 continue
@@ -386,13 +389,13 @@ class RayExecutor:
                 if not actors:
                     self._fail_all(queue, "no worker of this kind is left on the cluster (every one died)")
                     break
-                chunk = queue[0]
-                free = [a for a in actors if a.running < PER_ACTOR]
+                chunk = queue[0][1]
+                free = [a for a in actors if a.running < PER_ACTOR[a.gpu]]
                 fresh = [a for a in free if a.name not in self._lost_on[chunk.id]]
                 if not free or (not fresh and len(self._lost_on[chunk.id]) < len(actors)):
                     break
                 actor = min(fresh or free, key=lambda a: (a.running, a.chunks))
-                queue.popleft()
+                heapq.heappop(queue)
                 self._send(chunk, actor)
 
     def _send(self, chunk: Chunk, actor: _Actor) -> None:
@@ -452,11 +455,11 @@ class RayExecutor:
         self._enqueue(chunk)
         return None
 
-    def _fail_all(self, queue: collections.deque[Chunk], why: str) -> None:
+    def _fail_all(self, queue: list[tuple[tuple[bool, int, int], Chunk]], why: str) -> None:
         from renderer.base import BackendError
 
         while queue:
-            chunk = queue.popleft()
+            _, chunk = heapq.heappop(queue)
             error = BackendError(f"{chunk.stage}: {why}", "check the cluster (`ray status`) and run again")
             self._ready.append(ChunkResult(chunk, [error] * len(chunk.jobs), 0.0, 0.0, "none"))
 

@@ -164,6 +164,7 @@ def animate(
     label: str = "",
 ) -> dict:
     """Animate one portrait to one speech WAV: writes video.mp4 and track.json in out_dir, returns report info."""
+    import cv2
     from tqdm import tqdm
 
     from renderer.encode import VideoWriter
@@ -207,7 +208,7 @@ def animate(
             )
             square, points = rig.render(pose)
             gap[i] = points[66, 1] - points[62, 1]
-            writer.write(compose(square) if compose else square)
+            writer.write_i420(cv2.cvtColor(compose(square) if compose else square, cv2.COLOR_RGB2YUV_I420))
             progress.update()
         written = writer.frames_written
 

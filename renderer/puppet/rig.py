@@ -73,6 +73,8 @@ _LIP_STRIDE = 2
 _LID_SKIN = 0.3
 #: Below this closure nothing is drawn (the eye at rest is the portrait's own).
 _BLINK_MIN = 0.03
+#: The bottom of the strip (the lid margin and lashes) that keeps its height as the lid slides down.
+_LID_MARGIN = 0.35
 
 
 @dataclasses.dataclass
@@ -559,7 +561,7 @@ class FaceRig:
             left, right = points[upper[0], 0], points[upper[-1], 0]
             span = max(right - left, 1.0)
             skin = _LID_SKIN * span + 1.0
-            margin = 0.35 * skin
+            margin = _LID_MARGIN * skin
             x0, x1, _, y1 = self._box(np.concatenate([points[upper], points[lower]]), 1.0)
             y0 = max(int(math.floor(points[upper, 1].min() - skin - 2)), 0)
             y1 = min(y1 + int(skin), self.height - 1)
@@ -594,9 +596,9 @@ class FaceRig:
             smooth = uniform_filter1d(lid, size=max(3, int(span / 10)), axis=1)
             stretched = np.clip((ys - start) / np.maximum(edge - margin - start, 1.0), 0, 1) * (ys < edge - margin)
             blend = (np.clip((stretch - 1.0) / 2.0, 0, 0.75)[None, :] * stretched)[..., None]
-            # Toward the skin's colour, keeping a third of the strip's own light and grain.
+            # Toward the skin's colour, keeping a third of the strip's own light and grain (smoothed across).
             grain = smooth.mean(axis=2, keepdims=True) / (colour.mean(axis=1)[None, :, None] + 1.0)
-            lid = smooth + (colour[None, :, :] * (0.65 + 0.35 * grain) - smooth) * blend
+            lid += (colour[None, :, :] * (0.65 + 0.35 * grain) - lid) * blend
             # Shade: the lid curves away from the light toward its edge.
             depth = np.clip((ys - top) / np.maximum(edge - top, 1.0), 0, 1)
             lid *= (1.0 - 0.1 * depth * closure)[..., None]
