@@ -320,15 +320,16 @@ class Runner:
 
     def _settle(self, key: str, ok: bool) -> None:
         """A step is finished (built, cached or failed): its downstream steps whose inputs are all finished become
-        ready (a failed input: ready to inherit the failure)."""
-        if ok:
-            self._done.add(key)
-        self._left[self._steps[key].stage] -= 1
-        for down in self._downstream.get(key, ()):
-            self._waiting[down] -= 1
-            if (self._waiting[down] == 0 or not ok) and down in self._todo:
-                step = self._todo[down]
-                self._ready[step.stage][down] = step
+        ready (a failed input: ready to inherit the failure). Also called on a stage's thread (`_commit_one`)."""
+        with self._commit_lock:
+            if ok:
+                self._done.add(key)
+            self._left[self._steps[key].stage] -= 1
+            for down in self._downstream.get(key, ()):
+                self._waiting[down] -= 1
+                if (self._waiting[down] == 0 or not ok) and down in self._todo:
+                    step = self._todo[down]
+                    self._ready[step.stage][down] = step
 
     def _submit_ready(self) -> int:
         """Submit the steps whose inputs are committed; returns how many wait for another build's locks."""

@@ -301,3 +301,25 @@ def test_cluster_unreachable_address_is_a_usage_error(tmp_path: Path, via_env: b
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr and time.time() - t0 < 30
     assert not list((tmp_path / "build" / "cache").rglob("step.json"))
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="starts its own Ray in a subprocess: RUN_SLOW=1")
+def test_cluster_cli_killed_with_sigterm_exits_143_and_resumes(tmp_path: Path) -> None:
+    """`build --cluster ray` sent SIGTERM mid-build (ray.init replaces the handler; the CLI's is put back): it stops
+    as Ctrl-C does, exit 143 with the CLI's message and no temporary folder left, and the same command finishes."""
+    cmd = [sys.executable, "-m", "batch.cli", "build", str(REPO / "manifests" / "demo.yaml"), "--device", "cpu"]
+    cmd += ["--build-dir", str(tmp_path), "--cluster", "ray"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:  # progress lines: the first steps are handed to the workers
+        lines.append(line)
+        if "steps to run" in line:
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, "".join(lines) + rest
+    assert "interrupted: nothing partial was kept" in rest and "SIGTERM received" not in rest
+    assert not any((tmp_path / "cache" / "tmp").iterdir())
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "5/5 videos ready" in again.stdout

@@ -21,8 +21,10 @@ import heapq
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -68,6 +70,10 @@ def connect(address: str) -> bool:
         _check_reachable(_auto_address() if address == "auto" else address)
     quiet = not logger.isEnabledFor(logging.INFO)
     options: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+    # ray.init makes SIGTERM a bare sys.exit (and its core logs a crash report): the caller's handler (the CLI's,
+    # which stops the build as Ctrl-C does and exits 143) is put back.
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address == "ray":
             ray.init(address="local", include_dashboard=False, **options)  # a new one, whatever RAY_ADDRESS says
@@ -78,6 +84,9 @@ def connect(address: str) -> bool:
             f"cannot join the Ray cluster {address!r}: {exc}",
             "start one (`ray start --head`), check the address, or use `--cluster ray` for a local one",
         ) from exc
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return False
 
 
