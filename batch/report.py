@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,19 @@ def write_report(plan: Plan, result: RunResult, shard: Shard | None = None, reti
 def _write_report(out_dir: Path, name: str, data: dict[str, Any]) -> Path:
     """`name` (report.json or a shard's) and the HTML page beside it, with a thumbnail of each published video."""
     write_atomic(out_dir / name, json.dumps(data, indent=2, sort_keys=True).encode())
-    thumbs = {}
+    wanted = {}
     for v in data["videos"]:
         # The published file, for this run's videos and the earlier ones alike (never a path from the old report).
         output = out_dir / f"{v['id']}.mp4"
         kept = out_dir / LAST_GOOD / f"{v['id']}.mp4"
-        thumb = None
         if v.get("output") and output.is_file():
-            thumb = _thumbnail(output, out_dir / "thumbs" / f"{v['id']}.png")
+            wanted[v["id"]] = (output, out_dir / "thumbs" / f"{v['id']}.png")
         elif v.get("last_good") and kept.is_file():
-            thumb = _thumbnail(kept, kept.with_suffix(".png"))
-        if thumb is not None:
-            thumbs[v["id"]] = thumb.relative_to(out_dir).as_posix()
+            wanted[v["id"]] = (kept, kept.with_suffix(".png"))
+    # Decoding and PNG encoding leave the GIL: a fresh folder's eighty thumbnails take half the time on two cores.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="dhbatch-thumb") as pool:
+        made = dict(zip(wanted, pool.map(lambda pair: _thumbnail(*pair), wanted.values()), strict=True))
+    thumbs = {vid: thumb.relative_to(out_dir).as_posix() for vid, thumb in made.items() if thumb is not None}
     html_path = out_dir / name.removesuffix(".json")
     write_atomic(html_path.with_name(html_path.name + ".html"), render_html(data, thumbs, out_dir).encode("utf-8"))
     return out_dir / name
