@@ -37,6 +37,8 @@ def use_fake_stages() -> None:
     def fake_init(self: batch.run.Runner, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("stages", registry)
         init(self, *args, **kwargs)
+        if started := os.environ.get("FAKE_STARTED"):  # the command has planned and is about to build
+            Path(started).touch()
 
     batch.run.Runner.__init__ = fake_init  # type: ignore[method-assign]
     if pause := os.environ.get("FAKE_UPLOAD_PAUSE"):

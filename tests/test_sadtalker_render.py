@@ -1443,8 +1443,16 @@ def test_pipeline_renders_batched_videos_on_fill_weights(
     ]
     pool = ModelPool()
     monkeypatch.setattr(pipeline, "_lookahead", lambda plans: 2)
-    results = pipeline.run(jobs, pool)
+    told = []  # (index, result, whether b's file was there yet): each video is told as soon as its file is closed
 
+    def done(index: int, result: object) -> None:
+        told.append((index, result, (jobs[1].out_dir / "video.mp4").is_file()))
+
+    results = pipeline.run(jobs, pool, done=done)
+
+    assert sorted(i for i, _, _ in told) == [0, 1, 2]  # the rendered ones (the others fail before rendering)
+    assert all(result == results[i] for i, result, _ in told)
+    assert next(b_there for i, _, b_there in told if i == 0) is False  # a told while b, in its batches, rendered on
     assert len(results) == 5
     a, b, full, noface, nosound = results
     assert isinstance(noface, BadInputError) and "no face" in noface.message and "videos.noface" in noface.message

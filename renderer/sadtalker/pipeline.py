@@ -233,6 +233,8 @@ class _Video:
     #: What this run did differently from the settings (a batch split for memory, compiling that failed): shown
     #: for the run that rendered the video, not kept with the cached result (`info["run_notes"]`).
     run_notes: list[str] = dataclasses.field(default_factory=list)
+    #: Told (on the encoding thread) as soon as the video's last frame is written and its file closed.
+    finished: Callable[[_Video], None] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -243,8 +245,8 @@ def run(
     jobs: Sequence[StepJob], pool: ModelPool, done: Callable[[int, Any], None] | None = None
 ) -> list[dict | RenderError]:
     """Stage entry (renderer/base.py contract): one info dict or RenderError per job, in order. `done`: told of each
-    group's videos as the group finishes (its videos share forward batches, so they end together; the runner
-    commits them at once)."""
+    video as soon as its file is closed (its batch-mates render on), and of those that failed while rendering when
+    their group ends: the runner commits each at once."""
     failed: dict[int, RenderError] = {}
     groups: dict[tuple[Any, ...], list[_Plan]] = {}
     for index, job in enumerate(jobs):
@@ -261,10 +263,11 @@ def run(
     preparer = _Preparer(plans, pool, ahead, PREPARE_BATCH)
     try:
         for group in groups.values():
-            finished = _render_group(group, preparer, pool)
-            videos += finished
-            for video in finished if done is not None else ():
-                done(video.plan.index, _labelled(video.error, video.plan.job) if video.error else _info(video))
+            rendered = _render_group(group, preparer, pool, done)
+            videos += rendered
+            for video in rendered if done is not None else ():  # told already if it succeeded
+                if video.error is not None:
+                    done(video.plan.index, _labelled(video.error, video.plan.job))
     finally:
         preparer.close()
     failed.update(preparer.failed)
@@ -515,7 +518,9 @@ def _pooled(pool: ModelPool, ckpt: CheckpointSet, network: str, device: str, bui
 # Step 4–5: batched rendering, streamed to the encoders
 
 
-def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> list[_Video]:
+def _render_group(
+    plans: list[_Plan], preparer: _Preparer, pool: ModelPool, done: Callable[[int, Any], None] | None = None
+) -> list[_Video]:
     """Render every frame of the group's videos in shared forward batches, streaming each frame out.
 
     The videos come from `preparer` in the order of `plans` (all of one group); the prepared ones are returned,
@@ -565,7 +570,8 @@ def _render_group(plans: list[_Plan], preparer: _Preparer, pool: ModelPool) -> l
     started = time.perf_counter()
     try:
         with torch.inference_mode(), _autocast(device, dtype):
-            for video, frame in _frames(len(plans), preparer, renderer, videos):
+            finished = None if done is None else lambda video: done(video.plan.index, _info(video))
+            for video, frame in _frames(len(plans), preparer, renderer, videos, finished):
                 batch.append((video, frame))
                 if len(batch) == batch_size:
                     in_flight = _hand_on(in_flight, _launch(renderer, batch, graphs), emitter)
@@ -808,14 +814,19 @@ class _Emitter:
 
 
 def _frames(
-    count: int, preparer: _Preparer, renderer: FaceRenderer, videos: list[_Video]
+    count: int,
+    preparer: _Preparer,
+    renderer: FaceRenderer,
+    videos: list[_Video],
+    finished: Callable[[_Video], None] | None = None,
 ) -> Iterator[tuple[_Video, int]]:
-    """(video, frame index) in render order for the preparer's next `count` videos, each appended to `videos`; a
-    video's per-video state is made just before its first frame."""
+    """(video, frame index) in render order for the preparer's next `count` videos, each appended to `videos` (and
+    given `finished`); a video's per-video state is made just before its first frame."""
     for _ in range(count):
         video = preparer.next()
         if video is None:
             continue
+        video.finished = finished
         videos.append(video)
         try:
             _start(video, renderer)
@@ -1090,6 +1101,8 @@ def _emit(video: _Video, frame: np.ndarray) -> None:
     video.written += 1
     if video.written == video.num_frames:
         _finish(video)
+        if video.error is None and video.finished is not None:
+            video.finished(video)
 
 
 def _finish(video: _Video) -> None:
