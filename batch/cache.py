@@ -99,7 +99,7 @@ class Cache:
         return dest
 
     def output(self, stage: str, key: str, name: str) -> Path:
-        return self.entry(stage, key) / name
+        return Path(f"{self.steps}/{stage}/{key[:2]}/{key}/{name}")
 
     def record(self, stage: str, key: str) -> dict[str, Any] | None:
         """The step's record if the entry is complete and sound, else None (corrupt or damaged entries warn)."""
@@ -186,22 +186,23 @@ class Cache:
         return rec is not None
 
     def _unchanged(self, stage: str, key: str) -> bool:
-        folder = f"steps/{stage}/{key[:2]}/{key}"
+        folder = f"steps/{stage}/{key[:2]}/{key}/"
         memo = self.hasher.memo
-        sound = memo.get(f"{folder}/{RECORD}")
-        if sound is None or not isinstance(sound[3], str) or not sound[3].startswith(_SOUND):
-            return False
+        sound = memo.get(folder + RECORD)
         try:
-            st = os.stat(f"{self.root}/{folder}/{RECORD}")
-            if sound[:3] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+            if sound is None or not sound[3].startswith(_SOUND):
+                return False
+            root = f"{self.root}/{folder}"
+            st = os.stat(root + RECORD)
+            if sound[0] != st.st_ino or sound[1] != st.st_size or sound[2] != st.st_mtime_ns:
                 return False
             for part in sound[3][len(_SOUND) :].split(";"):
                 name, _, digest = part.partition("=")
-                seen = memo.get(f"{folder}/{name}")
-                st = os.stat(f"{self.root}/{folder}/{name}")
-                if seen is None or seen[:3] != [st.st_ino, st.st_size, st.st_mtime_ns] or seen[3] != digest:
+                seen = memo.get(folder + name)
+                st = os.stat(root + name)
+                if seen is None or seen[3] != digest or seen[:3] != [st.st_ino, st.st_size, st.st_mtime_ns]:
                     return False
-        except (OSError, TypeError, ValueError):
+        except (OSError, TypeError, ValueError, AttributeError, IndexError):
             return False
         return True
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -435,7 +436,9 @@ def _left_out(plan: Plan, cache: Cache, checkpoints: Path) -> tuple[VideoPlan, .
     """The plans of the videos that a `--only` or `--shard` build left out, so that their MP4s are retired too when
     they changed since they were built; none when they cannot be planned (a warning says why)."""
     chosen = {v.video.id for v in plan.videos}
-    rest = [v for v in plan.manifest.videos if v.id not in chosen]
+    out_dir = plan.build_dir / plan.manifest.name
+    # Only those with an MP4 here (nothing to retire otherwise): a shard's fresh CI folder plans no other shard's.
+    rest = [v for v in plan.manifest.videos if v.id not in chosen and os.path.lexists(out_dir / f"{v.id}.mp4")]
     if not rest:
         return ()
     try:

@@ -317,7 +317,7 @@ class RemoteCache:
             for name, size in rec["outputs"].items():
                 blob = self.blob_path(sums[name])
                 if not (self.fs.exists(blob) and self.fs.size(blob) == size):
-                    self._put(str(cache.output(stage, key, name)), blob)
+                    self._put(blob, local=str(cache.output(stage, key, name)))
             remote_rec = {**rec, "uploaded": time.time()}
             self._put_record(record_path, canonical_json(remote_rec).encode("utf-8"))
             with self._lock:
@@ -327,15 +327,23 @@ class RemoteCache:
             self._warn(f"cannot upload {stage} {key[:12]} ({exc.__class__.__name__}: {exc})")
             return False
 
-    def _put(self, local: str, path: str) -> None:
-        """An object appears whole or not at all: S3 PUTs are atomic; a file system gets a temporary name first."""
+    def _put(self, path: str, *, local: str | None = None, data: bytes | None = None) -> None:
+        """Write an object from a local file or from bytes, whole or not at all: S3 PUTs are atomic; on a file system
+        it is written under a temporary name, then renamed."""
+
+        def write(target: str) -> None:
+            if local is not None:
+                self.fs.put_file(local, target)
+            else:
+                self.fs.pipe_file(target, data)
+
         if not self._local:
-            self.fs.put_file(local, path)
+            write(path)
             return
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
-            self.fs.put_file(local, tmp)
+            write(tmp)
             self.fs.mv(tmp, path)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -344,18 +352,7 @@ class RemoteCache:
 
     def _put_record(self, path: str, data: bytes) -> None:
         """The record goes last: once it is there, every blob it names is complete."""
-        if not self._local:
-            self.fs.pipe_file(path, data)
-            return
-        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.rm_file(tmp)
-            raise
+        self._put(path, data=data)
 
     # -- listing and pruning ----------------------------------------------------------------------------------------
     def records(self) -> dict[str, tuple[str, str, dict[str, Any] | None]]:

@@ -268,14 +268,9 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
             return dest
         from PIL import Image
 
-        from renderer.encode import probe, read_frames
+        from renderer.encode import middle_frame
 
-        middle = max(0, probe(video).frames // 2)
-        frame = None
-        for i, f in enumerate(read_frames(video)):
-            frame = f
-            if i >= middle:
-                break
+        frame = middle_frame(video)
         if frame is None:
             return None
         img = Image.fromarray(frame)
@@ -283,7 +278,7 @@ def _thumbnail(video: Path, dest: Path) -> Path | None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_sibling(dest)  # runs may overlap; a killed run's is swept by the next (sweep_stale_tmp)
         try:
-            img.save(tmp, format="PNG")
+            img.save(tmp, format="PNG", compress_level=1)  # a fast zlib level: a small image, written per build
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -309,6 +309,21 @@ def read_frames(path: Path) -> Iterator[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
+def middle_frame(path: Path) -> np.ndarray | None:
+    """The frame in the middle of a video as an HxWx3 uint8 RGB array (None for a video without frames): one pass
+    of the decoder up to it, converting only that frame (a report's thumbnail)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        middle = max(0, (stream.frames or 0) // 2)
+        frame = None
+        for i, frame in enumerate(container.decode(stream)):  # noqa: B007 - the last one decoded is kept
+            if i >= middle:
+                break
+        return None if frame is None else frame.to_ndarray(format="rgb24")
+
+
 def _duration(stream: object, container: object) -> float | None:
     duration = getattr(stream, "duration", None)
     time_base = getattr(stream, "time_base", None)

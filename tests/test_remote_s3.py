@@ -114,3 +114,13 @@ def test_remote_s3_job_killed_mid_upload_leaves_no_false_hit(tmp_path: Path, s3_
     out = build(project, tmp_path / "ci2", s3_env, "--remote", url, log=tmp_path / "log")
     assert out.returncode == 0 and "0 steps downloaded, 15 uploaded" in out.stdout
     assert len(built(tmp_path / "log")) == 15
+
+
+def test_remote_s3_missing_bucket_is_a_clear_warning_or_error(tmp_path: Path, s3_env: dict) -> None:
+    project = write_project(tmp_path / "p")
+    url = "s3://no-such-bucket/cache"
+    out = build(project, tmp_path / "ci1", s3_env, "--remote", url, log=tmp_path / "log")
+    assert out.returncode == 0 and len(built(tmp_path / "log")) == 15
+    assert f"remote cache {url}: not found" in out.stderr and "does not exist" in out.stderr
+    required = build(project, tmp_path / "ci2", s3_env, "--remote", url, "--remote-required", log=tmp_path / "log2")
+    assert required.returncode == 3 and "Traceback" not in required.stderr and "does not exist" in required.stderr
