@@ -113,6 +113,33 @@ def file_server(
         thread.join(timeout=5)
 
 
+@contextmanager
+def canned_server(status: int, body: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that answers every POST with `status` and `body` (a proxy's error page, something that
+    is not the service asked for); yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def closed_port_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (the port was just free), for "server down" tests."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -10,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
+# Ray clusters the tests start (and the builds they run) keep to the loopback address: on Linux Ray otherwise binds
+# its services to this machine's network address. Read by Ray at import, inherited by subprocesses.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("RUN_GPU") == "1":

@@ -246,6 +246,65 @@ def test_cluster_worker_killed_mid_chunk_is_replaced(cluster: Any, tmp_path: Pat
     assert str(killed[0]) not in pids  # the killed chunk finished elsewhere (or in the restarted actor)
 
 
+def test_cluster_jobs_reported_as_they_finish_survive_their_worker(cluster: Any, tmp_path: Path) -> None:
+    """A stage that reports each job as it finishes (`done`): each reaches the driver at once (`Chunk.on_result`,
+    which commits it), and when the worker is killed mid-chunk only the jobs not reported yet run again."""
+    from batch.executors import Chunk
+    from renderer.base import StepJob
+
+    log = tmp_path / "log"
+
+    def stage(jobs: list[Any], pool: Any, done: Any = None) -> list[Any]:
+        out = []
+        for i, job in enumerate(jobs):
+            (Path(job.out_dir) / "video.mp4").write_bytes(job.key.encode())
+            out.append({"made_by": os.getpid()})
+            done(i, out[-1])
+            with open(log, "a") as fh:
+                fh.write(f"{job.key} {os.getpid()}\n")
+            time.sleep(0.4)
+        return out
+
+    executor = _ray(tmp_path, {"tests:stage": stage}, transfer="bytes")
+    jobs = []
+    for i in range(4):
+        (tmp_path / f"out{i}").mkdir()
+        jobs.append(StepJob(stage="mux", key=f"job{i}", settings={}, inputs={}, out_dir=tmp_path / f"out{i}"))
+    reported: list[int] = []
+    chunk = Chunk(0, "mux", "tests:stage", jobs, gpu=False, submitted=time.monotonic())
+    chunk.on_result = lambda index, result, where: reported.append(index)
+    killed: list[int] = []
+
+    def killer() -> None:  # once job1 is made, kill the process making them (job0 has been reported by then)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            made = dict(line.split() for line in log.read_text().splitlines()) if log.exists() else {}
+            if "job1" in made:
+                os.kill(int(made["job1"]), signal.SIGKILL)
+                killed.append(int(made["job1"]))
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        executor.submit(chunk)
+        results: list[Any] = []
+        while not results:
+            results = executor.wait()
+    finally:
+        thread.join()
+        executor.close()
+    assert killed
+    made = collections.Counter(line.split()[0] for line in log.read_text().splitlines())
+    assert made["job0"] == 1 and made["job3"] == 1  # job0 was not made again; job3 only after the kill
+    assert reported.count(0) == 1 and sorted(set(reported)) == [0, 1, 2, 3]
+    assert [(tmp_path / f"out{i}" / "video.mp4").read_bytes() for i in range(4)] == [
+        f"job{i}".encode() for i in range(4)
+    ]
+    assert len(results[0].results) == 4 and results[0].results[3]["made_by"] != killed[0]
+
+
 def test_cluster_ctrl_c_keeps_what_finished_and_the_next_run_resumes(cluster: Any, tmp_path: Path) -> None:
     """Ctrl-C while actors work: the run stops, nothing half-built is kept, what finished is cached; the next run
     builds only the rest."""

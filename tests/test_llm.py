@@ -11,6 +11,7 @@ import pytest
 
 from renderer.base import BackendError, BadInputError, ModelPool, StepJob
 from renderer.llm import clean_prompt, run
+from tests._http_util import canned_server
 from tests._ollama import FakeOllama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,27 +281,8 @@ def test_llm_bundled_gguf_is_assembled_again_for_another_package_version(tmp_pat
 def test_llm_host_that_is_not_ollama_is_a_backend_error(tmp_path: Path, status: int, body: bytes) -> None:
     """llm.host pointing at something else: a BackendError saying so (not an internal error), and a 404 without a
     model message does not tell the user to pull a model."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - stdlib name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        [err] = run([make_job(tmp_path, host=f"http://127.0.0.1:{server.server_address[1]}")], ModelPool())
-    finally:
-        server.shutdown()
-        server.server_close()
+    with canned_server(status, body) as url:
+        [err] = run([make_job(tmp_path, host=url)], ModelPool())
     assert isinstance(err, BackendError), err
     assert "characters.job" in err.message and "internal error" not in err.message
     assert "ollama pull" not in str(err)

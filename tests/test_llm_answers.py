@@ -15,6 +15,7 @@ import pytest
 
 from renderer.base import BackendError, ModelPool, StepJob
 from renderer.llm import RefusalError, clean_prompt, run, shorten
+from tests._http_util import canned_server
 from tests._ollama import FakeOllama
 
 THINK = "<think>\nThe user wants a prompt. Let me think: a CEO...\n</think>\n\nportrait of a CEO, 85mm"
@@ -177,27 +178,8 @@ def test_llm_answers_through_dhbatch_build(tmp_path: Path) -> None:
 )
 def test_llm_answers_service_errors_are_summarised(tmp_path: Path, status: int, body: bytes, said: str) -> None:
     """A proxy's HTML error page or a client's validation dump becomes one short line, never pasted raw."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - stdlib name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        [err] = run([job(tmp_path, "x", host=f"http://127.0.0.1:{server.server_address[1]}")], ModelPool())
-    finally:
-        server.shutdown()
-        server.server_close()
+    with canned_server(status, body) as url:
+        [err] = run([job(tmp_path, "x", host=url)], ModelPool())
     assert isinstance(err, BackendError)
     assert said in err.message, err.message
     assert "<" not in err.message and "\n" not in err.message and "errors.pydantic.dev" not in err.message

@@ -7,9 +7,10 @@ the CPU actors. The driver submits a step as soon as its inputs are committed, s
 
 Inputs travel as bytes through Ray's object store and outputs come back the same way, unless the actor sees the
 build folder at the driver's path (the same machine, or storage every node mounts): then it reads and writes there.
-The driver commits every step itself, so nothing is committed twice or half. An actor (or node) lost mid-chunk has
-its chunk handed to another actor (Ray restarts the lost one); a step that fails for its own reasons comes back as
-that step's error, like on the local runner, and is not retried.
+The driver commits every step itself, so nothing is committed twice or half; a stage that reports each job as it
+finishes (`done`) has it streamed back and committed at once (a Ray streaming generator). An actor (or node) lost
+mid-chunk has the chunk's jobs not reported yet handed to another actor (Ray restarts the lost one); a step that
+fails for its own reasons comes back as that step's error, like on the local runner, and is not retried.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 from urllib.parse import urlparse
 
@@ -146,29 +148,55 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "node": self.node, "device": self.label, "pid": os.getpid(), "shared": self.shared}
 
-    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str] | None, *blobs: bytes) -> dict[str, Any]:
-        """Run a chunk. With `paths` (the inputs as the driver names them; `blobs`, their contents) the inputs are
-        written to a private folder first and the outputs come back as bytes; without, the jobs' paths are used."""
+    def run(self, stage: str, target: str, jobs: list[Any], paths: list[str] | None, *blobs: bytes) -> Iterator[Any]:
+        """Run a chunk, streamed (the driver calls it with num_returns="streaming"): one item per job the stage
+        reports finished as it goes (a stage with a `done` parameter), then the chunk's results. With `paths` (the
+        inputs as the driver names them; `blobs`, their contents) the inputs are written to a private folder first
+        and the outputs come back as bytes; without, the jobs' paths are used."""
         fn = resolve_stage(target, self.stages)
         local = tempfile.mkdtemp(prefix="dhbatch-") if paths is not None else None
         try:
             if local is not None:
                 jobs = self._localise(jobs, dict(zip(paths, blobs, strict=True)), Path(local))
             jobs = [dataclasses.replace(job, device=self.device) for job in jobs]
-            results, seconds = call_stage(fn, stage, jobs, self.pool)
-            outputs = None
-            if local is not None:
-                outputs = [{p.name: p.read_bytes() for p in Path(job.out_dir).iterdir() if p.is_file()} for job in jobs]
+            items: SimpleQueue[tuple[str, Any]] = SimpleQueue()
+            t0 = time.perf_counter()
+
+            def done(index: int, result: Any) -> None:
+                items.put(("job", (index, result, time.perf_counter() - t0)))
+
+            def work() -> None:  # on a thread, so that this method can yield while the stage runs
+                try:
+                    items.put(("end", call_stage(fn, stage, jobs, self.pool, done)))
+                except BaseException as exc:  # noqa: BLE001 - handed to the actor's thread, raised there
+                    items.put(("raise", exc))
+
+            threading.Thread(target=work, name=f"dhbatch-{stage}", daemon=True).start()
+            sent: set[int] = set()
+            while True:
+                kind, value = items.get()
+                if kind == "raise":
+                    raise value
+                if kind == "job":
+                    index, result, seconds = value
+                    sent.add(index)
+                    files = self._files(jobs[index]) if local is not None else None
+                    yield {"index": index, "result": result, "seconds": seconds, "files": files}
+                    continue
+                results, seconds = value
+                outputs = None
+                if local is not None:
+                    outputs = [{} if i in sent else self._files(job) for i, job in enumerate(jobs)]
+                loads = loads_by_name(self.pool)
+                yield {"results": results, "outputs": outputs, "seconds": seconds, "loads": loads, "pid": os.getpid()}
+                return
         finally:
             if local is not None:
                 shutil.rmtree(local, ignore_errors=True)
-        return {
-            "results": results,
-            "outputs": outputs,
-            "seconds": seconds,
-            "loads": loads_by_name(self.pool),
-            **self.info(),
-        }
+
+    @staticmethod
+    def _files(job: Any) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in Path(job.out_dir).iterdir() if p.is_file()}
 
     @staticmethod
     def _localise(jobs: list[Any], files: dict[str, bytes], root: Path) -> list[Any]:
@@ -203,6 +231,8 @@ class _Task:
     chunk: Chunk
     actor: _Actor
     blobs: list[Any]
+    #: The chunk's jobs this task runs (a chunk back from a lost worker runs only those not reported finished).
+    indices: list[int]
 
 
 class RayExecutor:
@@ -239,6 +269,8 @@ class RayExecutor:
         self._tasks: dict[Any, _Task] = {}  # object ref -> what it runs
         self._attempts: dict[int, int] = collections.Counter()
         self._lost_on: dict[int, set[str]] = collections.defaultdict(set)
+        #: Jobs of a chunk reported finished as it ran (chunk id -> job index -> result): not run again.
+        self._reported: dict[int, dict[int, Any]] = collections.defaultdict(dict)
         self._ready: list[ChunkResult] = []  # to return at the next wait
         self._finished: list[ChunkResult] = []
         self._loads: dict[tuple[str, int], dict[str, int]] = {}
@@ -261,7 +293,7 @@ class RayExecutor:
     # -- what the driver asks -------------------------------------------------------------------------------------
     def _kind(self, gpu: bool) -> bool:
         """GPU chunks go to the GPU actors, or to the CPU actors on a cluster without GPUs."""
-        return gpu and self._connect()[True] > 0
+        return self._connect()[True] > 0 and gpu  # connects first, whichever kind is asked
 
     def workers(self, gpu: bool) -> int:
         return self._connect()[self._kind(gpu)]
@@ -293,8 +325,8 @@ class RayExecutor:
             if not done:
                 continue
             done, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0)
-            for ref in done:
-                result = self._receive(ref, self._tasks.pop(ref))
+            for stream in done:
+                result = self._receive(stream, self._tasks[stream])
                 if result is not None:
                     out.append(result)
             self._dispatch()
@@ -313,9 +345,9 @@ class RayExecutor:
             queue.clear()
         if self._tasks:
             done, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=0)
-            for ref in done:
+            for stream in done:
                 with contextlib.suppress(Exception):
-                    if (result := self._receive(ref, self._tasks.pop(ref), retry=False)) is not None:
+                    if (result := self._receive(stream, self._tasks[stream], retry=False)) is not None:
                         self._finished.append(result)
         self._stop_actors()
         return list(self._finished)
@@ -410,42 +442,69 @@ class RayExecutor:
     def _send(self, chunk: Chunk, actor: _Actor) -> None:
         import ray
 
+        indices = [i for i in range(len(chunk.jobs)) if i not in self._reported[chunk.id]]
+        jobs = [chunk.jobs[i] for i in indices]
         paths: list[str] | None = None
         blobs: list[Any] = []
         if not actor.info["shared"]:
-            paths = sorted({str(p) for job in chunk.jobs for p in job.inputs.values()})
+            paths = sorted({str(p) for job in jobs for p in job.inputs.values()})
             blobs = [ray.put(Path(p).read_bytes()) for p in paths]
-        ref = actor.handle.run.remote(chunk.stage, chunk.target, chunk.jobs, paths, *blobs)
+        stream = actor.handle.run.options(num_returns="streaming").remote(
+            chunk.stage, chunk.target, jobs, paths, *blobs
+        )
         actor.running += 1
         actor.chunks += 1
-        self._tasks[ref] = _Task(chunk, actor, blobs)
+        self._tasks[stream] = _Task(chunk, actor, blobs, indices)
 
-    def _receive(self, ref: Any, task: _Task, retry: bool = True) -> ChunkResult | None:
-        """A finished task's result, with its outputs written into the driver's folders; None when its actor was
-        lost and the chunk went back in the queue."""
+    def _receive(self, stream: Any, task: _Task, retry: bool = True) -> ChunkResult | None:
+        """The next item of a task's stream: a job reported finished (its outputs written into the driver's folder
+        and handed to `Chunk.on_result`), or the chunk's end, returned as its result. None for a job, and when the
+        actor was lost (the chunk, less the jobs already reported, went back in the queue)."""
         import ray
 
-        task.actor.running -= 1
-        chunk = task.chunk
+        chunk, actor = task.chunk, task.actor
         try:
-            got = ray.get(ref)
+            got = ray.get(next(stream))
+        except StopIteration:  # ended without its last item: taken as lost
+            got = None
         except _lost_exceptions() as exc:  # the actor, its process or its node died: the chunk goes elsewhere
+            del self._tasks[stream]
+            actor.running -= 1
             return self._lost(task, exc) if retry else None
         except ray.exceptions.RayError as exc:  # the task could not run (its arguments were lost, ...)
-            got = {"results": [_lost_error(chunk, exc)] * len(chunk.jobs), "seconds": 0.0, "outputs": None}
-            got.update(name=task.actor.name, node="", device="", pid=0, loads={})
-        if got["outputs"] is not None:  # they came as bytes: into the driver's folders
-            for job, files, res in zip(chunk.jobs, got["outputs"], got["results"], strict=True):
-                for name, data in files.items():
-                    (Path(job.out_dir) / name).write_bytes(data)
-                artifact = getattr(res, "artifact", None)  # what a failed step left to look at, now here
-                if isinstance(artifact, Path) and artifact.name in files:
-                    res.artifact = Path(job.out_dir) / artifact.name
-        self._loads[(got["name"], got["pid"])] = got["loads"]
-        if got["pid"]:  # the incarnation that runs now (a restarted actor has a new one)
-            task.actor.info["pid"] = got["pid"]
+            got = {"results": [_lost_error(chunk, exc)] * len(task.indices), "seconds": 0.0, "outputs": None}
+            got.update(loads={}, pid=actor.info["pid"])
+        if got is None:
+            del self._tasks[stream]
+            actor.running -= 1
+            return self._lost(task, RuntimeError("the stream ended early")) if retry else None
         queued = max(0.0, time.monotonic() - chunk.submitted - got["seconds"])
-        return ChunkResult(chunk, got["results"], got["seconds"], queued, got["name"], got["node"], got["device"])
+        where = (actor.name, actor.info["node"], actor.info["device"])
+        if "index" in got:  # one job, reported as it finished
+            index = task.indices[got["index"]]
+            self._place(chunk.jobs[index], got["result"], got["files"])
+            self._reported[chunk.id][index] = got["result"]
+            if chunk.on_result is not None:
+                chunk.on_result(index, got["result"], ChunkResult(chunk, [], got["seconds"], queued, *where))
+            return None
+        del self._tasks[stream]
+        actor.running -= 1
+        results = dict(self._reported.pop(chunk.id, {}))
+        for i, index in enumerate(task.indices):
+            results[index] = got["results"][i]
+            self._place(chunk.jobs[index], got["results"][i], got["outputs"][i] if got["outputs"] else None)
+        actor.info["pid"] = got["pid"]  # the incarnation that ran it (a restarted actor has a new one)
+        self._loads[(actor.name, got["pid"])] = got["loads"]
+        return ChunkResult(chunk, [results[i] for i in range(len(chunk.jobs))], got["seconds"], queued, *where)
+
+    @staticmethod
+    def _place(job: Any, result: Any, files: dict[str, bytes] | None) -> None:
+        """Outputs that came as bytes, into the driver's folder for the job; a failed step's artifact with them."""
+        for name, data in (files or {}).items():
+            (Path(job.out_dir) / name).write_bytes(data)
+        artifact = getattr(result, "artifact", None)
+        if files and isinstance(artifact, Path) and artifact.name in files:
+            result.artifact = Path(job.out_dir) / artifact.name
 
     def _lost(self, task: _Task, exc: Exception) -> ChunkResult | None:
         chunk, actor = task.chunk, task.actor
@@ -456,9 +515,16 @@ class RayExecutor:
         logger.warning("worker %s was lost running %s (%s)", actor.name, chunk.stage, type(exc).__name__)
         if len(actor.dead) > MAX_RESTARTS:  # Ray gave up restarting it
             self._actors[actor.gpu] = [a for a in self._actors[actor.gpu] if a is not actor]
-        if self._attempts[chunk.id] >= ATTEMPTS:
-            return ChunkResult(chunk, [_lost_error(chunk, exc)] * len(chunk.jobs), 0.0, 0.0, actor.name)
-        for job in chunk.jobs:  # whatever the lost actor wrote there is not kept
+        reported = self._reported[chunk.id]
+        if self._attempts[chunk.id] >= ATTEMPTS or len(reported) == len(chunk.jobs):  # given up, or all reported
+            self._reported.pop(chunk.id)
+            error = _lost_error(chunk, exc)
+            results = [reported.get(i, error) for i in range(len(chunk.jobs))]
+            return ChunkResult(chunk, results, 0.0, 0.0, actor.name, actor.info["node"], actor.info["device"])
+        for index in task.indices:  # whatever the lost actor wrote there is not kept (reported jobs are)
+            if index in self._reported[chunk.id]:
+                continue
+            job = chunk.jobs[index]
             shutil.rmtree(job.out_dir, ignore_errors=True)
             Path(job.out_dir).mkdir(parents=True)
         self._enqueue(chunk)
