@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--verify", action="store_true", help="read every cached output and check its sha256 (a damaged one is rebuilt)"
     )
+    fleet.add_remote_options(sp, build=False)
 
     sp = sub.add_parser("build", help="build the videos whose inputs changed")
     common(sp)
@@ -300,6 +301,7 @@ def print_findings(findings: list[Finding]) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan, cache, checkpoints = _plan(args)
+    plan = fleet.with_remote(plan, fleet.open_remote(args, project_root(args.manifest), reading=True))
     findings = _preflight(plan, cache, checkpoints, measure=False)
     code = EXIT_FAILED if plan.stale else EXIT_OK
     if args.json:

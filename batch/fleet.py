@@ -70,15 +70,18 @@ def add_gc_options(sp: argparse.ArgumentParser) -> None:
     )
 
 
-def open_remote(args: argparse.Namespace, root: Path, required_by_command: bool = False) -> RemoteCache | None:
+def open_remote(
+    args: argparse.Namespace, root: Path, required_by_command: bool = False, reading: bool = False
+) -> RemoteCache | None:
     """The remote cache the options and the project config name, checked; None when there is none, or when it cannot
-    be used and is not required (a warning: the build goes on with the local cache)."""
+    be used and is not required (a warning: the build goes on with the local cache). `reading`: the command only
+    reads it (no write is tried)."""
     from batch.remote import RemoteCache, RemoteError, remote_settings
 
     settings = remote_settings(
         root,
         args.remote,
-        read_only=getattr(args, "remote_read_only", False),
+        read_only=getattr(args, "remote_read_only", False) or reading,
         required=getattr(args, "remote_required", False) or required_by_command,
         disabled=args.no_remote,
     )
@@ -95,6 +98,27 @@ def open_remote(args: argparse.Namespace, root: Path, required_by_command: bool 
         logger.warning("%s — building with the local cache only (--remote-required makes this an error)", exc)
         return None
     return remote
+
+
+def with_remote(plan: Any, remote: RemoteCache | None) -> Any:
+    """The plan as a build with this remote cache would run it: a step missing here that the remote has is not run
+    (it is downloaded). One listing of the remote's records, so that `plan` on the machine that merges the shards'
+    folders sees their work."""
+    import dataclasses
+
+    if remote is None or not any(not d.cached for v in plan.videos for d in v.decisions):
+        return plan
+    there = set(remote.records(read=False))
+    videos = []
+    for v in plan.videos:
+        decisions = tuple(
+            dataclasses.replace(d, cached=True, reason="in the remote cache")
+            if not d.cached and d.key in there and not d.reason.startswith("forced")
+            else d
+            for d in v.decisions
+        )
+        videos.append(dataclasses.replace(v, decisions=decisions))
+    return dataclasses.replace(plan, videos=tuple(videos))
 
 
 def build_fields(shard: Any, remote: RemoteCache | None) -> dict[str, Any]:
@@ -169,7 +193,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from batch.cli import _plan
 
     plan, cache, _ = _plan(args)
-    remote = open_remote(args, project_root(args.manifest), required_by_command=True)
+    remote = open_remote(args, project_root(args.manifest), required_by_command=True, reading=True)
     missing = [s for s in _steps(plan).values() if not cache.is_cached(s.stage, s.key)]
     with cache.in_use():
         got = remote.fetch_many(cache, [(s.stage, s.key) for s in missing])

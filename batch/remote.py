@@ -161,7 +161,10 @@ class RemoteCache:
         try:
             if self._local and not self.read_only:
                 self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else self._check_bucket()
+            if self.fs.exists(self.root):
+                self.fs.ls(self.root, detail=False)
+            else:
+                self._check_bucket()
             if not self.read_only:
                 probe = f"{self.root}/.probe.{uuid.uuid4().hex}"
                 self.fs.pipe_file(probe, b"dhbatch")
@@ -355,11 +358,11 @@ class RemoteCache:
         self._put(path, data=data)
 
     # -- listing and pruning ----------------------------------------------------------------------------------------
-    def records(self) -> dict[str, tuple[str, str, dict[str, Any] | None]]:
-        """{key: (stage, record path, record or None if unreadable)} of every step in the remote."""
+    def records(self, read: bool = True) -> dict[str, tuple[str, str, dict[str, Any] | None]]:
+        """{key: (stage, record path, record or None if unreadable or not `read`)} of every step in the remote."""
         try:
             paths = [p for p in self.fs.find(f"{self.root}/steps") if p.endswith(".json")]
-            raw = self.fs.cat(paths, on_error="return") if paths else {}
+            raw = self.fs.cat(paths, on_error="return") if paths and read else {}
         except FileNotFoundError:
             return {}
         except Exception as exc:  # noqa: BLE001

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,9 +78,10 @@ def test_remote_damaged_objects_are_rebuilt_never_hits(tmp_path: Path) -> None:
     assert again.returncode == 0 and built(tmp_path / "log3") == []
 
 
-def test_remote_shared_step_is_built_once_across_shards(tmp_path: Path) -> None:
+def test_remote_shared_step_is_built_once_across_shards_and_the_merge_job_plans_up_to_date(tmp_path: Path) -> None:
     """Shards in their own folders: a step that videos of both shards need (a character's portrait, a voice) is
-    built by the first and downloaded by the second."""
+    built by the first and downloaded by the second. The merge job gathers their folders (no cache of its own):
+    with the remote, `plan` sees every step and video done."""
     project = write_project(tmp_path / "p")
     url = f"file://{tmp_path / 'remote'}"
     for index in (1, 2):
@@ -87,6 +89,15 @@ def test_remote_shared_step_is_built_once_across_shards(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
     steps = built(tmp_path / "log")
     assert len(steps) == len(set(steps)) == 15
+    for index in (1, 2):
+        shutil.copytree(tmp_path / f"ci{index}" / "m", tmp_path / "merge" / "m", dirs_exist_ok=True)
+    assert dhbatch("report", "merge", str(tmp_path / "merge" / "m")).returncode == 0
+    plan = dhbatch("plan", str(project), "--build-dir", str(tmp_path / "merge"), "--remote", url, "--json")
+    data = json.loads(plan.stdout)
+    assert plan.returncode == 0 and not data["stale"], plan.stdout
+    assert {s["reason"] for v in data["videos"] for s in v["steps"]} == {"in the remote cache"}
+    assert not list((tmp_path / "remote").rglob(".probe*"))  # plan only reads the remote
+    assert dhbatch("plan", str(project), "--build-dir", str(tmp_path / "merge")).returncode == 1  # no cache here
 
 
 def test_remote_read_only_downloads_but_never_uploads(tmp_path: Path) -> None:
