@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -54,6 +55,9 @@ UPLOAD_GRACE_S = 3600
 S3_DEFAULTS: Mapping[str, Any] = {
     "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
 }
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class RemoteError(DHBatchError):
@@ -214,8 +218,10 @@ class RemoteCache:
             sums, sizes = rec["sha256"], rec["outputs"]
             if rec["key"] != key or rec["stage"] != stage or set(sums) != set(sizes):
                 raise ValueError("the record names another step")
-            if not set(STAGES[stage].outputs) <= set(sums):
-                raise ValueError("an output is missing from the record")
+            if not set(STAGES[stage].outputs) <= set(sums) <= {*STAGES[stage].outputs, *STAGES[stage].optional}:
+                raise ValueError("its outputs are not the stage's")
+            if not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in sums.values()):
+                raise ValueError("a sha256 is not one")  # names a blob: never a path of its own making
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("remote cache entry %s %s is corrupt (%s): rebuilding it", stage, key[:12], exc)
             self._discard(self.record_path(stage, key))

@@ -195,3 +195,28 @@ def test_remote_two_jobs_building_the_same_steps_both_succeed(tmp_path: Path) ->
                 hashlib.sha256(blob.read_bytes()).hexdigest() == digest and blob.stat().st_size == rec["outputs"][name]
             )
     assert not list(remote.rglob("*.tmp"))  # no temporary object left behind
+
+
+def test_remote_record_naming_paths_is_refused(tmp_path: Path) -> None:
+    """A remote record is data: output names that are not the stage's, or "digests" that are paths, make it a
+    corrupt entry; nothing outside the cache is read, written or deleted."""
+    from batch.cache import Cache
+    from batch.remote import RemoteCache, RemoteSettings
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    remote = RemoteCache(RemoteSettings(f"file://{tmp_path / 'remote'}"))
+    remote.check()
+    cache = Cache(tmp_path / "cache")
+    key = "a" * 64
+    for outputs, sums in (
+        ({"../../victim.txt": 7}, {"../../victim.txt": "b" * 64}),
+        ({"speech.wav": 7}, {"speech.wav": f"../../../{victim}"}),
+    ):
+        rec = {"key": key, "stage": "audio", "outputs": outputs, "sha256": sums}
+        record = Path(remote.record_path("audio", key))
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(rec))
+        assert remote.fetch(cache, "audio", key) is None
+        assert victim.read_text() == "keep me" and not record.exists()  # the bad record is dropped
+    assert not cache.is_cached("audio", key)
