@@ -21,13 +21,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_server() -> Iterator[dict[str, str]]:
+def moto_server(auth: bool = False) -> Iterator[dict[str, str]]:
     """Start `moto_server` and yield the environment that points s3fs (botocore) at it, with dummy credentials and
-    no user AWS config, so nothing leaves 127.0.0.1."""
+    no user AWS config, so nothing leaves 127.0.0.1. `auth`: the server checks credentials (the dummy ones are
+    refused: access denied)."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     port = free_port()
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})}
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:

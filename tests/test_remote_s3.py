@@ -1,6 +1,7 @@
 """The remote cache against a real S3-compatible server (moto's server mode on 127.0.0.1) through s3fs: a fleet of
 two shards in fresh folders, then a fresh folder that only downloads; a damaged object is rebuilt; a job killed
-mid-upload leaves no entry that reads as complete."""
+mid-upload leaves no entry that reads as complete; a missing bucket, refused credentials and no network are clear
+warnings (the build goes on locally)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from tests._fake_cli import dhbatch_fake as dhbatch
 from tests._project import write_project
-from tests._s3_server import moto_server
+from tests._s3_server import free_port, moto_server
 from tests.test_remote import built
 
 s3fs = pytest.importorskip("s3fs", reason="the remote extra (s3fs) is not installed")
@@ -124,3 +125,16 @@ def test_remote_s3_missing_bucket_is_a_clear_warning_or_error(tmp_path: Path, s3
     assert f"remote cache {url}: not found" in out.stderr and "does not exist" in out.stderr
     required = build(project, tmp_path / "ci2", s3_env, "--remote", url, "--remote-required", log=tmp_path / "log2")
     assert required.returncode == 3 and "Traceback" not in required.stderr and "does not exist" in required.stderr
+
+
+def test_remote_s3_access_denied_and_no_network_are_clear_and_the_build_goes_on(tmp_path: Path) -> None:
+    project = write_project(tmp_path / "p")
+    url = f"s3://{BUCKET}/cache"
+    with moto_server(auth=True) as denied:  # a server that refuses these credentials
+        out = build(project, tmp_path / "ci1", denied, "--remote", url, log=tmp_path / "log1")
+    assert out.returncode == 0 and len(built(tmp_path / "log1")) == 15, out.stderr
+    assert f"remote cache {url}: access denied" in out.stderr and "check the credentials" in out.stderr
+    nothing = {**denied, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # no server there: no network
+    out = build(project, tmp_path / "ci2", nothing, "--remote", url, log=tmp_path / "log2")
+    assert out.returncode == 0 and len(built(tmp_path / "log2")) == 15
+    assert f"remote cache {url}: cannot reach it" in out.stderr and "Traceback" not in out.stderr
