@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ SHARED = REPO.parent / "shared"
 # Ray clusters the tests start (and the builds they run) keep to the loopback address: on Linux Ray otherwise binds
 # its services to this machine's network address. Read by Ray at import, inherited by subprocesses.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# A test run started in the background by a non-interactive shell inherits SIGINT ignored, and so would the builds it
+# starts; the tests that send Ctrl-C (to themselves or to a build) need it to arrive as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1645,7 +1645,7 @@ def _fake_video(frames: int, writer: _Writer):
     from types import SimpleNamespace
 
     return SimpleNamespace(error=None, writer=writer, paste=None, frame_size=(4, 4), written=0, num_frames=frames,
-                           state=None)  # fmt: skip
+                           state=None, finished=None)  # fmt: skip
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
