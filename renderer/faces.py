@@ -8,6 +8,7 @@ package, whose `__init__` needs `pkg_resources` (gone from current setuptools).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import threading
@@ -30,6 +31,7 @@ _SMALL_SIDE = 640
 #: time and memory grow with the pixel count, and a portrait's face is never tiny.
 _DETECT_SIDE = 1280
 _LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
+_FOUND_MAX = 256
 _NO_FACE_HINT = "use a portrait with one clear, frontal, well-lit face (at least ~40 px wide)"
 
 
@@ -109,6 +111,9 @@ class _Dlib:
     detector: Any
     predictor: Any
     lock: threading.Lock
+    #: Faces already found, by the picture's digest: a character's portrait is searched once per run, not once per
+    #: video (85 ms of CPU for a 1024 px portrait, a third of a millisecond per frame of a 10 s clip at 256).
+    found: dict[bytes, Face] = dataclasses.field(default_factory=dict)
 
 
 def _load_dlib() -> _Dlib:
@@ -137,8 +142,19 @@ def detect_face(image: np.ndarray, source: str = "", pool: ModelPool | None = No
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise BadInputError(f"{where}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
     models = _models(pool)
+    image = np.ascontiguousarray(image)
+    hasher = hashlib.blake2b(repr(image.shape).encode(), digest_size=16)
+    hasher.update(image.data)
+    digest = hasher.digest()
     with models.lock:
-        return _detect(image, where, models.detector, models.predictor, warn)
+        face = models.found.get(digest)
+        if face is None:
+            face = _detect(image, where, models.detector, models.predictor, warn)
+            face.landmarks.setflags(write=False)  # shared by every video of this portrait
+            if len(models.found) >= _FOUND_MAX:
+                models.found.pop(next(iter(models.found)))
+            models.found[digest] = face
+        return face
 
 
 def _detect(image: np.ndarray, where: str, detector: Any, predictor: Any, warn: bool = True) -> Face:

@@ -96,6 +96,24 @@ def test_video_writer_i420_planes_decode_like_rgb_frames(tmp_path: Path) -> None
     assert len(decoded) == 6 and min(psnr(d, f) for d, f in zip(decoded, frames, strict=True)) > 30
 
 
+def test_video_writer_passes_threads_and_x264_params_to_the_encoder(tmp_path: Path) -> None:
+    """The puppet's settings (one thread, its own motion search) reach x264: here `bframes=0` is seen in the file,
+    which by default (preset medium) has B-frames."""
+    import av
+    from av.video.frame import PictureType
+
+    def frame_types(**options: object) -> set[int]:
+        path = tmp_path / f"v{len(options)}.mp4"
+        with VideoWriter(path, SIZE, SIZE, **options) as writer:
+            for i in range(30):
+                writer.write(pattern(i))
+        with av.open(str(path)) as container:
+            return {frame.pict_type for frame in container.decode(video=0)}
+
+    assert PictureType.B in frame_types()
+    assert frame_types(threads=1, x264_params="bframes=0:me=dia:subme=1") <= {PictureType.I, PictureType.P}
+
+
 def test_video_writer_removes_partial_file_on_exception(tmp_path: Path) -> None:
     path = tmp_path / "video.mp4"
     with pytest.raises(RuntimeError, match="animator failed"):

@@ -12,11 +12,12 @@ blink, head angles in degrees).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ PREPROCESS = SADTALKER_PREPROCESS
 #: x264's preset for the puppet's frames: 5x faster than "medium" at 256 (2.1 vs 10.8 ms a frame, measured under
 #: load) and its files no larger at crf 18 (64 vs 73 KB for 4 s at 256), bench/results/2026-12-07-cpu.
 ENCODER_PRESET = "veryfast"
+#: ... with the quickest motion search: 0.56 instead of 0.87 ms of CPU a frame at 256, files 12 % larger, Y PSNR
+#: 0.3 dB lower at crf 18 (bench/results/2026-12-07-cpu-speed).
+ENCODER_PARAMS = "me=dia:subme=1"
+#: One thread for OpenCV and x264 while the puppet draws: its frames are small, and on 2 cores their thread pools
+#: cost a third more CPU per frame than they save in wall time at 256 (bench/results/2026-12-07-cpu-speed).
+THREADS = 1
 #: How much wider the `extcrop` / `extfull` square is than the tight one (more hair, neck and background).
 EXT_MARGIN = 1.5
 
@@ -196,7 +203,16 @@ def animate(
     # 4. Draw and stream every frame into the encoder.
     gap = np.zeros(frames)
     progress = tqdm(total=frames, desc=f"puppet {label or portrait.name}", unit="frame", leave=False, disable=None)
-    with progress, VideoWriter(out_dir / "video.mp4", width, height, fps=FPS, preset=ENCODER_PRESET) as writer:
+    video = VideoWriter(
+        out_dir / "video.mp4",
+        width,
+        height,
+        fps=FPS,
+        preset=ENCODER_PRESET,
+        threads=THREADS,
+        x264_params=ENCODER_PARAMS,
+    )
+    with progress, video as writer, _opencv_threads(THREADS):
         for i in range(frames):
             pose = Pose(
                 mouth_open=float(tracks.mouth_open[i]),
@@ -225,6 +241,19 @@ def animate(
         "face_score": round(face.score, 3),
         "warnings": warnings,
     }
+
+
+@contextlib.contextmanager
+def _opencv_threads(count: int) -> Iterator[None]:
+    """OpenCV's thread count for the block (process-wide; put back after)."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _track_json(

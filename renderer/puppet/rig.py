@@ -79,12 +79,22 @@ _LID_MARGIN = 0.35
 
 @dataclasses.dataclass
 class _Grid:
-    """Points where the map is found exactly, and the moved triangle that held each in the last frame."""
+    """Points where the map is found exactly, and the moved triangle that held each in the last frame: the coarse
+    grid over the box, then the fine one around the lips, one after the other (one walk finds both)."""
 
     x: np.ndarray
     y: np.ndarray
     hint: np.ndarray
-    shape: tuple[int, int]
+    #: (rows, columns) of each part, in order.
+    shapes: tuple[tuple[int, int], ...]
+
+    def parts(self, values: np.ndarray) -> list[np.ndarray]:
+        """A flat array over all points → one (rows, columns) array per part."""
+        out, start = [], 0
+        for rows, cols in self.shapes:
+            out.append(values[start : start + rows * cols].reshape(rows, cols))
+            start += rows * cols
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +192,6 @@ class FaceRig:
         # the map bends sharply, get it exactly on every pixel.
         x0, y0, x1, y1 = self.box
         self.stride = max(2, int(round(max(self.width, self.height) / _GRID_CELLS)))
-        self._coarse = self._grid(x0, y0, x1, y1, self.stride)
         pad = 0.3 * self.mouth_width + 2.0
         lips = lm[48:68]
         self.lip_box = (
@@ -191,7 +200,10 @@ class FaceRig:
             int(min(math.ceil(lips[:, 0].max() + pad), x1)),
             int(min(math.ceil(lips[:, 1].max() + MAX_GAP * self.mouth_width + pad), y1)),
         )
-        self._lips = self._grid(*self.lip_box, _LIP_STRIDE)
+        self._strides = (self.stride, _LIP_STRIDE)
+        self._points = self._grid(((self.box, self.stride), (self.lip_box, _LIP_STRIDE)))
+        self._columns = np.arange(x0, x1 + 1, dtype=np.float32)[None, :]
+        self._rows = np.arange(y0, y1 + 1, dtype=np.float32)[:, None]
         self._sample_skin()
 
     def _rasterize(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -401,78 +413,70 @@ class FaceRig:
         coefficients = np.concatenate([b1, b2, src_x, src_y], axis=1).astype(np.float32)
         return [np.ascontiguousarray(coefficients[:, k]) for k in range(12)]
 
-    def _grid(self, x0: int, y0: int, x1: int, y1: int, stride: int) -> _Grid:
-        """Grid points over the box x0..x1, y0..y1 every `stride` pixels, at the centres of stride×stride cells."""
-        offset = (stride - 1) / 2
-        gx = x0 + offset + stride * np.arange(-(-(x1 - x0 + 1) // stride), dtype=np.float64)
-        gy = y0 + offset + stride * np.arange(-(-(y1 - y0 + 1) // stride), dtype=np.float64)
-        grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
-        hint = self._rasterize(gx, gy).ravel()
-        return _Grid(grid_x.ravel().astype(np.float32), grid_y.ravel().astype(np.float32), hint, (len(gy), len(gx)))
+    def _grid(self, parts: tuple[tuple[tuple[int, int, int, int], int], ...]) -> _Grid:
+        """Grid points over each box (x0, y0, x1, y1) every `stride` pixels, at the centres of stride×stride cells
+        (where OpenCV's linear resize puts its samples)."""
+        xs, ys, hints, shapes = [], [], [], []
+        for (x0, y0, x1, y1), stride in parts:
+            offset = (stride - 1) / 2
+            gx = x0 + offset + stride * np.arange(-(-(x1 - x0 + 1) // stride), dtype=np.float64)
+            gy = y0 + offset + stride * np.arange(-(-(y1 - y0 + 1) // stride), dtype=np.float64)
+            grid_y, grid_x = np.meshgrid(gy, gx, indexing="ij")
+            xs.append(grid_x.ravel())
+            ys.append(grid_y.ravel())
+            hints.append(self._rasterize(gx, gy).ravel())
+            shapes.append((len(gy), len(gx)))
+        x, y = (np.concatenate(v).astype(np.float32) for v in (xs, ys))
+        return _Grid(x, y, np.concatenate(hints), tuple(shapes))
 
     def _locate(self, maps: list[np.ndarray], grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates of every grid point, (gh, gw) each: walk each point to the moved triangle that holds
-        it, starting from the one that held it in the previous frame."""
-        tri = grid.hint
-        sx = np.empty(len(tri), np.float32)
-        sy = np.empty(len(tri), np.float32)
-        todo = np.arange(len(tri))
-        x, y, t = grid.x, grid.y, tri
-        for step in range(32):
-            b1 = maps[0][t] * x + maps[1][t] * y + maps[2][t]
-            b2 = maps[3][t] * x + maps[4][t] * y + maps[5][t]
-            b0 = 1.0 - b1 - b2
-            done = np.minimum(np.minimum(b0, b1), b2) >= -1e-4
-            if step < 31:
-                stuck = ~done
-                worst = np.argmin(np.stack([b0[stuck], b1[stuck], b2[stuck]]), axis=0)
-                nxt = self.neighbors[t[stuck], worst]
-                edge = nxt < 0  # outside the hull (beyond the border): the border triangle's map extends
-                done[np.flatnonzero(stuck)[edge]] = True
-            else:
-                done[:] = True
-            hit = todo[done]
-            td, xd, yd = t[done], x[done], y[done]
-            sx[hit] = maps[6][td] * xd + maps[7][td] * yd + maps[8][td]
-            sy[hit] = maps[9][td] * xd + maps[10][td] * yd + maps[11][td]
-            tri[hit] = td
-            if done.all():
+        """Source coordinates of every grid point: walk each point to the moved triangle that holds it, starting
+        from the one that held it in the previous frame (most points are still there; the rest are a few
+        triangles away, so each step looks again at only the points not yet placed)."""
+        t, x, y = grid.hint, grid.x, grid.y
+        todo: np.ndarray | None = None  # None: every point
+        for _ in range(32):
+            tt, xx, yy = (t, x, y) if todo is None else (t[todo], x[todo], y[todo])
+            b1 = maps[0][tt] * xx + maps[1][tt] * yy + maps[2][tt]
+            b2 = maps[3][tt] * xx + maps[4][tt] * yy + maps[5][tt]
+            barycentric = np.stack([1.0 - b1 - b2, b1, b2])
+            worst = barycentric.argmin(axis=0)
+            outside = np.take_along_axis(barycentric, worst[None], axis=0)[0] < -1e-4
+            todo = np.flatnonzero(outside) if todo is None else todo[outside]
+            if not len(todo):
                 break
-            keep = ~done
-            moved = nxt[~edge]
-            todo, x, y, t = todo[keep], x[keep], y[keep], moved
-        grid.hint = tri
-        return sx.reshape(grid.shape), sy.reshape(grid.shape)
+            # Step across the violated edge; beyond the hull (past the border) the border triangle's map extends.
+            nxt = self.neighbors[t[todo], worst[outside]]
+            inside = nxt >= 0
+            todo = todo[inside]
+            t[todo] = nxt[inside]
+        sx = maps[6][t] * x + maps[7][t] * y + maps[8][t]
+        sy = maps[9][t] * x + maps[10][t] * y + maps[11][t]
+        return sx, sy
 
     def remap(self, points: np.ndarray) -> np.ndarray:
         """The portrait drawn through the moved mesh (before painting): OpenCV's bilinear remap over the box."""
         import cv2
 
-        maps = self._triangle_maps(points)
+        sx, sy = self._locate(self._triangle_maps(points), self._points)
         x0, y0, x1, y1 = self.box
-        width, height = x1 - x0 + 1, y1 - y0 + 1
-        # Interpolate the displacement, not the position: it is 0 at the picture's fixed border, where the resize
-        # holds its edge values.
-        grid = self._coarse
-        sx, sy = self._locate(maps, grid)
-        size = (grid.shape[1] * self.stride, grid.shape[0] * self.stride)
-        shift_x = cv2.resize(sx - grid.x.reshape(grid.shape), size, interpolation=cv2.INTER_LINEAR)
-        shift_y = cv2.resize(sy - grid.y.reshape(grid.shape), size, interpolation=cv2.INTER_LINEAR)
-        map_x = shift_x[:height, :width] + np.arange(x0, x1 + 1, dtype=np.float32)[None, :]
-        map_y = shift_y[:height, :width] + np.arange(y0, y1 + 1, dtype=np.float32)[:, None]
         lx0, ly0, lx1, ly1 = self.lip_box
-        lips = self._lips
-        lip_x, lip_y = self._locate(maps, lips)
-        size = (lips.shape[1] * _LIP_STRIDE, lips.shape[0] * _LIP_STRIDE)
-        lip_x = cv2.resize(lip_x - lips.x.reshape(lips.shape), size, interpolation=cv2.INTER_LINEAR)
-        lip_y = cv2.resize(lip_y - lips.y.reshape(lips.shape), size, interpolation=cv2.INTER_LINEAR)
-        rows, cols = slice(ly0 - y0, ly1 - y0 + 1), slice(lx0 - x0, lx1 - x0 + 1)
-        map_x[rows, cols] = lip_x[: ly1 - ly0 + 1, : lx1 - lx0 + 1] + np.arange(lx0, lx1 + 1, dtype=np.float32)[None, :]
-        map_y[rows, cols] = lip_y[: ly1 - ly0 + 1, : lx1 - lx0 + 1] + np.arange(ly0, ly1 + 1, dtype=np.float32)[:, None]
+        maps = []
+        for shift, position in ((sx - self._points.x, self._columns), (sy - self._points.y, self._rows)):
+            # Interpolate the displacement, not the position: it is 0 at the picture's fixed border, where the
+            # resize holds its edge values. The coarse grid covers the box; the fine one, at the lips, goes over it.
+            whole, lips = (
+                cv2.resize(exact, (exact.shape[1] * stride, exact.shape[0] * stride), interpolation=cv2.INTER_LINEAR)
+                for exact, stride in zip(self._points.parts(shift), self._strides, strict=True)
+            )
+            whole = whole[: y1 - y0 + 1, : x1 - x0 + 1]
+            whole[ly0 - y0 : ly1 - y0 + 1, lx0 - x0 : lx1 - x0 + 1] = lips[: ly1 - ly0 + 1, : lx1 - lx0 + 1]
+            maps.append(whole + position)
+        drawn = cv2.remap(self.image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if drawn.shape[:2] == self.image.shape[:2]:
+            return drawn
         frame = self.image.copy()
-        frame[y0 : y1 + 1, x0 : x1 + 1] = cv2.remap(
-            self.image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
+        frame[y0 : y1 + 1, x0 : x1 + 1] = drawn
         return frame
 
     def render(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
