@@ -38,8 +38,9 @@ from renderer.puppet.motion import Tracks, make_tracks, read_audio_features, rea
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the pictures this stage draws change for the same inputs (the runner folds it into cache keys).
-VERSION = 2
+#: Bump when the video this stage writes changes for the same inputs (the runner folds it into cache keys): the
+#: pictures, or how they are encoded (3: x264's settings).
+VERSION = 3
 SIZES = SADTALKER_SIZES  # the same `video` settings as SadTalker's
 PREPROCESS = SADTALKER_PREPROCESS
 #: x264's preset for the puppet's frames: 5x faster than "medium" at 256 (2.1 vs 10.8 ms a frame, measured under
