@@ -10,7 +10,9 @@ ships, Praat through praat-parselmouth, jiwer). Per video it prints, and checks 
   40 ms of audio (Pearson r ≥ 0.6), and how often the mouth is closed in the quiet frames;
 - eyes: the eye aspect ratio (EAR) of the re-detected landmarks: its dip at each blink that the animator's
   track.json schedules (the lids really close: EAR falls by MIN_BLINK_DIP at least), and no frame at rest below
-  75 % of the portrait's own EAR (no half-closed eyes);
+  75 % of the portrait's own EAR (no half-closed eyes); and, from the pixels alone (behind glasses dlib's eye
+  points hold on to the frames), how much of each eye's dark iris, pupil and lashes the lids cover at the deepest
+  frame of each blink (MIN_BLINK_COVER at least, in both eyes);
 - steadiness: the largest frame-to-frame move of the face box (bounding box of the landmarks that neither the
   mouth nor the lids move) at 256 (≤ 1 px).
 
@@ -44,6 +46,10 @@ MIN_LIP_R = 0.6
 #: 0.6-0.7 on Eileen; about 0.2 on Grace Hopper, whose lids close as fully (contact sheets) but behind glasses
 #: dlib's eye points hold on to the frames.
 MIN_BLINK_DIP = 0.15
+#: Share of the dark pixels in the middle of each eye (iris, pupil, lashes) that must be gone at a blink's deepest
+#: frame, against the frame before it. The closed lid keeps its lash line, so a fully closed eye measures about 0.5
+#: (0.45-0.6 on the demo, Grace Hopper's glasses included); a frame with no blink 0.1 at most.
+MIN_BLINK_COVER = 0.35
 #: Frames a blink lasts (renderer.puppet.motion's blink shape: 240 ms).
 BLINK_FRAMES = 6
 #: Landmarks that neither the mouth nor the eyelids move: jaw top, nose, eye corners.
@@ -204,6 +210,7 @@ class VideoQuality:
     lip_r: float
     closed_in_quiet: float
     blink_closure: list[float]
+    blink_cover: list[float]
     rest_ear_low: float
     box_jump_px: float
     faces_found: float
@@ -218,6 +225,8 @@ class VideoQuality:
             out.append(f"lip gap vs loudness r = {self.lip_r:.2f} (goal ≥ {MIN_LIP_R})")
         if any(c < MIN_BLINK_DIP for c in self.blink_closure):
             out.append(f"a blink that does not close the lids (EAR dips {self.blink_closure})")
+        if any(c < MIN_BLINK_COVER for c in self.blink_cover):
+            out.append(f"a blink whose lids leave the iris uncovered (covered {self.blink_cover})")
         if self.rest_ear_low > 0.02:
             out.append(f"{self.rest_ear_low:.0%} of the frames at rest have half-closed eyes")
         if self.size[0] <= 256 and self.box_jump_px > 1.0:
@@ -225,6 +234,25 @@ class VideoQuality:
         if self.faces_found < 0.99:
             out.append(f"dlib finds the face in only {self.faces_found:.0%} of the frames")
         return out
+
+
+def iris_cover(before: np.ndarray, closed: np.ndarray, landmarks: np.ndarray) -> float:
+    """How much of the open eyes' dark pixels a blink covers, the lesser of the two eyes: in a band through the
+    middle of each eye in the frame `before` the blink (between its corners less a fifth of its width at each end,
+    0.15 of its width above and below the centre of its six landmarks), the pixels darker than 0.6 of the band's
+    bright level (skin, the white of the eye), against those below the same level in the `closed` frame. 0 when
+    nothing changed; about 0.5 when the lid is down (its lash line stays dark)."""
+    covered = []
+    for eye in (landmarks[36:42], landmarks[42:48]):
+        width = float(np.hypot(*(eye[3] - eye[0])))
+        x0, x1 = int(eye[0, 0] + 0.2 * width), int(np.ceil(eye[3, 0] - 0.2 * width))
+        middle = eye[:, 1].mean()
+        y0, y1 = int(middle - 0.15 * width), int(np.ceil(middle + 0.15 * width))
+        patch = before[y0 : y1 + 1, x0 : x1 + 1]
+        level = 0.6 * np.percentile(patch, 90)
+        still_dark = closed[y0 : y1 + 1, x0 : x1 + 1] < level
+        covered.append(1.0 - still_dark.sum() / max(int((patch < level).sum()), 1))
+    return float(min(covered))
 
 
 def measure(
@@ -257,13 +285,16 @@ def measure(
     blink = np.pad(blink, (0, max(0, frames - len(blink))))[:frames]
     at_rest = found & (blink == 0)
     rest_ear = float(np.nanmedian(ear[at_rest])) if at_rest.any() else float("nan")
-    closure = []
+    closure, cover = [], []
     for start in (track or {}).get("blink_starts", []):
         if start + BLINK_FRAMES > frames:  # cut by the end of the clip: its lids may not have closed yet
             continue
         window = ear[start : start + BLINK_FRAMES]
         if np.isfinite(window).any():
             closure.append(round(1.0 - float(np.nanmin(window)) / rest_ear, 2))
+        deepest = start + int(np.argmax(blink[start : start + BLINK_FRAMES]))
+        if start > 0 and found[start - 1]:
+            cover.append(round(iris_cover(gray[start - 1], gray[deepest], faces.landmarks[start - 1]), 2))
     reference_ear = portrait_ear if portrait_ear else rest_ear
     rest_ear_low = float(np.mean(ear[at_rest] < 0.75 * reference_ear)) if at_rest.any() else 0.0
 
@@ -284,6 +315,7 @@ def measure(
         lip_r=lip_r,
         closed_in_quiet=closed_in_quiet,
         blink_closure=closure,
+        blink_cover=cover,
         rest_ear_low=rest_ear_low,
         box_jump_px=box_jump,
         faces_found=float(found.mean()),
@@ -346,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{q.video:18s} {q.size[0]}x{q.size[1]} {q.frames:4d} frames | pitch {q.pitch_hz:5.0f} Hz | "
             f"WER {q.wer:5.1%} | lips r {q.lip_r:.2f}, closed in quiet {q.closed_in_quiet:.0%} | "
-            f"blinks {q.blink_closure} | half-closed at rest {q.rest_ear_low:.0%} | box jump {q.box_jump_px:.2f} px"
+            f"blinks: EAR dips {q.blink_closure}, iris covered {q.blink_cover} | half-closed at rest {q.rest_ear_low:.0%} | box jump {q.box_jump_px:.2f} px"
             + (f"\n    FAIL: {'; '.join(problems)}" if problems else "")
         )
         if q.wer > 0:

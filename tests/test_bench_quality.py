@@ -58,6 +58,14 @@ def test_bench_quality_measures_a_short_clip(tmp_path: Path, bench_quality) -> N
     )
     assert q.problems(female=True) == [], q
     assert q.pitch_hz > 165 and q.wer <= 0.05 and q.lip_r >= 0.6 and min(q.blink_closure) >= 0.3
+    assert min(q.blink_cover) >= bench_quality.MIN_BLINK_COVER
+    # A "blink" scheduled where the eyes stay open: the pixels say the lids covered nothing.
+    blink = track["blink"]
+    still = next(s for s in range(1, len(blink) - 8) if max(blink[s - 1 : s + 8]) == 0)
+    fake = {**track, "blink_starts": [still], "blink": [1.0 if i == still + 3 else 0.0 for i in range(len(blink))]}
+    open_eyes = bench_quality.measure(mux.out_dir / "video.mp4", TEXT, character="eileen", track=fake)
+    assert max(open_eyes.blink_cover) < 0.15
+    assert any("iris uncovered" in p for p in open_eyes.problems(female=True))
     # The same measurements fail a clip whose mouth does not follow the sound: a reversed lip track.
     flipped = bench_quality.VideoQuality(**{**q.__dict__, "lip_r": -q.lip_r})
     assert any("lip gap" in p for p in flipped.problems(female=True))
