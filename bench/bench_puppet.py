@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -47,7 +49,41 @@ def speech_audio(folder: Path, pool: ModelPool) -> tuple[Path, Path | None, str]
         return write_wav(folder / "babble.wav", babble(10.0)), None, "synthetic audio"
 
 
-def bench_speed(sizes: list[int]) -> None:
+#: x264 settings compared by --x264 (preset, x264-params), the puppet's own among them.
+X264_CHOICES = [
+    ("medium", ""),
+    ("veryfast", ""),
+    ("veryfast", "me=dia:subme=1"),
+    ("veryfast", "me=dia:subme=1:partitions=i8x8,i4x4"),
+    ("superfast", ""),
+    ("ultrafast", ""),
+]
+
+
+def bench_x264(frames: list, folder: Path, size: int) -> None:
+    """CPU per frame (one thread), file size and Y PSNR against the drawn frames for each of X264_CHOICES."""
+    import cv2
+
+    from renderer.encode import VideoWriter, read_frames
+
+    planes = [cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420) for frame in frames]
+    print(f"x264 at {size} px, crf 18, one thread, {len(frames)} frames:")
+    print("preset     x264-params                              CPU ms/frame    KB  Y PSNR dB")
+    for preset, params in X264_CHOICES:
+        path = folder / f"x264-{size}-{preset}.mp4"
+        cpu = time.process_time()
+        with VideoWriter(path, size, size, preset=preset, threads=1, x264_params=params) as writer:
+            for plane in planes:
+                writer.write_i420(plane)
+        cpu = (time.process_time() - cpu) * 1000 / len(frames)
+        luma = [cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420)[:size] for f in read_frames(path)]
+        mse = np.mean([np.mean((a.astype(np.float64) - p[:size]) ** 2) for a, p in zip(luma, planes, strict=True)])
+        print(
+            f"{preset:10s} {params:40s} {cpu:12.2f} {path.stat().st_size // 1024:5d} {10 * np.log10(255**2 / mse):10.2f}"
+        )
+
+
+def bench_speed(sizes: list[int], x264: bool = False) -> None:
     import cv2
 
     from renderer.encode import VideoWriter
@@ -99,6 +135,8 @@ def bench_speed(sizes: list[int]) -> None:
                     for frame in frames:
                         writer.write_i420(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420))
                 encode = (time.perf_counter() - encode) * features.frames / len(frames)
+            if x264:
+                bench_x264(frames, folder, size)
             goal = GOALS.get(size)
             verdict = "" if goal is None else f"CPU ≤ {goal:.1f} {'ok' if cpu / seconds <= goal else 'MISSED'}"
             print(
@@ -185,6 +223,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--memory-minutes", type=float, nargs="*", default=[1.0, 10.0])
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--x264", action="store_true", help="also compare x264 settings on the drawn frames")
     parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,7 +231,7 @@ def main() -> None:
         memory_child(args.memory_child, args.minutes, args.sizes[0])
         return
     if not args.skip_speed:
-        bench_speed(args.sizes)
+        bench_speed(args.sizes, args.x264)
     if args.memory_minutes:
         bench_memory(args.memory_minutes, args.sizes[0])
 

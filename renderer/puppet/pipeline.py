@@ -46,11 +46,11 @@ PREPROCESS = SADTALKER_PREPROCESS
 #: x264's preset for the puppet's frames: 5x faster than "medium" at 256 (2.1 vs 10.8 ms a frame, measured under
 #: load) and its files no larger at crf 18 (64 vs 73 KB for 4 s at 256), bench/results/2026-12-07-cpu.
 ENCODER_PRESET = "veryfast"
-#: ... with the quickest motion search: 0.56 instead of 0.87 ms of CPU a frame at 256, files 12 % larger, Y PSNR
-#: 0.3 dB lower at crf 18 (bench/results/2026-12-07-cpu-speed).
+#: ... with the quickest motion search: 0.61 instead of 0.9-1.0 ms of CPU a frame at 256 (2.3 instead of 3.5-3.7 at
+#: 512), files 9-22 % larger, Y PSNR within 0.2 dB at crf 18 (`bench/bench_puppet.py --x264`).
 ENCODER_PARAMS = "me=dia:subme=1"
 #: One thread for OpenCV and x264 while the puppet draws: its frames are small, and on 2 cores their thread pools
-#: cost a third more CPU per frame than they save in wall time at 256 (bench/results/2026-12-07-cpu-speed).
+#: cost a third more CPU per frame, and at 256 more wall time too (bench/results/2026-12-07-cpu-speed).
 THREADS = 1
 #: How much wider the `extcrop` / `extfull` square is than the tight one (more hair, neck and background).
 EXT_MARGIN = 1.5
