@@ -1,4 +1,4 @@
-"""Audio fixtures shared by the encode, voice and gTTS tests: WAV writing/reading and real encoded files."""
+"""Audio fixtures shared by the encode, voice and gTTS tests: WAV writing/reading, real encoded files, voice jobs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from renderer.base import StepJob
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, amplitude: float = 0.5, channels: int = 1) -> np.ndarray:
@@ -86,3 +88,19 @@ def median_f0(samples: np.ndarray, rate: int, lo: float = 60.0, hi: float = 400.
         if corr[best] > 0.6 and np.sqrt(np.mean(head**2)) > 0.01:
             found.append(rate / lags[best])
     return float(np.median(found)) if found else 0.0
+
+
+def voice_job(tmp_path: Path, text: str, name: str, settings: dict) -> StepJob:
+    """A voice step for character `name`, writing into tmp_path/name (created)."""
+    out_dir = tmp_path / name
+    out_dir.mkdir()
+    return StepJob(
+        stage="voice",
+        key=name,
+        settings=settings,
+        inputs={},
+        out_dir=out_dir,
+        text=text,
+        label=f"characters.{name}",
+        checkpoints=tmp_path / "checkpoints",
+    )

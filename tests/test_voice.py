@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import _audio_util
 import numpy as np
 import pytest
 from _audio_util import encode_audio, read_wav, rms, tone, write_wav
@@ -39,18 +40,7 @@ def pool() -> ModelPool:
 
 
 def voice_job(tmp_path: Path, text: str, name: str = "ceo", **settings: Any) -> StepJob:
-    out_dir = tmp_path / name
-    out_dir.mkdir()
-    return StepJob(
-        stage="voice",
-        key=name,
-        settings={**DEFAULTS, **settings},
-        inputs={},
-        out_dir=out_dir,
-        text=text,
-        label=f"characters.{name}",
-        checkpoints=tmp_path / "checkpoints",
-    )
+    return _audio_util.voice_job(tmp_path, text, name, {**DEFAULTS, **settings})
 
 
 def speak(pool: ModelPool, tmp_path: Path, text: str, name: str = "ceo", **settings: Any) -> tuple[dict, Path]:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _audio_util import median_f0, read_wav, rms
+from _audio_util import median_f0, read_wav, rms, voice_job
 
-from renderer.base import SAMPLE_RATE, BadInputError, MissingWeightsError, ModelPool, StepJob
+from renderer.base import SAMPLE_RATE, BadInputError, MissingWeightsError, ModelPool
 from renderer.voice import run
 
 pytest.importorskip("hibari")
@@ -23,20 +23,9 @@ def pool() -> ModelPool:
 
 
 def speak(pool: ModelPool, tmp_path: Path, text: str = SENTENCE, name: str = "eileen", **settings: Any) -> tuple:
-    out_dir = tmp_path / name
-    out_dir.mkdir()
-    job = StepJob(
-        stage="voice",
-        key=name,
-        settings={**DEFAULTS, **settings},
-        inputs={},
-        out_dir=out_dir,
-        text=text,
-        label=f"characters.{name}",
-        checkpoints=tmp_path / "checkpoints",
-    )
+    job = voice_job(tmp_path, text, name, {**DEFAULTS, **settings})
     (result,) = run([job], pool)
-    return result, out_dir
+    return result, job.out_dir
 
 
 def test_hibari_voice_is_a_female_voice_at_16k(pool: ModelPool, tmp_path: Path) -> None:
