@@ -519,6 +519,20 @@ def _state_keys(state: dict[str, Any], cache: Cache) -> set[str]:
     }
 
 
+def _forget_collected(cache: Cache) -> None:
+    """After gc deleted entries: the hash memo's lines for files that are gone, and check results measured by an
+    older version of a check (`batch.checks`; they are never read again)."""
+    from batch.checks import CHECK_VERSIONS
+
+    dropped = cache.hasher.forget_missing(cache.root)
+    cache.hasher.save()
+    current = {f"{kind}-v{version}" for kind, version in CHECK_VERSIONS.items()}
+    old = [p for p in (cache.root / "checks").glob("*-v*") if p.is_dir() and p.name not in current]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    logger.info("gc: %d hash memo entries for deleted files, %d outdated check folders removed", dropped, len(old))
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove the cache entries that none of the given manifests reaches. Entries that other manifests sharing the
     build folder last built (their build/<name>/state.json) are kept unless those manifests are given too or no
@@ -577,6 +591,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
             for cache in caches.values():
                 cache.sweep_tmp()
+                _forget_collected(cache)
     if args.json:
         entries = [
             {"stage": stage, "key": key, "failed": failed, "bytes": n}

@@ -92,6 +92,16 @@ class FileHasher:
         parts = [[str(p.relative_to(folder)), self.digest(p)] for p in files]
         return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
+    def forget_missing(self, base: Path) -> int:
+        """Drop the entries whose file is gone (names relative to `base`, or absolute): `gc` deletes outputs, and a
+        memo that only grew would remember every file the cache ever held. Returns how many were dropped."""
+        with self._lock:
+            gone = [name for name in self._memo if not (base / name).exists()]
+            for name in gone:
+                del self._memo[name]
+            self._dirty |= bool(gone)
+        return len(gone)
+
     def save(self) -> None:
         """Write the memo atomically (a lost race just costs a re-hash later)."""
         if self.memo_path is None or not self._dirty:

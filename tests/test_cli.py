@@ -54,6 +54,33 @@ def test_cli_gc_shows_then_deletes_unreachable_entries(tmp_path: Path) -> None:
     assert "0 cache entries" in dhbatch("gc", str(m)).stdout
 
 
+def test_cli_gc_forgets_deleted_files_and_outdated_checks(tmp_path: Path) -> None:
+    """The hash memo does not keep lines for what gc deleted, nor the checks cache results of an older check."""
+    from batch.checks import CHECK_VERSIONS
+    from tests._fake_cli import dhbatch_fake
+
+    m = write_project(tmp_path)
+    assert dhbatch_fake("build", str(m), "--device", "cpu").returncode == 0  # the CLI keeps the memo
+    write_project(tmp_path, hello="A new hello.")
+    assert dhbatch_fake("build", str(m), "--device", "cpu").returncode == 0
+    cache = tmp_path / "build" / "cache"
+    old = cache / "checks" / "portrait-v0"
+    old.mkdir(parents=True)
+    (old / f"{'0' * 64}.json").write_text("{}")
+    current = cache / "checks" / f"portrait-v{CHECK_VERSIONS['portrait']}"
+    current.mkdir(parents=True, exist_ok=True)
+    (current / f"{'1' * 64}.json").write_text("{}")
+    before = json.loads((cache / "hashes.json").read_text())
+    assert dhbatch("gc", str(m), "--yes").returncode == 0
+    after = json.loads((cache / "hashes.json").read_text())
+    dropped = set(before) - set(after)
+    assert dropped and all(not (cache / name).exists() for name in dropped)
+    assert all((cache / name).exists() for name in after)  # what is still there is still remembered
+    assert not old.exists() and (current / f"{'1' * 64}.json").exists()
+    p, _ = plan(tmp_path)
+    assert not p.stale
+
+
 def test_cli_usage_errors_are_clean(tmp_path: Path) -> None:
     m = write_project(tmp_path)
     bad_only = dhbatch("plan", str(m), "--only", "nope")
