@@ -108,7 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     selection(sp)
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
-    sp.add_argument("--jobs", "-j", type=int, default=1, help="parallel CPU steps (voice, puppet, mux)")
+    sp.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        help="parallel CPU steps (voice, puppet, mux; default 1); with --cluster, CPU workers (default: its CPUs)",
+    )
     sp.add_argument("--fail-fast", action="store_true", help="stop at the first failing video")
     sp.add_argument(
         "--cluster",
@@ -344,7 +349,7 @@ def print_plan(plan: Plan, steps: bool = False, scripts: dict[str, list[str]] | 
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
         raise UsageError(f"--device {args.device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
@@ -371,14 +376,20 @@ def _build(args: argparse.Namespace, plan: Plan, cache: Cache, checkpoints: Path
     if args.cluster:
         from batch.executors.ray import RayExecutor
 
-        executor = RayExecutor(args.cluster, scratch=cache.tmp, device=args.device, gpu_resource=args.gpu_resource)
+        executor = RayExecutor(
+            args.cluster,
+            scratch=cache.tmp,
+            device=args.device,
+            gpu_resource=args.gpu_resource,
+            cpu_workers=args.jobs,
+        )
     runner = Runner(
         plan,
         cache,
         checkpoints=checkpoints,
         device=args.device,
         fail_fast=args.fail_fast,
-        jobs=args.jobs,
+        jobs=args.jobs or 1,
         force=args.force,
         progress=not args.quiet,
         remote=remote,

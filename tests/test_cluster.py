@@ -154,6 +154,14 @@ def test_cluster_demo_has_the_local_keys_and_bytes(cluster: Any, tmp_path: Path)
         report["device"] == "a local Ray: 2 CPU workers"
         and ", queued " in (remote / "demo" / "report.html").read_text()
     )
+    # --jobs sets how many CPU workers the cluster gives the build (default: its CPUs).
+    assert (
+        main(["-q", "build", *demo, "--build-dir", str(remote), "--cluster", "ray", "--jobs", "1", "--force", "mux"])
+        == 0
+    )
+    report = json.loads((remote / "demo" / "report.json").read_text())
+    assert report["device"] == "a local Ray: 1 CPU worker"
+    assert {s["worker"] for v in report["videos"] for s in v["steps"] if s["status"] == "ran"} == {"cpu-0"}
 
 
 def test_cluster_two_cpu_actors_share_eight_videos_each_loading_once(cluster: Any, tmp_path: Path) -> None:

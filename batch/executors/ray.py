@@ -372,7 +372,8 @@ class RayExecutor:
         if not self._counts:
             return f"{where} (not used)"
         gpu = f"{self._counts[True]} {self._gpu_resource} + " if self._counts[True] else ""
-        return f"{where}: {gpu}{self._counts[False]} CPU workers"
+        cpus = self._counts[False]
+        return f"{where}: {gpu}{cpus} CPU worker{'s' * (cpus != 1)}"
 
     # -- actors ---------------------------------------------------------------------------------------------------
     def _start(self, kind: bool) -> list[_Actor]:
