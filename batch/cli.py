@@ -310,9 +310,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     findings = _preflight(plan, cache, checkpoints, measure=False)
     code = EXIT_FAILED if plan.stale else EXIT_OK
     if args.json:
+        from batch.written import plan_scripts
+
         shard = {"shard": str(args.shard)} if args.shard else {}
         problems = [f.as_dict() for f in findings]
-        print(json.dumps(document("plan", code, **plan.as_dict(), **shard, problems=problems), indent=2))
+        fields = plan.as_dict()
+        scripts = plan_scripts(plan, cache.record)
+        for video in fields["videos"]:
+            if video["id"] in scripts:
+                video["script"] = scripts[video["id"]]
+        print(json.dumps(document("plan", code, **fields, **shard, problems=problems), indent=2))
     else:
         from batch.written import plan_script_lines
 

@@ -23,19 +23,27 @@ def sentence_lines(info: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def plan_script_lines(plan: Plan, record: Any) -> dict[str, list[str]]:
-    """For `plan -v`: per video id, the lines showing its written script (`record(stage, key)`: the cache's step
-    record, or None when the step has not run)."""
-    out: dict[str, list[str]] = {}
+def plan_scripts(plan: Plan, record: Any) -> dict[str, dict[str, Any] | None]:
+    """Per video id with a written script: what its write step recorded (engine, model, words, the script and its
+    sentences with the places each cites), or None when the step has not run (`record(stage, key)`: the cache's
+    step record, or None). For `plan --json` and `plan -v`."""
+    out: dict[str, dict[str, Any] | None] = {}
     for vp in plan.videos:
         for step in vp.steps:
-            if step.stage != "write":
-                continue
-            rec = record("write", step.key)
-            info = rec.get("info") if isinstance(rec, Mapping) else None
-            if not isinstance(info, Mapping):
-                out[vp.video.id] = ["  script: not written yet (the build writes it)"]
-                continue
-            head = f"  script ({info.get('engine')}, {info.get('words')} words), sentence by sentence with its sources:"
-            out[vp.video.id] = [head, *(f"    {line}" for line in sentence_lines(info))]
+            if step.stage == "write":
+                rec = record("write", step.key)
+                info = rec.get("info") if isinstance(rec, Mapping) else None
+                out[vp.video.id] = dict(info) if isinstance(info, Mapping) else None
+    return out
+
+
+def plan_script_lines(plan: Plan, record: Any) -> dict[str, list[str]]:
+    """For `plan -v`: per video id, the lines showing its written script."""
+    out: dict[str, list[str]] = {}
+    for video, info in plan_scripts(plan, record).items():
+        if info is None:
+            out[video] = ["  script: not written yet (the build writes it)"]
+            continue
+        head = f"  script ({info.get('engine')}, {info.get('words')} words), sentence by sentence with its sources:"
+        out[video] = [head, *(f"    {line}" for line in sentence_lines(info))]
     return out

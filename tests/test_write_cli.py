@@ -198,6 +198,36 @@ def test_write_cli_plan_verbose_and_report_show_sentences_with_their_sources(tmp
     assert '<a class=cite href="../../docs/shipping.md#L5-L6">docs/shipping.md:5-6</a>' in html
 
 
+def test_write_cli_plan_json_carries_each_written_script(tmp_path: Path) -> None:
+    """`plan --json`: a video with a written script has `script` (null until the build writes it, then the text and
+    each sentence's sources), valid against the shipped schema; a video with a given text has no such field."""
+    import jsonschema
+
+    from batch.jsonout import schema
+
+    videos = VIDEOS + "  - {id: eileen-given, character: eileen, script: given}\n"
+    manifest = make_project(tmp_path, SCRIPTS + '  given: {text: "Hello there."}\n', videos)
+
+    def plan_json() -> dict:
+        out = dhbatch("plan", "--json", str(manifest))
+        data = json.loads(out.stdout)
+        jsonschema.validate(data, schema("plan"))
+        return {v["id"]: v for v in data["videos"]}
+
+    before = plan_json()
+    assert before["eileen-refunds"]["script"] is None and "script" not in before["eileen-given"]
+    build_in_process(manifest, tmp_path / "built.log")
+    after = plan_json()
+    refunds = after["eileen-refunds"]["script"]
+    assert refunds == after["grace-refunds"]["script"]  # one write step serves both videos
+    assert refunds["script"].startswith("You can return any product within 30 days")
+    cited = [c["where"] for sentence in refunds["sentences"] for c in sentence["cites"]]
+    assert "docs/policy/refunds.md:3-4" in cited
+    assert "docs/shipping.md:5-6" in [
+        c["where"] for s in after["eileen-shipping"]["script"]["sentences"] for c in s["cites"]
+    ]
+
+
 # --- with an LLM over HTTP ----------------------------------------------------------------------------------------
 
 
