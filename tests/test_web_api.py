@@ -271,3 +271,39 @@ def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Se
         after = c.get("/api/jobs").json()
         assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
         assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")
+
+
+WRITTEN = """\
+version: 1
+defaults:
+  llm: {engine: none}
+  video: {renderer: puppet, size: 256}
+characters:
+  eileen: {name: Eileen, image: portraits/astronaut.jpg, seed: 1}
+scripts:
+  refunds: {brief: "How refunds work", sources: [docs/refunds.md], words: 20}
+videos:
+  - {id: eileen-refunds, character: eileen, script: refunds}
+"""
+
+
+def test_web_gallery_shows_a_written_script_with_its_sources(server: Server) -> None:
+    """A script written from documents: before its build the gallery says the next build writes it; after, the
+    page and the API show the script, sentence by sentence with the lines each cites."""
+    import shutil
+
+    docs = server.project / "manifests" / "docs"
+    docs.mkdir(exist_ok=True)
+    shutil.copy(REPO / "tests" / "fixtures" / "corpus" / "refunds.md", docs / "refunds.md")
+    (server.project / "manifests" / "written.yaml").write_text(WRITTEN)
+    with server.client() as c:
+        (before,) = c.get("/api/manifests/written/videos").json()
+        assert before["script"] is None and "written from its documents by the next build" in before["says"]
+        job = server.wait_job(c, c.post("/api/jobs", json={"manifest": "written"}).json()["id"], ("done", "failed"))
+        assert job["status"] == "done", job
+        (after,) = c.get("/api/manifests/written/videos").json()
+        sentences = after["script"]["sentences"]
+        assert after["says"] == after["script"]["text"] and after["says"].startswith("You can return any product")
+        assert any(c["where"].startswith("docs/refunds.md:") for s in sentences for c in s["cites"])
+        page = c.get("/manifests/written", headers={"Accept": "text/html"}).text
+        assert "written from documents" in page and '<code class="cite">docs/refunds.md:' in page

@@ -13,6 +13,7 @@ from batch.cache import Cache
 from batch.errors import DHBatchError, ManifestError
 from batch.manifest import Manifest, load_manifest
 from batch.plan import plan_manifest
+from batch.written import plan_scripts
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,13 @@ def gallery(build_dir: Path, checkpoints: Path, name: str, path: Path) -> dict[s
     info = {**overview(build_dir, name, path), "problems": problems}
     built = {v["id"]: v for v in (info["last_build"] or {}).get("videos", [])}
     plans: dict[str, Any] = {}
+    scripts: dict[str, dict[str, Any] | None] = {}
     if manifest is not None:
         try:
-            plan = plan_manifest(manifest, Cache(build_dir / "cache"), build_dir=build_dir, checkpoints=checkpoints)
+            cache = Cache(build_dir / "cache")
+            plan = plan_manifest(manifest, cache, build_dir=build_dir, checkpoints=checkpoints)
             plans = {vp.video.id: vp for vp in plan.videos}
+            scripts = plan_scripts(plan, cache.record)
         except DHBatchError as exc:
             info["problems"] = [*problems, str(exc)]
     ids = [v.id for v in manifest.videos] if manifest is not None else list(built)
@@ -138,6 +142,10 @@ def gallery(build_dir: Path, checkpoints: Path, name: str, path: Path) -> dict[s
             v["stale"] = vp.stale
             v["next"] = [{"stage": d.stage, "cached": d.cached, "reason": d.reason} for d in vp.decisions]
             v["says"] = _says(vp)
+        if vid in scripts:  # written from documents: the script the cache holds, with each sentence's sources
+            written = scripts[vid]
+            v["script"] = {"text": written.get("script", ""), "sentences": written.get("sentences", [])} if written else None
+            v["says"] = written.get("script", "") if written else "(written from its documents by the next build)"
         videos.append(v)
     info["gallery"] = failures_first(videos)
     return info

@@ -84,10 +84,30 @@ class StepOut(BaseModel):
     artifact_url: str | None = Field(None, description="what a failed step made (a drawn portrait), to look at")
 
 
+class CiteOut(BaseModel):
+    file: str
+    where: str = Field(description="file:lines (or file page N) of the passage")
+    anchor: str | None = None
+
+
+class SentenceOut(BaseModel):
+    text: str
+    cites: list[CiteOut] = []
+
+
+class ScriptOut(BaseModel):
+    text: str
+    sentences: list[SentenceOut]
+
+
 class VideoOut(BaseModel):
     id: str
     status: str
     renderer: str = ""
+    says: str = Field("", description="what the video says: its script, or which recording it plays")
+    script: ScriptOut | None = Field(
+        None, description="a script written from documents: each sentence with the passages it cites"
+    )
     error: str | None = None
     warnings: list[str] = []
     steps: list[StepOut] = []
