@@ -144,7 +144,9 @@ def gallery(build_dir: Path, checkpoints: Path, name: str, path: Path) -> dict[s
             v["says"] = _says(vp)
         if vid in scripts:  # written from documents: the script the cache holds, with each sentence's sources
             written = scripts[vid]
-            v["script"] = {"text": written.get("script", ""), "sentences": written.get("sentences", [])} if written else None
+            v["script"] = (
+                {"text": written.get("script", ""), "sentences": written.get("sentences", [])} if written else None
+            )
             v["says"] = written.get("script", "") if written else "(written from its documents by the next build)"
         videos.append(v)
     info["gallery"] = failures_first(videos)
