@@ -31,6 +31,7 @@ _SMALL_SIDE = 640
 #: time and memory grow with the pixel count, and a portrait's face is never tiny.
 _DETECT_SIDE = 1280
 _LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
+#: Faces remembered per model pool (the oldest is dropped first).
 _FOUND_MAX = 256
 _NO_FACE_HINT = "use a portrait with one clear, frontal, well-lit face (at least ~40 px wide)"
 

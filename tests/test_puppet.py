@@ -360,3 +360,23 @@ def test_rig_extreme_poses_never_fold_the_mesh(pool: ModelPool) -> None:
     for mouth_open, width, blink, angle in itertools.product((0.0, 1.0), (-1.0, 1.0), (0.0, 1.0), (-4.0, 4.0)):
         pose = Pose(mouth_open, width, blink, yaw=angle, pitch=angle, roll=-angle / 1.5)
         assert (areas(rig.deform(pose)) * rest >= -1e-6).all(), pose  # a folded triangle would mirror the picture
+
+
+def test_puppet_opencv_threads_come_back_when_the_last_overlapping_job_ends() -> None:
+    """Two puppet jobs (--jobs 2) draw with OpenCV on one thread each; the first to finish leaves the other at one
+    thread, and the last one puts the process's own count back."""
+    import cv2
+
+    own = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        first, second = puppet._opencv_threads(1), puppet._opencv_threads(1)
+        first.__enter__()
+        second.__enter__()
+        assert cv2.getNumThreads() == 1
+        first.__exit__(None, None, None)
+        assert cv2.getNumThreads() == 1  # the second job still draws
+        second.__exit__(None, None, None)
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(own)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -244,17 +245,34 @@ def animate(
     }
 
 
-@contextlib.contextmanager
-def _opencv_threads(count: int) -> Iterator[None]:
-    """OpenCV's thread count for the block (process-wide; put back after)."""
-    import cv2
+class _OpenCVThreads:
+    """OpenCV's thread count (process-wide) held at `count` while any puppet job draws, and put back when the last
+    one ends: with --jobs 2 two jobs overlap, and the first to finish must not restore it under the other."""
 
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(count)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = 0
+
+    @contextlib.contextmanager
+    def __call__(self, count: int) -> Iterator[None]:
+        import cv2
+
+        with self._lock:
+            if self._users == 0:
+                self._before = cv2.getNumThreads()
+                cv2.setNumThreads(count)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    cv2.setNumThreads(self._before)
+
+
+_opencv_threads = _OpenCVThreads()
 
 
 def _track_json(
