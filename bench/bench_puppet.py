@@ -7,10 +7,13 @@ Speed: about 10 s of Piper speech (synthetic speech-like audio if Piper is missi
 preprocess crop. Reported per second of video: wall time and CPU time of the whole stage after one untimed run
 (dlib loaded, libraries imported; face detection, rig set-up, drawing, H.264 encoding), then drawing alone and
 encoding alone, with the stage's thread and encoder settings.
-Memory: each clip length runs in a fresh subprocess that reports its peak RSS and tracemalloc peak.
+Memory: each clip length runs in a fresh subprocess that reports its peak RSS and tracemalloc peak (its "run s"
+is slowed several times by tracemalloc itself).
+x264: with --x264, CPU per frame, file size and Y PSNR of several x264 settings on the frames drawn.
 
     python bench/bench_puppet.py                    # speed at 256 and 512, memory 1 min vs 10 min
     python bench/bench_puppet.py --memory-minutes 0.5 2 --sizes 256
+    python bench/bench_puppet.py --memory-minutes --x264   # speed and the x264 settings, no memory runs
 """
 
 from __future__ import annotations
