@@ -248,31 +248,6 @@ def test_web_api_failed_video_comes_first_with_its_reason(server: Server) -> Non
         assert "Build faceless" in gallery  # what the next build would run, for the failed one
 
 
-def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
-    with server.client() as c:
-        first = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
-        second = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
-        server.wait_job(c, first["id"], ("running",))
-        waiting = c.get(f"/api/jobs/{second['id']}").json()
-        assert waiting["status"] == "queued" and waiting["position"] == 1
-        cancelled = c.delete(f"/api/jobs/{second['id']}").json()
-        assert cancelled["status"] == "cancelled"
-        assert server.wait_job(c, first["id"], ("done", "failed"))["status"] == "done"
-        rerun = c.post(f"/api/jobs/{second['id']}/rerun").json()
-        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["mux"]
-        server.wait_job(c, rerun["id"], ("running",))
-        assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
-        assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
-        before = c.get("/api/jobs").json()
-    assert (project / "build" / ".studio" / "jobs.sqlite3").is_file()  # beside the outputs, in no manifest's folder
-    server.proc.terminate()
-    server.proc.wait(timeout=30)
-    with serve(project) as again, again.client() as c:
-        after = c.get("/api/jobs").json()
-        assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
-        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")
-
-
 WRITTEN = """\
 version: 1
 defaults:
@@ -307,3 +282,29 @@ def test_web_gallery_shows_a_written_script_with_its_sources(server: Server) -> 
         assert any(c["where"].startswith("docs/refunds.md:") for s in sentences for c in s["cites"])
         page = c.get("/manifests/written", headers={"Accept": "text/html"}).text
         assert "written from documents" in page and '<code class="cite">docs/refunds.md:' in page
+
+
+# Last: it stops the module's server.
+def test_web_api_one_build_at_a_time_cancel_and_history_after_restart(server: Server, project: Path) -> None:
+    with server.client() as c:
+        first = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
+        second = c.post("/api/jobs", json={"manifest": "m", "force": ["mux"]}).json()
+        server.wait_job(c, first["id"], ("running",))
+        waiting = c.get(f"/api/jobs/{second['id']}").json()
+        assert waiting["status"] == "queued" and waiting["position"] == 1
+        cancelled = c.delete(f"/api/jobs/{second['id']}").json()
+        assert cancelled["status"] == "cancelled"
+        assert server.wait_job(c, first["id"], ("done", "failed"))["status"] == "done"
+        rerun = c.post(f"/api/jobs/{second['id']}/rerun").json()
+        assert rerun["rerun_of"] == second["id"] and rerun["force"] == ["mux"]
+        server.wait_job(c, rerun["id"], ("running",))
+        assert c.delete(f"/api/jobs/{rerun['id']}").status_code == 200  # a running build: SIGTERM
+        assert server.wait_job(c, rerun["id"], ("done", "failed", "cancelled"))["status"] == "cancelled"
+        before = c.get("/api/jobs").json()
+    assert (project / "build" / ".studio" / "jobs.sqlite3").is_file()  # beside the outputs, in no manifest's folder
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
+    with serve(project) as again, again.client() as c:
+        after = c.get("/api/jobs").json()
+        assert [(j["id"], j["status"]) for j in after] == [(j["id"], j["status"]) for j in before]
+        assert c.get(f"/api/jobs/{first['id']}/log").text.startswith("$ dhbatch build manifests/m.yaml --force mux")
