@@ -1,8 +1,9 @@
 """End-to-end figures for the offline pipeline (voice → puppet → MP4) through the real runner.
 
 1. Seconds of compute per second of video for each stage (voice, animate, mux) and together, at 256 and 512, with
-   the demo's voice (Hibari; `--voice piper` for Piper's). Goal on a 2-core machine: together ≤ 0.1 at 256 and
-   ≤ 0.3 at 512 (issue 24). Printed twice: wall time per stage (what the runner records) and the process's CPU time
+   each offline voice: Hibari (the demo's women) and Piper (the default, male; its model alone costs about 0.08 s
+   of CPU per second of speech, on one thread or two). `--voice` picks one. Goal on a 2-core machine: together
+   ≤ 0.1 at 256 and ≤ 0.3 at 512 (issue 24). Printed twice: wall time per stage (what the runner records) and the process's CPU time
    for the whole build (user + system, all threads): on a machine shared with other jobs the wall time grows with
    their load, the CPU time much less.
 2. Warm run vs one process per clip: N short clips built in one `dhbatch build` (each model loaded once) against
@@ -110,12 +111,13 @@ def warm_vs_cold(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clips", type=int, default=6)
-    ap.add_argument("--voice", choices=("hibari", "piper"), default="hibari")
+    ap.add_argument("--voice", choices=("hibari", "piper", "both"), default="both")
     ap.add_argument("--repeat", type=int, default=1, help="measure each size this many times (the machine is shared)")
     args = ap.parse_args()
     for _ in range(args.repeat):
         for size in (256, 512):
-            stage_figures(size, args.voice)
+            for voice in ("hibari", "piper") if args.voice == "both" else (args.voice,):
+                stage_figures(size, voice)
     if args.clips:
         warm_vs_cold(args.clips)
 
