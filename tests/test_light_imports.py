@@ -23,3 +23,21 @@ def test_light_imports_batch_does_not_import_torch(tmp_path: Path, repo: Path) -
     ).stdout.strip()
     assert out == ""
     assert (tmp_path / "cache" / "hashes.json").is_file()  # the plan really ran
+
+
+def test_light_imports_offline_build_does_not_import_torch(tmp_path: Path, repo: Path) -> None:
+    """The offline path (Hibari voice, puppet, mux) with the default `--device auto` never imports torch: only a
+    stage that runs models on a device resolves it (1.5-2 s and 300 MB saved on every demo build)."""
+    code = (
+        "import sys\n"
+        "import batch.cli\n"
+        "code = batch.cli.main(['-q', 'build', 'manifests/demo.yaml', '--only', 'eileen-thanks', '--build-dir', "
+        "sys.argv[1]])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, cwd=repo
+    ).stdout.strip()
+    assert out.splitlines()[-1] == "0 False", out
+    report = (tmp_path / "demo" / "report.json").read_text()
+    assert '"device": "cpu"' in report

@@ -29,6 +29,7 @@ class LocalExecutor:
         self.jobs = max(1, jobs)
         self._stages = dict(stages or {})
         self._device: str | None = None
+        self._cpu_used = False
         from renderer.base import ModelPool  # light: no torch
 
         self._pool = ModelPool()
@@ -91,7 +92,7 @@ class LocalExecutor:
         return loads_by_name(self._pool)
 
     def describe(self) -> str:
-        return self._device or "not used"
+        return self._device or ("cpu" if self._cpu_used else "not used")
 
     # -- running --------------------------------------------------------------------------------------------------
     def _collect(self, done: Any) -> list[ChunkResult]:
@@ -126,7 +127,10 @@ class LocalExecutor:
         import dataclasses
 
         started = time.monotonic()
-        device = self.device()
+        # CPU stages (voice, puppet, mux) run on the CPU whatever --device says: resolving `auto` imports torch,
+        # 1.5-2 s and 300 MB that the offline path does not need.
+        device = self.device() if chunk.gpu else "cpu"
+        self._cpu_used |= not chunk.gpu
         jobs = [dataclasses.replace(job, device=device) for job in chunk.jobs]
         fn = resolve_stage(chunk.target, self._stages)
         done = None
