@@ -573,7 +573,7 @@ class Runner:
             return None
         made: dict[str, list[int]] = defaultdict(list)
         todo: list[str] = []
-        for step in {s.key: s for vp in self.plan.videos for s in vp.steps}.values():
+        for step in self._steps.values():
             if (rec := self.cache.record(step.stage, step.key)) is not None:
                 made[step.stage].append(sum(rec["outputs"].values()))
             else:
@@ -622,10 +622,10 @@ class Runner:
     def _record(self, outcome: StepOutcome) -> None:
         """Note a step's outcome. A video whose final step is done is published now, not at the end of the run (a
         CI log sees it complete, a kill keeps it), and one whose step failed is reported failed now."""
-        if outcome.key not in self.outcomes:
-            self.outcomes[outcome.key] = outcome
-            self._settle(outcome.key, outcome.error is None)
+        first = outcome.key not in self.outcomes
         self.outcomes[outcome.key] = outcome
+        if first:
+            self._settle(outcome.key, outcome.error is None)
         for vp in self._users.get(outcome.key, ()):
             if vp.video.id in self._results or (outcome.error is None and outcome.key != vp.steps[-1].key):
                 continue

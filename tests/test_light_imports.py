@@ -7,6 +7,13 @@ import sys
 from pathlib import Path
 
 
+def run_python(code: str, build_dir: Path, repo: Path) -> str:
+    """`code` in a fresh interpreter in the repository (sys.argv[1]: the build folder); its stdout."""
+    return subprocess.run(
+        [sys.executable, "-c", code, str(build_dir)], capture_output=True, text=True, check=True, cwd=repo
+    ).stdout.strip()
+
+
 def test_light_imports_batch_does_not_import_torch(tmp_path: Path, repo: Path) -> None:
     code = (
         "import sys\n"
@@ -18,10 +25,7 @@ def test_light_imports_batch_does_not_import_torch(tmp_path: Path, repo: Path) -
         "heavy = sorted(m for m in heavy if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, cwd=repo
-    ).stdout.strip()
-    assert out == ""
+    assert run_python(code, tmp_path, repo) == ""
     assert (tmp_path / "cache" / "hashes.json").is_file()  # the plan really ran
 
 
@@ -35,9 +39,7 @@ def test_light_imports_offline_build_does_not_import_torch(tmp_path: Path, repo:
         "sys.argv[1]])\n"
         "print(code, 'torch' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, cwd=repo
-    ).stdout.strip()
+    out = run_python(code, tmp_path, repo)
     assert out.splitlines()[-1] == "0 False", out
     report = (tmp_path / "demo" / "report.json").read_text()
     assert '"device": "cpu"' in report

@@ -200,8 +200,9 @@ class FaceRig:
             int(min(math.ceil(lips[:, 0].max() + pad), x1)),
             int(min(math.ceil(lips[:, 1].max() + MAX_GAP * self.mouth_width + pad), y1)),
         )
-        self._strides = (self.stride, _LIP_STRIDE)
-        self._points = self._grid(((self.box, self.stride), (self.lip_box, _LIP_STRIDE)))
+        #: The two grids' boxes and strides: the coarse one over the box, the fine one at the lips.
+        self._parts = ((self.box, self.stride), (self.lip_box, _LIP_STRIDE))
+        self._points = self._grid(self._parts)
         self._columns = np.arange(x0, x1 + 1, dtype=np.float32)[None, :]
         self._rows = np.arange(y0, y1 + 1, dtype=np.float32)[:, None]
         self._sample_skin()
@@ -467,7 +468,7 @@ class FaceRig:
             # resize holds its edge values. The coarse grid covers the box; the fine one, at the lips, goes over it.
             whole, lips = (
                 cv2.resize(exact, (exact.shape[1] * stride, exact.shape[0] * stride), interpolation=cv2.INTER_LINEAR)
-                for exact, stride in zip(self._points.parts(shift), self._strides, strict=True)
+                for exact, (_, stride) in zip(self._points.parts(shift), self._parts, strict=True)
             )
             whole = whole[: y1 - y0 + 1, : x1 - x0 + 1]
             whole[ly0 - y0 : ly1 - y0 + 1, lx0 - x0 : lx1 - x0 + 1] = lips[: ly1 - ly0 + 1, : lx1 - lx0 + 1]
